@@ -1,0 +1,59 @@
+# freshrec: `make run` sets everything up and runs the batch lane on the embedded default;
+# `make test` sets everything up and runs the test suite. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= spark,airflow,train,serve,bench,dev
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
+comma := ,
+export AIRFLOW_HOME := $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN := sqlite:///$(CURDIR)/.airflow/airflow.db
+export AIRFLOW__CORE__UNIT_TEST_MODE := False
+export PYSPARK_PYTHON := $(CURDIR)/$(PY)
+# DATE: the day whose data interval [DATE, DATE+1) the batch run processes (default: today, UTC).
+# Airflow's manual run at RUN_AFTER covers the day before it, hence DATE + 1 day.
+DATE ?= $(shell date -u +%Y-%m-%d)
+RUN_AFTER = $(shell date -u -d "$(DATE) + 1 day" +%Y-%m-%d)
+
+.PHONY: help install system-deps run test test-fast lint bench clean
+
+help: install ## list the targets (creates .venv first when missing)
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+system-deps: ## install a headless JRE and native BLAS with apt where missing
+	@command -v java >/dev/null || { echo "installing a headless JRE (java is missing)"; \
+	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; }
+	@ldconfig -p | grep -q libopenblas || { echo "installing libopenblas0 (native BLAS for Spark ALS)"; \
+	  (apt-get update -qq && apt-get install -y -qq libopenblas0) || echo "warning: libopenblas0 not installed; Spark ALS uses Java BLAS (slower)"; }
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+install: system-deps $(STAMP) ## create .venv and install freshrec with its extras (skipped when done)
+
+run: install ## set up, make the embedded dataset once, run the batch DAG, print the report
+	$(PY) -m freshrec.cli.main data synth --if-missing
+	@mkdir -p .airflow && $(VENV)/bin/airflow db migrate > .airflow/migrate.log 2>&1 || { cat .airflow/migrate.log; exit 1; }
+	$(VENV)/bin/airflow dags test freshrec_batch $(RUN_AFTER)
+	$(PY) -m freshrec.cli.main report --date $(DATE)
+
+test: install ## set up and run the whole test suite (unit + integration)
+	$(PY) -m pytest -q
+
+test-fast: install ## unit tests only (no Spark, Airflow or MLflow)
+	$(PY) -m pytest -q -m "not integration and not slow"
+
+lint: install ## ruff on the project's own code
+	$(VENV)/bin/ruff check freshrec spark_jobs training serving dags tests benchmarks
+
+bench: install ## time every batch stage and compare Spark ALS with the implicit library
+	$(PY) benchmarks/batch.py
+
+clean: ## remove local state (data, Airflow home); keeps .venv
+	rm -rf data .airflow spark-warehouse

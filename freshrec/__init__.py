@@ -1,0 +1,1 @@
+"""freshrec: the shared bottom layer (settings, tables, Delta I/O, metrics, contracts)."""

@@ -1,0 +1,1 @@
+"""The freshrec command; the one corner of freshrec/ that may import lanes (lazily)."""

@@ -1,0 +1,162 @@
+"""The ``freshrec`` command: import data, make the embedded dataset, run batch jobs, evaluate,
+recommend and report. Lanes are imported lazily inside each subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from freshrec.settings import SettingsError, load_settings
+
+JOBS = {"ingest": "spark_jobs.ingest", "clean": "spark_jobs.clean",
+        "features": "spark_jobs.features", "als": "spark_jobs.als",
+        "evaluate": "spark_jobs.evaluate", "build-index": "serving.index_snapshot"}
+
+
+def _column_map(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise SystemExit(f"--map {p!r}: write it as target=source, e.g. --map user_id=userId")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from freshrec import importers
+
+    settings = load_settings(args.profile)
+    if args.kind == "events":
+        r = importers.import_events_file(settings, Path(args.path), args.format,
+                                         _column_map(args.map))
+        print(f"{args.path}: {'already imported' if r.already_landed else 'landed'} "
+              f"{r.rows:,} event rows (file id {r.file_id}); the next batch run ingests them")
+    elif args.kind == "items":
+        r2 = importers.import_items_file(settings, Path(args.path), args.format,
+                                         _column_map(args.map))
+        print(f"{args.path}: items inserted {r2['inserted']:,}, updated {r2['updated']:,}")
+    else:
+        from freshrec.movielens import import_movielens
+
+        landed, items = import_movielens(settings, Path(args.path))
+        print(f"{args.path}: {landed.rows:,} ratings "
+              f"{'already imported' if landed.already_landed else 'landed'}; items inserted "
+              f"{items['inserted']:,}, updated {items['updated']:,}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from freshrec import importers
+    from freshrec.synth import write_synth
+
+    overrides = {k: v for k, v in (("n_events", args.events), ("n_users", args.users),
+                                   ("n_items", args.items)) if v}
+    settings = load_settings(args.profile, **({"synth": overrides} if overrides else {}))
+    out = Path(args.out) if args.out else settings.data_dir / "raw" / "synth"
+    if args.if_missing and (out / "events.parquet").exists() and (out / "items.parquet").exists():
+        print(f"embedded dataset already in {out}; skipping (drop --if-missing to remake it)")
+    else:
+        print(f"making the embedded dataset: {settings.synth.n_events:,} events, "
+              f"{settings.synth.n_users:,} users, {settings.synth.n_items:,} items -> {out}")
+        r = write_synth(settings.synth, out)
+        print(f"  {r.n_events:,} rows ({r.n_malformed:,} malformed, {r.n_duplicates:,} duplicated)")
+    landed = importers.import_events_file(settings, out / "events.parquet",
+                                          landed_at=datetime.now(timezone.utc))
+    items = importers.import_items_file(settings, out / "items.parquet")
+    print(f"  events {'already landed' if landed.already_landed else 'landed'} "
+          f"({landed.rows:,} rows); items inserted {items['inserted']:,}, "
+          f"updated {items['updated']:,}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    names = list(JOBS) if args.job == "all" else [args.job]
+    argv = ["--date", args.date] + (["--profile", args.profile] if args.profile else [])
+    for name in names:
+        print(f"== {name} {args.date}", flush=True)
+        result = importlib.import_module(JOBS[name]).main(argv)
+        print(f"   {result if name != 'evaluate' else result['table']}")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from serving.offline import recommend_to_csv
+
+    settings = load_settings(args.profile)
+    s = recommend_to_csv(settings, Path(args.users), args.k, Path(args.output))
+    print(f"wrote {s['rows']:,} rows for {s['users']:,} users to {args.output} "
+          f"({s['cold_start_fallbacks']:,} unknown users got popular items)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from freshrec.cli.report import render
+
+    print(render(load_settings(args.profile), args.date))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="freshrec", description=__doc__)
+    p.add_argument("--profile", help="settings profile (default: FRESHREC_PROFILE or local)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="import events, items or a MovieLens folder")
+    imp.add_argument("kind", choices=["events", "items", "movielens"])
+    imp.add_argument("path", help="the file (events, items) or folder (movielens)")
+    imp.add_argument("--format", choices=["csv", "parquet", "json"], help="override the suffix")
+    imp.add_argument("--map", action="append", metavar="TARGET=SOURCE",
+                     help="take column SOURCE as TARGET (repeatable), e.g. user_id=userId")
+    imp.set_defaults(fn=cmd_import)
+
+    data = sub.add_parser("data", help="datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    synth = dsub.add_parser("synth", help="make and import the embedded default dataset")
+    synth.add_argument("--events", type=int)
+    synth.add_argument("--users", type=int)
+    synth.add_argument("--items", type=int)
+    synth.add_argument("--out", help="folder for events.parquet/items.parquet")
+    synth.add_argument("--if-missing", action="store_true", help="keep an existing dataset")
+    synth.set_defaults(fn=cmd_synth)
+
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    run = sub.add_parser("run", help="run one batch job (or all) for a day without Airflow")
+    run.add_argument("job", choices=[*JOBS, "all"])
+    run.add_argument("--date", default=today)
+    run.set_defaults(fn=cmd_run)
+
+    ev = sub.add_parser("evaluate", help="evaluate ALS against most-popular and item-kNN")
+    ev.add_argument("--date", default=today)
+    ev.set_defaults(fn=cmd_run, job="evaluate")
+
+    rec = sub.add_parser("recommend", help="top-K per user from the latest model, as CSV")
+    rec.add_argument("--users", required=True, help="file with one raw user id per line")
+    rec.add_argument("--k", type=int, default=10)
+    rec.add_argument("--output", required=True)
+    rec.set_defaults(fn=cmd_recommend)
+
+    rep = sub.add_parser("report", help="rows per table, dead letters, evaluation, samples")
+    rep.add_argument("--date", default=today)
+    rep.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (SettingsError, ValueError, FileNotFoundError) as e:
+        print(f"freshrec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

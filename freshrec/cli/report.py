@@ -1,0 +1,65 @@
+"""The end-of-run report: rows per table, dead-letter reasons, evaluation, sample recommendations."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.compute as pc
+
+from freshrec.delta import DeltaStore
+from freshrec.settings import Settings
+from freshrec.snapshot import latest_snapshot
+from freshrec.tables import TABLES
+
+
+def render(settings: Settings, batch_date: str) -> str:
+    from serving.offline import OfflineRecommender
+
+    store = DeltaStore(settings)
+    out = [f"freshrec batch report for {batch_date} (profile {settings.profile})", ""]
+    out.append("Delta tables (rows, version):")
+    for name, spec in TABLES.items():
+        out.append(f"  {spec.layer:<7}{name:<20}{store.count(name):>12,}   v{store.version(name)}")
+    raw, clean, dead = (store.count(t) for t in ("events_raw", "events", "events_dead_letter"))
+    out += ["", f"Events: raw {raw:,} = clean {clean:,} + dead-letter {dead:,} + duplicates "
+            f"{raw - clean - dead:,}", "Dead-letter rows by reason:"]
+    dl = store.read_arrow("events_dead_letter", columns=["reason"])
+    if dl.num_rows:
+        counts = pc.value_counts(dl.column("reason").combine_chunks()).to_pylist()
+        for c in sorted(counts, key=lambda c: -c["counts"]):
+            out.append(f"  {c['values']:<22}{c['counts']:>8,}")
+    else:
+        out.append("  (none)")
+    ev_file = settings.data_dir / "reports" / f"evaluation-{batch_date}.json"
+    out.append("")
+    if ev_file.exists():
+        ev = json.loads(ev_file.read_text())
+        out.append(f"Evaluation (temporal split, {ev['n_test_users']:,} test users, "
+                   f"{ev['n_items']:,} items; full ranking, training items excluded):")
+        out += ["  " + ln for ln in ev["table"].splitlines()]
+    else:
+        out.append(f"Evaluation: no results for {batch_date} ({ev_file} missing)")
+    out.append("")
+    feats = store.read_arrow("user_features", columns=["user_id", "n_events"])
+    if feats.num_rows and store.count("item_factors"):
+        order = pc.sort_indices(feats, sort_keys=[("n_events", "descending"),
+                                                  ("user_id", "ascending")])
+        sample = [feats.column("user_id")[int(order[i].as_py())].as_py()
+                  for i in (len(order) // 4, len(order) // 2, 3 * len(order) // 4)]
+        titles = {r["item_id"]: r["title"] for r in
+                  store.read_arrow("items", columns=["item_id", "title"]).to_pylist()}
+        rec = OfflineRecommender.load(settings, sample)
+        results, _ = rec.recommend(sample, 10)
+        out.append(f"Top-10 for three sample users (model {rec.model_version}):")
+        for user, recs in zip(sample, results):
+            out.append(f"  user {user} ({len(rec.seen.get(user, ()))} items seen):")
+            for rank, (item, score) in enumerate(recs, 1):
+                out.append(f"    {rank:>2}. {item:<10} {titles.get(item) or '(no title)':<45} "
+                           f"{score:8.4f}")
+    snap = latest_snapshot(settings.snapshots_dir)
+    out += ["", f"Index snapshot: {snap or '(none)'}",
+            f"Tables:         {settings.tables_dir}",
+            f"MLflow:         {settings.mlflow_tracking_uri}",
+            f"  UI: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} "
+            "--port 5000"]
+    return "\n".join(out)

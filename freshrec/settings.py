@@ -1,0 +1,258 @@
+"""The one typed settings tree of freshrec.
+
+Reads ``conf/base.yaml``, lays the profile file ``conf/<profile>.yaml`` over it (``FRESHREC_PROFILE``,
+default ``local``), expands ``${VAR}`` / ``${VAR:-default}`` from the environment, then applies
+overrides ``FRESHREC__SECTION__KEY=value`` (values parsed as YAML). Unknown keys are rejected with a
+message naming the key and the file. Writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "FRESHREC__"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class SettingsError(ValueError):
+    """A settings file or override is wrong; the message says which key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsSettings(_Section):
+    data_dir: Path = Field(description="Root of all local state: Delta tables, landing files, "
+                           "snapshots, MLflow. Relative paths are taken from the project root.")
+
+
+class SparkSettings(_Section):
+    master: str = Field("local[*]", description="Spark master URL; local[*] is the embedded default.")
+    app_name: str = "freshrec"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = Field(8, ge=1, description="spark.sql.shuffle.partitions; few on 2 cores.")
+    extra_conf: dict[str, str] = Field(default_factory=dict, description="Extra Spark conf pairs.")
+
+
+class DeltaSettings(_Section):
+    backend: Literal["auto", "spark", "rs"] = Field(
+        "auto", description="auto: delta-spark when the Spark session can load the Delta jars, "
+        "delta-rs otherwise; spark or rs force one.")
+
+
+class EventSettings(_Section):
+    types: dict[str, float] = Field(description="Accepted event types and their confidence weights.")
+    value_min: float = Field(0.0, description="Smallest accepted `value` (ratings, amounts).")
+    value_max: float = Field(5.0, description="Largest accepted `value`.")
+    max_id_length: int = Field(128, ge=1, description="Longer user or item ids are dead-lettered.")
+    earliest_ts: str = Field("2000-01-01T00:00:00+00:00",
+                             description="Events before this instant are dead-lettered.")
+
+    @field_validator("types")
+    @classmethod
+    def _weights_positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("events.types must name at least one event type")
+        bad = {k: w for k, w in v.items() if w <= 0}
+        if bad:
+            raise ValueError(f"event type weights must be > 0, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> "EventSettings":
+        if self.value_min > self.value_max:
+            raise ValueError("events.value_min must not exceed events.value_max")
+        return self
+
+
+class PrivacySettings(_Section):
+    pseudonymize_users: bool = Field(True, description="Replace user ids by a keyed HMAC at ingest.")
+    hmac_key: str = Field(min_length=8, description="HMAC key for user pseudonyms (keep secret; "
+                          "set FRESHREC_HMAC_KEY in production).")
+
+
+class FeatureSettings(_Section):
+    popularity_half_life_days: float = Field(7.0, gt=0, description="Time-decay half-life.")
+    neighbors_top_k: int = Field(50, ge=1, description="Neighbours kept per item in item_neighbors.")
+    neighbors_max_history: int = Field(50, ge=2, description="Most recent distinct items per user "
+                                       "that count for co-occurrence (bounds the self-join).")
+    neighbors_min_cooccurrence: int = Field(2, ge=1, description="Pairs seen fewer times are dropped.")
+    top_categories: int = Field(5, ge=1, description="Category affinities kept per user.")
+
+
+class AlsSettings(_Section):
+    rank: int = Field(64, ge=1)
+    iterations: int = Field(10, ge=1)
+    reg_param: float = Field(0.1, ge=0)
+    alpha: float = Field(1.0, gt=0, description="Confidence scale: c = 1 + alpha * sum(weights).")
+    num_blocks: int = Field(2, ge=1, description="User and item blocks; 2 on 2 cores, more on clusters.")
+    seed: int = 42
+
+
+class EvaluationSettings(_Section):
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Each user's last share of events.")
+    ks: list[int] = Field(default_factory=lambda: [10, 20], description="Cut-offs for the metrics.")
+    max_users: int = Field(0, ge=0, description="Evaluate a seeded sample of this many users; 0: all.")
+    knn_neighbors: int = Field(100, ge=1, description="Neighbours per item for the item-kNN baseline.")
+    seed: int = 13
+
+
+class IndexSettings(_Section):
+    exact_max_items: int = Field(50000, ge=1, description="Catalogs up to this size get exact search.")
+    ann_type: Literal["ivf", "hnsw"] = "ivf"
+    ivf_nlist: int = Field(0, ge=0, description="IVF lists; 0 picks 4*sqrt(n).")
+    ivf_nprobe: int = Field(16, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_search: int = Field(128, ge=1)
+
+
+class MlflowSettings(_Section):
+    tracking_uri: str = Field("", description="Empty: SQLite under data_dir/mlflow.")
+    experiment: str = "freshrec-batch"
+
+
+class SynthSettings(_Section):
+    n_events: int = Field(1_000_000, ge=100)
+    n_users: int = Field(50_000, ge=10)
+    n_items: int = Field(20_000, ge=10)
+    n_clusters: int = Field(24, ge=1)
+    days: int = Field(60, ge=1)
+    malformed_fraction: float = Field(0.004, ge=0, lt=0.5)
+    duplicate_fraction: float = Field(0.002, ge=0, lt=0.5)
+    seed: int = 7
+
+
+class Settings(_Section):
+    """Everything freshrec reads from configuration. Build with :func:`load_settings`."""
+
+    profile: str = "local"
+    paths: PathsSettings
+    spark: SparkSettings = SparkSettings()
+    delta: DeltaSettings = DeltaSettings()
+    events: EventSettings
+    privacy: PrivacySettings
+    features: FeatureSettings = FeatureSettings()
+    als: AlsSettings = AlsSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    index: IndexSettings = IndexSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    synth: SynthSettings = SynthSettings()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @property
+    def data_dir(self) -> Path:
+        p = self.paths.data_dir
+        return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.data_dir / "tables"
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.data_dir / "landing"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{self.data_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifact_location(self) -> str:
+        return (self.data_dir / "mlflow" / "artifacts").as_uri()
+
+
+def _expand_env(value: Any, env: dict[str, str], where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, env, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, env, where) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise SettingsError(f"setting {where.lstrip('.')} refers to ${{{name}}}, which is not set: "
+                            f"export {name}=... or give a default as ${{{name}:-value}}")
+
+    return _ENV_REF.sub(repl, value)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("types", "extra_conf"):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise SettingsError(f"settings file {path} does not exist: create it or pick another "
+                            "profile with FRESHREC_PROFILE") from e
+    except yaml.YAMLError as e:
+        raise SettingsError(f"settings file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise SettingsError(f"settings file {path} must hold a mapping at the top level")
+    return data
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def load_settings(profile: str | None = None, conf_dir: Path | None = None,
+                  env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Load base + profile + environment overrides (+ keyword overrides, for tests)."""
+    env = dict(os.environ if env is None else env)
+    conf_dir = Path(conf_dir or env.get("FRESHREC_CONF_DIR") or PROJECT_ROOT / "conf")
+    profile = profile or env.get("FRESHREC_PROFILE") or "local"
+    tree = _read_yaml(conf_dir / "base.yaml")
+    if profile != "base":
+        tree = _deep_merge(tree, _read_yaml(conf_dir / f"{profile}.yaml"))
+    tree = _deep_merge(tree, _env_overrides(env))
+    tree = _deep_merge(tree, overrides)
+    tree["profile"] = profile
+    tree = _expand_env(tree, env, "")
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"  {key}: unknown setting (typo? see conf/base.yaml for the known keys)")
+            else:
+                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError(f"invalid settings (profile {profile!r}, conf dir {conf_dir}):\n"
+                            + "\n".join(lines)) from None

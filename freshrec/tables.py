@@ -1,0 +1,166 @@
+"""Table specs: name, layer, Arrow schema, Change Data Feed and key of every Delta table.
+
+The single place that says what each table holds; the Delta I/O in :mod:`freshrec.delta` enforces
+these schemas on every write. Timestamps are UTC-aware (``timestamp[us, UTC]``) throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+# The raw text columns of an event as it arrives (file or RPC), before validation.
+RAW_EVENT_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "value", "ts", "context")
+REQUIRED_EVENT_COLUMNS = ("user_id", "item_id", "event_type", "ts")
+ITEM_COLUMNS = ("item_id", "title", "categories", "text", "attributes")
+REQUIRED_ITEM_COLUMNS = ("item_id",)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    layer: str
+    schema: pa.Schema
+    change_data_feed: bool = False
+    key: tuple[str, ...] = ()
+    doc: str = ""
+
+
+_RAW_FIELDS = [pa.field(c, pa.string()) for c in RAW_EVENT_COLUMNS]
+
+EVENTS_RAW = TableSpec(
+    "events_raw", "bronze",
+    pa.schema(_RAW_FIELDS + [
+        pa.field("raw_id", pa.string(), nullable=False),
+        pa.field("source_file", pa.string()),
+        pa.field("batch_date", pa.string(), nullable=False),
+        pa.field("ingested_at", TS),
+    ]),
+    key=("raw_id",),
+    doc="Every event row as it arrived (text columns, user ids already pseudonymized), one row per "
+        "source row; raw_id = source file id + row number; batch_date = the data interval that took it.",
+)
+
+EVENTS_DEAD_LETTER = TableSpec(
+    "events_dead_letter", "bronze",
+    pa.schema(_RAW_FIELDS + [
+        pa.field("raw_id", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("batch_date", pa.string(), nullable=False),
+    ]),
+    key=("raw_id",),
+    doc="Raw rows that failed validation, with the reason.",
+)
+
+EVENTS = TableSpec(
+    "events", "silver",
+    pa.schema([
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("event_type", pa.string(), nullable=False),
+        pa.field("value", pa.float64()),
+        pa.field("weight", pa.float64(), nullable=False),
+        pa.field("ts", TS, nullable=False),
+        pa.field("context", pa.string()),
+        pa.field("raw_id", pa.string(), nullable=False),
+        pa.field("batch_date", pa.string(), nullable=False),
+    ]),
+    change_data_feed=True,
+    key=("event_id",),
+    doc="Validated, typed, deduplicated events (Change Data Feed on).",
+)
+
+ITEMS = TableSpec(
+    "items", "silver",
+    pa.schema([
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("categories", pa.list_(pa.string())),
+        pa.field("text", pa.string()),
+        pa.field("attributes", pa.string()),
+        pa.field("active", pa.bool_(), nullable=False),
+        pa.field("updated_at", TS),
+    ]),
+    change_data_feed=True,
+    key=("item_id",),
+    doc="Item metadata; attributes is a JSON object; active=false hides an item (CDF on).",
+)
+
+_AFFINITY = pa.list_(pa.struct([pa.field("category", pa.string()), pa.field("score", pa.float64())]))
+
+USER_FEATURES = TableSpec(
+    "user_features", "gold",
+    pa.schema([
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("n_events", pa.int64()),
+        pa.field("n_items", pa.int64()),
+        pa.field("first_ts", TS),
+        pa.field("last_ts", TS),
+        pa.field("recency_days", pa.float64()),
+        pa.field("category_affinities", _AFFINITY),
+        pa.field("as_of", TS),
+    ]),
+    key=("user_id",),
+    doc="Per user: activity, recency (days before the interval end), top category affinities.",
+)
+
+ITEM_FEATURES = TableSpec(
+    "item_features", "gold",
+    pa.schema([
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("n_events", pa.int64()),
+        pa.field("n_users", pa.int64()),
+        pa.field("popularity", pa.float64()),
+        pa.field("popularity_decayed", pa.float64()),
+        pa.field("last_ts", TS),
+        pa.field("as_of", TS),
+    ]),
+    key=("item_id",),
+    doc="Per item: counts, weighted popularity and time-decayed popularity at the interval end.",
+)
+
+ITEM_NEIGHBORS = TableSpec(
+    "item_neighbors", "gold",
+    pa.schema([
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("neighbor_id", pa.string(), nullable=False),
+        pa.field("score", pa.float64()),
+        pa.field("cooccurrences", pa.int64()),
+        pa.field("rank", pa.int32()),
+    ]),
+    key=("item_id", "neighbor_id"),
+    doc="Top-K co-occurrence neighbours per item (cosine-normalized co-occurrence counts).",
+)
+
+_FACTORS = pa.list_(pa.float32())
+
+USER_FACTORS = TableSpec(
+    "user_factors", "gold",
+    pa.schema([
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("factors", _FACTORS),
+        pa.field("model_version", pa.string(), nullable=False),
+    ]),
+    key=("user_id",),
+    doc="ALS user vectors with the model version that made them.",
+)
+
+ITEM_FACTORS = TableSpec(
+    "item_factors", "gold",
+    pa.schema([
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("factors", _FACTORS),
+        pa.field("model_version", pa.string(), nullable=False),
+    ]),
+    key=("item_id",),
+    doc="ALS item vectors with the model version that made them.",
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (
+    EVENTS_RAW, EVENTS_DEAD_LETTER, EVENTS, ITEMS,
+    USER_FEATURES, ITEM_FEATURES, ITEM_NEIGHBORS, USER_FACTORS, ITEM_FACTORS,
+)}

@@ -1,0 +1,1 @@
+"""Serving lane: index snapshots, offline recommendation and (later) the gRPC server."""

@@ -1,0 +1,1 @@
+"""Batch lane: Spark jobs over the Delta tables (ingest, clean, features, ALS, evaluate)."""

@@ -1,0 +1,113 @@
+"""Evaluate: silver ``events`` -> metrics of ALS and the baselines, logged to MLflow.
+
+Splits each user's events in time (see :mod:`freshrec.evaluation`), fits Spark ALS with the
+settings' parameters on the training part only, and scores ALS, most-popular and item-kNN in the same
+harness (full ranking, training items excluded). Results go to an MLflow run (metrics per model and
+K, the comparison table as an artifact) and to ``<data>/reports/evaluation-<batch_date>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from freshrec.baselines import ItemKNN, MostPopular
+from freshrec.delta import DeltaStore
+from freshrec.evaluation import Split, evaluate_scorer, temporal_split
+from freshrec.interval import DataInterval, parse_job_args
+from freshrec.settings import Settings
+from freshrec.spark import get_spark
+from freshrec.tracking import mlflow_for
+from spark_jobs.als import fit_als, interactions
+
+log = logging.getLogger(__name__)
+
+
+def load_events(store: DeltaStore, interval: DataInterval) -> tuple[pa.Table, int | None]:
+    version = store.version("events")
+    table = store.read_arrow(
+        "events", version=version, columns=["user_id", "item_id", "ts", "weight", "raw_id"],
+        filter=(pc.field("batch_date") <= interval.batch_date)
+        & (pc.field("ts") < pa.scalar(interval.end, pa.timestamp("us", tz="UTC"))))
+    return table, version
+
+
+class AlsScorer:
+    """ALS fitted in Spark on the split's training events, aligned to the split's indices."""
+
+    def __init__(self, settings: Settings, split: Split) -> None:
+        spark = get_spark(settings)
+        train = spark.createDataFrame(split.train_events[["user_id", "item_id", "weight"]])
+        f = fit_als(interactions(train), settings.als)
+        self.fit_seconds = f.fit_seconds
+        rank = f.user_factors.shape[1]
+        self.users = np.zeros((len(split.user_ids), rank), np.float32)
+        self.users[np.searchsorted(split.user_ids, f.user_ids.astype(str))] = f.user_factors
+        self.items = np.zeros((len(split.item_ids), rank), np.float32)
+        self.items[np.searchsorted(split.item_ids, f.item_ids.astype(str))] = f.item_factors
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        return self.users[rows] @ self.items.T
+
+
+def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
+    cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "hr", "coverage")]
+    lines = [f"{'model':<14}" + "".join(f"{c:>13}" for c in cols) + f"{'fit_s':>9}"]
+    for model, r in results.items():
+        vals = [r[f"{c.split('@')[0]}_at_{c.split('@')[1]}"] for c in cols]
+        lines.append(f"{model:<14}" + "".join(f"{v:>13.4f}" for v in vals)
+                     + f"{r.get('fit_seconds', 0.0):>9.1f}")
+    return "\n".join(lines)
+
+
+def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
+    cfg = settings.evaluation
+    store = DeltaStore(settings)
+    table, ev_version = load_events(store, interval)
+    events = table.to_pandas()
+    split = temporal_split(events, cfg.test_fraction, cfg.max_users, cfg.seed)
+    log.info("evaluate %s: %d users in test, %d training users, %d catalog items",
+             interval.batch_date, len(split.test_users), len(split.user_ids), len(split.item_ids))
+    results: dict[str, dict[str, float]] = {}
+    models = {"most_popular": lambda: MostPopular(split.train),
+              "item_knn": lambda: ItemKNN(split.train, cfg.knn_neighbors),
+              "als": lambda: AlsScorer(settings, split)}
+    for name, make in models.items():
+        t0 = time.perf_counter()
+        model = make()
+        fit = getattr(model, "fit_seconds", time.perf_counter() - t0)
+        results[name] = {**evaluate_scorer(split, model.score, cfg.ks), "fit_seconds": fit}
+        log.info("evaluate %s: %s ndcg@%d=%.4f", interval.batch_date, name, cfg.ks[0],
+                 results[name][f"ndcg_at_{cfg.ks[0]}"])
+    table_text = format_table(results, cfg.ks)
+    summary = {"batch_date": interval.batch_date, "events_delta_version": ev_version,
+               "n_test_users": int(len(split.test_users)), "n_train_users": int(len(split.user_ids)),
+               "n_items": int(len(split.item_ids)), "results": results, "table": table_text}
+    mlflow = mlflow_for(settings)
+    with mlflow.start_run(run_name=f"evaluate-{interval.batch_date}"):
+        mlflow.set_tags({"stage": "evaluate", "interval": interval.batch_date})
+        mlflow.log_params({"test_fraction": cfg.test_fraction, "max_users": cfg.max_users,
+                           "events_delta_version": ev_version, **{f"als_{k}": v for k, v in
+                                                                  settings.als.model_dump().items()}})
+        mlflow.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()})
+        mlflow.log_text(table_text, "evaluation_table.txt")
+        mlflow.log_dict(summary, "evaluation.json")
+    reports = settings.data_dir / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / f"evaluation-{interval.batch_date}.json").write_text(json.dumps(summary, indent=2))
+    log.info("evaluate %s:\n%s", interval.batch_date, table_text)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    _, settings, interval = parse_job_args(__doc__.splitlines()[0], argv)
+    return run(settings, interval)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Shared fixtures: small settings in a temp data dir, one Spark session per test run, and the
+whole batch lane run once on a small synthetic dataset for the integration tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from freshrec.settings import Settings, load_settings
+
+SMALL = {
+    "synth": {"n_events": 20000, "n_users": 800, "n_items": 300, "n_clusters": 6, "days": 20,
+              "malformed_fraction": 0.01, "duplicate_fraction": 0.01},
+    "als": {"rank": 16, "iterations": 6, "num_blocks": 2},
+    "features": {"neighbors_top_k": 10},
+    "spark": {"shuffle_partitions": 2, "driver_memory": "2g"},
+    "evaluation": {"ks": [10, 20]},
+}
+DAY = "2026-11-27"
+
+
+def small_settings(data_dir: Path, **more) -> Settings:
+    tree = {**SMALL, **more, "paths": {"data_dir": str(data_dir)}}
+    return load_settings("local", env={}, **tree)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return small_settings(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    from freshrec.spark import get_spark
+
+    s = get_spark(small_settings(tmp_path_factory.mktemp("spark")))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def lane(tmp_path_factory, spark):
+    """The batch lane run once, job by job, on the small dataset (for read-only checks)."""
+    from datetime import datetime, timezone
+
+    from freshrec import importers
+    from freshrec.interval import DataInterval
+    from freshrec.synth import write_synth
+    from serving import index_snapshot
+    from spark_jobs import als, clean, evaluate, features, ingest
+
+    root = tmp_path_factory.mktemp("lane")
+    settings = small_settings(root / "data")
+    end = datetime(2026, 11, 27, tzinfo=timezone.utc)
+    synth = write_synth(settings.synth, root / "raw", end=end)
+    importers.import_events_file(settings, synth.events_path, landed_at=end)
+    importers.import_items_file(settings, synth.items_path)
+    interval = DataInterval.for_day(DAY)
+    results = {
+        "ingest": ingest.run(settings, interval),
+        "clean": clean.run(settings, interval),
+        "features": features.run(settings, interval),
+        "als": als.run(settings, interval),
+        "evaluate": evaluate.run(settings, interval),
+        "build_index": index_snapshot.run(settings, interval),
+    }
+    return {"settings": settings, "interval": interval, "synth": synth, "results": results,
+            "raw_dir": root / "raw"}

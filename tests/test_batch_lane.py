@@ -1,0 +1,192 @@
+"""The batch lane on real Spark (local), real Delta tables (delta-rs) and real MLflow (SQLite)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from freshrec.delta import DeltaStore
+from freshrec.evaluation import top_k
+from freshrec.interval import DataInterval
+from freshrec.snapshot import Manifest, latest_snapshot
+from serving.index_snapshot import load_snapshot
+from serving.offline import recommend_to_csv
+from spark_jobs import als, clean, features, ingest
+
+pytestmark = pytest.mark.integration
+
+
+def test_counts_balance_and_bad_rows_are_dead_lettered_with_reasons(lane):
+    store = DeltaStore(lane["settings"])
+    c = lane["results"]["clean"]
+    assert c["raw"] == lane["synth"].n_events == store.count("events_raw")
+    assert c["raw"] == c["clean"] + c["dead_letter"] + c["duplicates"]
+    assert c["clean"] == store.count("events") and c["dead_letter"] == store.count("events_dead_letter")
+    # every malformed row is in the dead-letter table (duplicated malformed rows too)
+    assert c["dead_letter"] >= lane["synth"].n_malformed
+    assert c["duplicates"] > 0
+    reasons = set(store.read_arrow("events_dead_letter").column("reason").to_pylist())
+    assert {"missing_user_id", "unparseable_ts", "unknown_event_type", "value_out_of_range",
+            "id_too_long"} <= reasons
+    ids = store.read_arrow("events", columns=["event_id"]).column("event_id")
+    assert len(set(ids.to_pylist())) == len(ids)
+
+
+def test_silver_is_typed_utc_and_weighted(lane):
+    store = DeltaStore(lane["settings"])
+    ev = store.read_arrow("events")
+    assert ev.schema.field("ts").type == pa.timestamp("us", tz="UTC")
+    rows = ev.slice(0, 500).to_pylist()
+    weights = lane["settings"].events.types
+    for r in rows:
+        expected = weights[r["event_type"]] * (r["value"] if r["event_type"] == "rating" else 1)
+        assert r["weight"] == pytest.approx(expected)
+    assert store.spec("events").change_data_feed
+    from deltalake import DeltaTable
+    assert DeltaTable(store.path("events")).metadata().configuration[
+        "delta.enableChangeDataFeed"] == "true"
+
+
+def test_validation_reasons_on_handmade_rows(spark, settings):
+    rows = [
+        ("e1", "u", "i", "view", None, "2026-11-01T00:00:00Z", None, "f:1", "f", "2026-11-27", None),
+        ("e2", "", "i", "view", None, "2026-11-01T00:00:00Z", None, "f:2", "f", "2026-11-27", None),
+        ("e3", "u", "i", "view", None, "tomorrow", None, "f:3", "f", "2026-11-27", None),
+        ("e4", "u", "i", "view", None, "1999-01-01T00:00:00Z", None, "f:4", "f", "2026-11-27", None),
+        ("e5", "u", "i", "view", None, "2031-01-01T00:00:00Z", None, "f:5", "f", "2026-11-27", None),
+        ("e6", "u", "i", "hover", None, "2026-11-01T00:00:00Z", None, "f:6", "f", "2026-11-27", None),
+        ("e7", "u", "i", "rating", "many", "2026-11-01T00:00:00Z", None, "f:7", "f", "2026-11-27", None),
+        ("e8", "u", "i", "rating", "9", "2026-11-01T00:00:00Z", None, "f:8", "f", "2026-11-27", None),
+        ("e9", "u", "i", "rating", "4", "1762000000", None, "f:9", "f", "2026-11-27", None),
+    ]
+    cols = ["event_id", "user_id", "item_id", "event_type", "value", "ts", "context", "raw_id",
+            "source_file", "batch_date", "ingested_at"]
+    df = spark.createDataFrame(rows, "event_id string, user_id string, item_id string, "
+                               "event_type string, value string, ts string, context string, "
+                               "raw_id string, source_file string, batch_date string, "
+                               "ingested_at timestamp").select(*cols)
+    out = {r["event_id"]: r for r in clean.validate(
+        df, settings, DataInterval.for_day("2026-11-27")).collect()}
+    assert out["e1"]["reason"] is None and out["e9"]["reason"] is None
+    assert out["e9"]["weight"] == pytest.approx(4.0)
+    assert [out[f"e{i}"]["reason"] for i in range(2, 9)] == [
+        "missing_user_id", "unparseable_ts", "ts_too_old", "ts_in_future", "unknown_event_type",
+        "bad_value", "value_out_of_range"]
+
+
+def test_every_job_is_idempotent_per_interval(lane):
+    settings, interval = lane["settings"], lane["interval"]
+    store = DeltaStore(settings)
+    before = store.versions()
+    assert ingest.run(settings, interval)["rows"] == 0
+    assert clean.run(settings, interval) == lane["results"]["clean"]
+    features.run(settings, interval)
+    assert als.run(settings, interval)["skipped"] is True
+    assert store.versions() == before
+
+
+def test_features_are_sane(lane):
+    store = DeltaStore(lane["settings"])
+    items = store.read_arrow("item_features").to_pylist()
+    assert all(r["popularity_decayed"] <= r["popularity"] + 1e-9 for r in items)
+    users = store.read_arrow("user_features").to_pylist()
+    assert all(0 <= r["recency_days"] for r in users)
+    top = max(users, key=lambda r: r["n_events"])
+    scores = [a["score"] for a in top["category_affinities"]]
+    # share of the user's event weight on items of each category (an item may have several)
+    assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+    nb = store.read_arrow("item_neighbors").to_pylist()
+    assert nb and all(r["item_id"] != r["neighbor_id"] for r in nb)
+    k = lane["settings"].features.neighbors_top_k
+    per_item: dict[str, int] = {}
+    for r in nb:
+        per_item[r["item_id"]] = per_item.get(r["item_id"], 0) + 1
+    assert max(per_item.values()) <= k
+
+
+def test_als_writes_factors_and_an_mlflow_run(lane):
+    import mlflow
+
+    settings = lane["settings"]
+    store = DeltaStore(settings)
+    version = lane["results"]["als"]["model_version"]
+    uf, itf = store.read_arrow("user_factors"), store.read_arrow("item_factors")
+    assert set(uf.column("model_version").to_pylist()) == {version}
+    assert len(itf.column("factors")[0]) == settings.als.rank
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    run = mlflow.get_run(lane["results"]["als"]["mlflow_run_id"])
+    assert run.data.params["rank"] == str(settings.als.rank)
+    assert run.data.tags["model_version"] == version
+    assert "fit_seconds" in run.data.metrics
+    arts = mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="factors")
+    assert [a.path for a in arts] == ["factors/als_factors.npz"]
+
+
+def test_evaluation_cf_beats_popularity_and_is_logged(lane):
+    ev = lane["results"]["evaluate"]
+    r = ev["results"]
+    assert r["als"]["ndcg_at_10"] > 1.5 * r["most_popular"]["ndcg_at_10"]
+    assert r["item_knn"]["ndcg_at_10"] > 1.5 * r["most_popular"]["ndcg_at_10"]
+    for m in r.values():
+        assert 0 <= m["recall_at_10"] <= m["recall_at_20"] <= 1
+        assert 0 <= m["ndcg_at_10"] <= 1 and 0 <= m["hr_at_10"] <= m["hr_at_20"] <= 1
+    report = lane["settings"].data_dir / "reports" / f"evaluation-{lane['interval'].batch_date}.json"
+    assert json.loads(report.read_text())["results"] == json.loads(json.dumps(r))
+
+
+def test_index_snapshot_matches_exact_scores(lane):
+    settings = lane["settings"]
+    snap = latest_snapshot(settings.snapshots_dir)
+    index, item_ids, manifest = load_snapshot(snap)
+    assert manifest == Manifest.read(snap)
+    assert manifest.model_version == lane["results"]["als"]["model_version"]
+    assert manifest.delta_versions["item_factors"] == DeltaStore(settings).version("item_factors")
+    assert manifest.index_type == "flat" and index.ntotal == len(item_ids) == manifest.n_items
+    store = DeltaStore(settings)
+    itf = store.read_arrow("item_factors")
+    vecs = np.stack(itf.column("factors").to_numpy(zero_copy_only=False)).astype(np.float32)
+    q = vecs[:3]
+    _, got = index.search(q, 5)
+    want = top_k(q @ vecs.T, 5)
+    ids = itf.column("item_id").to_pylist()
+    assert [[item_ids[i] for i in row] for row in got] == [[ids[i] for i in row] for row in want]
+
+
+def test_ivf_index_above_the_exact_threshold(settings):
+    from serving.index_snapshot import build_index
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 16)).astype(np.float32)
+    vecs = (centers[rng.integers(0, 20, 3000)] + 0.1 * rng.normal(size=(3000, 16))).astype(np.float32)
+    cfg = settings.index.model_copy(update={"exact_max_items": 1000})
+    index, kind, params = build_index(vecs, cfg)
+    assert kind == "ivf" and params["nlist"] > 1
+    exact = faiss.IndexFlatIP(16)
+    exact.add(vecs)
+    _, a = index.search(vecs[:50], 10)
+    _, b = exact.search(vecs[:50], 10)
+    recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)])
+    assert recall > 0.9
+
+
+def test_recommend_csv_excludes_seen_items_and_falls_back_for_strangers(lane, tmp_path):
+    settings = lane["settings"]
+    users = tmp_path / "users.txt"
+    users.write_text("u1\nu2\nsomeone-new\n")
+    out = tmp_path / "recs.csv"
+    summary = recommend_to_csv(settings, users, 5, out)
+    assert summary == {"users": 3, "cold_start_fallbacks": 1, "rows": 15}
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["user_id", "rank", "item_id", "score"]
+    from freshrec.privacy import pseudonymize
+    store = DeltaStore(settings)
+    seen = {r["item_id"] for r in store.read_arrow("events").to_pylist()
+            if r["user_id"] == pseudonymize("u1", settings.privacy.hmac_key)}
+    recs_u1 = [r["item_id"] for r in rows if r["user_id"] == "u1"]
+    assert len(recs_u1) == 5 and not (set(recs_u1) & seen)
+    assert [int(r["rank"]) for r in rows if r["user_id"] == "u2"] == [1, 2, 3, 4, 5]

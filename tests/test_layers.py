@@ -1,0 +1,48 @@
+"""The layers keep their direction: lanes import freshrec only, never each other; freshrec imports
+no lane (except the command in freshrec/cli, lazily); DAG files import no heavy library at parse."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LANES = {"spark_jobs", "training", "serving"}
+
+
+def _imports(path: Path, top_level_only: bool = False) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_lanes_import_only_freshrec_and_themselves():
+    bad = []
+    for lane in LANES:
+        for f in (ROOT / lane).rglob("*.py"):
+            others = _imports(f) & (LANES - {lane})
+            if others:
+                bad.append(f"{f.relative_to(ROOT)} imports {sorted(others)}")
+    assert not bad, bad
+
+
+def test_bottom_layer_imports_no_lane_outside_cli():
+    bad = []
+    for f in (ROOT / "freshrec").rglob("*.py"):
+        if "cli" in f.relative_to(ROOT).parts:
+            top = _imports(f, top_level_only=True) & LANES
+            if top:
+                bad.append(f"{f.relative_to(ROOT)} imports {sorted(top)} at module level")
+        elif _imports(f) & (LANES | {"dags"}):
+            bad.append(f"{f.relative_to(ROOT)} imports {sorted(_imports(f) & LANES)}")
+    assert not bad, bad
+
+
+def test_dag_files_import_nothing_heavy_at_module_level():
+    for f in (ROOT / "dags").glob("*.py"):
+        heavy = _imports(f, top_level_only=True) & {"pyspark", "torch", "faiss", "mlflow", *LANES}
+        assert not heavy, f"{f.name} imports {heavy} at parse time"

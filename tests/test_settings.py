@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+
+from freshrec.settings import SettingsError, load_settings
+
+
+def test_local_profile_loads_with_defaults():
+    s = load_settings("local", env={})
+    assert s.profile == "local"
+    assert s.events.types["purchase"] > s.events.types["view"]
+    assert s.data_dir.is_absolute()
+    assert s.mlflow_tracking_uri.startswith("sqlite:///")
+
+
+def test_env_expansion_and_default(tmp_path: Path):
+    s = load_settings("local", env={"FRESHREC_DATA_DIR": str(tmp_path)})
+    assert s.data_dir == tmp_path
+    assert s.privacy.hmac_key == "freshrec-local-development-key"
+    s2 = load_settings("local", env={"FRESHREC_HMAC_KEY": "a-much-better-key"})
+    assert s2.privacy.hmac_key == "a-much-better-key"
+
+
+def test_environment_override_is_typed():
+    s = load_settings("local", env={"FRESHREC__ALS__RANK": "32", "FRESHREC__SPARK__MASTER": "local[2]"})
+    assert s.als.rank == 32
+    assert s.spark.master == "local[2]"
+
+
+def test_unknown_key_is_rejected_with_its_name():
+    with pytest.raises(SettingsError, match=r"als\.rnak: unknown setting"):
+        load_settings("local", env={"FRESHREC__ALS__RNAK": "8"})
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(SettingsError, match=r"als\.rank"):
+        load_settings("local", env={"FRESHREC__ALS__RANK": "0"})
+
+
+def test_missing_variable_without_default_says_what_to_export():
+    with pytest.raises(SettingsError, match="export FRESHREC_DATA_DIR"):
+        load_settings("cluster", env={})
+
+
+def test_missing_profile_file_is_clear():
+    with pytest.raises(SettingsError, match="nosuch.yaml does not exist"):
+        load_settings("nosuch", env={})

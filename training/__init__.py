@@ -1,0 +1,1 @@
+"""Training lane: deep and reinforcement-learning models in PyTorch (see the training issue)."""
