@@ -3,6 +3,7 @@ whole batch lane run once on a small synthetic dataset for the integration tests
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ def spark(tmp_path_factory):
     s = get_spark(small_settings(tmp_path_factory.mktemp("spark")))
     yield s
     s.stop()
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # its __del__ logs after pytest closes streams
 
 
 @pytest.fixture(scope="session")
