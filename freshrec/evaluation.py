@@ -4,8 +4,9 @@ Protocol: each user's events ordered by time; the last ``test_fraction`` of them
 the test period, the rest is training. Users with a single event have no training history and are
 left out of the test. A user's relevant items are the test items they had not met in training
 (those are excluded from the ranking, as every model here recommends unseen items only). Metrics at K
-over a full ranking of the training catalog: Recall@K = hits / |relevant|; NDCG@K with binary relevance and the ideal DCG over min(|relevant|, K); HR@K (any hit);
-coverage@K = distinct recommended items / catalog size.
+over a full ranking of the training catalog: Recall@K = hits / |relevant|; NDCG@K with binary
+relevance and the ideal DCG over min(|relevant|, K); HR@K (any hit); coverage@K = distinct
+recommended items / catalog size.
 """
 
 from __future__ import annotations

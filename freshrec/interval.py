@@ -65,3 +65,9 @@ def parse_job_args(description: str, argv: list[str] | None,
         p.error(f"the interval end {interval.end} must be after its start {interval.start}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args, load_settings(args.profile), interval
+
+
+def run_job(run: "callable", description: str, argv: list[str] | None) -> dict:
+    """The ``main`` of a batch job: parse the shared arguments, then ``run(settings, interval)``."""
+    _, settings, interval = parse_job_args(description, argv)
+    return run(settings, interval)

@@ -42,7 +42,17 @@ def get_spark(settings: Settings) -> SparkSession:
                        + str(settings.data_dir / "spark-tmp")))
     for k, v in cfg.extra_conf.items():
         builder = builder.config(k, v)
-    spark = builder.getOrCreate()
+    # Spark runs one task per core; a multi-threaded native BLAS inside each task (ALS) would
+    # oversubscribe the cores. The JVM inherits the variable at launch; this process keeps its own.
+    previous = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        spark = builder.getOrCreate()
+    finally:
+        if previous is None:
+            del os.environ["OPENBLAS_NUM_THREADS"]
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = previous
     spark.sparkContext.setLogLevel("WARN")
     log.info("Spark %s session on %s", spark.version, cfg.master)
     return spark

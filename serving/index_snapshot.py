@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from freshrec.delta import DeltaStore
-from freshrec.interval import DataInterval, parse_job_args
+from freshrec.interval import DataInterval, run_job
 from freshrec.settings import IndexSettings, Settings
 from freshrec.snapshot import IDS_FILE, INDEX_FILE, Manifest, latest_snapshot, publish
 
@@ -93,8 +93,7 @@ def load_snapshot(path: Path) -> tuple[faiss.Index, list[str], Manifest]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    _, settings, interval = parse_job_args(__doc__.splitlines()[0], argv)
-    return run(settings, interval)
+    return run_job(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from freshrec.baselines import ItemKNN, MostPopular
 from freshrec.delta import DeltaStore
 from freshrec.evaluation import Split, evaluate_scorer, temporal_split
-from freshrec.interval import DataInterval, parse_job_args
+from freshrec.interval import DataInterval, run_job
 from freshrec.settings import Settings
 from freshrec.spark import get_spark
 from freshrec.tracking import mlflow_for
@@ -105,8 +105,7 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    _, settings, interval = parse_job_args(__doc__.splitlines()[0], argv)
-    return run(settings, interval)
+    return run_job(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

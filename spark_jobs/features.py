@@ -20,7 +20,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from freshrec.delta import DeltaStore
-from freshrec.interval import DataInterval, parse_job_args
+from freshrec.interval import DataInterval, run_job
 from freshrec.settings import FeatureSettings, Settings
 from freshrec.spark import get_spark
 
@@ -119,8 +119,7 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    _, settings, interval = parse_job_args(__doc__.splitlines()[0], argv)
-    return run(settings, interval)
+    return run_job(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
