@@ -18,7 +18,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 DATE ?= $(shell date -u +%Y-%m-%d)
 RUN_AFTER = $(shell date -u -d "$(DATE) + 1 day" +%Y-%m-%d)
 
-.PHONY: help install system-deps run test test-fast lint bench clean
+.PHONY: help install proto system-deps run test test-fast lint bench clean
 
 help: install ## list the targets (creates .venv first when missing)
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,7 +35,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	@rm -f $(VENV)/.installed-*; touch $@
 
-install: system-deps $(STAMP) ## create .venv and install freshrec with its extras (skipped when done)
+install: system-deps $(STAMP) proto ## create .venv and install freshrec with its extras (skipped when done)
+
+proto: $(STAMP) ## generate the gRPC stubs from serving/proto/freshrec/v1/*.proto
+	@$(PY) -c "from serving.proto import stubs; stubs()"
 
 run: install ## set up, make the embedded dataset once, run the batch DAG, print the report
 	$(PY) -m freshrec.cli.main data synth --if-missing

@@ -190,14 +190,15 @@ def find_landed(settings: Settings, file_id: str) -> Path | None:
 
 
 def land_events(settings: Settings, raw: pa.Table, source: str, file_id: str,
-                landed_at: datetime | None = None) -> LandingResult:
-    """Pseudonymize and write normalized events to the landing zone, once per ``file_id``."""
+                landed_at: datetime | None = None, pseudonymized: bool = False) -> LandingResult:
+    """Pseudonymize (unless the ids already are) and write normalized events to the landing
+    zone, once per ``file_id``."""
     if find_landed(settings, file_id) is not None:
         log.info("%s: already imported (file id %s); nothing to do", source, file_id)
         return LandingResult(source, file_id, raw.num_rows, None)
     if raw.num_rows == 0:
         raise InputFileError(f"{source}: holds no event rows; nothing to import")
-    if settings.privacy.pseudonymize_users:
+    if settings.privacy.pseudonymize_users and not pseudonymized:
         raw = raw.set_column(raw.schema.get_field_index("user_id"), "user_id",
                              pseudonymize_array(raw.column("user_id"), settings.privacy.hmac_key))
     rows = pa.array(range(raw.num_rows), pa.int64()).cast(pa.string())

@@ -114,6 +114,37 @@ class IndexSettings(_Section):
     hnsw_ef_search: int = Field(128, ge=1)
 
 
+class TokenSettings(_Section):
+    name: str = Field(description="Who holds the token (shown in logs, metrics and the audit log).")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 hex of the bearer token.")
+    role: Literal["client", "admin"] = Field(description="client: Recommender; admin: also Admin.")
+
+
+class ServingSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    workers: int = Field(8, ge=1, description="Threads serving requests.")
+    max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
+    max_id_length: int = Field(128, ge=1)
+    max_events_per_call: int = Field(1000, ge=1)
+    overfetch: float = Field(2.0, ge=1.0, description="Candidates fetched per wanted result before "
+                             "filters; doubled until k results qualify or the index is exhausted.")
+    cache_size: int = Field(100_000, ge=0, description="Cached per-user results (0: off).")
+    cache_ttl_seconds: float = Field(300.0, gt=0)
+    metrics_port: int = Field(9464, ge=-1, le=65535, description="Prometheus /metrics; -1: off, 0: any.")
+    auth_enabled: bool = Field(True, description="Require bearer tokens (health/reflection excepted).")
+    tokens: list[TokenSettings] = Field(default_factory=list)
+    tls_cert_file: str = Field("", description="PEM certificate; with tls_key_file turns TLS on.")
+    tls_key_file: str = ""
+    tls_client_ca_file: str = Field("", description="PEM CA; set to require client certificates.")
+    rate_limit_per_second: float = Field(2000.0, gt=0, description="Per-client sustained rate.")
+    rate_limit_burst: int = Field(4000, ge=1)
+    wal_flush_seconds: float = Field(30.0, gt=0, description="How often recorded events move from "
+                                     "the write-ahead log to the landing zone.")
+    grace_seconds: float = Field(5.0, ge=0, description="In-flight calls get this long at shutdown.")
+    recent_events_per_user: int = Field(50, ge=1)
+
+
 class MlflowSettings(_Section):
     tracking_uri: str = Field("", description="Empty: SQLite under data_dir/mlflow.")
     experiment: str = "freshrec-batch"
@@ -145,6 +176,7 @@ class Settings(_Section):
     index: IndexSettings = IndexSettings()
     mlflow: MlflowSettings = MlflowSettings()
     synth: SynthSettings = SynthSettings()
+    serving: ServingSettings = ServingSettings()
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @property

@@ -86,10 +86,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from serving.server import FreshrecServer
+
+    logging.getLogger().setLevel(logging.INFO)
+    server = FreshrecServer(load_settings(args.profile))
+    port = server.start(port=args.port)
+    print(f"freshrec serving on {server.settings.serving.host}:{port}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    print("shutting down: letting in-flight calls finish", flush=True)
+    server.stop()
+    return 0
+
+
+def _print_reply(user: str, reply) -> None:
+    print(f"user {user}: model {reply.model_version}{' (cold start)' if reply.cold_start else ''}")
+    for rank, it in enumerate(reply.items, 1):
+        print(f"  {rank:>2}. {it.item_id:<12} {it.score:8.4f}  [{it.source}] {it.explanation}")
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
+    settings = load_settings(args.profile)
+    if args.user or args.server:
+        import os
+
+        from serving.client import Client
+        from serving.offline import read_user_file
+
+        address = args.server or f"{settings.serving.host}:{settings.serving.port}"
+        token = args.token or os.environ.get("FRESHREC_TOKEN", "dev-client-token")
+        client = Client(address, token, ca_file=args.ca)
+        users = [args.user] if args.user else read_user_file(Path(args.users))
+        rows = []
+        for u in users:
+            reply = client.recommend(u, args.k)
+            if args.output:
+                rows += [(u, r, it.item_id, it.score) for r, it in enumerate(reply.items, 1)]
+            else:
+                _print_reply(u, reply)
+        if args.output:
+            import csv
+
+            with open(args.output, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["user_id", "rank", "item_id", "score"])
+                w.writerows(rows)
+            print(f"wrote {len(rows):,} rows for {len(users):,} users to {args.output}")
+        client.close()
+        return 0
+    if not (args.users and args.output):
+        raise ValueError("give --user U (through the server), or --users FILE with --output FILE "
+                         "(offline, from the latest model tables), or --server ADDR")
     from serving.offline import recommend_to_csv
 
-    settings = load_settings(args.profile)
     s = recommend_to_csv(settings, Path(args.users), args.k, Path(args.output))
     print(f"wrote {s['rows']:,} rows for {s['users']:,} users to {args.output} "
           f"({s['cold_start_fallbacks']:,} unknown users got popular items)")
@@ -136,11 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--date", default=today)
     ev.set_defaults(fn=cmd_run, job="evaluate")
 
-    rec = sub.add_parser("recommend", help="top-K per user from the latest model, as CSV")
-    rec.add_argument("--users", required=True, help="file with one raw user id per line")
+    rec = sub.add_parser("recommend", help="top-K per user: through the server (--user, --server) "
+                         "or offline from the latest model tables (--users FILE --output FILE)")
+    who = rec.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="one raw user id (asks the running server)")
+    who.add_argument("--users", help="file with one raw user id per line")
     rec.add_argument("--k", type=int, default=10)
-    rec.add_argument("--output", required=True)
+    rec.add_argument("--output", help="CSV to write: user_id, rank, item_id, score")
+    rec.add_argument("--server", help="host:port of a freshrec server (default: from settings)")
+    rec.add_argument("--token", help="bearer token (default: FRESHREC_TOKEN or the dev token)")
+    rec.add_argument("--ca", help="CA certificate (PEM) when the server uses TLS")
     rec.set_defaults(fn=cmd_recommend)
+
+    srv = sub.add_parser("serve", help="run the gRPC server on the latest snapshot")
+    srv.add_argument("--port", type=int, help="override serving.port")
+    srv.set_defaults(fn=cmd_serve)
 
     rep = sub.add_parser("report", help="rows per table, dead letters, evaluation, samples")
     rep.add_argument("--date", default=today)

@@ -1,0 +1,240 @@
+"""The serving index: item vectors in FAISS with an id map, upserts and removals on every index type.
+
+Knows nothing of gRPC. Items are addressed by their string id; FAISS holds int64 positions. A CPU
+index is the master copy: Flat and IVF remove vectors with ``remove_ids``; HNSW cannot, so removed
+positions become tombstones, excluded at search with an ``IDSelectorNot`` and dropped by a rebuild
+once they pass a share of the index. Where a GPU is present, searches go to a GPU replica of the
+master (FAISS GPU indexes cannot remove vectors): removed positions are tombstoned for the replica
+and filtered from its results until the replica is re-copied from the master. Removed items
+therefore never come back in a result, whatever the index. Concurrency: searches share a read
+lock, deltas take the write lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+REBUILD_TOMBSTONE_SHARE = 0.1
+
+
+class ReadWriteLock:
+    """Many readers or one writer; writers wait for readers to drain and block new ones."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def gpu_count() -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get else 0
+
+
+class ItemIndex:
+    """Item vectors by string id over a FAISS index (flat, ivf or hnsw)."""
+
+    def __init__(self, index: faiss.Index, item_ids: list[str], vectors: np.ndarray,
+                 index_type: str, use_gpu: bool = False) -> None:
+        self.index = index
+        self.index_type = index_type
+        self.item_ids: list[str | None] = list(item_ids)
+        self.position = {item: i for i, item in enumerate(item_ids)}
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.n_vectors = len(item_ids)
+        self.tombstones: set[int] = set()  # removed positions still inside a FAISS index
+        self.lock = ReadWriteLock()
+        self._gpu = None
+        self._gpu_tombstones: set[int] = set()
+        if use_gpu:
+            self._make_gpu_replica()
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def build(cls, item_ids: list[str], vectors: np.ndarray, index_type: str = "flat",
+              nlist: int = 0, nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 128,
+              use_gpu: bool = False) -> "ItemIndex":
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        n, d = vectors.shape
+        ids = np.arange(n, dtype=np.int64)
+        if index_type == "flat":
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        elif index_type == "hnsw":
+            hnsw = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efSearch = ef_search
+            index = faiss.IndexIDMap2(hnsw)
+        elif index_type == "ivf":
+            nlist = nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+            index.nprobe = nprobe
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        else:
+            raise ValueError(f"unknown index type {index_type!r}; use flat, ivf or hnsw")
+        index.add_with_ids(vectors, ids)
+        return cls(index, item_ids, vectors, index_type, use_gpu)
+
+    def _make_gpu_replica(self) -> None:
+        res = faiss.StandardGpuResources()
+        self._gpu = faiss.index_cpu_to_gpu(res, 0, self.index)
+        self._gpu_res = res
+        self._gpu_tombstones = set()
+
+    # ---- reads ----------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Items that can be served (removed ones excluded)."""
+        return len(self.position)
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def vector(self, item_id: str) -> np.ndarray | None:
+        pos = self.position.get(item_id)
+        return None if pos is None else self.vectors[pos]
+
+    def search(self, query: np.ndarray, n: int) -> list[tuple[str, float]]:
+        """Up to ``n`` (item id, score) by inner product, best first; removed items never appear."""
+        with self.lock.read():
+            return self._search(np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1), n)
+
+    def _search(self, q: np.ndarray, n: int) -> list[tuple[str, float]]:
+        n = min(n, self.size)
+        if n <= 0:
+            return []
+        if self._gpu is not None:
+            fetch = min(n + len(self._gpu_tombstones), self.index.ntotal)
+            scores, ids = self._gpu.search(q, fetch)
+            skip = self._gpu_tombstones | self.tombstones
+        elif self.tombstones and self.index_type == "hnsw":
+            sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64)))
+            hnsw = faiss.downcast_index(self.index.index).hnsw
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(hnsw.efSearch, n))
+            scores, ids = self.index.search(q, n, params=params)
+            skip = self.tombstones
+        else:
+            scores, ids = self.index.search(q, n)
+            skip = self.tombstones
+        out = []
+        for s, i in zip(scores[0], ids[0]):
+            if i < 0 or int(i) in skip:
+                continue
+            item = self.item_ids[int(i)]
+            if item is not None:
+                out.append((item, float(s)))
+        return out[:n]
+
+    # ---- writes ---------------------------------------------------------------------------
+    def upsert(self, items: Iterable[tuple[str, np.ndarray]]) -> int:
+        """Insert new items or replace the vectors of known ones; returns how many."""
+        items = list(items)
+        if not items:
+            return 0
+        with self.lock.write():
+            replaced = [self.position[i] for i, _ in items if i in self.position]
+            self._remove_positions(replaced)
+            vecs = np.ascontiguousarray(np.stack([v for _, v in items]), dtype=np.float32)
+            if vecs.shape[1] != self.dim:
+                raise ValueError(f"vectors have dimension {vecs.shape[1]}, the index {self.dim}")
+            start = self.n_vectors
+            ids = np.arange(start, start + len(items), dtype=np.int64)
+            self._grow(start + len(items))
+            self.vectors[start:start + len(items)] = vecs
+            for (item, _), pos in zip(items, ids):
+                self.item_ids.append(item)
+                self.position[item] = int(pos)
+            self.n_vectors += len(items)
+            self.index.add_with_ids(vecs, ids)
+            if self._gpu is not None:
+                self._gpu.add_with_ids(vecs, ids)
+            self._maybe_compact()
+            return len(items)
+
+    def remove(self, item_ids: Iterable[str]) -> int:
+        with self.lock.write():
+            positions = [self.position[i] for i in item_ids if i in self.position]
+            self._remove_positions(positions)
+            self._maybe_compact()
+            return len(positions)
+
+    def _remove_positions(self, positions: list[int]) -> None:
+        if not positions:
+            return
+        for p in positions:
+            item = self.item_ids[p]
+            if item is not None:
+                del self.position[item]
+            self.item_ids[p] = None
+        arr = np.asarray(positions, dtype=np.int64)
+        if self.index_type == "hnsw":
+            self.tombstones.update(positions)
+        else:
+            self.index.remove_ids(faiss.IDSelectorArray(len(arr), faiss.swig_ptr(arr)))
+        if self._gpu is not None:
+            self._gpu_tombstones.update(positions)
+
+    def _grow(self, n: int) -> None:
+        if n > len(self.vectors):
+            bigger = np.zeros((max(n, int(len(self.vectors) * 1.5) + 16), self.dim), np.float32)
+            bigger[:len(self.vectors)] = self.vectors
+            self.vectors = bigger
+
+    def _maybe_compact(self) -> None:
+        dead = len(self.tombstones) + len(self._gpu_tombstones)
+        if dead and dead > REBUILD_TOMBSTONE_SHARE * max(1, self.size):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild without tombstones (HNSW) and re-copy the GPU replica."""
+        if self.tombstones and self.index_type == "hnsw":
+            live = np.fromiter(self.position.values(), np.int64)
+            old = faiss.downcast_index(self.index.index).hnsw
+            fresh = faiss.IndexHNSWFlat(self.dim, old.nb_neighbors(1) // 2,
+                                        faiss.METRIC_INNER_PRODUCT)
+            fresh.hnsw.efSearch = old.efSearch
+            idx = faiss.IndexIDMap2(fresh)
+            idx.add_with_ids(self.vectors[live], live)
+            self.index = idx
+            self.tombstones.clear()
+            log.info("index: HNSW rebuilt without removed items (%d live)", len(live))
+        if self._gpu is not None:
+            self._make_gpu_replica()

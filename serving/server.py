@@ -1,0 +1,587 @@
+"""The gRPC server: Recommender and Admin services over the serving state, plus health, reflection,
+bearer-token auth with roles, TLS, per-client rate limits, a per-user cache, Prometheus metrics, an
+audit log of admin calls and graceful shutdown.
+
+The servicers are thin adapters: they validate the request, pseudonymize user ids (the same HMAC
+as ingest) and call the pure logic in :mod:`serving.logic`. Accepted events are appended to the
+write-ahead log (fsynced) before ``RecordEvents`` replies, then moved to the landing zone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent import futures
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from freshrec.interval import parse_instant
+from freshrec.privacy import pseudonymize
+from freshrec.settings import Settings
+from serving.audit import AuditLog
+from serving.index import gpu_count
+from serving.logic import Filters, NotFound, Result, recommend, similar_items
+from serving.proto import stubs
+from serving.state import ServingState, load_state
+from serving.wal import EventLog
+
+log = logging.getLogger(__name__)
+pb = stubs()
+rec_pb2, rec_grpc = pb["recommender_pb2"], pb["recommender_pb2_grpc"]
+admin_pb2, admin_grpc = pb["admin_pb2"], pb["admin_pb2_grpc"]
+
+RECOMMENDER = "freshrec.v1.Recommender"
+ADMIN = "freshrec.v1.Admin"
+OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                 "grpc.reflection.v1.ServerReflection")
+ROLE_SERVICES = {"client": {RECOMMENDER}, "admin": {RECOMMENDER, ADMIN}}
+
+
+# ---- auth and rate limits ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    role: str
+
+
+def caller_from_metadata(settings: Settings, metadata) -> Caller | None:
+    if not settings.serving.auth_enabled:
+        return Caller("anonymous", "admin")
+    for key, value in metadata or ():
+        if key == "authorization" and value.lower().startswith("bearer "):
+            digest = hashlib.sha256(value[7:].strip().encode()).hexdigest()
+            for t in settings.serving.tokens:
+                if t.sha256 == digest:
+                    return Caller(t.name, t.role)
+    return None
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = float(burst), time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return True
+            return False
+
+
+def _abort_handler(code: grpc.StatusCode, message: str):
+    def abort(request, context):
+        context.abort(code, message)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class GuardInterceptor(grpc.ServerInterceptor):
+    """Authenticates, authorizes by role, rate-limits per client, and counts every call."""
+
+    def __init__(self, server: "FreshrecServer") -> None:
+        self.server = server
+        self.buckets: dict[str, TokenBucket] = {}
+        self.lock = threading.Lock()
+
+    def intercept_service(self, continuation, details):
+        method = details.method  # /package.Service/Method
+        service = method.split("/")[1] if method.count("/") >= 2 else ""
+        if service in OPEN_SERVICES:
+            return continuation(details)
+        settings = self.server.settings
+        caller = caller_from_metadata(settings, details.invocation_metadata)
+        m = self.server.metrics
+        name = method.rsplit("/", 1)[-1]
+        if caller is None:
+            m.requests.labels(name, "UNAUTHENTICATED").inc()
+            return _abort_handler(grpc.StatusCode.UNAUTHENTICATED,
+                                  "missing or unknown bearer token: send metadata "
+                                  "'authorization: Bearer <token>'")
+        if service not in ROLE_SERVICES.get(caller.role, ()):
+            m.requests.labels(name, "PERMISSION_DENIED").inc()
+            return _abort_handler(grpc.StatusCode.PERMISSION_DENIED,
+                                  f"role {caller.role!r} may not call {service}")
+        with self.lock:
+            bucket = self.buckets.get(caller.name)
+            if bucket is None:
+                bucket = self.buckets[caller.name] = TokenBucket(
+                    settings.serving.rate_limit_per_second, settings.serving.rate_limit_burst)
+        if not bucket.take():
+            m.requests.labels(name, "RESOURCE_EXHAUSTED").inc()
+            return _abort_handler(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"rate limit of {settings.serving.rate_limit_per_second}/s for "
+                                  f"{caller.name} exceeded; retry with backoff")
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        def timed(request, context):
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                return inner(request, context)
+            except Exception:
+                code = context.code().name if context.code() else "UNKNOWN"
+                raise
+            finally:
+                m.latency.labels(name).observe(time.perf_counter() - t0)
+                m.requests.labels(name, code).inc()
+
+        return grpc.unary_unary_rpc_method_handler(
+            timed, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+# ---- metrics and cache ------------------------------------------------------------------------
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("freshrec_requests", "gRPC calls by method and status code",
+                                ["method", "code"], registry=r)
+        self.latency = Histogram("freshrec_request_seconds", "gRPC call latency", ["method"],
+                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .5, 1, 5),
+                                 registry=r)
+        self.cache_hits = Counter("freshrec_cache_hits", "per-user cache hits", registry=r)
+        self.cache_misses = Counter("freshrec_cache_misses", "per-user cache misses", registry=r)
+        self.index_size = Gauge("freshrec_index_size", "items served", registry=r)
+        self.users = Gauge("freshrec_user_vectors", "users with a vector", registry=r)
+        self.model = Gauge("freshrec_model_info", "served model version (value 1)",
+                           ["model_version"], registry=r)
+        self.refresh_lag = Gauge("freshrec_refresh_lag_seconds",
+                                 "now minus the newest event the served vectors know", registry=r)
+        self.events = Counter("freshrec_events_recorded", "events accepted by RecordEvents",
+                              registry=r)
+
+
+class UserCache:
+    """LRU of recent results per (user, request). An entry dies with the user's new events, any
+    delta or snapshot (generation bumps) or its TTL. A result computed before an invalidation is
+    never stored after it: ``put`` takes the token read before the work began."""
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size, self.ttl = size, ttl
+        self.data: OrderedDict[tuple, tuple[float, tuple[int, int], object]] = OrderedDict()
+        self.user_generation: dict[str, int] = {}
+        self.generation = 0
+        self.lock = threading.Lock()
+
+    def token(self, user: str) -> tuple[int, int]:
+        return self.generation, self.user_generation.get(user, 0)
+
+    def get(self, key: tuple):
+        if not self.size:
+            return None
+        with self.lock:
+            hit = self.data.get(key)
+            if hit is None:
+                return None
+            stamp, token, value = hit
+            if token != self.token(key[0]) or time.monotonic() - stamp > self.ttl:
+                del self.data[key]
+                return None
+            self.data.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value, token: tuple[int, int]) -> None:
+        if not self.size:
+            return
+        with self.lock:
+            if token != self.token(key[0]):
+                return
+            self.data[key] = (time.monotonic(), token, value)
+            self.data.move_to_end(key)
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+
+    def invalidate_user(self, user: str) -> None:
+        with self.lock:
+            # stale entries fail the token check on get and age out of the LRU
+            self.user_generation[user] = self.user_generation.get(user, 0) + 1
+
+    def invalidate_all(self) -> None:
+        with self.lock:
+            self.generation += 1
+            self.data.clear()
+
+
+# ---- the servicers ----------------------------------------------------------------------------
+def _filters(msg) -> Filters:
+    return Filters(include_categories=frozenset(msg.include_categories),
+                   exclude_items=frozenset(msg.exclude_items),
+                   exclude_seen=msg.exclude_seen if msg.HasField("exclude_seen") else True)
+
+
+def _scored(result: Result):
+    return [rec_pb2.ScoredItem(item_id=s.item_id, score=s.score, source=s.source,
+                               explanation=s.explanation) for s in result.items]
+
+
+class RecommenderServicer(rec_grpc.RecommenderServicer):
+    def __init__(self, server: "FreshrecServer") -> None:
+        self.s = server
+
+    def _check_k(self, k: int, context) -> None:
+        max_k = self.s.settings.serving.max_k
+        if not 1 <= k <= max_k:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be within [1, {max_k}], got {k}")
+
+    def _check_id(self, value: str, field: str, context) -> None:
+        limit = self.s.settings.serving.max_id_length
+        if not value:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is empty")
+        if len(value) > limit:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{field} is {len(value)} characters long; at most {limit}")
+
+    def _check_filters(self, f, context) -> None:
+        limit = self.s.settings.serving.max_id_length
+        if len(f.exclude_items) > 10_000 or len(f.include_categories) > 1_000:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many filter values (at most "
+                          "10000 exclude_items and 1000 include_categories)")
+        if any(len(x) > limit for x in [*f.exclude_items, *f.include_categories]):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"a filter value is longer than {limit} characters")
+
+    def Recommend(self, request, context):
+        self._check_id(request.user_id, "user_id", context)
+        self._check_k(request.k, context)
+        self._check_filters(request.filters, context)
+        state = self.s.require_state(context)
+        user = self.s.pseudonym(request.user_id)
+        filters = _filters(request.filters)
+        ctx = dict(request.context)
+        key = (user, request.k, filters, tuple(sorted(ctx.items())), state.model_version)
+        token = self.s.cache.token(user)
+        cached = self.s.cache.get(key)
+        if cached is not None:
+            self.s.metrics.cache_hits.inc()
+            return cached
+        self.s.metrics.cache_misses.inc()
+        self.s.check_deadline(context)
+        result = recommend(state, user, request.k, filters, ctx, self.s.recent_items(user),
+                           self.s.settings.serving.overfetch)
+        reply = rec_pb2.RecommendResponse(items=_scored(result), model_version=result.model_version,
+                                          cold_start=result.cold_start)
+        self.s.cache.put(key, reply, token)
+        return reply
+
+    def SimilarItems(self, request, context):
+        self._check_id(request.item_id, "item_id", context)
+        self._check_k(request.k, context)
+        self._check_filters(request.filters, context)
+        state = self.s.require_state(context)
+        self.s.check_deadline(context)
+        try:
+            result = similar_items(state, request.item_id, request.k, _filters(request.filters),
+                                   self.s.settings.serving.overfetch)
+        except NotFound as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        return rec_pb2.SimilarItemsResponse(items=_scored(result), model_version=result.model_version)
+
+    def RecordEvents(self, request, context):
+        limit = self.s.settings.serving.max_events_per_call
+        if not request.events:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "events is empty: send at least one")
+        if len(request.events) > limit:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{len(request.events)} events in one call; at most {limit}")
+        accepted, rejections = [], []
+        for n, ev in enumerate(request.events):
+            reason = self.s.validate_event(ev)
+            if reason:
+                rejections.append(rec_pb2.Rejection(index=n, reason=reason))
+            else:
+                accepted.append(self.s.event_record(ev))
+        self.s.check_deadline(context)
+        self.s.wal.append(accepted)  # durable (fsynced) before the reply
+        self.s.note_events(accepted)
+        return rec_pb2.RecordEventsResponse(accepted=len(accepted), rejections=rejections)
+
+
+class AdminServicer(admin_grpc.AdminServicer):
+    def __init__(self, server: "FreshrecServer") -> None:
+        self.s = server
+
+    def _audited(self, action: str, request: dict, context, fn):
+        who = caller_from_metadata(self.s.settings, context.invocation_metadata())
+        name = who.name if who else "?"
+        try:
+            reply = fn()
+        except Exception as e:
+            self.s.audit.record(name, action, request, "error", str(e))
+            if isinstance(e, (ValueError, FileNotFoundError)):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+        self.s.audit.record(name, action, request, "ok", str(reply).replace("\n", " ")[:500])
+        return reply
+
+    def LoadSnapshot(self, request, context):
+        def do():
+            state = self.s.load(Path(request.path) if request.path else None)
+            return admin_pb2.LoadSnapshotResponse(model_version=state.model_version,
+                                                  n_items=state.items.size,
+                                                  n_users=len(state.user_vectors))
+        return self._audited("LoadSnapshot", {"path": request.path}, context, do)
+
+    def ApplyDeltas(self, request, context):
+        state = self.s.require_state(context)
+
+        def vec(v) -> np.ndarray:
+            a = np.asarray(v.values, dtype=np.float32)
+            if a.shape != (state.items.dim,):
+                raise ValueError(f"vector for {v.id!r} has {a.size} values; the index has "
+                                 f"dimension {state.items.dim}")
+            if not np.all(np.isfinite(a)):
+                raise ValueError(f"vector for {v.id!r} holds NaN or infinite values")
+            return a
+
+        def do():
+            users = (lambda u: u) if request.users_pseudonymized else self.s.pseudonym
+            items_up = [(v.id, vec(v)) for v in request.upsert_items]
+            users_up = {users(v.id): vec(v) for v in request.upsert_users}
+            n_up = state.items.upsert(items_up)
+            n_rm = state.items.remove(list(request.remove_items))
+            u_up = state.upsert_users(users_up)
+            u_rm = state.remove_users([users(u) for u in request.remove_users])
+            self.s.cache.invalidate_all()
+            self.s.update_gauges()
+            return admin_pb2.ApplyDeltasResponse(items_upserted=n_up, items_removed=n_rm,
+                                                 users_upserted=u_up, users_removed=u_rm,
+                                                 index_size=state.items.size)
+        summary = {"upsert_items": len(request.upsert_items), "remove_items": len(request.remove_items),
+                   "upsert_users": len(request.upsert_users), "remove_users": len(request.remove_users)}
+        return self._audited("ApplyDeltas", summary, context, do)
+
+    def DeleteUser(self, request, context):
+        if not request.user_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id is empty")
+
+        def do():
+            removed, rows = self.s.delete_user(self.s.pseudonym(request.user_id))
+            return admin_pb2.DeleteUserResponse(vector_removed=removed, rows_deleted=rows)
+        # The audit names the pseudonym, never the raw id.
+        return self._audited("DeleteUser", {"user": self.s.pseudonym(request.user_id)}, context, do)
+
+    def Status(self, request, context):
+        state = self.s.require_state(context)
+        return admin_pb2.StatusResponse(
+            model_version=state.model_version, index_size=state.items.size,
+            index_type=state.items.index_type,
+            delta_versions={k: v for k, v in state.delta_versions.items() if v is not None},
+            refresh_lag_seconds=self.s.refresh_lag(), n_users=len(state.user_vectors),
+            device="cuda" if self.s.use_gpu else "cpu")
+
+
+# ---- the server -------------------------------------------------------------------------------
+class FreshrecServer:
+    def __init__(self, settings: Settings, use_gpu: bool | None = None) -> None:
+        self.settings = settings
+        self.use_gpu = (gpu_count() > 0 and settings.device != "cpu") if use_gpu is None else use_gpu
+        if settings.device == "cuda" and gpu_count() == 0:
+            raise RuntimeError("device is 'cuda' but FAISS sees no GPU (faiss-cpu installed, or "
+                               "no CUDA device): install the gpu extra on a CUDA machine, or set "
+                               "device to auto/cpu")
+        self.state: ServingState | None = None
+        self.metrics = Metrics()
+        self.cache = UserCache(settings.serving.cache_size, settings.serving.cache_ttl_seconds)
+        self.audit = AuditLog(settings.data_dir / "audit" / "admin.jsonl")
+        self.wal = EventLog(settings)
+        self.recent: dict[str, deque] = {}
+        self.recent_lock = threading.Lock()
+        self.health = health.HealthServicer()
+        self._server: grpc.Server | None = None
+        self._metrics_http = None
+        self._stop = threading.Event()
+        self.port = 0
+        self.metrics_port = 0
+        self.started_at = time.time()
+
+    # helpers used by the servicers
+    def pseudonym(self, raw: str) -> str:
+        p = self.settings.privacy
+        return pseudonymize(raw, p.hmac_key) if p.pseudonymize_users else raw
+
+    def require_state(self, context) -> ServingState:
+        state = self.state
+        if state is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "no index loaded yet; call "
+                          "Admin.LoadSnapshot or wait for start-up to finish")
+        return state
+
+    @staticmethod
+    def check_deadline(context) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the answer")
+
+    def validate_event(self, ev) -> str | None:
+        cfg, limit = self.settings.events, self.settings.serving.max_id_length
+        if not ev.user_id:
+            return "user_id is empty"
+        if not ev.item_id:
+            return "item_id is empty"
+        if max(len(ev.user_id), len(ev.item_id), len(ev.event_id)) > limit:
+            return f"an id is longer than {limit} characters"
+        if ev.event_type not in cfg.types:
+            return f"unknown event_type {ev.event_type!r}; known: {sorted(cfg.types)}"
+        if ev.HasField("value") and not (cfg.value_min <= ev.value <= cfg.value_max):
+            return f"value {ev.value} outside [{cfg.value_min}, {cfg.value_max}]"
+        if ev.ts:
+            try:
+                if not ev.ts.replace(".", "", 1).isdigit():
+                    parse_instant(ev.ts)
+            except ValueError:
+                return f"ts {ev.ts!r} is neither ISO-8601 nor epoch seconds"
+        if len(ev.context) > 50:
+            return "context has more than 50 entries"
+        return None
+
+    def event_record(self, ev) -> dict:
+        import json as _json
+
+        ts = ev.ts or datetime.now(timezone.utc).isoformat()
+        return {"event_id": ev.event_id or None, "user_id": self.pseudonym(ev.user_id),
+                "item_id": ev.item_id, "event_type": ev.event_type,
+                "value": str(ev.value) if ev.HasField("value") else None, "ts": ts,
+                "context": _json.dumps(dict(ev.context)) if ev.context else None}
+
+    def note_events(self, records: list[dict]) -> None:
+        if not records:
+            return
+        n = self.settings.serving.recent_events_per_user
+        with self.recent_lock:
+            for r in records:
+                self.recent.setdefault(r["user_id"], deque(maxlen=n)).append(r["item_id"])
+        for user in {r["user_id"] for r in records}:
+            self.cache.invalidate_user(user)
+        self.metrics.events.inc(len(records))
+
+    def recent_items(self, user: str) -> list[str]:
+        with self.recent_lock:
+            return list(self.recent.get(user, ()))
+
+    def delete_user(self, user: str) -> tuple[bool, int]:
+        from freshrec.erasure import erase_user
+
+        state = self.state
+        removed = state.forget_user(user) if state else False
+        with self.recent_lock:
+            self.recent.pop(user, None)
+        self.cache.invalidate_user(user)
+        self.wal.land()  # the user's logged events reach landing, where erasure finds them
+        rows = erase_user(self.settings, user)
+        return removed, sum(rows.values())
+
+    def refresh_lag(self) -> float:
+        state = self.state
+        if state is None or state.newest_event_ts is None:
+            return 0.0
+        return max(0.0, time.time() - state.newest_event_ts)
+
+    def update_gauges(self) -> None:
+        state = self.state
+        if state is None:
+            return
+        self.metrics.index_size.set(state.items.size)
+        self.metrics.users.set(len(state.user_vectors))
+        self.metrics.model.clear()
+        self.metrics.model.labels(state.model_version).set(1)
+        self.metrics.refresh_lag.set(self.refresh_lag())
+
+    def load(self, snapshot: Path | None = None) -> ServingState:
+        """Load a snapshot and swap it in atomically (requests see the old or the new one)."""
+        state = load_state(self.settings, snapshot, use_gpu=self.use_gpu)
+        self.state = state
+        self.cache.invalidate_all()
+        self.update_gauges()
+        for service in ("", RECOMMENDER, ADMIN):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return state
+
+    # lifecycle
+    def start(self, port: int | None = None, load: bool = True) -> int:
+        cfg = self.settings.serving
+        for service in ("", RECOMMENDER, ADMIN):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.wal.land()  # whatever a crash left in the log
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
+                             interceptors=[GuardInterceptor(self)],
+                             options=[("grpc.max_receive_message_length", 64 << 20)])
+        rec_grpc.add_RecommenderServicer_to_server(RecommenderServicer(self), server)
+        admin_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (rec_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name,
+                 admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        address = f"{cfg.host}:{cfg.port if port is None else port}"
+        creds = self._credentials()
+        self.port = server.add_secure_port(address, creds) if creds else \
+            server.add_insecure_port(address)
+        server.start()
+        self._server = server
+        if cfg.metrics_port >= 0:
+            self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host,
+                                                      registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        threading.Thread(target=self._flush_loop, name="wal-flush", daemon=True).start()
+        log.info("freshrec serving on %s:%d (%s, auth %s, metrics :%s)", cfg.host, self.port,
+                 "TLS" if creds else "plaintext", "on" if cfg.auth_enabled else "OFF",
+                 self.metrics_port or "off")
+        if load:
+            try:
+                self.load()
+            except FileNotFoundError as e:
+                log.warning("%s; serving NOT_SERVING until Admin.LoadSnapshot", e)
+        return self.port
+
+    def _credentials(self):
+        cfg = self.settings.serving
+        if not (cfg.tls_cert_file and cfg.tls_key_file):
+            return None
+        key = Path(cfg.tls_key_file).read_bytes()
+        cert = Path(cfg.tls_cert_file).read_bytes()
+        ca = Path(cfg.tls_client_ca_file).read_bytes() if cfg.tls_client_ca_file else None
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                           require_client_auth=ca is not None)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.settings.serving.wal_flush_seconds):
+            try:
+                self.wal.land()
+                self.metrics.refresh_lag.set(self.refresh_lag())
+            except Exception:  # keep serving; the events stay in the log for the next try
+                log.exception("landing the write-ahead log failed; will retry")
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, let in-flight ones finish (grace), land the log."""
+        self._stop.set()
+        for service in ("", RECOMMENDER, ADMIN):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            self._server.stop(self.settings.serving.grace_seconds if grace is None else grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self.wal.land()
+        self.wal.close()
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()
