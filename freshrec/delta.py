@@ -101,8 +101,17 @@ class DeltaStore:
     def read_arrow(self, name: str, version: int | None = None, columns: list[str] | None = None,
                    filter: Any = None) -> pa.Table:
         dt = self.ensure(name) if version is None else DeltaTable(self.path(name), version=version)
-        ds = dt.to_pyarrow_dataset()
-        return ds.to_table(columns=columns, filter=filter)
+        schema = self.spec(name).schema
+        ds = dt.to_pyarrow_dataset(schema=schema)
+        try:
+            return ds.to_table(columns=columns, filter=filter)
+        except pa.ArrowNotImplementedError:
+            # Files rewritten by delta-rs (DELETE, MERGE) may hold string_view columns, which a
+            # pushed-down filter cannot compare with strings: filter after the cast instead.
+            table = ds.to_table().cast(schema)
+            if filter is not None:
+                table = table.filter(filter)
+            return table.select(columns) if columns is not None else table
 
     def count(self, name: str) -> int:
         return self.ensure(name).to_pyarrow_dataset().count_rows() if self.exists(name) else 0

@@ -125,7 +125,7 @@ def _read_json_lines_as_text(path: Path) -> pa.Table:
 
 def _as_text(col: pa.ChunkedArray, name: str, source: str) -> pa.ChunkedArray:
     t = col.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t):
         return col.cast(pa.string())
     if pa.types.is_timestamp(t):
         if t.tz is None:

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from freshrec.importers import land_events, normalize_events
 from freshrec.settings import Settings
+from freshrec.tables import RAW_EVENT_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class EventLog:
             data = seg.read_bytes()
             rows = [json.loads(line) for line in data.splitlines() if line.strip()]
             if rows:
-                table = normalize_events(pa.Table.from_pylist(rows), seg.name)
+                schema = pa.schema([(c, pa.string()) for c in RAW_EVENT_COLUMNS])
+                table = normalize_events(pa.Table.from_pylist(rows, schema=schema), seg.name)
                 file_id = "wal" + hashlib.sha256(data).hexdigest()[:21]
                 land_events(self.settings, table, f"grpc:{seg.name}", file_id, pseudonymized=True)
                 landed += len(rows)

@@ -89,13 +89,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
+    import time
 
     from serving.server import FreshrecServer
 
     logging.getLogger().setLevel(logging.INFO)
-    server = FreshrecServer(load_settings(args.profile))
+    settings = load_settings(args.profile)
+    server = FreshrecServer(settings)
     port = server.start(port=args.port)
-    print(f"freshrec serving on {server.settings.serving.host}:{port}", flush=True)
+    print(f"freshrec serving on {settings.serving.host}:{port}", flush=True)
+    if args.smoke:
+        from serving.client import Client
+
+        client = Client(f"{settings.serving.host}:{port}", "dev-client-token")
+        user = args.smoke
+        print(f"live request: Recommend(user_id={user!r}, k=10) over gRPC on loopback")
+        t0 = time.perf_counter()
+        reply = client.recommend(user, 10)
+        print(f"answered in {(time.perf_counter() - t0) * 1000:.1f} ms")
+        _print_reply(user, reply)
+        client.close()
+        server.stop()
+        print("server stopped; run `freshrec serve` (or .venv/bin/freshrec serve) to keep it up")
+        return 0
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -205,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="run the gRPC server on the latest snapshot")
     srv.add_argument("--port", type=int, help="override serving.port")
+    srv.add_argument("--smoke", metavar="USER", help="start, answer one live Recommend for USER "
+                     "through a real client, then stop (make run ends with this)")
     srv.set_defaults(fn=cmd_serve)
 
     rep = sub.add_parser("report", help="rows per table, dead letters, evaluation, samples")
