@@ -1,0 +1,169 @@
+"""Serving benchmark: 1M items x 64 dims (clustered), the real gRPC server on loopback.
+
+Reports, in one run: raw FAISS search time (the baseline), one client's Recommend p50/p99 over
+gRPC (cache off, so every call searches), the gRPC + request-logic overhead over raw FAISS at p50,
+throughput with several concurrent client processes, and recall@10 of the served results against
+exact search. With a GPU visible to FAISS it also compares GPU and CPU search throughput.
+
+    .venv/bin/python benchmarks/serving.py [--items 1000000] [--dim 64] [--clients 4] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TOKEN = "dev-client-token"
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim)).astype(np.float32)
+    assign = rng.integers(0, clusters, n)
+    vecs = centers[assign] + 0.35 * rng.normal(size=(n, dim)).astype(np.float32)
+    return vecs.astype(np.float32), rng
+
+
+def _client_proc(addr: str, users: list[str], seconds: float, out) -> None:
+    import grpc
+
+    from serving.client import Client
+
+    c = Client(addr, TOKEN, options=[("grpc.use_local_subchannel_pool", 1)])
+    n, errors, end = 0, 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        try:
+            c.recommend(users[n % len(users)], 10)
+        except grpc.RpcError:
+            errors += 1
+        n += 1
+    out.put((n, errors))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--clusters", type=int, default=2000)
+    ap.add_argument("--nlist", type=int, default=4096)
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--users", type=int, default=2000)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+
+    import faiss
+    import numpy as np
+
+    from freshrec.settings import load_settings
+    from freshrec.snapshot import Manifest
+    from serving.client import Client
+    from serving.index import ItemIndex, gpu_count
+    from serving.server import FreshrecServer
+    from serving.state import ServingState
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, faiss {faiss.__version__}, "
+          f"{args.items:,} items x {args.dim}, IVF{args.nlist} nprobe {args.nprobe}")
+    t0 = time.perf_counter()
+    vecs, rng = clustered(args.items, args.dim, args.clusters, 0)
+    item_ids = [f"i{i}" for i in range(args.items)]
+    index = ItemIndex.build(item_ids, vecs, "ivf", nlist=args.nlist, nprobe=args.nprobe)
+    print(f"built the index in {time.perf_counter() - t0:.1f}s")
+    # users: points drawn like items (a user's taste sits among the items it likes)
+    uvecs = (vecs[rng.integers(0, args.items, args.users)]
+             + 0.2 * rng.normal(size=(args.users, args.dim))).astype(np.float32)
+    users = [f"user{u}" for u in range(args.users)]
+
+    # raw FAISS, one query at a time (the floor the server adds to)
+    raw = []
+    for q in uvecs[:1000]:
+        t = time.perf_counter()
+        index.index.search(q.reshape(1, -1), 10)
+        raw.append(time.perf_counter() - t)
+    raw_p50 = float(np.percentile(raw, 50)) * 1e3
+
+    # exact answers for recall
+    exact = faiss.IndexFlatIP(args.dim)
+    exact.add(vecs)
+    _, truth = exact.search(uvecs[:500], 10)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(env={}, paths={"data_dir": tmp}, serving={
+            "port": 0, "metrics_port": -1, "cache_size": 0, "workers": 8,
+            "rate_limit_per_second": 1e9, "rate_limit_burst": 10**9})
+        server = FreshrecServer(settings, use_gpu=False)
+        port = server.start(load=False)
+        key = settings.privacy.hmac_key
+        from freshrec.privacy import pseudonymize
+
+        state = ServingState(
+            model_version="bench", manifest=Manifest("bench", "ivf", "inner_product", args.dim,
+                                                     args.items),
+            items=index, user_vectors={pseudonymize(u, key): v for u, v in zip(users, uvecs)},
+            seen={}, categories={}, popular=item_ids[:1000])
+        server.state = state
+        addr = f"127.0.0.1:{port}"
+        client = Client(addr, TOKEN)
+        for u in users[:200]:
+            client.recommend(u, 10)  # warm up
+        lat = []
+        served_ok = []
+        for n, u in enumerate(users):
+            t = time.perf_counter()
+            reply = client.recommend(u, 10)
+            lat.append(time.perf_counter() - t)
+            if n < 500:
+                got = {int(i.item_id[1:]) for i in reply.items}
+                served_ok.append(len(got & set(truth[n].tolist())) / 10)
+        p50, p99 = (float(np.percentile(lat, q)) * 1e3 for q in (50, 99))
+        recall = float(np.mean(served_ok))
+
+        queue: mp.Queue = mp.get_context("spawn").Queue()
+        procs = [mp.get_context("spawn").Process(target=_client_proc, args=(
+            addr, users[i::args.clients], args.seconds, queue)) for i in range(args.clients)]
+        for p in procs:
+            p.start()
+        results = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+        calls = sum(r[0] for r in results)
+        errors = sum(r[1] for r in results)
+        qps = calls / args.seconds
+        server.stop(grace=1)
+
+    print("\nresult                                   measured     target")
+    print(f"raw FAISS search p50 (baseline)          {raw_p50:8.3f} ms")
+    print(f"gRPC Recommend p50, one client           {p50:8.3f} ms")
+    print(f"gRPC Recommend p99, one client           {p99:8.3f} ms   <= 10 ms "
+          f"{'met' if p99 <= 10 else 'MISSED'}")
+    print(f"overhead over raw FAISS at p50           {p50 - raw_p50:8.3f} ms   <= 1 ms "
+          f"{'met' if p50 - raw_p50 <= 1 else 'MISSED'}  ({p50 / raw_p50:.1f}x raw)")
+    print(f"recall@10 served vs exact                {recall:8.3f}      >= 0.95 "
+          f"{'met' if recall >= 0.95 else 'MISSED'}")
+    print(f"throughput, {args.clients} client processes          {qps:8.0f} /s   >= 1500 "
+          f"{'met' if qps >= 1500 else 'MISSED'}  ({errors} errors)")
+
+    if gpu_count():
+        res = faiss.StandardGpuResources()
+        gpu = faiss.index_cpu_to_gpu(res, 0, index.index)
+        batch = np.repeat(uvecs, max(1, 10000 // len(uvecs)), axis=0)[:10000]
+        for name, idx in (("cpu", index.index), ("gpu", gpu)):
+            t = time.perf_counter()
+            idx.search(batch, 10)
+            print(f"{name} batch search, 10k queries: {10000 / (time.perf_counter() - t):,.0f} q/s")
+    else:
+        print("no GPU visible to FAISS: GPU vs CPU comparison not run")
+
+
+if __name__ == "__main__":
+    main()
