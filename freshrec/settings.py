@@ -143,6 +143,9 @@ class ServingSettings(_Section):
                                      "the write-ahead log to the landing zone.")
     grace_seconds: float = Field(5.0, ge=0, description="In-flight calls get this long at shutdown.")
     recent_events_per_user: int = Field(50, ge=1)
+    json_logs: bool = Field(True, description="`freshrec serve` logs one JSON object per line.")
+    faiss_threads: int = Field(1, ge=1, description="OpenMP threads per FAISS search; 1 lets "
+                               "concurrent requests use the cores instead of spinning threads.")
 
 
 class MlflowSettings(_Section):

@@ -69,6 +69,15 @@ def gpu_count() -> int:
     return int(get()) if get else 0
 
 
+def _training_sample(vectors: np.ndarray, nlist: int, per_list: int = 64) -> np.ndarray:
+    """k-means needs tens of points per list, not all of them: train on a seeded sample."""
+    n = per_list * nlist
+    if len(vectors) <= n:
+        return vectors
+    pick = np.random.default_rng(0).choice(len(vectors), n, replace=False)
+    return vectors[np.sort(pick)]
+
+
 class ItemIndex:
     """Item vectors by string id over a FAISS index (flat, ivf or hnsw)."""
 
@@ -104,7 +113,7 @@ class ItemIndex:
         elif index_type == "ivf":
             nlist = nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(vectors)
+            index.train(_training_sample(vectors, nlist))
             index.nprobe = nprobe
             index.set_direct_map_type(faiss.DirectMap.Hashtable)
         else:

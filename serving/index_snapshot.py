@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -22,32 +21,21 @@ import pyarrow.compute as pc
 from freshrec.delta import DeltaStore
 from freshrec.interval import DataInterval, run_job
 from freshrec.settings import IndexSettings, Settings
+from serving.index import ItemIndex
 from freshrec.snapshot import IDS_FILE, INDEX_FILE, Manifest, latest_snapshot, publish
 
 log = logging.getLogger(__name__)
 
 
 def build_index(vectors: np.ndarray, cfg: IndexSettings) -> tuple[faiss.Index, str, dict[str, int]]:
-    n, d = vectors.shape
-    ids = np.arange(n, dtype=np.int64)
-    if n <= cfg.exact_max_items:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-        index.add_with_ids(vectors, ids)
-        return index, "flat", {}
-    if cfg.ann_type == "hnsw":
-        hnsw = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efSearch = cfg.hnsw_ef_search
-        index = faiss.IndexIDMap2(hnsw)
-        index.add_with_ids(vectors, ids)
-        return index, "hnsw", {"m": cfg.hnsw_m, "ef_search": cfg.hnsw_ef_search}
-    nlist = cfg.ivf_nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
-    quantizer = faiss.IndexFlatIP(d)
-    ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.train(vectors)
-    ivf.nprobe = cfg.ivf_nprobe
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-    ivf.add_with_ids(vectors, ids)
-    return ivf, "ivf", {"nlist": nlist, "nprobe": cfg.ivf_nprobe}
+    """Exact search up to ``cfg.exact_max_items`` items, the configured ANN index above."""
+    n = len(vectors)
+    kind = "flat" if n <= cfg.exact_max_items else cfg.ann_type
+    built = ItemIndex.build([str(i) for i in range(n)], vectors, kind, nlist=cfg.ivf_nlist,
+                            nprobe=cfg.ivf_nprobe, hnsw_m=cfg.hnsw_m, ef_search=cfg.hnsw_ef_search)
+    params = {"flat": {}, "hnsw": {"m": cfg.hnsw_m, "ef_search": cfg.hnsw_ef_search},
+              "ivf": {"nlist": getattr(built.index, "nlist", 0), "nprobe": cfg.ivf_nprobe}}[kind]
+    return built.index, kind, params
 
 
 def run(settings: Settings, interval: DataInterval) -> dict[str, object]:

@@ -25,11 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from freshrec.device import resolve_device
 from freshrec.interval import parse_instant
 from freshrec.privacy import pseudonymize
 from freshrec.settings import Settings
 from serving.audit import AuditLog
-from serving.index import gpu_count
 from serving.logic import Filters, NotFound, Result, recommend, similar_items
 from serving.proto import stubs
 from serving.state import ServingState, load_state
@@ -95,6 +95,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
     def __init__(self, server: "FreshrecServer") -> None:
         self.server = server
         self.buckets: dict[str, TokenBucket] = {}
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
         self.lock = threading.Lock()
 
     def intercept_service(self, continuation, details):
@@ -125,26 +126,39 @@ class GuardInterceptor(grpc.ServerInterceptor):
             return _abort_handler(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"rate limit of {settings.serving.rate_limit_per_second}/s for "
                                   f"{caller.name} exceeded; retry with backoff")
+        return self._timed_handler(method, name, continuation, details)
+
+    def _timed_handler(self, method: str, name: str, continuation, details):
+        """The service's handler wrapped to count and time calls; built once per method."""
+        wrapped = self.handlers.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
+        m = self.server.metrics
+        latency = m.latency.labels(name)
+        ok = m.requests.labels(name, "OK")
 
         def timed(request, context):
             t0 = time.perf_counter()
-            code = "OK"
             try:
-                return inner(request, context)
+                reply = inner(request, context)
             except Exception:
                 code = context.code().name if context.code() else "UNKNOWN"
-                raise
-            finally:
-                m.latency.labels(name).observe(time.perf_counter() - t0)
                 m.requests.labels(name, code).inc()
+                latency.observe(time.perf_counter() - t0)
+                raise
+            ok.inc()
+            latency.observe(time.perf_counter() - t0)
+            return reply
 
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = grpc.unary_unary_rpc_method_handler(
             timed, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
+        self.handlers[method] = wrapped
+        return wrapped
 
 
 # ---- metrics and cache ------------------------------------------------------------------------
@@ -392,11 +406,9 @@ class AdminServicer(admin_grpc.AdminServicer):
 class FreshrecServer:
     def __init__(self, settings: Settings, use_gpu: bool | None = None) -> None:
         self.settings = settings
-        self.use_gpu = (gpu_count() > 0 and settings.device != "cpu") if use_gpu is None else use_gpu
-        if settings.device == "cuda" and gpu_count() == 0:
-            raise RuntimeError("device is 'cuda' but FAISS sees no GPU (faiss-cpu installed, or "
-                               "no CUDA device): install the gpu extra on a CUDA machine, or set "
-                               "device to auto/cpu")
+        if use_gpu is None:
+            use_gpu = resolve_device(settings.device, need=("faiss",)).faiss_gpu
+        self.use_gpu = use_gpu
         self.state: ServingState | None = None
         self.metrics = Metrics()
         self.cache = UserCache(settings.serving.cache_size, settings.serving.cache_ttl_seconds)
@@ -516,7 +528,10 @@ class FreshrecServer:
 
     # lifecycle
     def start(self, port: int | None = None, load: bool = True) -> int:
+        import faiss
+
         cfg = self.settings.serving
+        faiss.omp_set_num_threads(cfg.faiss_threads)
         for service in ("", RECOMMENDER, ADMIN):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.wal.land()  # whatever a crash left in the log

@@ -45,3 +45,29 @@ def test_missing_variable_without_default_says_what_to_export():
 def test_missing_profile_file_is_clear():
     with pytest.raises(SettingsError, match="nosuch.yaml does not exist"):
         load_settings("nosuch", env={})
+
+
+def test_device_cpu_and_auto_without_gpu_and_cuda_refused():
+    from freshrec.device import DeviceUnavailable, resolve_device
+    from serving.index import gpu_count
+
+    assert resolve_device("cpu").name == "cpu"
+    if gpu_count() == 0:
+        assert resolve_device("auto").name == "cpu"
+        with pytest.raises(DeviceUnavailable, match="gpu extra"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
+        resolve_device("tpu")
+
+
+def test_json_log_lines():
+    import json
+    import logging
+
+    from freshrec.logs import JsonFormatter
+
+    rec = logging.LogRecord("freshrec.x", logging.INFO, __file__, 1, "hello %s", ("there",), None)
+    rec.method = "Recommend"
+    out = json.loads(JsonFormatter().format(rec))
+    assert out["message"] == "hello there" and out["method"] == "Recommend"
+    assert out["level"] == "INFO"

@@ -93,8 +93,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from serving.server import FreshrecServer
 
-    logging.getLogger().setLevel(logging.INFO)
+    from freshrec.logs import configure
+
     settings = load_settings(args.profile)
+    configure(json_lines=settings.serving.json_logs and not args.smoke)
     server = FreshrecServer(settings)
     port = server.start(port=args.port)
     print(f"freshrec serving on {settings.serving.host}:{port}", flush=True)
