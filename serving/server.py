@@ -288,8 +288,11 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
             return cached
         self.s.metrics.cache_misses.inc()
         self.s.check_deadline(context)
-        result = recommend(state, user, request.k, filters, ctx, self.s.recent_items(user),
-                           self.s.settings.serving.overfetch)
+        recent = self.s.recent_events(user)
+        # Request-time freshness: the user's own new events fold into their vector now.
+        vector = state.fold_in_user(user, recent) if recent else None
+        result = recommend(state, user, request.k, filters, ctx, [i for i, _ in recent],
+                           self.s.settings.serving.overfetch, user_vector=vector)
         reply = rec_pb2.RecommendResponse(items=_scored(result), model_version=result.model_version,
                                           cold_start=result.cold_start)
         self.s.cache.put(key, reply, token)
@@ -371,6 +374,8 @@ class AdminServicer(admin_grpc.AdminServicer):
             users_up = {users(v.id): vec(v) for v in request.upsert_users}
             n_up = state.items.upsert(items_up)
             n_rm = state.items.remove(list(request.remove_items))
+            if n_up or n_rm:
+                state.items_changed()
             u_up = state.upsert_users(users_up)
             u_rm = state.remove_users([users(u) for u in request.remove_users])
             self.s.cache.invalidate_all()
@@ -477,16 +482,21 @@ class FreshrecServer:
         if not records:
             return
         n = self.settings.serving.recent_events_per_user
+        weights = self.settings.events.types
+        now = time.time()
         with self.recent_lock:
             for r in records:
-                self.recent.setdefault(r["user_id"], deque(maxlen=n)).append(r["item_id"])
+                w = weights[r["event_type"]] * (float(r["value"]) if r["event_type"] == "rating"
+                                                and r["value"] is not None else 1.0)
+                self.recent.setdefault(r["user_id"], deque(maxlen=n)).append(
+                    (r["item_id"], w, now))
         for user in {r["user_id"] for r in records}:
             self.cache.invalidate_user(user)
         self.metrics.events.inc(len(records))
 
-    def recent_items(self, user: str) -> list[str]:
+    def recent_events(self, user: str) -> list[tuple[str, float]]:
         with self.recent_lock:
-            return list(self.recent.get(user, ()))
+            return [(i, w) for i, w, _ in self.recent.get(user, ())]
 
     def delete_user(self, user: str) -> tuple[bool, int]:
         from freshrec.erasure import erase_user
@@ -520,6 +530,15 @@ class FreshrecServer:
         """Load a snapshot and swap it in atomically (requests see the old or the new one)."""
         state = load_state(self.settings, snapshot, use_gpu=self.use_gpu)
         self.state = state
+        if state.newest_event_ts is not None:  # events the snapshot already holds
+            with self.recent_lock:
+                for user in list(self.recent):
+                    kept = deque((e for e in self.recent[user] if e[2] > state.newest_event_ts),
+                                 maxlen=self.recent[user].maxlen)
+                    if kept:
+                        self.recent[user] = kept
+                    else:
+                        del self.recent[user]
         self.cache.invalidate_all()
         self.update_gauges()
         for service in ("", RECOMMENDER, ADMIN):

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+import scipy.sparse as sp
 
 from freshrec.delta import DeltaStore
+from freshrec.foldin import fold_in, gram
 from freshrec.settings import Settings
 from freshrec.snapshot import Manifest, latest_snapshot
 from serving.index import ItemIndex
@@ -38,6 +40,40 @@ class ServingState:
     loaded_at: float = field(default_factory=time.time)
     newest_event_ts: float | None = None
     users_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Interaction weights per user (rows) and snapshot item position (columns), for fold-in.
+    history: sp.csr_matrix | None = None
+    history_rows: dict[str, int] = field(default_factory=dict)
+    alpha: float = 1.0
+    reg: float = 0.1
+    _yty: np.ndarray | None = None
+
+    @property
+    def yty(self) -> np.ndarray:
+        if self._yty is None:
+            live = np.fromiter(self.items.position.values(), np.int64)
+            self._yty = gram(self.items.vectors[live])
+        return self._yty
+
+    def items_changed(self) -> None:
+        self._yty = None
+
+    def fold_in_user(self, user: str, recent: list[tuple[str, float]]) -> np.ndarray | None:
+        """The user's vector from their stored history plus ``recent`` (item, weight) events."""
+        weights: dict[str, float] = {}
+        row = self.history_rows.get(user)
+        if row is not None and self.history is not None:
+            lo, hi = self.history.indptr[row], self.history.indptr[row + 1]
+            for pos, w in zip(self.history.indices[lo:hi], self.history.data[lo:hi]):
+                item = self.items.item_ids[pos] if pos < len(self.items.item_ids) else None
+                if item is not None:
+                    weights[item] = weights.get(item, 0.0) + float(w)
+        for item, w in recent:
+            weights[item] = weights.get(item, 0.0) + w
+        known = [(i, w) for i, w in weights.items() if i in self.items.position]
+        if not known:
+            return None
+        vecs = np.stack([self.items.vectors[self.items.position[i]] for i, _ in known])
+        return fold_in(vecs, np.array([w for _, w in known]), self.yty, self.alpha, self.reg)
 
     def user_vector(self, user: str) -> np.ndarray | None:
         return self.user_vectors.get(user)
@@ -80,11 +116,22 @@ def load_state(settings: Settings, snapshot_dir: Path | None = None,
         mat = np.stack(uf.column("factors").to_numpy(zero_copy_only=False)).astype(np.float32)
         user_vectors = dict(zip(uf.column("user_id").to_pylist(), mat))
     ev_version = manifest.delta_versions.get("events")
-    ev = store.read_arrow("events", version=ev_version, columns=["user_id", "item_id", "ts"]) \
-        if ev_version is not None else store.read_arrow("events", columns=["user_id", "item_id", "ts"])
+    cols = ["user_id", "item_id", "ts", "weight"]
+    ev = store.read_arrow("events", version=ev_version, columns=cols) \
+        if ev_version is not None else store.read_arrow("events", columns=cols)
+    user_list = ev.column("user_id").to_pylist()
+    item_list = ev.column("item_id").to_pylist()
     seen: dict[str, set[str]] = {}
-    for u, i in zip(ev.column("user_id").to_pylist(), ev.column("item_id").to_pylist()):
+    for u, i in zip(user_list, item_list):
         seen.setdefault(u, set()).add(i)
+    history_rows = {u: n for n, u in enumerate(seen)}
+    pos = items.position
+    keep = [n for n, i in enumerate(item_list) if i in pos]
+    history = sp.csr_matrix(
+        (ev.column("weight").to_numpy()[keep],
+         ([history_rows[user_list[n]] for n in keep], [pos[item_list[n]] for n in keep])),
+        shape=(len(history_rows), len(item_ids)), dtype=np.float32)
+    history.sum_duplicates()
     newest = pc.max(ev.column("ts")).as_py() if ev.num_rows else None
     meta = store.read_arrow("items", columns=["item_id", "categories", "active"])
     categories = {r["item_id"]: frozenset(r["categories"] or ()) for r in meta.to_pylist()}
@@ -97,7 +144,9 @@ def load_state(settings: Settings, snapshot_dir: Path | None = None,
         model_version=manifest.model_version, manifest=manifest, items=items,
         user_vectors=user_vectors, seen=seen, categories=categories, popular=popular,
         delta_versions=dict(manifest.delta_versions),
-        newest_event_ts=newest.timestamp() if newest else None)
+        newest_event_ts=newest.timestamp() if newest else None,
+        history=history, history_rows=history_rows, alpha=settings.als.alpha,
+        reg=settings.als.reg_param)
     log.info("loaded snapshot %s: %d items (%s), %d users, in %.1fs", path, items.size,
              manifest.index_type, len(user_vectors), time.perf_counter() - t0)
     return state

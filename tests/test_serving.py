@@ -40,13 +40,16 @@ def served(lane, tmp_path_factory):
     server.stop(grace=1)
 
 
-def _known_user(settings) -> tuple[str, str]:
-    """A raw user id of the synthetic data that the model knows, and its pseudonym."""
+def _known_user(settings, skip: int = 0) -> tuple[str, str]:
+    """A raw user id of the synthetic data that the model knows (the ``skip``-th such), and its
+    pseudonym."""
     key = settings.privacy.hmac_key
     users = set(DeltaStore(settings).read_arrow("user_factors").column("user_id").to_pylist())
     for n in range(1000):
         if pseudonymize(f"u{n}", key) in users:
-            return f"u{n}", pseudonymize(f"u{n}", key)
+            if skip == 0:
+                return f"u{n}", pseudonymize(f"u{n}", key)
+            skip -= 1
     raise AssertionError("no known user")
 
 
@@ -173,9 +176,29 @@ def test_record_events_is_durable_and_counts_at_the_next_request(live):
     assert len(files) == 1
 
 
+def test_a_new_users_own_events_count_at_their_next_request(live):
+    state = live["server"].state
+    c = live["client"]
+    anchor = state.popular[0]
+    # three items close to the anchor in the model's space: the user's fresh taste
+    liked = [anchor] + [i.item_id for i in c.similar(anchor, 2).items]
+    assert c.recommend("fresh-face", 10).cold_start
+    reply = c.record([{"user_id": "fresh-face", "item_id": i, "event_type": "purchase"}
+                      for i in liked])
+    assert reply.accepted == 3
+    after = c.recommend("fresh-face", 10)
+    assert not after.cold_start and all(i.source == "als" for i in after.items)
+    assert not {i.item_id for i in after.items} & set(liked)
+    # the folded-in vector points where the liked items are
+    centroid = np.mean([state.items.vector(i) for i in liked], axis=0)
+    rec_scores = [float(state.items.vector(i.item_id) @ centroid) for i in after.items]
+    pop_scores = [float(state.items.vector(i) @ centroid) for i in state.popular[1:11]]
+    assert np.mean(rec_scores) > np.mean(pop_scores)
+
+
 def test_apply_deltas_upserts_and_removals(live):
     a, c = live["admin"], live["client"]
-    raw, user = _known_user(live["settings"])
+    raw, user = _known_user(live["settings"], skip=1)  # one without events recorded here
     vec = live["server"].state.user_vectors[user]
     pb = a.admin_pb2
     a.call_admin("ApplyDeltas", pb.ApplyDeltasRequest(
