@@ -148,6 +148,18 @@ class ServingSettings(_Section):
                                "concurrent requests use the cores instead of spinning threads.")
 
 
+class RefresherSettings(_Section):
+    replicas: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051"],
+                                description="host:port of every serving replica to keep fresh.")
+    token: str = Field("dev-admin-token", description="Admin bearer token for ApplyDeltas.")
+    ca_file: str = Field("", description="CA (PEM) when the replicas use TLS.")
+    interval_seconds: float = Field(60.0, gt=0, description="`freshrec refresh --loop` period.")
+    schedule_minutes: int = Field(5, ge=1, description="The nearline DAG's period.")
+    batch_size: int = Field(5000, ge=1, description="Vectors per ApplyDeltas call.")
+    retries: int = Field(4, ge=0, description="Tries per replica call beyond the first.")
+    backoff_seconds: float = Field(0.5, ge=0, description="First retry delay; doubles each time.")
+
+
 class MlflowSettings(_Section):
     tracking_uri: str = Field("", description="Empty: SQLite under data_dir/mlflow.")
     experiment: str = "freshrec-batch"
@@ -180,6 +192,7 @@ class Settings(_Section):
     mlflow: MlflowSettings = MlflowSettings()
     synth: SynthSettings = SynthSettings()
     serving: ServingSettings = ServingSettings()
+    refresher: RefresherSettings = RefresherSettings()
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @property

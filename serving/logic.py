@@ -43,8 +43,8 @@ class Result:
 
 
 def _qualifies(state: ServingState, item: str, filters: Filters, excluded: set[str]) -> bool:
-    if item in excluded or item in filters.exclude_items:
-        return False
+    if item in excluded or item in filters.exclude_items or item not in state.items.position:
+        return False  # (not in the index: removed since the snapshot, e.g. deactivated)
     if filters.include_categories:
         return bool(state.categories.get(item, frozenset()) & filters.include_categories)
     return True

@@ -376,6 +376,10 @@ class AdminServicer(admin_grpc.AdminServicer):
             n_rm = state.items.remove(list(request.remove_items))
             if n_up or n_rm:
                 state.items_changed()
+            for table, version in request.applied_versions.items():
+                state.delta_versions[table] = version
+            if request.newest_event_ts:
+                state.newest_event_ts = max(state.newest_event_ts or 0.0, request.newest_event_ts)
             u_up = state.upsert_users(users_up)
             u_rm = state.remove_users([users(u) for u in request.remove_users])
             self.s.cache.invalidate_all()

@@ -123,6 +123,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from freshrec.logs import configure
+    from serving import refresher
+
+    settings = load_settings(args.profile)
+    if args.replica:
+        settings = settings.model_copy(update={"refresher": settings.refresher.model_copy(
+            update={"replicas": args.replica})})
+    configure(json_lines=False)
+    if args.loop:
+        interval = _seconds(args.interval) if args.interval else settings.refresher.interval_seconds
+        refresher.loop(settings, interval)
+        return 0
+    report = refresher.refresh_once(settings)
+    print(report)
+    return 0
+
+
+def _seconds(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for suffix in ("ms", "s", "m", "h"):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text)
+
+
 def _print_reply(user: str, reply) -> None:
     print(f"user {user}: model {reply.model_version}{' (cold start)' if reply.cold_start else ''}")
     for rank, it in enumerate(reply.items, 1):
@@ -221,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--ca", help="CA certificate (PEM) when the server uses TLS")
     rec.set_defaults(fn=cmd_recommend)
 
+    ref = sub.add_parser("refresh", help="push fresh user/item vectors to the serving replicas")
+    ref.add_argument("--loop", action="store_true", help="keep refreshing every --interval")
+    ref.add_argument("--interval", help="e.g. 60s, 5m (default: refresher.interval_seconds)")
+    ref.add_argument("--replica", action="append", help="host:port (repeatable; default: settings)")
+    ref.set_defaults(fn=cmd_refresh)
+
     srv = sub.add_parser("serve", help="run the gRPC server on the latest snapshot")
     srv.add_argument("--port", type=int, help="override serving.port")
     srv.add_argument("--smoke", metavar="USER", help="start, answer one live Recommend for USER "
@@ -238,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (SettingsError, ValueError, FileNotFoundError) as e:
+    except (SettingsError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"freshrec: error: {e}", file=sys.stderr)
         return 2
 
