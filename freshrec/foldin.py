@@ -36,39 +36,47 @@ def fold_in(item_vectors: np.ndarray, weights: np.ndarray, yty: np.ndarray, alph
 def fold_in_batch(item_factors: np.ndarray, users: np.ndarray, items: np.ndarray,
                   weights: np.ndarray, n_users: int, alpha: float, reg: float,
                   yty: np.ndarray | None = None, xp: Any = np,
-                  chunk: int = 4096) -> np.ndarray:
+                  chunk: int = 8192) -> np.ndarray:
     """Vectors for ``n_users`` users from (user row, item row, weight) triples, batched.
 
     ``users`` index the output rows and ``items`` rows of ``item_factors``; each (user, item)
-    pair should appear once (sum its weights first). Users without triples get zeros. The
-    normal equations are gathered on the CPU in chunks; the k x k solves run batched on ``xp``
+    pair should appear once (sum its weights first). Users without triples get zeros. Users are
+    grouped by history length and padded into ``(users, items, k)`` blocks, so the normal
+    equations are batched matrix products and the k x k solves one batched ``solve``, on ``xp``
     (numpy, or cupy on a GPU).
     """
     k = item_factors.shape[1]
     out = np.zeros((n_users, k), np.float32)
     if n_users == 0 or len(users) == 0:
         return out
-    yty = gram(item_factors) if yty is None else np.asarray(yty)
+    yty = xp.asarray(gram(item_factors) if yty is None else yty, dtype=xp.float32)
+    factors = xp.asarray(item_factors, dtype=xp.float32)
+    users = np.asarray(users)
     order = np.argsort(users, kind="stable")
-    users, items = np.asarray(users)[order], np.asarray(items)[order]
-    c = 1.0 + alpha * np.asarray(weights, dtype=np.float32)[order]
+    users, items = users[order], np.asarray(items)[order]
+    conf = (1.0 + alpha * np.asarray(weights, dtype=np.float32)[order]).astype(np.float32)
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    bounds = np.r_[starts, len(users)]
-    eye = np.eye(k, dtype=np.float32)
+    counts = np.diff(np.r_[starts, len(users)])
+    by_len = np.argsort(counts, kind="stable")  # similar lengths share a block: little padding
+    eye = xp.eye(k, dtype=xp.float32)
     g = 0
-    while g < len(starts):
-        # a run of whole users with at most ~chunk triples
-        h = int(np.searchsorted(bounds, bounds[g] + chunk, side="right")) - 1
-        h = max(h, g + 1)
-        lo, hi = bounds[g], bounds[h]
-        y = item_factors[items[lo:hi]].astype(np.float32)
-        cc = c[lo:hi]
-        seg = starts[g:h] - lo
-        a = np.add.reduceat(y[:, :, None] * (y * (cc - 1.0)[:, None])[:, None, :], seg, axis=0)
-        b = np.add.reduceat(y * cc[:, None], seg, axis=0)
-        n_items = np.diff(np.r_[seg, hi - lo]).astype(np.float32)
-        a += yty[None] + (reg * n_items)[:, None, None] * eye[None]
-        x = xp.linalg.solve(xp.asarray(a), xp.asarray(b)[:, :, None])[:, :, 0]
-        out[users[starts[g:h]]] = x.get() if hasattr(x, "get") else x
-        g = h
+    while g < len(by_len):
+        width = int(counts[by_len[min(len(by_len) - 1, g)]])
+        n_block = max(1, chunk // max(width, 1))
+        block = by_len[g:g + n_block]
+        width = int(counts[block].max())
+        # padded item rows and confidences (padding: item 0 with confidence 0 -> no effect)
+        offsets = np.arange(width)[None, :]
+        valid = offsets < counts[block][:, None]
+        idx = np.where(valid, starts[block][:, None] + offsets, 0)
+        item_rows = np.where(valid, items[idx], 0)
+        c = np.where(valid, conf[idx], 0.0).astype(np.float32)
+        y = factors[xp.asarray(item_rows)]  # (B, m, k)
+        cx = xp.asarray(c)
+        a = xp.matmul(xp.swapaxes(y * (cx - (cx > 0))[:, :, None], 1, 2), y)
+        a += yty[None] + xp.asarray(reg * counts[block].astype(np.float32))[:, None, None] * eye
+        b = xp.einsum("bmk,bm->bk", y, cx)
+        x = xp.linalg.solve(a, b[:, :, None])[:, :, 0]
+        out[users[starts[block]]] = x.get() if hasattr(x, "get") else x
+        g += len(block)
     return out

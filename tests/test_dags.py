@@ -50,3 +50,12 @@ def test_parsing_imports_no_pyspark_torch_or_faiss():
             "print(sorted(x for x in ('pyspark', 'torch', 'faiss', 'mlflow') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_nearline_dag_runs_every_few_minutes_one_at_a_time(bag):
+    from datetime import timedelta
+
+    dag = bag.dags["freshrec_nearline"]
+    assert dag.max_active_runs == 1 and not dag.catchup
+    assert dag.task_ids == ["refresh"]
+    assert "5" in str(dag.timetable.summary) or dag.timetable._delta == timedelta(minutes=5)
