@@ -150,6 +150,10 @@ def main() -> None:
             items=index, user_vectors={pseudonymize(u, key): v for u, v in zip(users, uvecs)},
             seen={}, categories={}, popular=item_ids[:1000])
         server.state = state
+        import gc
+
+        gc.collect()
+        gc.freeze()  # as FreshrecServer.load does
         addr = f"127.0.0.1:{port}"
         ctx = mp.get_context("spawn")
         queue: mp.Queue = ctx.Queue()

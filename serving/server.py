@@ -9,6 +9,7 @@ write-ahead log (fsynced) before ``RecordEvents`` replies, then moved to the lan
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import threading
@@ -534,6 +535,8 @@ class FreshrecServer:
         """Load a snapshot and swap it in atomically (requests see the old or the new one)."""
         state = load_state(self.settings, snapshot, use_gpu=self.use_gpu)
         self.state = state
+        gc.collect()
+        gc.freeze()  # the loaded state is long-lived: keep the cyclic GC from re-scanning it
         if state.newest_event_ts is not None:  # events the snapshot already holds
             with self.recent_lock:
                 for user in list(self.recent):
