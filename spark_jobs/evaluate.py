@@ -65,6 +65,27 @@ def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def comparison_figure(results: dict[str, dict[str, float]], k: int):
+    """Grouped bars of Recall/NDCG/HR/coverage at ``k`` per model, for the MLflow run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["recall", "ndcg", "hr", "coverage"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(results)
+    for n, (model, r) in enumerate(results.items()):
+        xs = [m + n * width for m in range(len(metrics))]
+        ax.bar(xs, [r[f"{m}_at_{k}"] for m in metrics], width, label=model)
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))])
+    ax.set_xticklabels([f"{m}@{k}" for m in metrics])
+    ax.set_title("freshrec evaluation (temporal split, full ranking)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
     cfg = settings.evaluation
     store = DeltaStore(settings)
@@ -96,6 +117,7 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
                                                                   settings.als.model_dump().items()}})
         mlflow.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()})
         mlflow.log_text(table_text, "evaluation_table.txt")
+        mlflow.log_figure(comparison_figure(results, cfg.ks[0]), "evaluation.png")
         mlflow.log_dict(summary, "evaluation.json")
     reports = settings.data_dir / "reports"
     reports.mkdir(parents=True, exist_ok=True)

@@ -137,6 +137,14 @@ def test_evaluation_cf_beats_popularity_and_is_logged(lane):
         assert 0 <= m["ndcg_at_10"] <= 1 and 0 <= m["hr_at_10"] <= m["hr_at_20"] <= 1
     report = lane["settings"].data_dir / "reports" / f"evaluation-{lane['interval'].batch_date}.json"
     assert json.loads(report.read_text())["results"] == json.loads(json.dumps(r))
+    import mlflow
+
+    mlflow.set_tracking_uri(lane["settings"].mlflow_tracking_uri)
+    run = mlflow.search_runs(filter_string="tags.stage = 'evaluate'", output_format="list",
+                             experiment_names=[lane["settings"].mlflow.experiment])[0]
+    assert run.data.metrics["als.ndcg_at_10"] == pytest.approx(r["als"]["ndcg_at_10"])
+    arts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id)}
+    assert {"evaluation.png", "evaluation_table.txt", "evaluation.json"} <= arts
 
 
 def test_index_snapshot_matches_exact_scores(lane):
