@@ -1,0 +1,1 @@
+"""The recommender contract shared by every method (see :mod:`freshrec.models.base`)."""

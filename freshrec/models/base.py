@@ -1,0 +1,163 @@
+"""The one model contract: fit, score/recommend with exclusions and filters, similar items, explain,
+and device-neutral export.
+
+Every recommender of the method (popularity, trending, user- and item-based CF, content-based,
+matrix factorization, EASE, the hybrid) implements :class:`Recommender`. Rows and columns are
+indices into :class:`Interactions` (``user_ids`` / ``item_ids``); callers map ids. ``export`` writes
+numpy arrays and JSON only, so serving can load a model without the training code.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+
+@dataclass
+class Interactions:
+    """Training data: users x items summed event weights, plus what some methods need."""
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    matrix: sp.csr_matrix
+    events: pd.DataFrame | None = None  # user_row, item_row, weight, ts (UTC) for time decay
+    items: pd.DataFrame | None = None  # item_id, categories, text, aligned to item_ids
+    as_of: datetime | None = None
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_events(cls, events: pd.DataFrame, items: pd.DataFrame | None = None,
+                    as_of: datetime | None = None) -> "Interactions":
+        """``events``: user_id, item_id, weight, ts. Items of ``items`` without events are kept
+        in the catalog (content-based models can still recommend them)."""
+        if events.empty:
+            raise ValueError("no training events: import events and run the batch lane first")
+        catalog = pd.Index(events["item_id"].unique())
+        if items is not None:
+            catalog = catalog.union(pd.Index(items["item_id"]))
+        item_ids = np.asarray(sorted(catalog), dtype=object)
+        user_ids = np.asarray(sorted(events["user_id"].unique()), dtype=object)
+        u = np.searchsorted(user_ids, events["user_id"].to_numpy())
+        i = np.searchsorted(item_ids, events["item_id"].to_numpy())
+        m = sp.csr_matrix((events["weight"].to_numpy(np.float32), (u, i)),
+                          shape=(len(user_ids), len(item_ids)))
+        m.sum_duplicates()
+        ev = pd.DataFrame({"user_row": u, "item_row": i, "weight": events["weight"].to_numpy(),
+                           "ts": events["ts"].to_numpy()})
+        aligned = None
+        if items is not None:
+            aligned = items.set_index("item_id").reindex(item_ids).reset_index() \
+                .rename(columns={"index": "item_id"})
+        return cls(user_ids, item_ids, m, ev, aligned, as_of or pd.Timestamp(ev["ts"].max()))
+
+    @property
+    def n_users(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.matrix.shape[1]
+
+
+class Recommender(ABC):
+    """A recommender under the contract. Subclasses implement ``fit`` and ``score``; the rest has
+    working defaults that a method may sharpen (``similar_items``, ``explain``)."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.data: Interactions | None = None
+
+    @abstractmethod
+    def fit(self, data: Interactions) -> "Recommender":
+        """Learn from ``data``; returns self."""
+
+    @abstractmethod
+    def score(self, user_rows: np.ndarray) -> np.ndarray:
+        """Dense scores, shape (len(user_rows), n_items); higher is better."""
+
+    def _fitted(self) -> Interactions:
+        if self.data is None:
+            raise RuntimeError(f"model {self.name!r} is not fitted: call fit() first")
+        return self.data
+
+    def recommend(self, user_rows: np.ndarray, k: int, exclude_seen: bool = True,
+                  allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item rows and scores per user. ``allowed`` (bool per item) is a business filter;
+        seen items and disallowed items are removed before the cut, so k results come back
+        whenever k items qualify (rows are padded with -1 otherwise)."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        data = self._fitted()
+        rows = np.asarray(user_rows)
+        scores = np.asarray(self.score(rows), dtype=np.float64).copy()
+        if exclude_seen:
+            seen = data.matrix[rows]
+            scores[np.repeat(np.arange(len(rows)), np.diff(seen.indptr)), seen.indices] = -np.inf
+        if allowed is not None:
+            scores[:, ~np.asarray(allowed, dtype=bool)] = -np.inf
+        k_eff = min(k, scores.shape[1])
+        part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+        order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
+        top = np.take_along_axis(part, order, axis=1)
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        top = np.where(np.isfinite(top_scores), top, -1)
+        return top, np.where(np.isfinite(top_scores), top_scores, np.nan)
+
+    def item_vectors(self) -> np.ndarray | None:
+        """Item embeddings where the method has them (for similar items and explanations)."""
+        return None
+
+    def similar_items(self, item_row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        vecs = self.item_vectors()
+        if vecs is None:
+            # co-occurrence fallback: items that share users with this one
+            x = (self._fitted().matrix > 0).astype(np.float32).tocsc()
+            sims = np.asarray((x.T @ x[:, item_row]).todense()).ravel()
+            norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel()) + 1e-9
+            sims = sims / (norms * norms[item_row])
+        else:
+            v = vecs / (np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-9)
+            sims = v @ v[item_row]
+        sims[item_row] = -np.inf
+        top = np.argsort(-sims)[:k]
+        return top, sims[top]
+
+    def explain(self, user_row: int, item_row: int, n: int = 3) -> list[tuple[int, float]]:
+        """The user's items that most resemble ``item_row`` (by the model's item similarity)."""
+        data = self._fitted()
+        history = data.matrix[user_row].indices
+        if len(history) == 0:
+            return []
+        vecs = self.item_vectors()
+        if vecs is not None:
+            v = vecs / (np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-9)
+            sims = v[history] @ v[item_row]
+        else:
+            x = (data.matrix > 0).astype(np.float32).tocsc()
+            sims = np.asarray((x[:, history].T @ x[:, item_row]).todense()).ravel()
+        order = np.argsort(-sims)[:n]
+        return [(int(history[o]), float(sims[o])) for o in order]
+
+    def export_arrays(self) -> dict[str, np.ndarray]:
+        """What serving needs to score without this code (vectors, neighbour lists, weights)."""
+        return {}
+
+    def export(self, directory: Path) -> Path:
+        data = self._fitted()
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(directory / "arrays.npz", item_ids=data.item_ids.astype(str),
+                            user_ids=data.user_ids.astype(str), **self.export_arrays())
+        (directory / "model.json").write_text(json.dumps({"name": self.name,
+                                                          "params": self.params()}))
+        return directory
+
+    def params(self) -> dict:
+        return {}

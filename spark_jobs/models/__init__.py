@@ -1,0 +1,25 @@
+"""Recommenders of the method under the freshrec contract, chosen by short name, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+from freshrec.models.base import Recommender
+
+MODELS = {
+    "most_popular": "spark_jobs.models.popularity:MostPopularModel",
+    "trending": "spark_jobs.models.popularity:TrendingModel",
+    "item_knn": "spark_jobs.models.knn:ItemKNNModel",
+    "user_knn": "spark_jobs.models.knn:UserKNNModel",
+    "content": "spark_jobs.models.content:ContentModel",
+    "pure_svd": "spark_jobs.models.factorization:PureSVDModel",
+    "ease": "spark_jobs.models.factorization:EASEModel",
+}
+
+
+def make_model(name: str, **params) -> Recommender:
+    try:
+        module, cls = MODELS[name].split(":")
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}") from None
+    return getattr(importlib.import_module(module), cls)(**params)

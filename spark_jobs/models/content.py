@@ -1,0 +1,59 @@
+"""Content-based: TF-IDF item vectors from categories, title and text; a user's profile is the
+time-decayed, weighted mean of their items' vectors. Recommends items without any events too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.preprocessing import normalize
+
+from freshrec.models.base import Interactions, Recommender
+
+
+class ContentModel(Recommender):
+    name = "content"
+
+    def __init__(self, half_life_days: float = 30.0, max_features: int = 50_000) -> None:
+        super().__init__()
+        self.half_life_days, self.max_features = half_life_days, max_features
+
+    def fit(self, data: Interactions) -> "ContentModel":
+        if data.items is None:
+            raise ValueError("content-based needs item metadata (Interactions.items); import "
+                             "items with `freshrec import items FILE`")
+        self.data = data
+        docs = []
+        for row in data.items.itertuples(index=False):
+            cats = getattr(row, "categories", None)
+            cats = list(cats) if cats is not None and not isinstance(cats, float) else []
+            words = [f"cat_{c}".replace(" ", "_") for c in cats] * 2  # categories weigh double
+            for col in ("title", "text"):
+                v = getattr(row, col, None)
+                if isinstance(v, str):
+                    words.append(v)
+            docs.append(" ".join(words))
+        if not any(docs):
+            raise ValueError("no item has categories, title or text: content-based has nothing "
+                             "to learn from")
+        tfidf = TfidfVectorizer(max_features=self.max_features, token_pattern=r"(?u)\b\w+\b")
+        self.item_matrix = normalize(tfidf.fit_transform(docs).astype(np.float32))
+        ev = data.events
+        as_of = pd.Timestamp(data.as_of)
+        as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of
+        days = np.maximum((as_of - pd.to_datetime(ev["ts"], utc=True)).dt.total_seconds()
+                          .to_numpy() / 86400.0, 0.0)
+        w = ev["weight"].to_numpy() * 0.5 ** (days / self.half_life_days)
+        decayed = sp.csr_matrix((w, (ev["user_row"], ev["item_row"])), shape=data.matrix.shape)
+        self.profiles = normalize(decayed @ self.item_matrix)
+        return self
+
+    def score(self, user_rows: np.ndarray) -> np.ndarray:
+        return (self.profiles[np.asarray(user_rows)] @ self.item_matrix.T).toarray()
+
+    def item_vectors(self) -> np.ndarray:
+        return self.item_matrix.toarray()
+
+    def params(self) -> dict:
+        return {"half_life_days": self.half_life_days, "max_features": self.max_features}
