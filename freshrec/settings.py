@@ -102,6 +102,10 @@ class EvaluationSettings(_Section):
     ks: list[int] = Field(default_factory=lambda: [10, 20], description="Cut-offs for the metrics.")
     max_users: int = Field(0, ge=0, description="Evaluate a seeded sample of this many users; 0: all.")
     knn_neighbors: int = Field(100, ge=1, description="Neighbours per item for the item-kNN baseline.")
+    ease_max_items: int = Field(30_000, ge=1, description="EASE is dense in the catalog (8 n² "
+                                "bytes, an n³ inverse): larger catalogs are refused.")
+    models: list[str] = Field(default_factory=lambda: ["most_popular", "item_knn", "als"],
+                              description="Models the evaluate job compares (`all`: every one).")
     seed: int = 13
 
 

@@ -13,17 +13,19 @@ import logging
 import time
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from freshrec.baselines import ItemKNN, MostPopular
 from freshrec.delta import DeltaStore
 from freshrec.evaluation import Split, evaluate_scorer, temporal_split
 from freshrec.interval import DataInterval, run_job
+from freshrec.models.base import Interactions
 from freshrec.settings import Settings
 from freshrec.spark import get_spark
 from freshrec.tracking import mlflow_for
 from spark_jobs.als import fit_als, interactions
+from spark_jobs.models import MODELS, make_model
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,36 @@ def comparison_figure(results: dict[str, dict[str, float]], k: int):
     return fig
 
 
-def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
+class ContractScorer:
+    """A model under the contract, fitted on the split's training events, scoring in the split's
+    user and item indices."""
+
+    def __init__(self, name: str, settings: Settings, split: Split, items: pd.DataFrame) -> None:
+        params = {"item_knn": {"n_neighbors": settings.evaluation.knn_neighbors},
+                  "pure_svd": {"rank": settings.als.rank},
+                  "ease": {"max_items": settings.evaluation.ease_max_items}}.get(name, {})
+        data = Interactions.from_events(split.train_events[["user_id", "item_id", "weight", "ts"]],
+                                        items)
+        self.model = make_model(name, **params).fit(data)
+        self.rows = np.searchsorted(data.user_ids, split.user_ids)
+        self.cols = np.searchsorted(data.item_ids, split.item_ids)
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        return self.model.score(self.rows[rows])[:, self.cols]
+
+
+def model_names(requested: list[str]) -> list[str]:
+    names = [*MODELS, "als"] if requested == ["all"] else requested
+    unknown = [n for n in names if n not in MODELS and n != "als"]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {sorted([*MODELS, 'als'])} or all")
+    return names
+
+
+def run(settings: Settings, interval: DataInterval,
+        models: list[str] | None = None) -> dict[str, object]:
     cfg = settings.evaluation
+    names = model_names(models or cfg.models)
     store = DeltaStore(settings)
     table, ev_version = load_events(store, interval)
     events = table.to_pandas()
@@ -95,20 +125,28 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
     log.info("evaluate %s: %d users in test, %d training users, %d catalog items",
              interval.batch_date, len(split.test_users), len(split.user_ids), len(split.item_ids))
     results: dict[str, dict[str, float]] = {}
-    models = {"most_popular": lambda: MostPopular(split.train),
-              "item_knn": lambda: ItemKNN(split.train, cfg.knn_neighbors),
-              "als": lambda: AlsScorer(settings, split)}
-    for name, make in models.items():
+    skipped: dict[str, str] = {}
+    items = store.read_arrow("items", columns=["item_id", "title", "categories", "text"]) \
+        .to_pandas()
+    for name in names:
         t0 = time.perf_counter()
-        model = make()
+        try:
+            model = AlsScorer(settings, split) if name == "als" else \
+                ContractScorer(name, settings, split, items)
+        except ValueError as e:  # e.g. EASE above its catalog size: say so, go on
+            skipped[name] = str(e)
+            log.warning("evaluate %s: %s skipped: %s", interval.batch_date, name, e)
+            continue
         fit = getattr(model, "fit_seconds", time.perf_counter() - t0)
         results[name] = {**evaluate_scorer(split, model.score, cfg.ks), "fit_seconds": fit}
         log.info("evaluate %s: %s ndcg@%d=%.4f", interval.batch_date, name, cfg.ks[0],
                  results[name][f"ndcg_at_{cfg.ks[0]}"])
-    table_text = format_table(results, cfg.ks)
+    table_text = format_table(results, cfg.ks) + "".join(
+        f"\n{name:<14}skipped: {why}" for name, why in skipped.items())
     summary = {"batch_date": interval.batch_date, "events_delta_version": ev_version,
                "n_test_users": int(len(split.test_users)), "n_train_users": int(len(split.user_ids)),
-               "n_items": int(len(split.item_ids)), "results": results, "table": table_text}
+               "n_items": int(len(split.item_ids)), "results": results, "skipped": skipped,
+               "table": table_text}
     mlflow = mlflow_for(settings)
     with mlflow.start_run(run_name=f"evaluate-{interval.batch_date}"):
         mlflow.set_tags({"stage": "evaluate", "interval": interval.batch_date})

@@ -198,3 +198,25 @@ def test_recommend_csv_excludes_seen_items_and_falls_back_for_strangers(lane, tm
     recs_u1 = [r["item_id"] for r in rows if r["user_id"] == "u1"]
     assert len(recs_u1) == 5 and not (set(recs_u1) & seen)
     assert [int(r["rank"]) for r in rows if r["user_id"] == "u2"] == [1, 2, 3, 4, 5]
+
+
+def test_evaluate_compares_any_set_of_models_in_one_table(lane, tmp_path):
+    import shutil
+
+    from spark_jobs import evaluate
+    from tests.conftest import small_settings
+
+    shutil.copytree(lane["settings"].data_dir, tmp_path / "data")
+    settings = small_settings(tmp_path / "data")
+    out = evaluate.run(settings, lane["interval"],
+                       ["trending", "user_knn", "content", "pure_svd", "ease"])
+    assert set(out["results"]) == {"trending", "user_knn", "content", "pure_svd", "ease"}
+    for name in ("user_knn", "pure_svd", "ease"):
+        assert out["results"][name]["ndcg_at_10"] > out["results"]["trending"]["ndcg_at_10"]
+    assert all(name in out["table"] for name in out["results"])
+    with pytest.raises(ValueError, match="unknown model"):
+        evaluate.run(settings, lane["interval"], ["nope"])
+    tiny = small_settings(tmp_path / "data", evaluation={"ks": [10, 20], "ease_max_items": 10})
+    out = evaluate.run(tiny, lane["interval"], ["ease", "trending"])
+    assert "ease" in out["skipped"] and "max_items" in out["skipped"]["ease"]
+    assert "skipped" in out["table"]

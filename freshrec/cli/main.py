@@ -155,6 +155,17 @@ def _print_reply(user: str, reply) -> None:
         print(f"  {rank:>2}. {it.item_id:<12} {it.score:8.4f}  [{it.source}] {it.explanation}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from freshrec.interval import DataInterval
+    from spark_jobs import evaluate
+
+    settings = load_settings(args.profile)
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    result = evaluate.run(settings, DataInterval.for_day(args.date), models)
+    print(result["table"])
+    return 0
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     settings = load_settings(args.profile)
     if args.user or args.server:
@@ -231,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--date", default=today)
     run.set_defaults(fn=cmd_run)
 
-    ev = sub.add_parser("evaluate", help="evaluate ALS against most-popular and item-kNN")
+    ev = sub.add_parser("evaluate", help="compare models on the temporal split (one table)")
     ev.add_argument("--date", default=today)
-    ev.set_defaults(fn=cmd_run, job="evaluate")
+    ev.add_argument("--models", help="comma-separated model names, or all (default: settings)")
+    ev.set_defaults(fn=cmd_evaluate)
 
     rec = sub.add_parser("recommend", help="top-K per user: through the server (--user, --server) "
                          "or offline from the latest model tables (--users FILE --output FILE)")
