@@ -43,7 +43,10 @@ def board() -> Interactions:
 
 def small_params(name: str) -> dict:
     return {"user_knn": {"n_neighbors": 10}, "item_knn": {"n_neighbors": 10},
-            "pure_svd": {"rank": 4}, "ease": {"l2": 10.0}}.get(name, {})
+            "pure_svd": {"rank": 4}, "ease": {"l2": 10.0},
+            "hybrid": {"source_params": {"user_knn": {"n_neighbors": 10},
+                                         "item_knn": {"n_neighbors": 10},
+                                         "pure_svd": {"rank": 4}}}}.get(name, {})
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

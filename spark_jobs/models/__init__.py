@@ -14,6 +14,7 @@ MODELS = {
     "content": "spark_jobs.models.content:ContentModel",
     "pure_svd": "spark_jobs.models.factorization:PureSVDModel",
     "ease": "spark_jobs.models.factorization:EASEModel",
+    "hybrid": "spark_jobs.models.hybrid:HybridModel",
 }
 
 
