@@ -19,6 +19,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from freshrec.evaluation import top_k
+
+
+def weight_matrix(user_rows, item_rows, weights, shape) -> sp.csr_matrix:
+    """users x items CSR of summed weights (repeated pairs add up)."""
+    m = sp.csr_matrix((np.asarray(weights, dtype=np.float32), (user_rows, item_rows)), shape=shape)
+    m.sum_duplicates()
+    return m
+
 
 @dataclass
 class Interactions:
@@ -46,9 +55,7 @@ class Interactions:
         user_ids = np.asarray(sorted(events["user_id"].unique()), dtype=object)
         u = np.searchsorted(user_ids, events["user_id"].to_numpy())
         i = np.searchsorted(item_ids, events["item_id"].to_numpy())
-        m = sp.csr_matrix((events["weight"].to_numpy(np.float32), (u, i)),
-                          shape=(len(user_ids), len(item_ids)))
-        m.sum_duplicates()
+        m = weight_matrix(u, i, events["weight"].to_numpy(), (len(user_ids), len(item_ids)))
         ev = pd.DataFrame({"user_row": u, "item_row": i, "weight": events["weight"].to_numpy(),
                            "ts": events["ts"].to_numpy()})
         aligned = None
@@ -103,10 +110,7 @@ class Recommender(ABC):
             scores[np.repeat(np.arange(len(rows)), np.diff(seen.indptr)), seen.indices] = -np.inf
         if allowed is not None:
             scores[:, ~np.asarray(allowed, dtype=bool)] = -np.inf
-        k_eff = min(k, scores.shape[1])
-        part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
-        order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
-        top = np.take_along_axis(part, order, axis=1)
+        top = top_k(scores, k)
         top_scores = np.take_along_axis(scores, top, axis=1)
         top = np.where(np.isfinite(top_scores), top, -1)
         return top, np.where(np.isfinite(top_scores), top_scores, np.nan)

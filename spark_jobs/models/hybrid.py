@@ -10,10 +10,9 @@ seen-item exclusion come from the contract's ``recommend``, before the cut.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from freshrec.evaluation import ranking_metrics, top_k
-from freshrec.models.base import Interactions, Recommender
+from freshrec.models.base import Interactions, Recommender, weight_matrix
 
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 
@@ -53,7 +52,8 @@ class HybridModel(Recommender):
         fit_ev, val_ev = ev[~held], ev[held]
         inner = Interactions(
             data.user_ids, data.item_ids,
-            _matrix(fit_ev, data.matrix.shape), fit_ev.reset_index(drop=True), data.items,
+            weight_matrix(fit_ev["user_row"], fit_ev["item_row"], fit_ev["weight"],
+                          data.matrix.shape), fit_ev.reset_index(drop=True), data.items,
             data.as_of)
         relevant = val_ev.groupby("user_row")["item_row"].apply(lambda s: np.unique(s.to_numpy()))
         seen = inner.matrix
@@ -112,11 +112,3 @@ class HybridModel(Recommender):
         return {"sources": list(self.sources), "weights": self.weights,
                 "validation_fraction": self.validation_fraction}
 
-
-def _matrix(ev: pd.DataFrame, shape):
-    import scipy.sparse as sp
-
-    m = sp.csr_matrix((ev["weight"].to_numpy(np.float32),
-                       (ev["user_row"].to_numpy(), ev["item_row"].to_numpy())), shape=shape)
-    m.sum_duplicates()
-    return m
