@@ -277,7 +277,8 @@ def _dedupe_items(items: pa.Table, source: str) -> pa.Table:
         log.warning("%s: repeated item ids; the last row of each wins", source)
         idx = pa.table({"item_id": ids, "i": pa.array(range(items.num_rows))}) \
             .group_by("item_id").aggregate([("i", "max")]).column("i_max")
-        items = items.take(pc.sort_indices(idx))
+        last_rows = idx.combine_chunks()
+        items = items.take(pc.take(last_rows, pc.sort_indices(last_rows)))
     return items
 
 

@@ -141,3 +141,11 @@ def test_movielens_formats(settings, tmp_path, flavour):
 def test_movielens_folder_without_ratings(settings, tmp_path):
     with pytest.raises(InputFileError, match="no MovieLens ratings file"):
         import_movielens(settings, tmp_path)
+
+
+def test_repeated_item_ids_keep_the_last_row(settings, tmp_path):
+    path = tmp_path / "items.csv"
+    path.write_text("item_id,title\ni1,first\ni2,other\ni1,second\n")
+    assert import_items_file(settings, path) == {"inserted": 2, "updated": 0}
+    rows = {r["item_id"]: r["title"] for r in DeltaStore(settings).read_arrow("items").to_pylist()}
+    assert rows == {"i1": "second", "i2": "other"}
