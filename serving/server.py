@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -475,13 +476,11 @@ class FreshrecServer:
         return None
 
     def event_record(self, ev) -> dict:
-        import json as _json
-
         ts = ev.ts or datetime.now(timezone.utc).isoformat()
         return {"event_id": ev.event_id or None, "user_id": self.pseudonym(ev.user_id),
                 "item_id": ev.item_id, "event_type": ev.event_type,
                 "value": str(ev.value) if ev.HasField("value") else None, "ts": ts,
-                "context": _json.dumps(dict(ev.context)) if ev.context else None}
+                "context": json.dumps(dict(ev.context)) if ev.context else None}
 
     def note_events(self, records: list[dict]) -> None:
         if not records:
