@@ -7,8 +7,9 @@ Daily, per data interval `[data_interval_start, data_interval_end)`:
 2. **clean**: validate, type, dedupe -> silver `events`, bad rows -> `events_dead_letter`
 3. **features**: gold `user_features`, `item_features`, `item_neighbors`
 4. **als**: Spark ALS -> `user_factors`, `item_factors` + MLflow run
-5. **evaluate**: temporal split, ALS vs most-popular and item-kNN -> MLflow
-6. **build_index**: FAISS snapshot of `item_factors` with an id map and a manifest
+5. **evaluate**: temporal split; every model of `evaluation.models` fitted and scored, one MLflow run each
+6. **gate**: the best model becomes a `freshrec-retrieval` version, `@champion` only if it beats the champion
+7. **build_index**: FAISS snapshot of `item_factors` with an id map and a manifest
 
 Every task works on its interval only and is safe to re-run. Parsing this file imports no
 pyspark, torch or faiss: each task imports its lane's entry point when it runs.
@@ -73,6 +74,12 @@ def freshrec_batch() -> None:
         return evaluate.main(_interval_args())
 
     @task
+    def gate() -> dict:
+        from spark_jobs import gate
+
+        return gate.main(_interval_args())
+
+    @task
     def build_index() -> dict:
         from serving import index_snapshot
 
@@ -83,7 +90,9 @@ def freshrec_batch() -> None:
     ingested >> cleaned
     feats, model = features(), als()
     cleaned >> [feats, model]
-    model >> [evaluate(), build_index()]
+    evaluated = evaluate()
+    model >> [evaluated, build_index()]
+    evaluated >> gate()
 
 
 freshrec_batch()

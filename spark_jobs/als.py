@@ -50,8 +50,10 @@ def interactions(events: DataFrame) -> DataFrame:
     return events.groupBy("user_id", "item_id").agg(F.sum("weight").alias("strength"))
 
 
-def fit_als(pairs: DataFrame, cfg: AlsSettings) -> AlsFactors:
-    """Fit implicit ALS on (user_id, item_id, strength) rows; returns factors keyed by id."""
+def fit_als(pairs: DataFrame, cfg: AlsSettings, implicit: bool = True) -> AlsFactors:
+    """Fit ALS on (user_id, item_id, strength) rows; returns factors keyed by id. ``implicit``:
+    strength is a confidence (implicit feedback); otherwise strength is an explicit rating and ALS
+    fits it by least squares."""
     users = StringIndexer(inputCol="user_id", outputCol="u", stringOrderType="alphabetAsc")
     items = StringIndexer(inputCol="item_id", outputCol="i", stringOrderType="alphabetAsc")
     u_model, i_model = users.fit(pairs), items.fit(pairs)
@@ -59,7 +61,7 @@ def fit_als(pairs: DataFrame, cfg: AlsSettings) -> AlsFactors:
         F.col("u").cast("int"), F.col("i").cast("int"), "strength").cache()
     n = indexed.count()
     als = ALS(rank=cfg.rank, maxIter=cfg.iterations, regParam=cfg.reg_param, alpha=cfg.alpha,
-              implicitPrefs=True, userCol="u", itemCol="i", ratingCol="strength",
+              implicitPrefs=implicit, userCol="u", itemCol="i", ratingCol="strength",
               numUserBlocks=cfg.num_blocks, numItemBlocks=cfg.num_blocks, seed=cfg.seed,
               nonnegative=False, coldStartStrategy="drop")
     t0 = time.perf_counter()

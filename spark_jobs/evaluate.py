@@ -1,16 +1,21 @@
-"""Evaluate: silver ``events`` -> metrics of ALS and the baselines, logged to MLflow.
+"""Evaluate: silver ``events`` -> every configured model fitted, scored and logged to MLflow.
 
-Splits each user's events in time (see :mod:`freshrec.evaluation`), fits Spark ALS with the
-settings' parameters on the training part only, and scores ALS, most-popular and item-kNN in the same
-harness (full ranking, training items excluded). Results go to an MLflow run (metrics per model and
-K, the comparison table as an artifact) and to ``<data>/reports/evaluation-<batch_date>.json``.
+Splits each user's events in time (see :mod:`freshrec.evaluation`), fits each model of
+``evaluation.models`` (Spark ALS with the settings' parameters, and every method under the model
+contract) on the training part only, and scores them in one harness (full ranking, training items
+excluded). Each fit is its own MLflow run, nested under the evaluation run: parameters, metrics per
+K, fit time, the data's Delta versions and the exported model (``model/``). The parent run holds the
+comparison table and figure; ``<data>/reports/evaluation-<batch_date>.json`` holds the summary with
+the run id of each model, which the promotion gate (:mod:`spark_jobs.gate`) reads.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,6 +52,7 @@ class AlsScorer:
         train = spark.createDataFrame(split.train_events[["user_id", "item_id", "weight"]])
         f = fit_als(interactions(train), settings.als)
         self.fit_seconds = f.fit_seconds
+        self.params = {f"als_{k}": v for k, v in settings.als.model_dump().items()}
         rank = f.user_factors.shape[1]
         self.users = np.zeros((len(split.user_ids), rank), np.float32)
         self.users[np.searchsorted(split.user_ids, f.user_ids.astype(str))] = f.user_factors
@@ -55,6 +61,14 @@ class AlsScorer:
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         return self.users[rows] @ self.items.T
+
+    def export(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(directory / "arrays.npz", user_factors=self.users, item_factors=self.items)
+        (directory / "model.json").write_text(json.dumps({"name": "als", "params": self.params}))
+
+
+MAX_ARTIFACT_BYTES = 512 << 20
 
 
 def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
@@ -93,17 +107,55 @@ class ContractScorer:
     user and item indices."""
 
     def __init__(self, name: str, settings: Settings, split: Split, items: pd.DataFrame) -> None:
-        params = {"item_knn": {"n_neighbors": settings.evaluation.knn_neighbors},
-                  "pure_svd": {"rank": settings.als.rank},
-                  "ease": {"max_items": settings.evaluation.ease_max_items}}.get(name, {})
-        data = Interactions.from_events(split.train_events[["user_id", "item_id", "weight", "ts"]],
-                                        items)
-        self.model = make_model(name, **params).fit(data)
+        data = Interactions.from_events(
+            split.train_events[[c for c in ("user_id", "item_id", "weight", "ts", "value")
+                                if c in split.train_events]], items)
+        self.model = make_model(name, **model_params(name, settings)).fit(data)
+        self.params = self.model.params()
         self.rows = np.searchsorted(data.user_ids, split.user_ids)
         self.cols = np.searchsorted(data.item_ids, split.item_ids)
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         return self.model.score(self.rows[rows])[:, self.cols]
+
+    def export(self, directory: Path) -> None:
+        self.model.export(directory)
+
+
+def model_params(name: str, settings: Settings) -> dict:
+    """Settings-driven parameters of a model (the rest are the model's defaults)."""
+    als = settings.als.model_dump()
+    return {"item_knn": {"n_neighbors": settings.evaluation.knn_neighbors},
+            "pure_svd": {"rank": settings.als.rank},
+            "ease": {"max_items": settings.evaluation.ease_max_items},
+            "hybrid": {"ease_max_items": settings.evaluation.ease_max_items,
+                       "source_params": {"item_knn": {"n_neighbors": settings.evaluation.knn_neighbors},
+                                         "pure_svd": {"rank": settings.als.rank}}},
+            "als_explicit": {k: als[k] for k in ("iterations", "reg_param", "num_blocks", "seed")},
+            }.get(name, {})
+
+
+def log_model_run(mlflow, name: str, model, metrics: dict[str, float], versions: dict,
+                  interval: DataInterval) -> str:
+    """One nested MLflow run per fit: params, metrics per K, data versions, the exported model."""
+    with mlflow.start_run(run_name=f"fit-{name}-{interval.batch_date}", nested=True) as run:
+        mlflow.set_tags({"stage": "fit", "model": name, "interval": interval.batch_date})
+        params = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
+                  for k, v in getattr(model, "params", {}).items()}
+        mlflow.log_params({**{k: str(v)[:500] for k, v in params.items()},
+                           **{f"delta_version.{t}": v for t, v in versions.items()}})
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "model"
+            model.export(out)
+            size = sum(f.stat().st_size for f in out.iterdir())
+            if size > MAX_ARTIFACT_BYTES:  # e.g. EASE's dense item-item matrix on a large catalog
+                (out / "arrays.npz").unlink()
+                (out / "NOTE.txt").write_text(f"arrays.npz ({size / 1e6:.0f} MB) is above the "
+                                              f"{MAX_ARTIFACT_BYTES >> 20} MB artifact limit and "
+                                              "was not logged; refit from model.json")
+            mlflow.log_artifacts(str(out), "model")
+        return run.info.run_id
 
 
 def model_names(requested: list[str]) -> list[str]:
@@ -126,36 +178,43 @@ def run(settings: Settings, interval: DataInterval,
              interval.batch_date, len(split.test_users), len(split.user_ids), len(split.item_ids))
     results: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
+    runs: dict[str, str] = {}
     items = store.read_arrow("items", columns=["item_id", "title", "categories", "text"]) \
-        .to_pandas()
-    for name in names:
-        t0 = time.perf_counter()
-        try:
-            model = AlsScorer(settings, split) if name == "als" else \
-                ContractScorer(name, settings, split, items)
-        except ValueError as e:  # e.g. EASE above its catalog size: say so, go on
-            skipped[name] = str(e)
-            log.warning("evaluate %s: %s skipped: %s", interval.batch_date, name, e)
-            continue
-        fit = getattr(model, "fit_seconds", time.perf_counter() - t0)
-        results[name] = {**evaluate_scorer(split, model.score, cfg.ks), "fit_seconds": fit}
-        log.info("evaluate %s: %s ndcg@%d=%.4f", interval.batch_date, name, cfg.ks[0],
-                 results[name][f"ndcg_at_{cfg.ks[0]}"])
-    table_text = format_table(results, cfg.ks) + "".join(
-        f"\n{name:<14}skipped: {why}" for name, why in skipped.items())
-    summary = {"batch_date": interval.batch_date, "events_delta_version": ev_version,
-               "n_test_users": int(len(split.test_users)), "n_train_users": int(len(split.user_ids)),
-               "n_items": int(len(split.item_ids)), "results": results, "skipped": skipped,
-               "table": table_text}
+        .to_pandas() if store.exists("items") else None
+    versions = {"events": ev_version, "items": store.version("items") if items is not None else None}
     mlflow = mlflow_for(settings)
-    with mlflow.start_run(run_name=f"evaluate-{interval.batch_date}"):
+    with mlflow.start_run(run_name=f"evaluate-{interval.batch_date}") as parent:
         mlflow.set_tags({"stage": "evaluate", "interval": interval.batch_date})
         mlflow.log_params({"test_fraction": cfg.test_fraction, "max_users": cfg.max_users,
-                           "events_delta_version": ev_version, **{f"als_{k}": v for k, v in
-                                                                  settings.als.model_dump().items()}})
+                           "models": ",".join(names),
+                           **{f"delta_version.{t}": v for t, v in versions.items()}})
+        for n, name in enumerate(names, 1):
+            log.info("evaluate %s: [%d/%d] fitting %s", interval.batch_date, n, len(names), name)
+            t0 = time.perf_counter()
+            try:
+                model = AlsScorer(settings, split) if name == "als" else \
+                    ContractScorer(name, settings, split, items)
+            except ValueError as e:  # e.g. EASE above its catalog size: say so, go on
+                skipped[name] = str(e)
+                log.warning("evaluate %s: %s skipped: %s", interval.batch_date, name, e)
+                continue
+            fit = getattr(model, "fit_seconds", time.perf_counter() - t0)
+            results[name] = {**evaluate_scorer(split, model.score, cfg.ks), "fit_seconds": fit}
+            runs[name] = log_model_run(mlflow, name, model, results[name], versions, interval)
+            log.info("evaluate %s: %s ndcg@%d=%.4f (%.1f s)", interval.batch_date, name, cfg.ks[0],
+                     results[name][f"ndcg_at_{cfg.ks[0]}"], fit)
+            del model
+        table_text = format_table(results, cfg.ks) + "".join(
+            f"\n{name:<14}skipped: {why}" for name, why in skipped.items())
+        summary = {"batch_date": interval.batch_date, "events_delta_version": ev_version,
+                   "delta_versions": versions, "n_test_users": int(len(split.test_users)),
+                   "n_train_users": int(len(split.user_ids)), "n_items": int(len(split.item_ids)),
+                   "metric": f"ndcg_at_{cfg.ks[0]}", "results": results, "skipped": skipped,
+                   "runs": runs, "evaluation_run": parent.info.run_id, "table": table_text}
         mlflow.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()})
         mlflow.log_text(table_text, "evaluation_table.txt")
-        mlflow.log_figure(comparison_figure(results, cfg.ks[0]), "evaluation.png")
+        if results:
+            mlflow.log_figure(comparison_figure(results, cfg.ks[0]), "evaluation.png")
         mlflow.log_dict(summary, "evaluation.json")
     reports = settings.data_dir / "reports"
     reports.mkdir(parents=True, exist_ok=True)

@@ -147,6 +147,62 @@ def test_evaluation_cf_beats_popularity_and_is_logged(lane):
     assert {"evaluation.png", "evaluation_table.txt", "evaluation.json"} <= arts
 
 
+def test_every_fit_is_a_run_with_params_metrics_versions_and_the_exported_model(lane):
+    import mlflow
+
+    ev = lane["results"]["evaluate"]
+    mlflow.set_tracking_uri(lane["settings"].mlflow_tracking_uri)
+    for name, run_id in ev["runs"].items():
+        run = mlflow.get_run(run_id)
+        assert run.data.tags["model"] == name and run.data.tags["stage"] == "fit"
+        assert run.data.tags["mlflow.parentRunId"] == ev["evaluation_run"]
+        assert run.data.metrics["ndcg_at_10"] == pytest.approx(ev["results"][name]["ndcg_at_10"])
+        assert run.data.params["delta_version.events"] == str(ev["delta_versions"]["events"])
+        arts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id, artifact_path="model")}
+        assert {"model/model.json", "model/arrays.npz"} <= arts
+
+
+def test_gate_promotes_the_best_model_and_keeps_a_loser_visible(lane, tmp_path):
+    """The lane's gate made the best evaluated model @champion. A later evaluation whose best is
+    worse (popularity only) is registered but not promoted, and says why; re-running the gate
+    changes nothing."""
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from freshrec.registry import RETRIEVAL
+    from spark_jobs import evaluate, gate
+    from tests.conftest import small_settings
+
+    first = lane["results"]["gate"]
+    results = lane["results"]["evaluate"]["results"]
+    best = max(results, key=lambda m: results[m]["ndcg_at_10"])
+    assert first["candidate"] == best and first["promoted"] and first["reason"] == "no champion yet"
+    shutil.copytree(lane["settings"].data_dir, tmp_path / "data")
+    settings = small_settings(tmp_path / "data")
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    client = MlflowClient()
+    champ = client.get_model_version_by_alias(RETRIEVAL, "champion")
+    assert str(champ.version) == first["version"] and champ.tags["model"] == best
+
+    evaluate.run(settings, lane["interval"], ["most_popular", "trending"])
+    second = gate.run(settings, lane["interval"])
+    assert not second["promoted"] and second["candidate"] in ("most_popular", "trending")
+    assert "does not beat champion" in second["reason"]
+    assert second["champion_metric_source"] == "recorded at its promotion"
+    assert str(client.get_model_version_by_alias(RETRIEVAL, "champion").version) == first["version"]
+    loser = client.get_model_version(RETRIEVAL, second["version"])
+    assert loser.tags["gate"] == "rejected" and mlflow.get_run(loser.run_id).data.metrics
+    assert gate.run(settings, lane["interval"]) == second  # re-run: already gated
+
+    # the champion's own method refitted on this split is compared on the same split
+    evaluate.run(settings, lane["interval"], [best, "most_popular"])
+    third = gate.run(settings, lane["interval"])
+    assert third["champion_metric_source"] == "same split" and not third["promoted"]
+    assert third["candidate_metric"] == pytest.approx(third["champion_metric"])
+
+
 def test_index_snapshot_matches_exact_scores(lane):
     settings = lane["settings"]
     snap = latest_snapshot(settings.snapshots_dir)

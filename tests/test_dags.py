@@ -36,11 +36,12 @@ def test_house_rules(bag):
 
 def test_batch_dag_shape(bag):
     dag = bag.dags["freshrec_batch"]
-    assert set(dag.task_ids) == {"ingest", "clean", "features", "als", "evaluate", "build_index"}
+    assert set(dag.task_ids) == {"ingest", "clean", "features", "als", "evaluate", "gate", "build_index"}
     assert dag.get_task("clean").upstream_task_ids == {"ingest"}
     assert dag.get_task("als").upstream_task_ids == {"clean"}
     assert dag.get_task("build_index").upstream_task_ids == {"als"}
     assert dag.get_task("evaluate").upstream_task_ids == {"als"}
+    assert dag.get_task("gate").upstream_task_ids == {"evaluate"}
 
 
 def test_parsing_imports_no_pyspark_torch_or_faiss():

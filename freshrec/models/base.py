@@ -32,6 +32,7 @@ def weight_matrix(user_rows, item_rows, weights, shape) -> sp.csr_matrix:
 @dataclass
 class Interactions:
     """Training data: users x items summed event weights, plus what some methods need."""
+    # events: user_row, item_row, weight, ts (UTC) and, where known, value (explicit ratings)
 
     user_ids: np.ndarray
     item_ids: np.ndarray
@@ -58,6 +59,8 @@ class Interactions:
         m = weight_matrix(u, i, events["weight"].to_numpy(), (len(user_ids), len(item_ids)))
         ev = pd.DataFrame({"user_row": u, "item_row": i, "weight": events["weight"].to_numpy(),
                            "ts": events["ts"].to_numpy()})
+        if "value" in events:  # explicit ratings, for the models that fit them
+            ev["value"] = events["value"].to_numpy(np.float64)
         aligned = None
         if items is not None:
             aligned = items.set_index("item_id").reindex(item_ids).reset_index() \

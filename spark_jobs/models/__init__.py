@@ -15,7 +15,12 @@ MODELS = {
     "pure_svd": "spark_jobs.models.factorization:PureSVDModel",
     "ease": "spark_jobs.models.factorization:EASEModel",
     "hybrid": "spark_jobs.models.hybrid:HybridModel",
+    "als": "spark_jobs.models.spark_models:SparkALSModel",
+    "als_explicit": "spark_jobs.models.spark_models:SparkALSExplicitModel",
+    "spark_item_knn": "spark_jobs.models.spark_models:SparkItemKNNModel",
+    "spark_user_knn": "spark_jobs.models.spark_models:SparkUserKNNModel",
 }
+SPARK_MODELS = {"als", "als_explicit", "spark_item_knn", "spark_user_knn"}
 
 
 def make_model(name: str, **params) -> Recommender:

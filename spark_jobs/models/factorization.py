@@ -39,6 +39,23 @@ class PureSVDModel(Recommender):
         return {"rank": self.rank}
 
 
+def _spd_inverse(g: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive-definite matrix in float32 through Cholesky (LAPACK potrf +
+    potri, in place): about a third of the flops of a general inverse, at half the memory."""
+    from scipy.linalg import lapack
+
+    g = np.asarray(g, dtype=np.float32, order="F")
+    c, info = lapack.spotrf(g, lower=True, overwrite_a=True, clean=False)
+    if info != 0:
+        raise ValueError(f"EASE: the Gram matrix is not positive definite (potrf info={info}); "
+                         "raise l2")
+    inv, info = lapack.spotri(c, lower=True, overwrite_c=True)
+    if info != 0:
+        raise ValueError(f"EASE: inverse failed (potri info={info}); raise l2")
+    lower = np.tril(inv)
+    return lower + np.tril(inv, -1).T
+
+
 class EASEModel(Recommender):
     """EASE (Steck 2019): B = I - P / diag(P), P = (XᵀX + λI)⁻¹, zero diagonal. Dense in the
     catalog size, so refused above ``max_items``."""
@@ -55,14 +72,14 @@ class EASEModel(Recommender):
                              f"max_items={self.max_items:,}; raise it (memory ~ 8 n² bytes) or "
                              "use item_knn / ALS")
         self.data = data
-        x = (data.matrix > 0).astype(np.float64)
+        x = (data.matrix > 0).astype(np.float32).tocsr()
         g = (x.T @ x).toarray()
         g[np.diag_indices_from(g)] += self.l2
-        p = np.linalg.inv(g)
-        b = -p / np.diag(p)
+        p = _spd_inverse(g)
+        b = p / -np.diag(p)
         b[np.diag_indices_from(b)] = 0.0
-        self.weights = b.astype(np.float32)
-        self.binary = x.astype(np.float32).tocsr()
+        self.weights = b
+        self.binary = x
         return self
 
     def score(self, user_rows: np.ndarray) -> np.ndarray:

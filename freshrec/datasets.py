@@ -1,0 +1,90 @@
+"""Datasets for benchmarks and experiments, as pandas frames in the shape the models take.
+
+* :func:`silver` reads the embedded (or any imported) dataset from the silver Delta tables, at a
+  pinned table version that the caller records.
+* :func:`movielens_100k` reads MovieLens 100K from the recbole 1.2.1 wheel on PyPI. The wheel is
+  fetched with ``pip download`` into a cache directory on first use; the repository never holds the
+  data. Ratings are implicit interactions (weight 1) for ranking, with the rating kept in ``value``
+  for explicit-feedback models.
+
+Both return ``Dataset(events, items, versions)``: events with user_id, item_id, ts (UTC), weight,
+value, raw_id; items with item_id, title, categories, text.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+RECBOLE = "recbole==1.2.1"
+ML100K = "recbole/dataset_example/ml-100k/ml-100k"
+
+
+@dataclass
+class Dataset:
+    name: str
+    events: pd.DataFrame
+    items: pd.DataFrame
+    versions: dict = field(default_factory=dict)
+
+
+def silver(settings, version: int | None = None) -> Dataset:
+    """Silver ``events`` (at ``version``, default the latest) and ``items`` of a data directory."""
+    from freshrec.delta import DeltaStore
+
+    store = DeltaStore(settings)
+    if not store.exists("events"):
+        raise FileNotFoundError(f"{store.path('events')}: no silver events table; run `make run` "
+                                "(or `freshrec import ...` and the batch lane) first")
+    version = store.version("events") if version is None else version
+    ev = store.read_arrow("events", version=version,
+                          columns=["user_id", "item_id", "ts", "weight", "value", "raw_id"]).to_pandas()
+    items_version = store.version("items") if store.exists("items") else None
+    items = store.read_arrow("items", columns=["item_id", "title", "categories", "text"]).to_pandas() \
+        if items_version is not None else pd.DataFrame(columns=["item_id", "title", "categories", "text"])
+    ev["ts"] = pd.to_datetime(ev["ts"], utc=True)
+    return Dataset("embedded", ev, items, {"events": version, "items": items_version})
+
+
+def _recbole_wheel(cache_dir: Path) -> Path:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
+    if found:
+        return found[0]
+    print(f"fetching MovieLens 100K: pip download {RECBOLE} --no-deps -> {cache_dir}", file=sys.stderr)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", RECBOLE, "--no-deps", "-q",
+                           "-d", str(cache_dir)], capture_output=True, text=True)
+    found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"could not download {RECBOLE} from PyPI (needed for MovieLens 100K): "
+                           f"{done.stderr.strip()[-500:]}; put the wheel in {cache_dir} by hand")
+    return found[0]
+
+
+def movielens_100k(cache_dir: Path) -> Dataset:
+    """MovieLens 100K (943 users, 1,682 movies, 100,000 ratings) from the recbole wheel."""
+    with zipfile.ZipFile(_recbole_wheel(Path(cache_dir))) as z:
+        inter = pd.read_csv(io.BytesIO(z.read(f"{ML100K}.inter")), sep="\t")
+        item = pd.read_csv(io.BytesIO(z.read(f"{ML100K}.item")), sep="\t")
+    inter.columns = [c.split(":")[0] for c in inter.columns]
+    item.columns = [c.split(":")[0] for c in item.columns]
+    events = pd.DataFrame({
+        "user_id": "u" + inter["user_id"].astype(str),
+        "item_id": "m" + inter["item_id"].astype(str),
+        "ts": pd.to_datetime(inter["timestamp"], unit="s", utc=True),
+        "weight": 1.0,
+        "value": inter["rating"].astype(float),
+        "raw_id": inter.index.astype(str).str.zfill(6)})
+    genres = item["class"].fillna("").astype(str).str.split(" ")
+    items = pd.DataFrame({
+        "item_id": "m" + item["item_id"].astype(str),
+        "title": item["movie_title"].fillna("").astype(str),
+        "categories": [[g for g in gs if g] for gs in genres],
+        "text": item["release_year"].fillna("").astype(str)})
+    return Dataset("ml-100k", events, items, {"source": RECBOLE})

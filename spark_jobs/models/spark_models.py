@@ -1,0 +1,217 @@
+"""Methods trained in Spark, for data too large for one process, under the same contract.
+
+* ``als`` / ``als_explicit``: Spark MLlib ALS for implicit feedback (confidence from the summed
+  event weights) and for explicit ratings (least squares on the mean ``value`` per pair, e.g.
+  MovieLens stars; needs events with a value).
+* ``spark_item_knn``: item-based CF whose cosine neighbours (with shrinkage) are computed by a Spark
+  self-join over users' bounded histories; scoring is the item-kNN product on the driver.
+* ``spark_user_knn``: user-based CF whose top-N neighbours per user are computed in Spark the same
+  way over items' bounded audiences.
+
+Each uses the shared Spark session of ``freshrec.spark.get_spark`` (``local[*]`` on the embedded
+default, the cluster master elsewhere).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from freshrec.models.base import Interactions, Recommender
+
+
+def _spark():
+    from freshrec.settings import load_settings
+    from freshrec.spark import get_spark
+
+    return get_spark(load_settings())
+
+
+class SparkALSModel(Recommender):
+    name = "als"
+
+    def __init__(self, rank: int = 64, iterations: int = 10, reg_param: float = 0.1,
+                 alpha: float = 1.0, num_blocks: int = 2, seed: int = 42, implicit: bool = True) -> None:
+        super().__init__()
+        from freshrec.settings import AlsSettings
+
+        self.cfg = AlsSettings(rank=rank, iterations=iterations, reg_param=reg_param, alpha=alpha,
+                               num_blocks=num_blocks, seed=seed)
+        self.implicit = implicit
+
+    def fit(self, data: Interactions) -> "SparkALSModel":
+        from pyspark.sql import functions as F
+
+        from spark_jobs.als import fit_als
+
+        ev = data.events
+        if ev is None:
+            raise ValueError(f"{self.name} needs the events (Interactions.events)")
+        spark = _spark()
+        frame = pd.DataFrame({"user_id": data.user_ids[ev["user_row"].to_numpy()].astype(str),
+                              "item_id": data.item_ids[ev["item_row"].to_numpy()].astype(str)})
+        if self.implicit:
+            frame["strength"] = ev["weight"].to_numpy(np.float64)
+            agg = F.sum("strength")
+        else:
+            if "value" not in ev or ev["value"].isna().all():
+                raise ValueError("als_explicit needs explicit ratings (events with a value, e.g. "
+                                 "MovieLens stars); use als for implicit feedback")
+            frame["strength"] = ev["value"].to_numpy(np.float64)
+            frame = frame[frame["strength"].notna()]
+            agg = F.avg("strength")
+        pairs = spark.createDataFrame(frame).groupBy("user_id", "item_id") \
+            .agg(agg.alias("strength"))
+        f = fit_als(pairs, self.cfg, implicit=self.implicit)
+        self.fit_seconds = f.fit_seconds
+        rank = f.user_factors.shape[1]
+        self.users = np.zeros((data.n_users, rank), np.float32)
+        self.users[np.searchsorted(data.user_ids, f.user_ids)] = f.user_factors
+        self.items = np.zeros((data.n_items, rank), np.float32)
+        self.items[np.searchsorted(data.item_ids, f.item_ids)] = f.item_factors
+        self.data = data
+        return self
+
+    def score(self, user_rows: np.ndarray) -> np.ndarray:
+        return self.users[np.asarray(user_rows)] @ self.items.T
+
+    def item_vectors(self) -> np.ndarray:
+        return self.items
+
+    def export_arrays(self) -> dict[str, np.ndarray]:
+        return {"user_factors": self.users, "item_factors": self.items}
+
+    def params(self) -> dict:
+        return {**self.cfg.model_dump(), "implicit": self.implicit}
+
+
+class SparkALSExplicitModel(SparkALSModel):
+    """Explicit-feedback ALS. A predicted rating says how much a user would like an item if they
+    met it, not whether they will: ranked alone it favours obscure items (Cremonesi et al. 2010).
+    For top-N the ranking score is the per-user standardized predicted rating plus
+    ``popularity_weight`` times the standardized log popularity (0: the raw prediction)."""
+
+    name = "als_explicit"
+
+    def __init__(self, rank: int = 32, iterations: int = 10, reg_param: float = 0.1,
+                 popularity_weight: float = 2.0, **kw) -> None:
+        super().__init__(rank=rank, iterations=iterations, reg_param=reg_param, implicit=False, **kw)
+        self.popularity_weight = popularity_weight
+
+    def fit(self, data: Interactions) -> "SparkALSExplicitModel":
+        super().fit(data)
+        pop = np.log1p(np.asarray(data.matrix.sum(axis=0)).ravel())
+        self.prior = ((pop - pop.mean()) / (pop.std() or 1.0)).astype(np.float32)
+        return self
+
+    def predict_ratings(self, user_rows: np.ndarray) -> np.ndarray:
+        return super().score(user_rows)
+
+    def score(self, user_rows: np.ndarray) -> np.ndarray:
+        r = self.predict_ratings(user_rows)
+        sd = r.std(axis=1, keepdims=True)
+        z = (r - r.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+        return z + self.popularity_weight * self.prior
+
+    def export_arrays(self) -> dict[str, np.ndarray]:
+        return {**super().export_arrays(), "popularity_prior": self.prior}
+
+    def params(self) -> dict:
+        return {**super().params(), "popularity_weight": self.popularity_weight}
+
+
+def _pairs_frame(data: Interactions, cap: int, by: str):
+    """Distinct (user, item) rows, keeping each ``by`` group's ``cap`` newest, as a Spark frame."""
+    ev = data.events[["user_row", "item_row", "ts"]].sort_values("ts")
+    ev = ev.drop_duplicates(["user_row", "item_row"], keep="last")
+    ev = ev.groupby(by, group_keys=False).tail(cap)
+    return _spark().createDataFrame(ev[["user_row", "item_row"]].astype(np.int64)
+                                    .rename(columns={"user_row": "u", "item_row": "i"}))
+
+
+def _cosine_neighbours(pairs, key: str, via: str, n_neighbors: int, shrinkage: float):
+    """Top ``n_neighbors`` cosine neighbours of each ``key`` over shared ``via`` values, shrunk by
+    co / (co + shrinkage); computed in Spark, collected as (a, b, sim)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    sizes = pairs.groupBy(key).agg(F.count("*").alias("n"))
+    a = pairs.select(F.col(via), F.col(key).alias("a"))
+    b = pairs.select(F.col(via), F.col(key).alias("b"))
+    co = a.join(b, via).where(F.col("a") != F.col("b")).groupBy("a", "b").agg(F.count("*").alias("co"))
+    sim = co.join(sizes.withColumnRenamed(key, "a").withColumnRenamed("n", "na"), "a") \
+        .join(sizes.withColumnRenamed(key, "b").withColumnRenamed("n", "nb"), "b") \
+        .withColumn("sim", F.col("co") / F.sqrt(F.col("na") * F.col("nb"))
+                    * F.col("co") / (F.col("co") + F.lit(shrinkage)))
+    w = Window.partitionBy("a").orderBy(F.col("sim").desc(), F.col("b"))
+    top = sim.withColumn("r", F.row_number().over(w)).where(F.col("r") <= n_neighbors)
+    return top.select("a", "b", "sim").toPandas()
+
+
+class SparkItemKNNModel(Recommender):
+    name = "spark_item_knn"
+
+    def __init__(self, n_neighbors: int = 100, shrinkage: float = 10.0, max_history: int = 200) -> None:
+        super().__init__()
+        self.n_neighbors, self.shrinkage, self.max_history = n_neighbors, shrinkage, max_history
+
+    def fit(self, data: Interactions) -> "SparkItemKNNModel":
+        if data.events is None:
+            raise ValueError(f"{self.name} needs the events (Interactions.events)")
+        pairs = _pairs_frame(data, self.max_history, "user_row")
+        nb = _cosine_neighbours(pairs, "i", "u", self.n_neighbors, self.shrinkage)
+        self.similarity = sp.csr_matrix((nb["sim"].to_numpy(np.float32),
+                                         (nb["a"].to_numpy(), nb["b"].to_numpy())),
+                                        shape=(data.n_items, data.n_items))
+        self.binary = (data.matrix > 0).astype(np.float32).tocsr()
+        self.data = data
+        return self
+
+    def score(self, user_rows: np.ndarray) -> np.ndarray:
+        return (self.binary[np.asarray(user_rows)] @ self.similarity.T).toarray()
+
+    def similar_items(self, item_row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        row = self.similarity[item_row]
+        order = np.argsort(-row.data)[:k]
+        return row.indices[order], row.data[order]
+
+    def export_arrays(self) -> dict[str, np.ndarray]:
+        s = self.similarity
+        return {"neighbors_indptr": s.indptr, "neighbors_indices": s.indices, "neighbors_scores": s.data}
+
+    def params(self) -> dict:
+        return {"n_neighbors": self.n_neighbors, "shrinkage": self.shrinkage,
+                "max_history": self.max_history}
+
+
+class SparkUserKNNModel(Recommender):
+    name = "spark_user_knn"
+
+    def __init__(self, n_neighbors: int = 50, shrinkage: float = 10.0, max_audience: int = 100) -> None:
+        super().__init__()
+        self.n_neighbors, self.shrinkage, self.max_audience = n_neighbors, shrinkage, max_audience
+
+    def fit(self, data: Interactions) -> "SparkUserKNNModel":
+        if data.events is None:
+            raise ValueError(f"{self.name} needs the events (Interactions.events)")
+        pairs = _pairs_frame(data, self.max_audience, "item_row")
+        nb = _cosine_neighbours(pairs, "u", "i", self.n_neighbors, self.shrinkage)
+        self.neighbours = sp.csr_matrix((nb["sim"].to_numpy(np.float32),
+                                         (nb["a"].to_numpy(), nb["b"].to_numpy())),
+                                        shape=(data.n_users, data.n_users))
+        self.binary = (data.matrix > 0).astype(np.float32).tocsr()
+        self.data = data
+        return self
+
+    def score(self, user_rows: np.ndarray) -> np.ndarray:
+        return (self.neighbours[np.asarray(user_rows)] @ self.binary).toarray()
+
+    def export_arrays(self) -> dict[str, np.ndarray]:
+        s = self.neighbours
+        return {"user_neighbors_indptr": s.indptr, "user_neighbors_indices": s.indices,
+                "user_neighbors_scores": s.data}
+
+    def params(self) -> dict:
+        return {"n_neighbors": self.n_neighbors, "shrinkage": self.shrinkage,
+                "max_audience": self.max_audience}
