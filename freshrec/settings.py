@@ -128,6 +128,10 @@ class TokenSettings(_Section):
 
 
 class ServingSettings(_Section):
+    reranker: str = Field("", description="Re-ranking policy over the top candidates: empty (off), "
+                          "a directory with an exported policy, or `champion` (freshrec-policy).")
+    rerank_candidates: int = Field(30, ge=2, description="Retrieval candidates the policy sees.")
+    rerank_epsilon: float = Field(0.05, ge=0, le=1, description="Share of random slates (exploration).")
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     workers: int = Field(8, ge=1, description="Threads serving requests.")
@@ -167,6 +171,28 @@ class RefresherSettings(_Section):
     backoff_seconds: float = Field(0.5, ge=0, description="First retry delay; doubles each time.")
 
 
+class TrainingSettings(_Section):
+    """The training lane (deep retrieval and RL policies); ``freshrec train`` flags override."""
+
+    epochs: int = Field(20, ge=1, description="Most epochs; early stopping on validation NDCG@10.")
+    patience: int = Field(3, ge=1, description="Epochs without a better validation NDCG before stopping.")
+    batch_size: int = Field(1024, ge=2)
+    dim: int = Field(64, ge=4, description="Embedding size of the towers and of SASRec.")
+    max_len: int = Field(50, ge=2, description="Recent items a user tower / SASRec reads.")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(0.05, gt=0, description="Softmax temperature of the two-tower loss.")
+    samples_per_epoch: int = Field(400_000, ge=100, description="Training pairs drawn per epoch "
+                                   "(the embedded default has ~800k).")
+    val_users: int = Field(3000, ge=10, description="Users whose last training item validates.")
+    sasrec_blocks: int = Field(2, ge=1)
+    sasrec_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    negatives: int = Field(512, ge=1, description="Shared sampled negatives per SASRec batch.")
+    seed: int = 1234
+    experiment: str = "freshrec-training"
+
+
 class MlflowSettings(_Section):
     tracking_uri: str = Field("", description="Empty: SQLite under data_dir/mlflow.")
     experiment: str = "freshrec-batch"
@@ -201,6 +227,7 @@ class Settings(_Section):
     serving: ServingSettings = ServingSettings()
     refresher: RefresherSettings = RefresherSettings()
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
 
     @property
     def data_dir(self) -> Path:

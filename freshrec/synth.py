@@ -136,6 +136,18 @@ def make_events(cfg: SynthSettings, item_cluster: np.ndarray, end: datetime,
     return {"user": users, "item": items, "ts": ts, "type": ev_type, "value": value}, user_clusters
 
 
+def ground_truth(cfg: SynthSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The hidden structure behind :func:`write_synth` with the same settings (same seed, same
+    draws): each item's cluster, each item's popularity weight, each user's two taste clusters.
+    The training lane's simulator is built from it."""
+    rng = np.random.default_rng(cfg.seed)
+    _, item_cluster = make_items(cfg, rng)
+    pop = _zipf_weights(cfg.n_items, 0.9, rng)
+    user_clusters = np.stack([rng.integers(0, cfg.n_clusters, cfg.n_users),
+                              rng.integers(0, cfg.n_clusters, cfg.n_users)], axis=1)
+    return item_cluster, pop, user_clusters
+
+
 def write_synth(cfg: SynthSettings, out_dir: Path, end: datetime | None = None) -> SynthResult:
     """Generate the dataset into ``out_dir`` (events.parquet, items.parquet); returns a summary."""
     rng = np.random.default_rng(cfg.seed)

@@ -245,7 +245,7 @@ def _filters(msg) -> Filters:
 
 def _scored(result: Result):
     return [rec_pb2.ScoredItem(item_id=s.item_id, score=s.score, source=s.source,
-                               explanation=s.explanation) for s in result.items]
+                               explanation=s.explanation, propensity=1.0) for s in result.items]
 
 
 class RecommenderServicer(rec_grpc.RecommenderServicer):
@@ -293,8 +293,19 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
         recent = self.s.recent_events(user)
         # Request-time freshness: the user's own new events fold into their vector now.
         vector = state.fold_in_user(user, recent) if recent else None
-        result = recommend(state, user, request.k, filters, ctx, [i for i, _ in recent],
+        rr = self.s.reranker
+        n = max(request.k, rr.candidates) if rr else request.k
+        result = recommend(state, user, n, filters, ctx, [i for i, _ in recent],
                            self.s.settings.serving.overfetch, user_vector=vector)
+        if rr is not None and not result.cold_start:
+            # explores: not cached, every served item carries its propensity (and is logged)
+            history = [i for i, _ in reversed(recent)] + sorted(state.seen.get(user, ()))
+            picked = rr.rerank(state, user, history, result.items, request.k)
+            return rec_pb2.RecommendResponse(
+                items=[rec_pb2.ScoredItem(item_id=s.item_id, score=s.score, source=f"{s.source}+{rr.name}",
+                                          explanation=s.explanation, propensity=p) for s, p in picked],
+                model_version=result.model_version, cold_start=False)
+        result.items[:] = result.items[:request.k]
         reply = rec_pb2.RecommendResponse(items=_scored(result), model_version=result.model_version,
                                           cold_start=result.cold_start)
         self.s.cache.put(key, reply, token)
@@ -330,6 +341,9 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
         self.s.check_deadline(context)
         self.s.wal.append(accepted)  # durable (fsynced) before the reply
         self.s.note_events(accepted)
+        if self.s.reranker is not None:
+            for r in accepted:
+                self.s.reranker.feedback(r["user_id"], r["item_id"], r["event_type"])
         return rec_pb2.RecordEventsResponse(accepted=len(accepted), rejections=rejections)
 
 
@@ -434,6 +448,9 @@ class FreshrecServer:
         self.port = 0
         self.metrics_port = 0
         self.started_at = time.time()
+        from serving.rerank import load_reranker
+
+        self.reranker = load_reranker(settings)
 
     # helpers used by the servicers
     def pseudonym(self, raw: str) -> str:

@@ -3,6 +3,7 @@ AIRFLOW_HOME in a temp dir) on a small synthetic dataset, as `make run` does it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,9 @@ def test_airflow_dags_test_runs_the_whole_batch_lane(tmp_path):
            "FRESHREC_DATA_DIR": str(tmp_path / "data"),
            "FRESHREC__ALS__RANK": "8", "FRESHREC__ALS__ITERATIONS": "4",
            "FRESHREC__SPARK__SHUFFLE_PARTITIONS": "2", "FRESHREC__SPARK__DRIVER_MEMORY": "1g",
+           "FRESHREC__SYNTH__N_USERS": "400", "FRESHREC__SYNTH__N_ITEMS": "150",
+           "FRESHREC__TRAINING__SAMPLES_PER_EPOCH": "3000", "FRESHREC__TRAINING__VAL_USERS": "50",
+           "FRESHREC__TRAINING__BATCH_SIZE": "256", "FRESHREC__TRAINING__DIM": "16",
            "PYSPARK_PYTHON": sys.executable}
     # The synthetic data lands today, so the run processes today's interval [today, today+1).
     today = datetime.now(timezone.utc).date()
@@ -55,3 +59,19 @@ def test_airflow_dags_test_runs_the_whole_batch_lane(tmp_path):
     assert (settings.data_dir / "reports" / f"evaluation-{day}.json").exists()
     report = sh(sys.executable, "-m", "freshrec.cli.main", "report", "--date", day).stdout
     assert "Dead-letter rows by reason" in report and "als" in report and "Top-10" in report
+    gate = json.loads((settings.data_dir / "reports" / f"gate-{day}.json").read_text())
+    assert gate["promoted"] and gate["registered_model"] == "freshrec-retrieval"
+
+    # the training DAG on demand, with a run config: two models, one epoch
+    conf = json.dumps({"models": ["two_tower", "reinforce"], "epochs": 1, "device": "auto"})
+    sh(str(BIN / "airflow"), "dags", "test", "freshrec_training", run_after, "-c", conf)
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["freshrec-training"], output_format="list")
+    assert {r.data.tags["model"] for r in runs if r.info.status == "FINISHED"} == \
+        {"two_tower", "reinforce"}  # sasrec and bandit were skipped by the config
+    from mlflow.tracking import MlflowClient
+
+    champ = MlflowClient().get_model_version_by_alias("freshrec-policy", "champion")
+    assert champ.tags["model"] == "reinforce"

@@ -44,9 +44,21 @@ def test_batch_dag_shape(bag):
     assert dag.get_task("gate").upstream_task_ids == {"evaluate"}
 
 
-def test_parsing_imports_no_pyspark_torch_or_faiss():
+def test_training_dag_shape_schedule_and_params(bag):
+    dag = bag.dags["freshrec_training"]
+    assert dag.task_ids == ["bandit", "reinforce", "sasrec", "two_tower"] or \
+        set(dag.task_ids) == {"two_tower", "sasrec", "reinforce", "bandit"}
+    assert dag.get_task("sasrec").upstream_task_ids == {"two_tower"}
+    assert dag.get_task("bandit").upstream_task_ids == {"reinforce"}
+    assert dag.max_active_runs == 1 and dag.timetable.summary == "0 3 * * 1"
+    assert dag.params["device"] == "auto" and set(dag.params["models"]) == {
+        "two_tower", "sasrec", "reinforce", "bandit"}
+
+
+@pytest.mark.parametrize("name", ["freshrec_batch.py", "freshrec_training.py", "freshrec_nearline.py"])
+def test_parsing_imports_no_pyspark_torch_or_faiss(name):
     code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('d', r'{DAGS / 'freshrec_batch.py'}')\n"
+            f"spec = importlib.util.spec_from_file_location('d', r'{DAGS / name}')\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             "print(sorted(x for x in ('pyspark', 'torch', 'faiss', 'mlflow') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

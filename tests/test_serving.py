@@ -374,3 +374,46 @@ def test_gpu_replica_never_returns_removed_items():
         idx.remove([f"i{i}" for i in range(100)])
         for q in vecs[:100]:
             assert all(int(i[1:]) >= 100 for i, _ in idx.search(q, 20))
+
+
+def test_bandit_reranker_explores_logs_propensities_and_learns_from_clicks(lane, tmp_path):
+    """A LinUCB policy re-ranks the top candidates inside the server: every served item carries
+    its propensity, every slate is logged to the impressions file, and a click on a served item
+    updates the bandit online."""
+    import json
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    np.savez(policy / "arrays.npz", A=np.eye(6), b=np.array([0, 1.0, 0.2, 0, 0, 0.5]),
+             alpha=np.array(0.5), epsilon=np.array(0.2), kind=np.array("linucb"))
+    (policy / "model.json").write_text(json.dumps({"name": "linucb", "kind": "reranker"}))
+    settings = _settings(lane, tmp_path, reranker=str(policy), rerank_candidates=20)
+    server = FreshrecServer(settings, use_gpu=False)
+    port = server.start()
+    try:
+        client = Client(f"127.0.0.1:{port}", CLIENT)
+        raw, user = _known_user(settings)
+        seen = set()
+        for _ in range(10):
+            reply = client.recommend(raw, 5)
+            assert len(reply.items) == 5 and all(0 < it.propensity <= 1 for it in reply.items)
+            assert all(it.source.endswith("+linucb") for it in reply.items)
+            seen |= {it.item_id for it in reply.items}
+        assert len(seen) > 5  # explored beyond one fixed slate
+        lines = [json.loads(x) for f in (settings.data_dir / "impressions").glob("*.jsonl")
+                 for x in f.read_text().splitlines()]
+        assert len(lines) == 10 and lines[-1]["user_id"] == user
+        assert [i["item_id"] for i in lines[-1]["items"]] == [it.item_id for it in reply.items]
+        assert [round(i["propensity"], 5) for i in lines[-1]["items"]] == \
+            [round(it.propensity, 5) for it in reply.items]
+        b_before = server.reranker.policy.b.copy()
+        client.record([{"user_id": raw, "item_id": reply.items[0].item_id, "event_type": "click"}])
+        assert not np.allclose(server.reranker.policy.b, b_before)
+    finally:
+        server.stop(grace=1)
+
+
+def test_reranker_setting_pointing_nowhere_is_a_clear_error(lane, tmp_path):
+    settings = _settings(lane, tmp_path, reranker=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no model.json there"):
+        FreshrecServer(settings, use_gpu=False)

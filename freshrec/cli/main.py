@@ -166,6 +166,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from training import run as training
+
+    settings = load_settings(args.profile)
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                   ("samples_per_epoch", args.samples_per_epoch)) if v is not None}
+    extra = {"kind": args.bandit} if args.model == "bandit" else {}
+    out = training.run(settings, args.model, args.device, args.dataset, overrides,
+                       register=not args.no_register, **extra)
+    print(f"run {out['run_id']} ({settings.training.experiment})")
+    if "table" in out:
+        print(out["table"])
+        print(f"device {out['device']}, best epoch {out['best_epoch']}/{out['epochs_run']}, "
+              f"{out['samples_per_second']:,.0f} training samples/s")
+    else:
+        print("true value (clicks per slate):", ", ".join(f"{k} {v:.3f}" for k, v in out["truth"].items()))
+        print("off-policy estimates of", out["model"], {k: round(v, 3) for k, v in
+                                                        out["ope"][out["model"]].items()})
+    if "gate_skipped" in out:
+        print(out["gate_skipped"])
+    if "gate" in out:
+        g = out["gate"]
+        print(f"{g['registered_model']} v{g['version']}: {'@champion' if g['promoted'] else 'not promoted'}"
+              f" ({g['reason']})")
+    return 0
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     settings = load_settings(args.profile)
     if args.user or args.server:
@@ -247,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--models", help="comma-separated model names, or all (default: settings)")
     ev.set_defaults(fn=cmd_evaluate)
 
+    tr = sub.add_parser("train", help="train a deep retrieval model or an RL re-ranking policy "
+                        "(tracked in MLflow, gated into the registry)")
+    tr.add_argument("--model", required=True, choices=["two_tower", "sasrec", "bandit", "reinforce"])
+    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tr.add_argument("--dataset", default="embedded", choices=["embedded", "ml-100k"],
+                    help="deep models: the silver tables or MovieLens 100K")
+    tr.add_argument("--bandit", default="linucb", choices=["linucb", "thompson"])
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--samples-per-epoch", type=int)
+    tr.add_argument("--no-register", action="store_true", help="skip the registry gate")
+    tr.set_defaults(fn=cmd_train)
+
     rec = sub.add_parser("recommend", help="top-K per user: through the server (--user, --server) "
                          "or offline from the latest model tables (--users FILE --output FILE)")
     who = rec.add_mutually_exclusive_group(required=True)
@@ -282,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (SettingsError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (SettingsError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"freshrec: error: {e}", file=sys.stderr)
         return 2
 

@@ -4,8 +4,7 @@
 fits every source on the rest. For a sample of validation users it then takes the union of each
 source's top ``candidates`` unseen items and describes every candidate by each source's standardized
 score and its rank among the candidates, the item's log popularity and the user's history length.
-Two blenders are learned on half of the validation users and compared on the other half by
-NDCG@``k``:
+Two blenders are compared by two-fold cross-validation over the validation users (NDCG@``k``):
 
 * ``linear``: weights per source (standardized scores), fitted by coordinate ascent over a grid;
 * ``ranker``: a gradient-boosted classifier (scikit-learn's HistGradientBoosting) over the
@@ -61,7 +60,8 @@ class HybridModel(Recommender):
         self.sources, self.blender, self.candidates = tuple(sources), blender, candidates
         self.validation_fraction, self.max_validation_users = validation_fraction, max_validation_users
         self.k, self.seed, self.ease_max_items = k, seed, ease_max_items
-        self.source_params = source_params or {}
+        # trending as a source is a recency signal: a fixed short half-life, not the auto one
+        self.source_params = {"trending": {"half_life_days": 7.0}, **(source_params or {})}
         self.weights: dict[str, float] = {}
         self.skipped: dict[str, str] = {}
         self.ranker = None
@@ -198,13 +198,15 @@ class HybridModel(Recommender):
             return ranking_metrics(recs, [rel[i] for i in idx], [self.k], n_items)[f"ndcg_at_{self.k}"]
 
         choice = self.blender
+        folds = [(a, b), (b, a)]  # two-fold: each blender is fitted on one half, scored on the other
         if choice in ("auto", "linear"):
-            w_a = self._search(sub(masked, a), [rel[i] for i in a], n_items)
-            lin_b = self._ndcg(sub(masked, b), w_a, [rel[i] for i in b], n_items)
-            self.validation["linear_ndcg"] = lin_b
-        if choice in ("auto", "ranker") and labels[rows_of(a)].any():
-            ranker = self._train_ranker(feats[rows_of(a)], labels[rows_of(a)])
-            self.validation["ranker_ndcg"] = ranker_ndcg(ranker, b)
+            self.validation["linear_ndcg"] = float(np.mean([
+                self._ndcg(sub(masked, te), self._search(sub(masked, tr), [rel[i] for i in tr], n_items),
+                           [rel[i] for i in te], n_items) for tr, te in folds]))
+        if choice in ("auto", "ranker") and labels[rows_of(a)].any() and labels[rows_of(b)].any():
+            self.validation["ranker_ndcg"] = float(np.mean([
+                ranker_ndcg(self._train_ranker(feats[rows_of(tr)], labels[rows_of(tr)]), te)
+                for tr, te in folds]))
         if choice == "auto":
             choice = "ranker" if self.validation.get("ranker_ndcg", -1) > self.validation["linear_ndcg"] \
                 else "linear"

@@ -40,7 +40,8 @@ class TrendingModel(MostPopularModel):
     ``half_life_days="auto"`` (the default) picks the half-life from a grid the way the hybrid
     validates: each user's newest ``holdout_fraction`` of events is held out, and the half-life
     whose decayed popularity of the rest best predicts the held-out items (NDCG@100 against their
-    counts) wins. Fast-moving catalogs get short half-lives; where users' newest events are spread
+    counts) wins; plain popularity (infinity) is kept unless a decay predicts clearly (1%)
+    better. Fast-moving catalogs get short half-lives; where users' newest events are spread
     over a long time (MovieLens), plain popularity (infinity) can win, and trending then equals
     most-popular."""
 
@@ -64,11 +65,15 @@ class TrendingModel(MostPopularModel):
         truth = np.bincount(recent["item_row"].to_numpy(), minlength=n_items).astype(np.float64)
         ideal = np.sort(truth)[::-1][:100]
         disc = 1.0 / np.log2(np.arange(2, len(ideal) + 2))
-        best, best_score = 7.0, -1.0
-        for h in HALF_LIVES:
+        def ndcg(h: float) -> float:
             top = np.argsort(-_decayed(past, cut, h, n_items), kind="stable")[:100]
-            score = float((truth[top] * disc[:len(top)]).sum() / max((ideal * disc).sum(), 1e-9))
-            if score > best_score + 1e-12:
+            return float((truth[top] * disc[:len(top)]).sum() / max((ideal * disc).sum(), 1e-9))
+
+        # plain popularity unless some decay predicts the held-out items clearly (1%) better
+        best, best_score = float("inf"), ndcg(float("inf"))
+        for h in HALF_LIVES[:-1]:
+            score = ndcg(h)
+            if score > max(best_score, ndcg(float("inf")) * 1.01):
                 best, best_score = h, score
         return best
 

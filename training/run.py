@@ -1,0 +1,188 @@
+"""``freshrec train``: one experiment, tracked in MLflow, gated into the registry.
+
+Deep retrieval (``two_tower``, ``sasrec``): the dataset at a pinned Delta version (recorded in the
+run) -> the evaluation's temporal split (same test fraction, sample and seed as the batch lane, so
+the metrics sit in one table with ALS and the hybrid) -> training with per-epoch curves -> test
+metrics, the exported model (``model/``: item vectors, TorchScript user encoder), a curve figure and
+the comparison table -> the ``freshrec-retrieval`` gate on NDCG@10.
+
+Policies (``bandit``, ``reinforce``): the simulator built from the synthetic generator's ground
+truth; the logging policy's data; the learned policy's true value next to random, greedy and the
+logging policy, and its off-policy estimates (IPS, SNIPS, DR) -> the ``freshrec-policy`` gate on
+the SNIPS estimate. A NaN loss stops the run, which is marked FAILED in MLflow with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from freshrec.device import resolve_device
+from freshrec.registry import POLICY, RETRIEVAL, gate
+from freshrec.settings import Settings
+from freshrec.tracking import mlflow_for
+
+log = logging.getLogger(__name__)
+TRAIN_MODELS = ("two_tower", "sasrec", "bandit", "reinforce")
+
+
+def load_dataset(settings: Settings, dataset):
+    from freshrec import datasets
+
+    if isinstance(dataset, datasets.Dataset):  # already loaded (experiments, tests)
+        return dataset
+    if dataset == "embedded":
+        return datasets.silver(settings)
+    if dataset == "ml-100k":
+        return datasets.movielens_100k(settings.data_dir / "cache")
+    raise ValueError(f"unknown dataset {dataset!r}: embedded (the silver tables) or ml-100k")
+
+
+def _curve_figure(history: list[dict], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+    ep = [h["epoch"] for h in history]
+    ax[0].plot(ep, [h["train_loss"] for h in history], marker="o")
+    ax[0].set_title("training loss")
+    ax[1].plot(ep, [h["val_ndcg_at_10"] for h in history], marker="o", color="tab:green")
+    ax[1].set_title("validation NDCG@10")
+    for a in ax:
+        a.set_xlabel("epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_table(settings: Settings, name: str, test: dict, events_version) -> tuple[str, dict]:
+    """This run's metrics next to the batch lane's latest evaluation of the same data version."""
+    rows = {name: test}
+    reports = sorted((settings.data_dir / "reports").glob("evaluation-*.json"))
+    for path in reversed(reports):
+        summary = json.loads(path.read_text())
+        if summary.get("events_delta_version") == events_version:
+            rows = {**summary["results"], **rows}
+            break
+    head = f"{'model':<16}{'recall@10':>11}{'ndcg@10':>10}{'hr@10':>9}{'coverage@10':>13}"
+    lines = [head] + [f"{m:<16}{r['recall_at_10']:>11.4f}{r['ndcg_at_10']:>10.4f}{r['hr_at_10']:>9.4f}"
+                      f"{r['coverage_at_10']:>13.4f}" for m, r in rows.items()]
+    return "\n".join(lines), rows
+
+
+def train_deep(settings: Settings, model: str, device: str, dataset="embedded",
+               overrides: dict | None = None, register: bool = True, progress: bool = True) -> dict:
+    from training import data as td
+    from training import trainer
+
+    choice = resolve_device(device, need=("torch",))
+    cfg = settings.training.model_copy(update=overrides or {})
+    ds = load_dataset(settings, dataset)
+    dataset = ds.name
+    ev = settings.evaluation
+    data = td.build(ds, ev.test_fraction, ev.max_users if dataset == "embedded" else 0, ev.seed,
+                    cfg.val_users)
+    mlflow = mlflow_for(settings, cfg.experiment)
+    with mlflow.start_run(run_name=f"{model}-{dataset}") as run:
+        mlflow.set_tags({"stage": "train", "model": model, "dataset": dataset,
+                         "device": choice.torch_device})
+        mlflow.log_params({**cfg.model_dump(), "model": model, "dataset": dataset,
+                           "device_requested": device, "device": choice.torch_device,
+                           "n_users": data.n_users, "n_items": data.n_items,
+                           "n_train_events": len(data.split.train_events),
+                           **{f"delta_version.{k}": v for k, v in ds.versions.items()}})
+        try:
+            result = trainer.train(model, data, cfg, choice.torch_device, progress=progress,
+                                   on_epoch=lambda e, row: mlflow.log_metrics(
+                                       {k: v for k, v in row.items() if k != "epoch"}, step=e))
+        except trainer.NanLoss as e:
+            mlflow.set_tags({"failure_reason": str(e)})
+            mlflow.end_run(status="FAILED")
+            raise
+        mlflow.log_metrics({**{f"test_{k}": v for k, v in result.test.items()},
+                            "best_epoch": result.best_epoch, "best_val_ndcg_at_10": result.best_val_ndcg,
+                            "train_samples_per_second": result.samples_per_second,
+                            "train_seconds": result.train_seconds})
+        mlflow.log_figure(_curve_figure(result.history, f"{model} on {dataset}"), "curves.png")
+        table, rows = comparison_table(settings, model, result.test, ds.versions.get("events"))
+        mlflow.log_text(table, "comparison_table.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer.export(result, data, Path(tmp) / "model", cfg.max_len)
+            mlflow.log_artifacts(str(Path(tmp) / "model"), "model")
+        run_id = run.info.run_id
+    out = {"run_id": run_id, "model": model, "dataset": dataset, "device": choice.torch_device,
+           "test": result.test, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+           "samples_per_second": result.samples_per_second, "table": table,
+           "data_versions": ds.versions}
+    if register and dataset != "embedded":
+        out["gate_skipped"] = (f"not registered: {dataset} is an experiment dataset, the registry "
+                               "holds models of the served (embedded/imported) data")
+    elif register:
+        metric = result.test["ndcg_at_10"]
+        out["gate"] = gate(mlflow, run_id, model, "ndcg_at_10", metric, name=RETRIEVAL,
+                           tags={"dataset": dataset, **{f"delta_version.{k}": str(v)
+                                                        for k, v in ds.versions.items()}}).as_dict()
+    return out
+
+
+def train_policy(settings: Settings, model: str, kind: str = "linucb", n_logged: int = 4000,
+                 rounds: int = 4000, register: bool = True, seed: int = 0) -> dict:
+    from training import rl
+
+    sim = rl.Simulator.from_synth(settings.synth, seed=seed)
+    mlflow = mlflow_for(settings, settings.training.experiment)
+    t0 = time.perf_counter()
+    with mlflow.start_run(run_name=f"{model}-simulator") as run:
+        mlflow.set_tags({"stage": "train", "model": model, "dataset": "simulator"})
+        mlflow.log_params({"model": model, "bandit_kind": kind, "n_logged": n_logged,
+                           "bandit_rounds": rounds, "slate_k": sim.k, "candidates": sim.n_candidates,
+                           "synth_seed": settings.synth.seed, "seed": seed})
+        try:
+            res = rl.compare_policies(sim, n_logged=n_logged, bandit_rounds=rounds, seed=seed)
+        except FloatingPointError as e:
+            mlflow.set_tags({"failure_reason": str(e)})
+            mlflow.end_run(status="FAILED")
+            raise
+        learned = "reinforce" if model == "reinforce" else kind
+        truth, est = res["truth"], res["ope"][learned]
+        for row in res["reinforce_curve"]:
+            mlflow.log_metric("ips_objective", row["ips_objective"], step=row["step"])
+        mlflow.log_metrics({**{f"true_value.{p}": v for p, v in truth.items()},
+                            **{f"ope.{e}": v for e, v in est.items()},
+                            "value_vs_logging": truth[learned] / truth["logging"],
+                            "fit_seconds": time.perf_counter() - t0})
+        mlflow.log_dict({"truth": truth, "ope": res["ope"], "online": res["online"]}, "policies.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp) / "model"
+            d.mkdir()
+            if model == "reinforce":
+                np.savez(d / "arrays.npz", theta=res["policy"].theta)
+            else:
+                np.savez(d / "arrays.npz", **res["bandits"][kind][0].to_arrays())
+            (d / "model.json").write_text(json.dumps({
+                "name": learned, "kind": "reranker", "features": "training.rl.candidate_features",
+                "n_features": rl.N_FEATURES}))
+            mlflow.log_artifacts(str(d), "model")
+        run_id = run.info.run_id
+    out = {"run_id": run_id, "model": learned, "truth": truth, "ope": res["ope"],
+           "online": res["online"]}
+    if register:
+        out["gate"] = gate(mlflow, run_id, learned, "ope_snips", est["snips"], name=POLICY).as_dict()
+    return out
+
+
+def run(settings: Settings, model: str, device: str = "auto", dataset="embedded",
+        overrides: dict | None = None, register: bool = True, progress: bool = True, **kw) -> dict:
+    if model not in TRAIN_MODELS:
+        raise ValueError(f"unknown model {model!r} for training; known: {list(TRAIN_MODELS)}")
+    if model in ("two_tower", "sasrec"):
+        return train_deep(settings, model, device, dataset, overrides, register, progress)
+    resolve_device(device, need=("torch",))  # a requested GPU that is missing still fails loudly
+    return train_policy(settings, model, register=register, **kw)
