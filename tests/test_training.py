@@ -212,3 +212,16 @@ def test_serving_features_mirror_the_training_features():
     rng = np.random.default_rng(0)
     a, p, s = rng.random(10), rng.normal(size=10), rng.normal(size=10)
     np.testing.assert_array_equal(features(a, p, s), rl.candidate_features(a, p, s))
+
+
+def test_freshrec_train_cli_reports_a_missing_gpu_and_an_unknown_model(tmp_path, monkeypatch, capsys):
+    from freshrec.cli.main import main
+
+    monkeypatch.setenv("FRESHREC_DATA_DIR", str(tmp_path / "data"))
+    if not torch.cuda.is_available():
+        assert main(["train", "--model", "bandit", "--device", "cuda"]) == 2
+        assert "device 'cuda' requested" in capsys.readouterr().err
+    assert main(["train", "--model", "two_tower", "--device", "cpu"]) == 2  # no tables yet
+    assert "no silver events table" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "gpt"])

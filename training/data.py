@@ -139,12 +139,31 @@ def build(ds: Dataset, test_fraction: float = 0.2, max_test_users: int = 0, seed
 def pad_histories(seqs: list[np.ndarray], users: np.ndarray, ends: np.ndarray | None,
                   max_len: int) -> np.ndarray:
     """Right-aligned histories: row j holds the ``max_len`` items before ``ends[j]`` of user
-    ``users[j]`` (the whole sequence when ``ends`` is None), left-padded with 0."""
+    ``users[j]`` (the whole sequence when ``ends`` is None), left-padded with 0. Vectorized over a
+    flat copy of the sequences (cached per list)."""
+    flat, offsets = _flat(seqs)
+    users = np.asarray(users, np.int64)
+    lens = offsets[users + 1] - offsets[users]
+    e = lens if ends is None else np.minimum(np.asarray(ends, np.int64), lens)
+    n = np.minimum(e, max_len)
+    cols = np.arange(max_len)[None, :]
+    src = offsets[users][:, None] + e[:, None] - max_len + cols
+    valid = cols >= (max_len - n)[:, None]
     out = np.zeros((len(users), max_len), np.int64)
-    for j, u in enumerate(users):
-        s = seqs[u]
-        e = len(s) if ends is None else ends[j]
-        h = s[max(0, e - max_len):e]
-        if len(h):
-            out[j, max_len - len(h):] = h
+    out[valid] = flat[src[valid]]
     return out
+
+
+_FLAT: dict[int, tuple[list, np.ndarray, np.ndarray]] = {}
+
+
+def _flat(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    hit = _FLAT.get(id(seqs))
+    if hit is not None and hit[0] is seqs:
+        return hit[1], hit[2]
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+    flat = np.concatenate(seqs).astype(np.int64) if len(seqs) else np.zeros(0, np.int64)
+    if len(_FLAT) > 8:
+        _FLAT.clear()
+    _FLAT[id(seqs)] = (seqs, flat, offsets)
+    return flat, offsets

@@ -31,13 +31,13 @@ log = logging.getLogger(__name__)
 TRAIN_MODELS = ("two_tower", "sasrec", "bandit", "reinforce")
 
 
-def load_dataset(settings: Settings, dataset):
+def load_dataset(settings: Settings, dataset, version: int | None = None):
     from freshrec import datasets
 
     if isinstance(dataset, datasets.Dataset):  # already loaded (experiments, tests)
         return dataset
     if dataset == "embedded":
-        return datasets.silver(settings)
+        return datasets.silver(settings, version)
     if dataset == "ml-100k":
         return datasets.movielens_100k(settings.data_dir / "cache")
     raise ValueError(f"unknown dataset {dataset!r}: embedded (the silver tables) or ml-100k")
@@ -78,13 +78,14 @@ def comparison_table(settings: Settings, name: str, test: dict, events_version) 
 
 
 def train_deep(settings: Settings, model: str, device: str, dataset="embedded",
-               overrides: dict | None = None, register: bool = True, progress: bool = True) -> dict:
+               overrides: dict | None = None, register: bool = True, progress: bool = True,
+               data_version: int | None = None) -> dict:
     from training import data as td
     from training import trainer
 
     choice = resolve_device(device, need=("torch",))
     cfg = settings.training.model_copy(update=overrides or {})
-    ds = load_dataset(settings, dataset)
+    ds = load_dataset(settings, dataset, data_version)
     dataset = ds.name
     ev = settings.evaluation
     data = td.build(ds, ev.test_fraction, ev.max_users if dataset == "embedded" else 0, ev.seed,
@@ -183,6 +184,7 @@ def run(settings: Settings, model: str, device: str = "auto", dataset="embedded"
     if model not in TRAIN_MODELS:
         raise ValueError(f"unknown model {model!r} for training; known: {list(TRAIN_MODELS)}")
     if model in ("two_tower", "sasrec"):
-        return train_deep(settings, model, device, dataset, overrides, register, progress)
+        return train_deep(settings, model, device, dataset, overrides, register, progress,
+                          kw.get("data_version"))
     resolve_device(device, need=("torch",))  # a requested GPU that is missing still fails loudly
     return train_policy(settings, model, register=register, **kw)

@@ -17,7 +17,7 @@ import torch
 
 from freshrec.evaluation import top_k
 from freshrec.settings import TrainingSettings
-from training.data import TOKEN_BUCKETS, TrainData, pad_histories
+from training.data import TOKEN_BUCKETS, TrainData, _flat, pad_histories
 from training.deep import SASRec, SASRecEncoder, TwoTower
 
 log = logging.getLogger(__name__)
@@ -113,34 +113,57 @@ def validation_ndcg(enc: Encoders, k: int = 10) -> float:
     return float((hit / np.log2(np.arange(2, k + 2))).sum(1).mean())
 
 
-def _batches(data: TrainData, cfg: TrainingSettings, rng: np.random.Generator, kind: str):
-    seqs = data.train_sequences()
-    if kind == "two_tower":
-        users, pos = data.pairs(cfg.max_len)
-        if len(users) == 0:
+class Batcher:
+    """Builds training batches with tensor ops on the training device: the fitting sequences live
+    there as one flat tensor plus offsets, so a GPU is not held up by host-side padding and copies
+    (one index transfer per epoch)."""
+
+    def __init__(self, data: TrainData, cfg: TrainingSettings, kind: str, device) -> None:
+        seqs = data.train_sequences()
+        flat, offsets = _flat(seqs)
+        self.kind, self.cfg, self.dev = kind, cfg, device
+        self.flat = torch.as_tensor(np.concatenate([[0], flat]), device=device)  # [0] = padding
+        self.offsets = torch.as_tensor(offsets + 1, device=device)
+        self.lens = np.diff(offsets)
+        self.ar = torch.arange(cfg.max_len + 1, device=device)
+        if kind == "two_tower":
+            self.users, self.pos = data.pairs(cfg.max_len)
+        else:
+            self.users = np.flatnonzero(self.lens >= 2)
+        if len(self.users) == 0:
             raise ValueError(f"{data.name}: no user has two training events; nothing to learn")
-        take = rng.choice(len(users), min(cfg.samples_per_epoch, len(users)), replace=False)
-        for s in range(0, len(take), cfg.batch_size):
-            b = take[s:s + cfg.batch_size]
-            if len(b) < 2:
-                continue
-            hist = pad_histories(seqs, users[b], pos[b], cfg.max_len)
-            target = np.array([seqs[u][p] for u, p in zip(users[b], pos[b])])
-            yield hist, target, len(b)
-    else:  # sasrec: one window of max_len + 1 per user, ending at a random position
-        lens = np.array([len(s) for s in seqs])
-        users = np.flatnonzero(lens >= 2)
-        if len(users) == 0:
-            raise ValueError(f"{data.name}: no user has two training events; nothing to learn")
-        per_epoch = max(1, min(len(users) * 4, cfg.samples_per_epoch // max(1, cfg.max_len // 4)))
-        pick = rng.choice(users, per_epoch, replace=True)
-        L = cfg.max_len
-        for s in range(0, len(pick), max(2, cfg.batch_size // 4)):
-            b = pick[s:s + max(2, cfg.batch_size // 4)]
-            ends = np.array([rng.integers(2, lens[u] + 1) if rng.random() < 0.5 else lens[u]
-                             for u in b])
-            win = pad_histories(seqs, b, ends, L + 1)
-            yield win[:, :-1], win[:, 1:], int((win[:, 1:] > 0).sum())
+
+    def _window(self, u: torch.Tensor, end: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, length) items before ``end`` of users ``u``, right-aligned, 0-padded."""
+        cols = self.ar[:length].unsqueeze(0)
+        n = torch.clamp(end, max=length).unsqueeze(1)
+        idx = self.offsets[u].unsqueeze(1) + end.unsqueeze(1) - length + cols
+        valid = cols >= (length - n)
+        return torch.where(valid, self.flat[torch.where(valid, idx, torch.zeros_like(idx))],
+                           torch.zeros_like(idx))
+
+    def epoch(self, rng: np.random.Generator):
+        cfg, L = self.cfg, self.cfg.max_len
+        if self.kind == "two_tower":
+            take = rng.choice(len(self.users), min(cfg.samples_per_epoch, len(self.users)), replace=False)
+            u = torch.as_tensor(self.users[take], device=self.dev)
+            p = torch.as_tensor(self.pos[take], device=self.dev)
+            for s in range(0, len(take), cfg.batch_size):
+                ub, pb = u[s:s + cfg.batch_size], p[s:s + cfg.batch_size]
+                if len(ub) < 2:
+                    continue
+                yield self._window(ub, pb, L), self.flat[self.offsets[ub] + pb], len(ub)
+        else:  # sasrec: one window of max_len + 1 per user, ending at a random position
+            per_epoch = max(1, min(len(self.users) * 4, cfg.samples_per_epoch // max(1, L // 4)))
+            pick = rng.choice(self.users, per_epoch, replace=True)
+            lens = self.lens[pick]
+            ends = np.where(rng.random(per_epoch) < 0.5, rng.integers(2, lens + 1), lens)
+            u = torch.as_tensor(pick, device=self.dev)
+            e = torch.as_tensor(ends, device=self.dev)
+            bs = max(2, cfg.batch_size // 4)
+            for s in range(0, per_epoch, bs):
+                win = self._window(u[s:s + bs], e[s:s + bs], L + 1)
+                yield win[:, :-1], win[:, 1:], win[:, 1:] > 0
 
 
 def train(kind: str, data: TrainData, cfg: TrainingSettings, device: str,
@@ -160,8 +183,10 @@ def train(kind: str, data: TrainData, cfg: TrainingSettings, device: str,
     toks = torch.as_tensor(data.tok_ids, device=dev)
     neg_p = np.sqrt(data.item_counts[1:] + 1.0)  # negatives: popularity^0.5, logQ-corrected
     neg_p /= neg_p.sum()
+    neg_t = torch.as_tensor(neg_p, dtype=torch.float32, device=dev)
     log_neg = torch.as_tensor(np.log(np.concatenate([[1.0], neg_p])), dtype=torch.float32, device=dev)
     enc = Encoders(kind, model, data, cfg, dev)
+    batcher = Batcher(data, cfg, kind, dev)
     rng = np.random.default_rng(cfg.seed)
     best, best_epoch, best_state, bad = -1.0, 0, None, 0
     history, samples, train_s = [], 0, 0.0
@@ -169,18 +194,15 @@ def train(kind: str, data: TrainData, cfg: TrainingSettings, device: str,
         model.train()
         t0 = time.perf_counter()
         total, steps, n_seen = 0.0, 0, 0
-        batches = list(_batches(data, cfg, rng, kind))
-        for step, (x, y, n) in enumerate(batches, 1):
-            xb = torch.as_tensor(x, device=dev)
-            yb = torch.as_tensor(y, device=dev)
+        batches = list(batcher.epoch(rng))
+        for step, (xb, yb, n) in enumerate(batches, 1):
             with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=amp):
                 if kind == "two_tower":
                     loss = model.loss(xb, yb, cats[yb], toks[yb], log_q[yb])
                 else:
-                    negs = torch.as_tensor(rng.choice(data.n_items, cfg.negatives, p=neg_p) + 1,
-                                           device=dev)
+                    negs = torch.multinomial(neg_t, cfg.negatives, replacement=True) + 1
                     loss = model.loss(xb, yb, negs, log_neg[yb], log_neg[negs])
-            if not torch.isfinite(loss):
+            if (step == 1 or step % 50 == 0) and not torch.isfinite(loss):
                 raise NanLoss(f"{kind}: loss is {loss.item()} at epoch {epoch}, step {step} "
                               f"(lr={cfg.lr}); lower the learning rate or check the input")
             opt.zero_grad(set_to_none=True)
@@ -189,12 +211,16 @@ def train(kind: str, data: TrainData, cfg: TrainingSettings, device: str,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             scaler.step(opt)
             scaler.update()
-            total += float(loss.detach())
+            total += loss.detach()  # summed on the device: no sync per step
             steps += 1
-            n_seen += n
+            n_seen += n if isinstance(n, int) else n.sum()
             if progress and step % max(1, len(batches) // 5) == 0:
                 print(f"\r  {kind} epoch {epoch}: {step}/{len(batches)} batches, "
-                      f"loss {total / steps:.4f}", end="", file=sys.stderr, flush=True)
+                      f"loss {float(total) / steps:.4f}", end="", file=sys.stderr, flush=True)
+        total, n_seen = float(total), int(n_seen)
+        if not math.isfinite(total):
+            raise NanLoss(f"{kind}: loss is {total / max(steps, 1)} at epoch {epoch} (lr={cfg.lr}); "
+                          "lower the learning rate or check the input")
         if amp:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

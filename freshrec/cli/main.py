@@ -173,6 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                    ("samples_per_epoch", args.samples_per_epoch)) if v is not None}
     extra = {"kind": args.bandit} if args.model == "bandit" else {}
+    if args.data_version is not None and args.model in ("two_tower", "sasrec"):
+        extra["data_version"] = args.data_version
     out = training.run(settings, args.model, args.device, args.dataset, overrides,
                        register=not args.no_register, **extra)
     print(f"run {out['run_id']} ({settings.training.experiment})")
@@ -284,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--samples-per-epoch", type=int)
+    tr.add_argument("--data-version", type=int, help="silver events Delta version (default: latest)")
     tr.add_argument("--no-register", action="store_true", help="skip the registry gate")
     tr.set_defaults(fn=cmd_train)
 

@@ -50,7 +50,7 @@ class HybridModel(Recommender):
 
     def __init__(self, sources: tuple[str, ...] = DEFAULT_SOURCES, blender: str = "auto",
                  candidates: int = 50, validation_fraction: float = 0.2,
-                 max_validation_users: int = 2000, k: int = 10, source_params: dict | None = None,
+                 max_validation_users: int = 5000, k: int = 10, source_params: dict | None = None,
                  ease_max_items: int = 30_000, seed: int = 0) -> None:
         super().__init__()
         if blender not in ("auto", "linear", "ranker"):
@@ -114,6 +114,12 @@ class HybridModel(Recommender):
             cols.append(np.full(len(ids), history[u], dtype=np.float32))
             feats.append(np.stack(cols, axis=1))
         return cands, np.concatenate(feats) if feats else np.zeros((0, 2 * len(self.names) + 3))
+
+    def _with_blend(self, feats: np.ndarray, w: dict[str, float]) -> np.ndarray:
+        """Append the linear blend's score (stacking): the ranker starts from what the linear
+        blender knows. The sources' standardized scores are the even columns."""
+        wv = np.array([w.get(s, 0.0) for s in self.names], dtype=np.float32)
+        return np.column_stack([feats, feats[:, 0:2 * len(self.names):2] @ wv])
 
     def _source_scores(self, models: dict[str, Recommender], rows: np.ndarray, seen):
         z = {s: _standardize(models[s].score(rows)) for s in self.names}
@@ -187,33 +193,37 @@ class HybridModel(Recommender):
         def rows_of(idx):
             return np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
 
-        def ranker_ndcg(model, idx):
+        def ranker_ndcg(model, idx, x):
             recs = np.full((len(idx), self.k), -1)
             for j, i in enumerate(idx):
                 if lens[i] == 0:
                     continue
-                p = model.predict_proba(feats[starts[i]:starts[i + 1]])[:, 1]
+                p = model.predict_proba(x[starts[i]:starts[i + 1]])[:, 1]
                 order = cands[i][np.argsort(-p)][: self.k]
                 recs[j, : len(order)] = order
             return ranking_metrics(recs, [rel[i] for i in idx], [self.k], n_items)[f"ndcg_at_{self.k}"]
 
         choice = self.blender
         folds = [(a, b), (b, a)]  # two-fold: each blender is fitted on one half, scored on the other
+        fold_w = [self._search(sub(masked, tr), [rel[i] for i in tr], n_items) for tr, _ in folds]
         if choice in ("auto", "linear"):
             self.validation["linear_ndcg"] = float(np.mean([
-                self._ndcg(sub(masked, te), self._search(sub(masked, tr), [rel[i] for i in tr], n_items),
-                           [rel[i] for i in te], n_items) for tr, te in folds]))
+                self._ndcg(sub(masked, te), w, [rel[i] for i in te], n_items)
+                for (_, te), w in zip(folds, fold_w)]))
         if choice in ("auto", "ranker") and labels[rows_of(a)].any() and labels[rows_of(b)].any():
-            self.validation["ranker_ndcg"] = float(np.mean([
-                ranker_ndcg(self._train_ranker(feats[rows_of(tr)], labels[rows_of(tr)]), te)
-                for tr, te in folds]))
+            scores = []
+            for (tr, te), w in zip(folds, fold_w):
+                x = self._with_blend(feats, w)
+                scores.append(ranker_ndcg(self._train_ranker(x[rows_of(tr)], labels[rows_of(tr)]),
+                                          te, x))
+            self.validation["ranker_ndcg"] = float(np.mean(scores))
         if choice == "auto":
             choice = "ranker" if self.validation.get("ranker_ndcg", -1) > self.validation["linear_ndcg"] \
                 else "linear"
         self.blender_used = choice
         self.weights = self._search(masked, rel, n_items)  # the linear blend orders non-candidates
         if choice == "ranker":
-            self.ranker = self._train_ranker(feats, labels)
+            self.ranker = self._train_ranker(self._with_blend(feats, self.weights), labels)
         log.info("hybrid: sources %s, blender %s (validation NDCG@%d: %s), weights %s", self.names,
                  choice, self.k, self.validation, self.weights)
 
@@ -262,7 +272,7 @@ class HybridModel(Recommender):
         history = np.log1p(np.diff(seen[rows].indptr)).astype(np.float32)
         cands, feats = self._features(z, masked, history)
         if len(feats):
-            p = self.ranker.predict_proba(feats)[:, 1]
+            p = self.ranker.predict_proba(self._with_blend(feats, self.weights))[:, 1]
             start = 0
             for u, c in enumerate(cands):
                 out[u, c] = p[start:start + len(c)]
