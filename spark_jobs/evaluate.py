@@ -64,7 +64,7 @@ class AlsScorer:
 
     def export(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(directory / "arrays.npz", user_factors=self.users, item_factors=self.items)
+        np.savez(directory / "arrays.npz", user_factors=self.users, item_factors=self.items)
         (directory / "model.json").write_text(json.dumps({"name": "als", "params": self.params}))
 
 
@@ -107,9 +107,7 @@ class ContractScorer:
     user and item indices."""
 
     def __init__(self, name: str, settings: Settings, split: Split, items: pd.DataFrame) -> None:
-        data = Interactions.from_events(
-            split.train_events[[c for c in ("user_id", "item_id", "weight", "ts", "value")
-                                if c in split.train_events]], items)
+        data = training_interactions(split, items)
         self.model = make_model(name, **model_params(name, settings)).fit(data)
         self.params = self.model.params()
         self.rows = np.searchsorted(data.user_ids, split.user_ids)
@@ -120,6 +118,21 @@ class ContractScorer:
 
     def export(self, directory: Path) -> None:
         self.model.export(directory)
+
+
+_INTERACTIONS: dict[int, tuple[Split, Interactions]] = {}
+
+
+def training_interactions(split: Split, items: pd.DataFrame | None) -> Interactions:
+    """The split's training part as Interactions, built once per split for every model."""
+    hit = _INTERACTIONS.get(id(split))
+    if hit is None or hit[0] is not split:
+        _INTERACTIONS.clear()
+        data = Interactions.from_events(
+            split.train_events[[c for c in ("user_id", "item_id", "weight", "ts", "value")
+                                if c in split.train_events]], items)
+        hit = _INTERACTIONS[id(split)] = (split, data)
+    return hit[1]
 
 
 def model_params(name: str, settings: Settings) -> dict:

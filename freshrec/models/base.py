@@ -160,7 +160,7 @@ class Recommender(ABC):
     def export(self, directory: Path) -> Path:
         data = self._fitted()
         directory.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(directory / "arrays.npz", item_ids=data.item_ids.astype(str),
+        np.savez(directory / "arrays.npz", item_ids=data.item_ids.astype(str),
                             user_ids=data.user_ids.astype(str), **self.export_arrays())
         (directory / "model.json").write_text(json.dumps({"name": self.name,
                                                           "params": self.params()}))
