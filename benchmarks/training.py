@@ -46,23 +46,7 @@ def _dataset(settings, name: str):
     if name == "ml-100k":
         return datasets.movielens_100k(settings.data_dir / "cache")
     if name == "synthetic":
-        import pandas as pd
-
-        from freshrec.synth import make_events, make_items
-
-        cfg = settings.synth
-        rng = np.random.default_rng(cfg.seed)
-        items, ic = make_items(cfg, rng)
-        from datetime import datetime, timezone
-
-        ev, _ = make_events(cfg, ic, datetime(2026, 11, 27, tzinfo=timezone.utc), rng)
-        events = pd.DataFrame({"user_id": np.char.add("u", ev["user"].astype(str)),
-                               "item_id": np.char.add("i", ev["item"].astype(str)),
-                               "ts": pd.to_datetime(ev["ts"], utc=True), "weight": 1.0,
-                               "raw_id": np.arange(len(ev["user"])).astype(str)})
-        return datasets.Dataset("synthetic", events,
-                                items.to_pandas()[["item_id", "title", "categories", "text"]],
-                                {"synth_seed": cfg.seed})
+        return datasets.synthetic(settings.synth)
     raise SystemExit(f"unknown dataset {name!r}")
 
 

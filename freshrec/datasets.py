@@ -52,6 +52,26 @@ def silver(settings, version: int | None = None) -> Dataset:
     return Dataset("embedded", ev, items, {"events": version, "items": items_version})
 
 
+def synthetic(cfg, end=None) -> Dataset:
+    """The synthetic generator's clean events (no malformed rows or duplicates) and items, in
+    memory, with ``cfg`` (SynthSettings): for experiments that need no Delta tables."""
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from freshrec.synth import make_events, make_items
+
+    rng = np.random.default_rng(cfg.seed)
+    items, item_cluster = make_items(cfg, rng)
+    ev, _ = make_events(cfg, item_cluster, end or datetime(2026, 11, 27, tzinfo=timezone.utc), rng)
+    events = pd.DataFrame({"user_id": np.char.add("u", ev["user"].astype(str)),
+                           "item_id": np.char.add("i", ev["item"].astype(str)),
+                           "ts": pd.to_datetime(ev["ts"], utc=True), "weight": 1.0,
+                           "value": ev["value"], "raw_id": np.arange(len(ev["user"])).astype(str)})
+    return Dataset("synthetic", events, items.to_pandas()[["item_id", "title", "categories", "text"]],
+                   {"synth_seed": cfg.seed})
+
+
 def _recbole_wheel(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))

@@ -8,17 +8,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from freshrec.datasets import Dataset
+from freshrec.datasets import Dataset, synthetic
 from freshrec.evaluation import evaluate_scorer
 from freshrec.settings import SynthSettings
-from freshrec.synth import make_events, make_items
+from freshrec.synth import make_items
 from training import data as td
 from training import rl, trainer
 
@@ -27,15 +25,7 @@ SMALL_SYNTH = SynthSettings(n_events=30000, n_users=1200, n_items=400, n_cluster
 
 @pytest.fixture(scope="module")
 def small() -> Dataset:
-    rng = np.random.default_rng(SMALL_SYNTH.seed)
-    items, item_cluster = make_items(SMALL_SYNTH, rng)
-    ev, _ = make_events(SMALL_SYNTH, item_cluster, datetime(2026, 11, 27, tzinfo=timezone.utc), rng)
-    events = pd.DataFrame({"user_id": np.char.add("u", ev["user"].astype(str)),
-                           "item_id": np.char.add("i", ev["item"].astype(str)),
-                           "ts": pd.to_datetime(ev["ts"], utc=True), "weight": 1.0,
-                           "value": ev["value"], "raw_id": np.arange(len(ev["user"])).astype(str)})
-    return Dataset("small", events, items.to_pandas()[["item_id", "title", "categories", "text"]],
-                   {"events": 0})
+    return synthetic(SMALL_SYNTH)
 
 
 @pytest.fixture(scope="module")

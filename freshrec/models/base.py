@@ -168,3 +168,20 @@ class Recommender(ABC):
 
     def params(self) -> dict:
         return {}
+
+
+class FactorRecommender(Recommender):
+    """A latent-factor model: ``fit`` sets ``users`` (n_users, r) and ``items`` (n_items, r);
+    scores are their dot products, and the factors are the exported artifact."""
+
+    users: np.ndarray
+    items: np.ndarray
+
+    def score(self, user_rows: np.ndarray) -> np.ndarray:
+        return self.users[np.asarray(user_rows)] @ self.items.T
+
+    def item_vectors(self) -> np.ndarray:
+        return self.items
+
+    def export_arrays(self) -> dict[str, np.ndarray]:
+        return {"user_factors": self.users, "item_factors": self.items}

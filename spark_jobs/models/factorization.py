@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from scipy.sparse.linalg import svds
 
-from freshrec.models.base import Interactions, Recommender
+from freshrec.models.base import FactorRecommender, Interactions, Recommender
 
 
-class PureSVDModel(Recommender):
+class PureSVDModel(FactorRecommender):
     """Truncated SVD of the binarized user-item matrix; scores = U S Vᵀ (Cremonesi et al.)."""
 
     name = "pure_svd"
@@ -25,15 +25,6 @@ class PureSVDModel(Recommender):
         self.users = (u * s).astype(np.float32)
         self.items = vt.T.astype(np.float32)
         return self
-
-    def score(self, user_rows: np.ndarray) -> np.ndarray:
-        return self.users[np.asarray(user_rows)] @ self.items.T
-
-    def item_vectors(self) -> np.ndarray:
-        return self.items
-
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        return {"user_factors": self.users, "item_factors": self.items}
 
     def params(self) -> dict:
         return {"rank": self.rank}

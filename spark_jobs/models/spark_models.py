@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from freshrec.models.base import Interactions, Recommender
+from freshrec.models.base import FactorRecommender, Interactions, Recommender
 
 
 def _spark():
@@ -28,7 +28,7 @@ def _spark():
     return get_spark(load_settings())
 
 
-class SparkALSModel(Recommender):
+class SparkALSModel(FactorRecommender):
     name = "als"
 
     def __init__(self, rank: int = 64, iterations: int = 10, reg_param: float = 0.1,
@@ -72,15 +72,6 @@ class SparkALSModel(Recommender):
         self.items[np.searchsorted(data.item_ids, f.item_ids)] = f.item_factors
         self.data = data
         return self
-
-    def score(self, user_rows: np.ndarray) -> np.ndarray:
-        return self.users[np.asarray(user_rows)] @ self.items.T
-
-    def item_vectors(self) -> np.ndarray:
-        return self.items
-
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        return {"user_factors": self.users, "item_factors": self.items}
 
     def params(self) -> dict:
         return {**self.cfg.model_dump(), "implicit": self.implicit}
