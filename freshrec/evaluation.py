@@ -40,10 +40,7 @@ def temporal_split(events: pd.DataFrame, test_fraction: float, max_users: int = 
                          "interval; run ingest and clean first")
     sort_cols = ["user_id", "ts"] + (["raw_id"] if "raw_id" in events else [])
     ev = events.sort_values(sort_cols, kind="stable").reset_index(drop=True)
-    n = ev.groupby("user_id", sort=False)["user_id"].transform("size").to_numpy()
-    rank = ev.groupby("user_id", sort=False).cumcount().to_numpy()
-    n_test = np.maximum(1, np.floor(n * test_fraction)).astype(np.int64)
-    is_test = (n >= 2) & (rank >= n - n_test)
+    is_test = newest_share(ev["user_id"], test_fraction, min_events=2)
     train_ev, test_ev = ev[~is_test], ev[is_test]
 
     user_ids = np.sort(train_ev["user_id"].unique())
@@ -71,6 +68,15 @@ def temporal_split(events: pd.DataFrame, test_fraction: float, max_users: int = 
         pick = np.sort(np.random.default_rng(seed).choice(len(test_users), max_users, replace=False))
         test_users, test_items = test_users[pick], [test_items[p] for p in pick]
     return Split(user_ids, item_ids, train, train_ev, test_users, test_items, len(test_ev))
+
+
+def newest_share(users: pd.Series, fraction: float, min_events: int) -> np.ndarray:
+    """Rows holding each user's newest ``fraction`` of events (at least one), for users with at
+    least ``min_events``. ``users`` must be ordered by user, then time."""
+    g = users.groupby(users, sort=False)
+    n = g.transform("size").to_numpy()
+    rank = g.cumcount().to_numpy()
+    return (n >= min_events) & (rank >= n - np.maximum(1, np.floor(n * fraction)).astype(np.int64))
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

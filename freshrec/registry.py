@@ -11,7 +11,6 @@ tagged ``gate=rejected`` with the reason, and its run keeps every metric.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -108,7 +107,3 @@ def champion_info(mlflow, name: str = RETRIEVAL) -> dict | None:
         return None
     return {"version": champ.version, "run_id": champ.run_id, "source": champ.source,
             "tags": dict(champ.tags)}
-
-
-def dumps(result: GateResult) -> str:
-    return json.dumps(result.as_dict(), indent=2)

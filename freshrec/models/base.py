@@ -22,6 +22,29 @@ import scipy.sparse as sp
 from freshrec.evaluation import top_k
 
 
+def standardize_rows(s: np.ndarray) -> np.ndarray:
+    """Per-row z-scores (a constant row stays 0): puts different models' scores on one scale."""
+    s = np.asarray(s, dtype=np.float32)
+    sd = s.std(axis=1, keepdims=True)
+    return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+
+def popularity_prior(matrix: sp.csr_matrix) -> np.ndarray:
+    """Standardized log popularity per item: a prior that rating- or content-based scores add."""
+    pop = np.log1p(np.asarray(matrix.sum(axis=0)).ravel())
+    return ((pop - pop.mean()) / (pop.std() or 1.0)).astype(np.float32)
+
+
+def decayed_weights(events: pd.DataFrame, as_of, half_life_days: float) -> np.ndarray:
+    """Event weights halved every ``half_life_days`` before ``as_of`` (infinity: undecayed)."""
+    as_of = pd.Timestamp(as_of)
+    as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of
+    days = np.maximum((as_of - pd.to_datetime(events["ts"], utc=True)).dt.total_seconds()
+                      .to_numpy() / 86400.0, 0.0)
+    w = events["weight"].to_numpy()
+    return w * 0.5 ** (days / half_life_days) if np.isfinite(half_life_days) else w.astype(np.float64)
+
+
 def weight_matrix(user_rows, item_rows, weights, shape) -> sp.csr_matrix:
     """users x items CSR of summed weights (repeated pairs add up)."""
     m = sp.csr_matrix((np.asarray(weights, dtype=np.float32), (user_rows, item_rows)), shape=shape)

@@ -9,12 +9,12 @@ without metadata have an empty vector and rank on the prior alone."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
 
-from freshrec.models.base import Interactions, Recommender
+from freshrec.models.base import (Interactions, Recommender, decayed_weights, popularity_prior,
+                                  standardize_rows)
 
 
 class ContentModel(Recommender):
@@ -47,22 +47,15 @@ class ContentModel(Recommender):
         tfidf = TfidfVectorizer(max_features=self.max_features, token_pattern=r"(?u)\b\w+\b")
         self.item_matrix = normalize(tfidf.fit_transform(docs).astype(np.float32))
         ev = data.events
-        as_of = pd.Timestamp(data.as_of)
-        as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of
-        days = np.maximum((as_of - pd.to_datetime(ev["ts"], utc=True)).dt.total_seconds()
-                          .to_numpy() / 86400.0, 0.0)
-        w = ev["weight"].to_numpy() * 0.5 ** (days / self.half_life_days)
+        w = decayed_weights(ev, data.as_of, self.half_life_days)
         decayed = sp.csr_matrix((w, (ev["user_row"], ev["item_row"])), shape=data.matrix.shape)
         self.profiles = normalize(decayed @ self.item_matrix)
-        pop = np.log1p(np.asarray(data.matrix.sum(axis=0)).ravel())
-        self.prior = ((pop - pop.mean()) / (pop.std() or 1.0)).astype(np.float32)
+        self.prior = popularity_prior(data.matrix)
         return self
 
     def score(self, user_rows: np.ndarray) -> np.ndarray:
         sim = (self.profiles[np.asarray(user_rows)] @ self.item_matrix.T).toarray()
-        sd = sim.std(axis=1, keepdims=True)
-        z = (sim - sim.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
-        return z + self.popularity_weight * self.prior
+        return standardize_rows(sim) + self.popularity_weight * self.prior
 
     def export_arrays(self) -> dict[str, np.ndarray]:
         m = self.item_matrix.tocsr()

@@ -23,19 +23,12 @@ import logging
 
 import numpy as np
 
-from freshrec.evaluation import ranking_metrics, top_k
-from freshrec.models.base import Interactions, Recommender, weight_matrix
+from freshrec.evaluation import newest_share, ranking_metrics, top_k
+from freshrec.models.base import Interactions, Recommender, standardize_rows, weight_matrix
 
 log = logging.getLogger(__name__)
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 DEFAULT_SOURCES = ("ease", "item_knn", "user_knn", "pure_svd", "content", "trending")
-
-
-def _standardize(s: np.ndarray) -> np.ndarray:
-    s = np.asarray(s, dtype=np.float32)
-    mu = s.mean(axis=1, keepdims=True)
-    sd = s.std(axis=1, keepdims=True)
-    return (s - mu) / np.where(sd > 0, sd, 1.0)
 
 
 def _mask(scores: np.ndarray, seen, rows_in_seen: np.ndarray) -> np.ndarray:
@@ -122,7 +115,7 @@ class HybridModel(Recommender):
         return np.column_stack([feats, feats[:, 0:2 * len(self.names):2] @ wv])
 
     def _source_scores(self, models: dict[str, Recommender], rows: np.ndarray, seen):
-        z = {s: _standardize(models[s].score(rows)) for s in self.names}
+        z = {s: standardize_rows(models[s].score(rows)) for s in self.names}
         masked = {s: _mask(v, seen, rows) for s, v in z.items()}
         return z, masked
 
@@ -134,9 +127,7 @@ class HybridModel(Recommender):
         self.skipped = {}
         self.names = self._usable_sources(data)
         ev = data.events.sort_values(["user_row", "ts"], kind="stable")
-        n = ev.groupby("user_row")["user_row"].transform("size").to_numpy()
-        r = ev.groupby("user_row").cumcount().to_numpy()
-        held = (n >= 3) & (r >= n - np.maximum(1, np.floor(n * self.validation_fraction)))
+        held = newest_share(ev["user_row"], self.validation_fraction, min_events=3)
         fit_ev, val_ev = ev[~held], ev[held]
         inner = Interactions(
             data.user_ids, data.item_ids,
@@ -261,7 +252,7 @@ class HybridModel(Recommender):
         rows = np.asarray(user_rows)
         seen = self._fitted().matrix
         if self.blender_used != "ranker":
-            return sum(self.weights[s] * _standardize(self.models[s].score(rows))
+            return sum(self.weights[s] * standardize_rows(self.models[s].score(rows))
                        for s in self.models if self.weights.get(s, 0) > 0)
         z, masked = self._source_scores(self.models, rows, seen)
         blend = sum(w * z[s] for s, w in self.weights.items() if w > 0)

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 
 from freshrec.baselines import MostPopular
-from freshrec.models.base import Interactions, Recommender
+from freshrec.evaluation import newest_share
+from freshrec.models.base import Interactions, Recommender, decayed_weights
 
 
 class MostPopularModel(Recommender):
@@ -27,10 +28,8 @@ class MostPopularModel(Recommender):
 HALF_LIVES = (1.0, 3.0, 7.0, 14.0, 30.0, 90.0, 365.0, float("inf"))
 
 
-def _decayed(events: pd.DataFrame, as_of: pd.Timestamp, half_life: float, n_items: int) -> np.ndarray:
-    ts = pd.to_datetime(events["ts"], utc=True)
-    days = np.maximum((as_of - ts).dt.total_seconds().to_numpy() / 86400.0, 0.0)
-    w = events["weight"].to_numpy() * (0.5 ** (days / half_life) if np.isfinite(half_life) else 1.0)
+def _decayed(events: pd.DataFrame, as_of, half_life: float, n_items: int) -> np.ndarray:
+    w = decayed_weights(events, as_of, half_life)
     return np.bincount(events["item_row"].to_numpy(), weights=w, minlength=n_items).astype(np.float32)
 
 
@@ -55,9 +54,7 @@ class TrendingModel(MostPopularModel):
 
     def _pick_half_life(self, events: pd.DataFrame, n_items: int) -> float:
         ev = events.sort_values(["user_row", "ts"], kind="stable")
-        n = ev.groupby("user_row")["user_row"].transform("size").to_numpy()
-        r = ev.groupby("user_row").cumcount().to_numpy()
-        held = (n >= 3) & (r >= n - np.maximum(1, np.floor(n * self.holdout_fraction)))
+        held = newest_share(ev["user_row"], self.holdout_fraction, min_events=3)
         past, recent = ev[~held], ev[held]
         if past.empty or recent.empty:
             return 7.0
@@ -70,10 +67,11 @@ class TrendingModel(MostPopularModel):
             return float((truth[top] * disc[:len(top)]).sum() / max((ideal * disc).sum(), 1e-9))
 
         # plain popularity unless some decay predicts the held-out items clearly (1%) better
-        best, best_score = float("inf"), ndcg(float("inf"))
+        plain = ndcg(float("inf"))
+        best, best_score = float("inf"), plain
         for h in HALF_LIVES[:-1]:
             score = ndcg(h)
-            if score > max(best_score, ndcg(float("inf")) * 1.01):
+            if score > max(best_score, plain * 1.01):
                 best, best_score = h, score
         return best
 
@@ -81,11 +79,9 @@ class TrendingModel(MostPopularModel):
         if data.events is None:
             raise ValueError("trending needs event timestamps (Interactions.events)")
         self.data = data
-        as_of = pd.Timestamp(data.as_of)
-        as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of
         self.fitted_half_life = self._pick_half_life(data.events, data.n_items) \
             if self.half_life_days == "auto" else float(self.half_life_days)
-        self.popularity = _decayed(data.events, as_of, self.fitted_half_life, data.n_items)
+        self.popularity = _decayed(data.events, data.as_of, self.fitted_half_life, data.n_items)
         return self
 
     def params(self) -> dict:

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from freshrec.models.base import FactorRecommender, Interactions, Recommender
+from freshrec.models.base import (FactorRecommender, Interactions, Recommender, popularity_prior,
+                                  standardize_rows)
 
 
 def _spark():
@@ -92,18 +93,14 @@ class SparkALSExplicitModel(SparkALSModel):
 
     def fit(self, data: Interactions) -> "SparkALSExplicitModel":
         super().fit(data)
-        pop = np.log1p(np.asarray(data.matrix.sum(axis=0)).ravel())
-        self.prior = ((pop - pop.mean()) / (pop.std() or 1.0)).astype(np.float32)
+        self.prior = popularity_prior(data.matrix)
         return self
 
     def predict_ratings(self, user_rows: np.ndarray) -> np.ndarray:
         return super().score(user_rows)
 
     def score(self, user_rows: np.ndarray) -> np.ndarray:
-        r = self.predict_ratings(user_rows)
-        sd = r.std(axis=1, keepdims=True)
-        z = (r - r.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
-        return z + self.popularity_weight * self.prior
+        return standardize_rows(self.predict_ratings(user_rows)) + self.popularity_weight * self.prior
 
     def export_arrays(self) -> dict[str, np.ndarray]:
         return {**super().export_arrays(), "popularity_prior": self.prior}
