@@ -2,12 +2,11 @@
 item logged.
 
 The retrieval's top ``candidates`` (after filters and seen-item exclusion) are described with the
-same features the training lane's simulator uses (:func:`training.rl.candidate_features` is mirrored
-here so serving does not import the training code): the user's share of recent items in the
-candidate's category, the candidate's standardized log popularity and its standardized retrieval
-score. The policy picks ``k``; with probability ``epsilon`` a uniformly random slate is served
-instead, so every candidate has a known chance ``(1 - eps) 1[policy's slate] + eps k / N`` (LinUCB,
-the learned policy) or a Monte Carlo estimate (Thompson sampling). Each served slate is appended to
+features the training lane learns on (:mod:`freshrec.policies`, shared by both lanes): the user's
+share of recent items in the candidate's category, the candidate's standardized log popularity and
+its standardized retrieval score. The policy picks ``k``; with probability ``epsilon`` a uniformly
+random slate is served instead, so every candidate has a known chance of being served (see
+:mod:`freshrec.policies`). Each served slate is appended to
 ``<data>/impressions/impressions-<date>.jsonl`` (user pseudonym, items, positions, propensities,
 policy), the logged data of off-policy learning. Clicks reported through RecordEvents update a
 bandit online; the unclicked rest of a slate counts as reward 0 when the user's next slate is served.
@@ -24,61 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from freshrec.policies import LinearPolicy, candidate_features
+
 log = logging.getLogger(__name__)
 REWARDING = {"click", "purchase", "add_to_cart", "rating", "like"}
-
-
-def features(affinity: np.ndarray, pop_z: np.ndarray, score_z: np.ndarray) -> np.ndarray:
-    """Mirror of training.rl.candidate_features (a test keeps the two equal)."""
-    a, p = np.asarray(affinity, np.float64), np.asarray(pop_z, np.float64)
-    return np.stack([np.ones_like(a), a, p, a * p, np.log(a + 0.02), np.asarray(score_z, np.float64)],
-                    axis=-1)
-
-
-class _Linear:
-    """A bandit (A, b) or a fixed policy (theta) from exported arrays."""
-
-    def __init__(self, arrays, epsilon: float, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-        if "theta" in arrays:
-            self.kind, self.theta = "reinforce", np.asarray(arrays["theta"], np.float64)
-            self.A = self.b = None
-            self.alpha = 0.0
-        else:
-            self.kind = str(arrays["kind"])
-            self.A, self.b = np.array(arrays["A"], np.float64), np.array(arrays["b"], np.float64)
-            self.alpha = float(arrays["alpha"])
-        self.epsilon = epsilon
-
-    def _scores(self, x: np.ndarray, draw: bool = True) -> np.ndarray:
-        if self.A is None:
-            return x @ self.theta
-        a_inv = np.linalg.inv(self.A)
-        theta = a_inv @ self.b
-        if self.kind == "linucb":
-            return x @ theta + self.alpha * np.sqrt(np.einsum("ni,ij,nj->n", x, a_inv, x))
-        return x @ (self.rng.multivariate_normal(theta, self.alpha ** 2 * a_inv) if draw else theta)
-
-    def select(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        n = len(x)
-        k = min(k, n)
-        explore = self.rng.random() < self.epsilon
-        slate = self.rng.choice(n, k, replace=False) if explore else np.argsort(-self._scores(x))[:k]
-        if self.kind == "thompson":
-            counts = np.zeros(n)
-            for _ in range(32):
-                counts[np.argsort(-self._scores(x))[:k]] += 1
-            chosen = counts / 32
-        else:
-            chosen = np.zeros(n)
-            chosen[np.argsort(-self._scores(x, draw=False))[:k]] = 1.0
-        prop = (1 - self.epsilon) * chosen + self.epsilon * k / n
-        return slate, np.clip(prop[slate], 1e-6, 1.0)
-
-    def update(self, x: np.ndarray, r: np.ndarray) -> None:
-        if self.A is not None:
-            self.A += x.T @ x
-            self.b += x.T @ r
 
 
 class Reranker:
@@ -88,7 +36,7 @@ class Reranker:
         if meta.get("kind") != "reranker":
             raise ValueError(f"{model_dir}: not a re-ranking policy (model.json kind="
                              f"{meta.get('kind')!r}); train one with `freshrec train --model bandit`")
-        self.policy = _Linear(np.load(model_dir / "arrays.npz"), epsilon, seed)
+        self.policy = LinearPolicy.from_arrays(np.load(model_dir / "arrays.npz"), epsilon, seed)
         self.name, self.candidates = meta["name"], candidates
         self.dir = impressions_dir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +63,7 @@ class Reranker:
         pop = np.array([pz.get(s.item_id, -2.0) for s in scored])
         sc = np.array([s.score for s in scored], np.float64)
         sz = (sc - sc.mean()) / (sc.std() or 1.0)
-        x = features(aff, pop, sz)
+        x = candidate_features(aff, pop, sz)
         with self.lock:
             slate, prop = self.policy.select(x, k)
             old = self.pending.pop(user, None)

@@ -185,7 +185,7 @@ def test_learned_policies_beat_random_greedy_and_logging(sim):
 def test_bandit_propensities_are_valid_probabilities(sim):
     b = sim.requests(50)
     for kind in ("linucb", "thompson"):
-        bandit = rl.LinearBandit(kind=kind, epsilon=0.1, seed=1)
+        bandit = rl.LinearPolicy(kind=kind, epsilon=0.1, seed=1)
         for t in range(50):
             slate, prop = bandit.select(b.x[t], 4)
             assert len(set(slate)) == 4 and ((prop > 0) & (prop <= 1)).all()
@@ -193,15 +193,7 @@ def test_bandit_propensities_are_valid_probabilities(sim):
     mu = rl.inclusion_probs(b.base, 4, np.random.default_rng(0))
     assert np.allclose(mu.sum(1), 4, atol=0.1)
     with pytest.raises(ValueError, match="linucb or thompson"):
-        rl.LinearBandit(kind="greedy")
-
-
-def test_serving_features_mirror_the_training_features():
-    from serving.rerank import features
-
-    rng = np.random.default_rng(0)
-    a, p, s = rng.random(10), rng.normal(size=10), rng.normal(size=10)
-    np.testing.assert_array_equal(features(a, p, s), rl.candidate_features(a, p, s))
+        rl.LinearPolicy(kind="greedy")
 
 
 def test_freshrec_train_cli_reports_a_missing_gpu_and_an_unknown_model(tmp_path, monkeypatch, capsys):

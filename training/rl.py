@@ -29,18 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-N_FEATURES = 6
-
-
-def candidate_features(affinity: np.ndarray, pop_z: np.ndarray, score_z: np.ndarray) -> np.ndarray:
-    """Features of candidates (any leading shape): bias, the user's estimated affinity to the
-    candidate's category, its standardized log popularity, their product, log affinity, and the
-    retrieval score. The same function runs in serving."""
-    a = np.asarray(affinity, np.float64)
-    p = np.asarray(pop_z, np.float64)
-    return np.stack([np.ones_like(a), a, p, a * p, np.log(a + 0.02), np.asarray(score_z, np.float64)],
-                    axis=-1)
-
+from freshrec.policies import N_FEATURES, LinearPolicy, candidate_features
 
 @dataclass
 class Batch:
@@ -144,72 +133,7 @@ def slate_marginals(slates: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
-class LinearBandit:
-    """LinUCB (``kind="linucb"``) or linear Thompson sampling (``"thompson"``) over candidate
-    features, one shared linear click model, slates by top-k of the UCB or the sample. ``epsilon``
-    mixes in a uniformly random slate, so every candidate keeps a known chance of being served:
-    ``propensity = (1 - eps) * 1[in the model's slate] + eps * k / N`` for LinUCB, and a Monte Carlo
-    estimate over posterior samples for Thompson sampling."""
-
-    def __init__(self, d: int = N_FEATURES, kind: str = "linucb", alpha: float = 0.5,
-                 l2: float = 1.0, epsilon: float = 0.05, seed: int = 0) -> None:
-        if kind not in ("linucb", "thompson"):
-            raise ValueError(f"bandit kind must be linucb or thompson, got {kind!r}")
-        self.kind, self.alpha, self.epsilon = kind, alpha, epsilon
-        self.A = np.eye(d) * l2
-        self.b = np.zeros(d)
-        self.rng = np.random.default_rng(seed)
-
-    @property
-    def theta(self) -> np.ndarray:
-        return np.linalg.solve(self.A, self.b)
-
-    def _scores(self, x: np.ndarray, draw: bool = True) -> np.ndarray:
-        a_inv = np.linalg.inv(self.A)
-        theta = a_inv @ self.b
-        if self.kind == "linucb":
-            width = np.sqrt(np.einsum("...i,ij,...j->...", x, a_inv, x))
-            return x @ theta + self.alpha * width
-        th = self.rng.multivariate_normal(theta, self.alpha ** 2 * a_inv) if draw else theta
-        return x @ th
-
-    def select(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """x (N, d) for one request -> (slate of k candidate positions, their propensities)."""
-        N = len(x)
-        k = min(k, N)
-        if self.rng.random() < self.epsilon:
-            slate = self.rng.choice(N, k, replace=False)
-        else:
-            slate = np.argsort(-self._scores(x))[:k]
-        if self.kind == "linucb":
-            greedy = np.zeros(N, bool)
-            greedy[np.argsort(-self._scores(x))[:k]] = True
-            prop = (1 - self.epsilon) * greedy + self.epsilon * k / N
-        else:
-            counts = np.zeros(N)
-            for _ in range(32):
-                counts[np.argsort(-self._scores(x))[:k]] += 1
-            prop = (1 - self.epsilon) * counts / 32 + self.epsilon * k / N
-        return slate, np.clip(prop[slate], 1e-6, 1.0)
-
-    def update(self, x: np.ndarray, rewards: np.ndarray) -> None:
-        """x (m, d) of served candidates and their rewards (clicks)."""
-        self.A += x.T @ x
-        self.b += x.T @ rewards
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"A": self.A, "b": self.b, "alpha": np.array(self.alpha),
-                "epsilon": np.array(self.epsilon), "kind": np.array(self.kind)}
-
-    @classmethod
-    def from_arrays(cls, arrays, seed: int = 0) -> "LinearBandit":
-        m = cls(d=len(arrays["b"]), kind=str(arrays["kind"]), alpha=float(arrays["alpha"]),
-                epsilon=float(arrays["epsilon"]), seed=seed)
-        m.A, m.b = np.array(arrays["A"], np.float64), np.array(arrays["b"], np.float64)
-        return m
-
-
-def run_bandit(sim: Simulator, bandit: LinearBandit, rounds: int, batch: int = 50) -> dict:
+def run_bandit(sim: Simulator, bandit: LinearPolicy, rounds: int, batch: int = 50) -> dict:
     """Online: serve, observe clicks, update. Returns the mean true value per slate overall and
     over the last quarter of rounds (after learning)."""
     values = []
@@ -331,7 +255,7 @@ def compare_policies(sim: Simulator, n_logged: int = 4000, n_eval: int = 3000, b
     policy, curve = train_reinforce(logged, seed=seed)
     bandits = {}
     for kind in ("linucb", "thompson"):
-        b = LinearBandit(kind=kind, seed=seed)
+        b = LinearPolicy(kind=kind, seed=seed)
         bandits[kind] = (b, run_bandit(sim, b, bandit_rounds))
     ev = sim.requests(n_eval)
     k, N = sim.k, sim.n_candidates

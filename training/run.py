@@ -168,7 +168,7 @@ def train_policy(settings: Settings, model: str, kind: str = "linucb", n_logged:
             else:
                 np.savez(d / "arrays.npz", **res["bandits"][kind][0].to_arrays())
             (d / "model.json").write_text(json.dumps({
-                "name": learned, "kind": "reranker", "features": "training.rl.candidate_features",
+                "name": learned, "kind": "reranker", "features": "freshrec.policies.candidate_features",
                 "n_features": rl.N_FEATURES}))
             mlflow.log_artifacts(str(d), "model")
         run_id = run.info.run_id
