@@ -34,6 +34,7 @@ from freshrec import datasets  # noqa: E402
 from freshrec.evaluation import evaluate_scorer, temporal_split  # noqa: E402
 from freshrec.models.base import Interactions  # noqa: E402
 from freshrec.settings import load_settings  # noqa: E402
+from spark_jobs.evaluate import model_params  # noqa: E402
 from spark_jobs.models import MODELS, make_model  # noqa: E402
 
 ORDER = ["most_popular", "trending", "content", "item_knn", "spark_item_knn", "user_knn",
@@ -65,10 +66,7 @@ def run_dataset(ds: datasets.Dataset, names: list[str], max_users: int, settings
     out: dict[str, dict] = {}
     als = settings.als
     for name in names:
-        params = {"ease": {"max_items": settings.evaluation.ease_max_items},
-                  "hybrid": {"ease_max_items": settings.evaluation.ease_max_items},
-                  "als": {"rank": als.rank, "iterations": als.iterations,
-                          "reg_param": als.reg_param, "alpha": als.alpha}}.get(name, {})
+        params = model_params(name, settings)  # what the batch lane's evaluate uses
         t0 = time.perf_counter()
         try:
             model = make_model(name, **params).fit(data)

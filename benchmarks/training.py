@@ -52,6 +52,7 @@ def _dataset(settings, name: str):
 
 def quality(settings, names: list[str], max_users: int, device: str) -> dict:
     from freshrec.models.base import Interactions
+    from spark_jobs.evaluate import model_params
     from spark_jobs.models import make_model
     from training import data as td
     from training import trainer
@@ -70,12 +71,9 @@ def quality(settings, names: list[str], max_users: int, device: str) -> dict:
         inter = Interactions.from_events(split.train_events[cols], None)
         r_idx = np.searchsorted(inter.user_ids, split.user_ids)
         c_idx = np.searchsorted(inter.item_ids, split.item_ids)
-        als = settings.als
-        for ref, params in (("als", {"rank": als.rank, "iterations": als.iterations,
-                                     "reg_param": als.reg_param, "alpha": als.alpha}),
-                            ("ease", {"max_items": settings.evaluation.ease_max_items})):
+        for ref in ("als", "ease"):
             t0 = time.perf_counter()
-            m = make_model(ref, **params).fit(inter)
+            m = make_model(ref, **model_params(ref, settings)).fit(inter)
             fit = time.perf_counter() - t0
             rows[ref] = {**data.evaluate(lambda rr, m=m, r_=r_idx, c_=c_idx: m.score(r_[rr])[:, c_], (10,)),
                          "fit_seconds": fit}

@@ -29,8 +29,7 @@ from freshrec.models.base import Interactions
 from freshrec.settings import Settings
 from freshrec.spark import get_spark
 from freshrec.tracking import mlflow_for
-from spark_jobs.als import fit_als, interactions
-from spark_jobs.models import MODELS, make_model
+from spark_jobs.models import MODELS, SPARK_MODELS, make_model
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +41,6 @@ def load_events(store: DeltaStore, interval: DataInterval) -> tuple[pa.Table, in
         filter=(pc.field("batch_date") <= interval.batch_date)
         & (pc.field("ts") < pa.scalar(interval.end, pa.timestamp("us", tz="UTC"))))
     return table, version
-
-
-class AlsScorer:
-    """ALS fitted in Spark on the split's training events, aligned to the split's indices."""
-
-    def __init__(self, settings: Settings, split: Split) -> None:
-        spark = get_spark(settings)
-        train = spark.createDataFrame(split.train_events[["user_id", "item_id", "weight"]])
-        f = fit_als(interactions(train), settings.als)
-        self.fit_seconds = f.fit_seconds
-        self.params = {f"als_{k}": v for k, v in settings.als.model_dump().items()}
-        rank = f.user_factors.shape[1]
-        self.users = np.zeros((len(split.user_ids), rank), np.float32)
-        self.users[np.searchsorted(split.user_ids, f.user_ids.astype(str))] = f.user_factors
-        self.items = np.zeros((len(split.item_ids), rank), np.float32)
-        self.items[np.searchsorted(split.item_ids, f.item_ids.astype(str))] = f.item_factors
-
-    def score(self, rows: np.ndarray) -> np.ndarray:
-        return self.users[rows] @ self.items.T
-
-    def export(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        np.savez(directory / "arrays.npz", user_factors=self.users, item_factors=self.items)
-        (directory / "model.json").write_text(json.dumps({"name": "als", "params": self.params}))
 
 
 MAX_ARTIFACT_BYTES = 512 << 20
@@ -107,9 +82,13 @@ class ContractScorer:
     user and item indices."""
 
     def __init__(self, name: str, settings: Settings, split: Split, items: pd.DataFrame) -> None:
+        if name in SPARK_MODELS:
+            get_spark(settings)  # the job's session (its settings), which the model then uses
         data = training_interactions(split, items)
         self.model = make_model(name, **model_params(name, settings)).fit(data)
         self.params = self.model.params()
+        if hasattr(self.model, "fit_seconds"):  # Spark's own fit time, without the data hand-over
+            self.fit_seconds = self.model.fit_seconds
         self.rows = np.searchsorted(data.user_ids, split.user_ids)
         self.cols = np.searchsorted(data.item_ids, split.item_ids)
 
@@ -144,6 +123,7 @@ def model_params(name: str, settings: Settings) -> dict:
             "hybrid": {"ease_max_items": settings.evaluation.ease_max_items,
                        "source_params": {"item_knn": {"n_neighbors": settings.evaluation.knn_neighbors},
                                          "pure_svd": {"rank": settings.als.rank}}},
+            "als": als,
             "als_explicit": {k: als[k] for k in ("iterations", "reg_param", "num_blocks", "seed")},
             }.get(name, {})
 
@@ -205,8 +185,7 @@ def run(settings: Settings, interval: DataInterval,
             log.info("evaluate %s: [%d/%d] fitting %s", interval.batch_date, n, len(names), name)
             t0 = time.perf_counter()
             try:
-                model = AlsScorer(settings, split) if name == "als" else \
-                    ContractScorer(name, settings, split, items)
+                model = ContractScorer(name, settings, split, items)
             except ValueError as e:  # e.g. EASE above its catalog size: say so, go on
                 skipped[name] = str(e)
                 log.warning("evaluate %s: %s skipped: %s", interval.batch_date, name, e)
