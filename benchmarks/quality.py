@@ -32,10 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 from freshrec import datasets  # noqa: E402
 from freshrec.evaluation import evaluate_scorer, temporal_split  # noqa: E402
-from freshrec.models.base import Interactions  # noqa: E402
+from recmodels.base import Interactions  # noqa: E402
 from freshrec.settings import load_settings  # noqa: E402
 from spark_jobs.evaluate import model_params  # noqa: E402
-from spark_jobs.models import MODELS, make_model  # noqa: E402
+from recmodels import MODELS, make_model  # noqa: E402
 
 ORDER = ["most_popular", "trending", "content", "item_knn", "spark_item_knn", "user_knn",
          "spark_user_knn", "pure_svd", "als", "als_explicit", "ease", "hybrid"]

@@ -51,9 +51,9 @@ def _dataset(settings, name: str):
 
 
 def quality(settings, names: list[str], max_users: int, device: str) -> dict:
-    from freshrec.models.base import Interactions
+    from recmodels.base import Interactions
     from spark_jobs.evaluate import model_params
-    from spark_jobs.models import make_model
+    from recmodels import make_model
     from training import data as td
     from training import trainer
 

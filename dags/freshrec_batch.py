@@ -8,8 +8,11 @@ Daily, per data interval `[data_interval_start, data_interval_end)`:
 3. **features**: gold `user_features`, `item_features`, `item_neighbors`
 4. **als**: Spark ALS -> `user_factors`, `item_factors` + MLflow run
 5. **evaluate**: temporal split; every model of `evaluation.models` fitted and scored, one MLflow run each
-6. **gate**: the best model becomes a `freshrec-retrieval` version, `@champion` only if it beats the champion
-7. **build_index**: FAISS snapshot of `item_factors` with an id map and a manifest
+6. **gate**: the best servable model becomes a `freshrec-retrieval` version, `@champion` only if it
+   beats the champion and every model evaluated on the same split
+7. **rollout**: the snapshot of `serving.model` (`@champion`: model artifact, catalog, users'
+   histories, FAISS index for embedding models), loaded on every replica of `refresher.replicas`
+   one at a time and health-checked; a replica that fails fails the task, naming it
 
 Every task works on its interval only and is safe to re-run. Parsing this file imports no
 pyspark, torch or faiss: each task imports its lane's entry point when it runs.
@@ -80,10 +83,12 @@ def freshrec_batch() -> None:
         return gate.main(_interval_args())
 
     @task
-    def build_index() -> dict:
-        from serving import index_snapshot
+    def rollout() -> dict:
+        from serving import rollout
 
-        return index_snapshot.main(_interval_args())
+        from freshrec.settings import load_settings
+
+        return rollout.rollout(load_settings())
 
     ingested = ingest()
     cleaned = clean()
@@ -91,8 +96,8 @@ def freshrec_batch() -> None:
     feats, model = features(), als()
     cleaned >> [feats, model]
     evaluated = evaluate()
-    model >> [evaluated, build_index()]
-    evaluated >> gate()
+    [feats, model] >> evaluated
+    evaluated >> gate() >> rollout()
 
 
 freshrec_batch()

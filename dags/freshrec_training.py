@@ -6,6 +6,8 @@ Weekly (Mondays 03:00 UTC), or on demand with **Trigger DAG w/ config**, e.g.
 
 1. **two_tower**, **sasrec**: deep retrieval on the silver tables (pinned Delta version), temporal
    split as in the batch lane, early stopping on validation NDCG@10; gated into `freshrec-retrieval`
+   (never promoted over a model the batch lane evaluated higher on the same split); **rollout**
+   loads a promoted one on every replica
 2. **reinforce**, **bandit**: re-ranking policies learned in the simulator built from the synthetic
    generator's ground truth; off-policy estimates vs the logging policy; gated into `freshrec-policy`
 
@@ -71,9 +73,24 @@ def freshrec_training() -> None:
     def bandit() -> dict:
         return _train("bandit")
 
+    @task(trigger_rule="none_failed")
+    def rollout(*results) -> dict:
+        """A retrieval model promoted above goes to every replica (refresher.replicas)."""
+        promoted = [r["gate"] for r in results if r and r.get("gate", {}).get("promoted")
+                    and r["gate"]["registered_model"] == "freshrec-retrieval"]
+        if not promoted:
+            raise AirflowSkipException("no retrieval model was promoted: nothing to roll out")
+        from serving import rollout as ro
+
+        from freshrec.settings import load_settings
+
+        return ro.rollout(load_settings(), int(promoted[-1]["version"]))
+
     # one GPU (or the CPU) at a time: deep models in sequence, then the policies; a model left
     # out by the run's config is skipped without skipping the ones after it
-    two_tower() >> sasrec() >> reinforce() >> bandit()
+    tt, sr = two_tower(), sasrec()
+    tt >> sr >> reinforce() >> bandit()
+    rollout(tt, sr)
 
 
 freshrec_training()

@@ -4,7 +4,9 @@ Events: a file is read with every column as text, checked for the required colum
 pseudonymized, and written to the landing zone ``<data>/landing/events/landed_date=D/<file_id>.parquet``
 (``file_id`` is a content hash, so importing the same file twice lands it once). The batch DAG's
 ingest job moves landed files into the bronze ``events_raw`` table; row-level problems (bad ids,
-timestamps, types, values) are left for the clean job, which dead-letters them with a reason.
+timestamps, types, values) are left for the clean job, which dead-letters them with a reason. The
+importer checks the rows with the same event rules (``freshrec/contracts/events.py``) and says how
+many the batch will refuse, by reason (``LandingResult.refused``), in its log line and summary.
 
 Items: upserted (MERGE on ``item_id``) straight into the silver ``items`` table.
 
@@ -18,8 +20,8 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +30,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from freshrec.contracts.events import WHITESPACE, describe_refusals, rules_for
 from freshrec.delta import DeltaStore
 from freshrec.privacy import pseudonymize_array
 from freshrec.settings import Settings
@@ -50,10 +53,16 @@ class LandingResult:
     file_id: str
     rows: int
     landed_path: Path | None  # None when the same content had been landed before
+    refused: dict[str, int] = field(default_factory=dict)  # rows the event rules refuse, by reason
 
     @property
     def already_landed(self) -> bool:
         return self.landed_path is None
+
+    @property
+    def refusal_summary(self) -> str:
+        """``"12 refused (ts_in_future 10, bad_value 2)"`` or ``"none refused"``."""
+        return describe_refusals(self.refused)
 
 
 def _file_digest(*paths: Path, extra: str = "") -> str:
@@ -199,20 +208,28 @@ def land_events(settings: Settings, raw: pa.Table, source: str, file_id: str,
     if raw.num_rows == 0:
         raise InputFileError(f"{source}: holds no event rows; nothing to import")
     if settings.privacy.pseudonymize_users and not pseudonymized:
+        users = raw.column("user_id")  # a blank id stays missing (its pseudonym would not be)
+        users = pc.if_else(pc.equal(pc.utf8_trim(users, characters=WHITESPACE), ""),
+                           pa.scalar(None, pa.string()), users)
         raw = raw.set_column(raw.schema.get_field_index("user_id"), "user_id",
-                             pseudonymize_array(raw.column("user_id"), settings.privacy.hmac_key))
+                             pseudonymize_array(users, settings.privacy.hmac_key))
     rows = pa.array(range(raw.num_rows), pa.int64()).cast(pa.string())
     raw = raw.append_column("raw_id", pc.binary_join_element_wise(file_id, rows, ":"))
     raw = raw.append_column("source_file", pa.array([source] * raw.num_rows, pa.string()))
     day = (landed_at or datetime.now(timezone.utc)).strftime("%Y-%m-%d")
+    # the earliest batch that ingests the file ends when its landing day does
+    batch_end = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc) + timedelta(days=1)
+    refused = rules_for(settings).refusals(raw, batch_end)
     out_dir = _landing_dir(settings) / f"landed_date={day}"
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{file_id}.parquet"
     tmp = out_dir / f".{file_id}.parquet.tmp"
     pq.write_table(raw, tmp)
     os.replace(tmp, final)  # atomic: the ingest job never sees half a file
-    log.info("%s: landed %d rows as %s", source, raw.num_rows, final)
-    return LandingResult(source, file_id, raw.num_rows, final)
+    result = LandingResult(source, file_id, raw.num_rows, final, refused)
+    log.info("%s: landed %d rows as %s; %s by the event rules (clean dead-letters them)", source,
+             raw.num_rows, final, result.refusal_summary)
+    return result
 
 
 def import_events_file(settings: Settings, path: Path, fmt: str | None = None,

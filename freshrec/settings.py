@@ -8,6 +8,7 @@ message naming the key and the file. Writes nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -48,13 +49,46 @@ class DeltaSettings(_Section):
         "delta-rs otherwise; spark or rs force one.")
 
 
+class ValueRuleSettings(_Section):
+    """How one event type's ``value`` is checked and turned into a confidence weight (the rules
+    live in ``freshrec/contracts/events.py``; RecordEvents and the clean job both apply them)."""
+
+    min: float = Field(0.0, description="Smallest accepted value.")
+    max: float = Field(1e9, description="Largest accepted value.")
+    transform: Literal["linear", "log1p", "constant"] = Field(
+        "constant", description="weight = type weight * value (linear: ratings), type weight * "
+        "log1p(value) (log1p: counts, durations), or the type weight (constant: the value is "
+        "checked and kept, not weighed). An event without a value weighs the type weight.")
+
+    @model_validator(mode="after")
+    def _sane(self) -> "ValueRuleSettings":
+        if not (math.isfinite(self.min) and math.isfinite(self.max)) or self.min > self.max:
+            raise ValueError(f"value range [{self.min}, {self.max}] must be finite with min <= max")
+        if self.transform != "constant" and self.min < 0:
+            raise ValueError(f"a {self.transform} value range must start at 0 or above (a weight "
+                             f"is never negative), got min {self.min}")
+        return self
+
+
 class EventSettings(_Section):
-    types: dict[str, float] = Field(description="Accepted event types and their confidence weights.")
-    value_min: float = Field(0.0, description="Smallest accepted `value` (ratings, amounts).")
-    value_max: float = Field(5.0, description="Largest accepted `value`.")
-    max_id_length: int = Field(128, ge=1, description="Longer user or item ids are dead-lettered.")
-    earliest_ts: str = Field("2000-01-01T00:00:00+00:00",
-                             description="Events before this instant are dead-lettered.")
+    types: dict[str, float] = Field(description="Accepted event types and their confidence weights "
+                                    "(the weight of an event of that type without a value).")
+    values: dict[str, ValueRuleSettings] = Field(
+        default_factory=dict, description="Per event type: accepted value range and the transform "
+        "of value into weight. Types not listed use `default_value`; entries for types not in "
+        "`types` are unused.")
+    default_value: ValueRuleSettings = Field(default_factory=ValueRuleSettings,
+                                             description="Value rule of types not in `values`.")
+    value_min: float | None = Field(None, description="Deprecated (one range for every type): "
+                                    "when set, the lower bound of every `linear` (rating) type.")
+    value_max: float | None = Field(None, description="Deprecated: when set, the upper bound of "
+                                    "every `linear` (rating) type.")
+    max_id_length: int = Field(128, ge=1, description="Longer user, item or event ids are refused.")
+    earliest_ts: str = Field("1990-01-01T00:00:00+00:00",
+                             description="Events before this instant are refused.")
+    max_future_skew_seconds: float = Field(
+        86400.0, ge=0, description="Events more than this far after the reference instant (now "
+        "for RecordEvents, the interval's end for clean) are refused.")
 
     @field_validator("types")
     @classmethod
@@ -66,11 +100,35 @@ class EventSettings(_Section):
             raise ValueError(f"event type weights must be > 0, got {bad}")
         return v
 
-    @model_validator(mode="after")
-    def _range(self) -> "EventSettings":
-        if self.value_min > self.value_max:
-            raise ValueError("events.value_min must not exceed events.value_max")
-        return self
+    @field_validator("earliest_ts")
+    @classmethod
+    def _instant(cls, v: str) -> str:
+        from datetime import datetime
+
+        try:
+            datetime.fromisoformat(v)
+        except ValueError:
+            raise ValueError(f"events.earliest_ts {v!r} is not an ISO-8601 instant") from None
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_range(cls, data: Any) -> Any:
+        """value_min / value_max (one range for all types, made for ratings) set the range of
+        every ``linear`` type, so profiles written for them keep working."""
+        if not isinstance(data, dict) or (data.get("value_min") is None
+                                          and data.get("value_max") is None):
+            return data
+        values = {}
+        for name, rule in (data.get("values") or {}).items():
+            rule = rule.model_dump() if isinstance(rule, BaseModel) else dict(rule or {})
+            if rule.get("transform") == "linear":
+                if data.get("value_min") is not None:
+                    rule["min"] = data["value_min"]
+                if data.get("value_max") is not None:
+                    rule["max"] = data["value_max"]
+            values[name] = rule
+        return {**data, "values": values}
 
 
 class PrivacySettings(_Section):
@@ -127,6 +185,8 @@ class TokenSettings(_Section):
 
 
 class ServingSettings(_Section):
+    model: str = Field("champion", description="The freshrec-retrieval version served: an alias "
+                       "(champion) or a version number (pins one). Admin.LoadModel changes it live.")
     reranker: str = Field("", description="Re-ranking policy over the top candidates: empty (off), "
                           "a directory with an exported policy, or `champion` (freshrec-policy).")
     rerank_candidates: int = Field(30, ge=2, description="Retrieval candidates the policy sees.")

@@ -247,3 +247,44 @@ class ItemIndex:
             log.info("index: HNSW rebuilt without removed items (%d live)", len(live))
         if self._gpu is not None:
             self._make_gpu_replica()
+
+
+class Catalog:
+    """The served items of a model scored over histories (no vectors, no FAISS): positions by id,
+    removals. Same reads as :class:`ItemIndex` where they make sense."""
+
+    index_type = "none"
+    dim = 0
+
+    def __init__(self, item_ids: list[str]) -> None:
+        self.item_ids: list[str | None] = list(item_ids)
+        self.position = {item: i for i, item in enumerate(item_ids)}
+        self.n_vectors = len(item_ids)
+        self.lock = ReadWriteLock()
+
+    @property
+    def size(self) -> int:
+        return len(self.position)
+
+    def vector(self, item_id: str):
+        return None
+
+    def search(self, query, n):
+        raise TypeError("this model is scored over histories, not searched by vector")
+
+    def upsert(self, items) -> int:
+        items = list(items)
+        if items:
+            raise ValueError("the served model scores over histories and has no item vectors: new "
+                             "items reach it at its next training")
+        return 0
+
+    def remove(self, item_ids: Iterable[str]) -> int:
+        with self.lock.write():
+            n = 0
+            for i in item_ids:
+                p = self.position.pop(i, None)
+                if p is not None:
+                    self.item_ids[p] = None
+                    n += 1
+            return n

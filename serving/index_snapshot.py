@@ -1,10 +1,13 @@
-"""Build the serving index snapshot: gold ``item_factors`` -> FAISS index + id map + manifest.
+"""Build the snapshot of a registered model: the version's artifact, its catalog, every user's
+history and, for embedding models, a FAISS index over its item vectors (see :mod:`freshrec.snapshot`).
 
-Exact inner-product search (``IndexFlatIP``) for catalogs up to ``index.exact_max_items``; above it
-IVF (``IndexIVFFlat``, ``nlist`` from settings or 4*sqrt(n)) or HNSW, as settings say. Inactive
-items (``items.active = false``) are left out. The snapshot is written to a temporary directory,
-renamed into place and then published as LATEST (see :mod:`freshrec.snapshot`); a snapshot that
-already exists for the same model version and inputs is left as it is.
+``run`` (the batch DAG's ``build_index`` task, after the gate) builds the snapshot of
+``serving.model`` (default ``@champion``). Exact inner-product search (``IndexFlatIP``) for catalogs
+up to ``index.exact_max_items``; above it IVF (``nlist`` from settings or 4*sqrt(n)) or HNSW, as
+settings say. Inactive items (``items.active = false``) are left out of the index and marked in
+``items.json``. Histories are read once here, from silver ``events`` at a pinned version, so a
+replica reads no table to start. The snapshot is written to a temporary directory, renamed into
+place and published as LATEST; one that exists for the same version and inputs is left as it is.
 """
 
 from __future__ import annotations
@@ -12,19 +15,22 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow.compute as pc
+import scipy.sparse as sp
 
 from freshrec.delta import DeltaStore
 from freshrec.interval import DataInterval, run_job
 from freshrec.settings import IndexSettings, Settings
+from freshrec.snapshot import (IDS_FILE, INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, MODEL_DIR,
+                               NEIGHBORS_FILE, USERS_FILE, Manifest, latest_snapshot, publish)
 from serving.index import ItemIndex
-from freshrec.snapshot import IDS_FILE, INDEX_FILE, Manifest, latest_snapshot, publish
 
 log = logging.getLogger(__name__)
+RECENT_ITEMS = 50  # newest items kept per user, in time order (the deep encoders' input)
 
 
 def build_index(vectors: np.ndarray, cfg: IndexSettings) -> tuple[faiss.Index, str, dict[str, int]]:
@@ -38,46 +44,143 @@ def build_index(vectors: np.ndarray, cfg: IndexSettings) -> tuple[faiss.Index, s
     return built.index, kind, params
 
 
-def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
+def _histories(store: DeltaStore, version: int | None, position: dict[str, int]):
+    """users, CSR (indptr, items, weights) over catalog positions and the newest items in order."""
+    cols = ["user_id", "item_id", "ts", "weight"]
+    ev = store.read_arrow("events", version=version, columns=cols)
+    if ev.num_rows == 0:
+        z = np.zeros(0, np.int64)
+        return [], np.zeros(1, np.int64), z, np.zeros(0, np.float32), np.zeros(1, np.int64), z, None
+    df = ev.to_pandas()
+    newest = df["ts"].max()
+    df["pos"] = df["item_id"].map(position)
+    df = df[df["pos"].notna()]
+    df["pos"] = df["pos"].astype(np.int64)
+    users = sorted(df["user_id"].unique())
+    df["row"] = np.searchsorted(np.asarray(users, dtype=object), df["user_id"].to_numpy())
+    pairs = df.groupby(["row", "pos"], sort=True)["weight"].sum().reset_index()
+    indptr = np.r_[0, np.cumsum(np.bincount(pairs["row"], minlength=len(users)))].astype(np.int64)
+    recent = df.sort_values(["row", "ts"], kind="stable").groupby("row").tail(RECENT_ITEMS)
+    rptr = np.r_[0, np.cumsum(np.bincount(recent["row"], minlength=len(users)))].astype(np.int64)
+    return (users, indptr, pairs["pos"].to_numpy(np.int64), pairs["weight"].to_numpy(np.float32),
+            rptr, recent["pos"].to_numpy(np.int64), newest.timestamp())
+
+
+def _user_vectors(model, users, indptr, items, weights, rptr, recent) -> np.ndarray:
+    """Embedding models: each user's vector from their whole history (the stored state of the
+    model only knew the training part)."""
+    from recmodels.servable import UserInput
+
+    out = []
+    for lo in range(0, len(users), 1024):
+        batch = [UserInput(users[r], items[indptr[r]:indptr[r + 1]], weights[indptr[r]:indptr[r + 1]],
+                           recent[rptr[r]:rptr[r + 1]], fresh=True)
+                 for r in range(lo, min(lo + 1024, len(users)))]
+        out.append(model.user_vectors(batch))
+    dim = model.item_vectors().shape[1]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, dim), np.float32)
+
+
+def build_snapshot(settings: Settings, spec: str | int | None = None, interval: str = "",
+                   publish_latest: bool = True) -> dict[str, object]:
+    """The snapshot of registered version ``spec`` (alias or number; default ``serving.model``)."""
+    from freshrec import registry
+    from freshrec.tracking import mlflow_for
+    from recmodels.servable import load
+
+    mlflow_for(settings)
+    ref = registry.resolve(spec if spec is not None else settings.serving.model)
     store = DeltaStore(settings)
-    versions = {t: store.version(t) for t in ("item_factors", "items", "events")}
-    factors = store.read_arrow("item_factors", version=versions["item_factors"])
-    if factors.num_rows == 0:
-        raise ValueError("item_factors is empty: run the als job for this interval first")
-    inactive = store.read_arrow("items", columns=["item_id"], filter=pc.field("active") == False)  # noqa: E712
-    factors = factors.filter(pc.invert(pc.is_in(factors.column("item_id"),
-                                                inactive.column("item_id"))))
-    model_version = factors.column("model_version")[0].as_py()
-    item_ids = factors.column("item_id").to_pylist()
-    vectors = np.ascontiguousarray(np.stack(factors.column("factors").to_numpy(
-        zero_copy_only=False)).astype(np.float32))
+    versions = {t: store.version(t) for t in ("events", "items")}
     root = settings.snapshots_dir
-    name = f"{model_version}-items{versions['items']}"
+    name = f"v{ref.version}-{ref.model}-events{versions['events']}-items{versions['items']}"
     final = root / name
-    if (final / "manifest.json").exists() and latest_snapshot(root) == final:
-        log.info("build_index: snapshot %s already published; nothing to do", name)
-        return {"snapshot": str(final), "skipped": True}
-    index, kind, params = build_index(vectors, settings.index)
-    manifest = Manifest(model_version=model_version, index_type=kind, metric="inner_product",
-                        dim=int(vectors.shape[1]), n_items=len(item_ids), delta_versions=versions,
-                        built_for_interval=interval.batch_date, params=params)
+    if (final / MANIFEST_FILE).exists():
+        if publish_latest and latest_snapshot(root) != final:
+            publish(root, name)
+        log.info("build_index: snapshot %s already built; nothing to do", name)
+        return {"snapshot": str(final), "skipped": True, "model_version": ref.label}
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    faiss.write_index(index, str(tmp / INDEX_FILE))
+    with tempfile.TemporaryDirectory() as dl:
+        model_dir, _ = registry.download(ref, dl)
+        shutil.copytree(model_dir, tmp / MODEL_DIR)
+    model = load(tmp / MODEL_DIR)
+    item_ids = [str(i) for i in model.item_ids]
+    position = {i: n for n, i in enumerate(item_ids)}
+    meta = store.read_arrow("items", columns=["item_id", "categories", "active"]) \
+        if store.exists("items") else None
+    active = np.ones(len(item_ids), bool)
+    categories: dict[str, list[str]] = {}
+    if meta is not None:
+        for r in meta.to_pylist():
+            p = position.get(r["item_id"])
+            if p is not None:
+                active[p] = bool(r["active"]) if r["active"] is not None else True
+                categories[r["item_id"]] = list(r["categories"] or [])
+    popularity = np.zeros(len(item_ids), np.float64)
+    if store.exists("item_features"):
+        feats = store.read_arrow("item_features", columns=["item_id", "popularity_decayed"])
+        for i, v in zip(feats.column("item_id").to_pylist(),
+                        feats.column("popularity_decayed").to_pylist()):
+            if i in position and v is not None:
+                popularity[position[i]] = v
+    users, indptr, items, weights, rptr, recent, newest = _histories(store, versions["events"],
+                                                                     position)
+    if not popularity.any() and len(items):  # no features table: raw counts
+        popularity = np.bincount(items, weights=weights, minlength=len(item_ids))
+    order = [item_ids[i] for i in np.argsort(-popularity, kind="stable") if active[i]]
+    arrays = {"user_ids": np.asarray(users, dtype=str), "indptr": indptr, "items": items,
+              "weights": weights, "recent_indptr": rptr, "recent": recent}
+    kind, index_type, params, dim = model.kind, "none", {}, 0
+    if model.kind == "embedding":
+        vectors = model.item_vectors()
+        dim = int(vectors.shape[1])
+        arrays["user_vectors"] = _user_vectors(model, users, indptr, items, weights, rptr, recent)
+        index, index_type, params = build_index(vectors, settings.index)
+        idx = ItemIndex(index, item_ids, vectors, index_type)
+        idx.remove([i for i, a in zip(item_ids, active) if not a])
+        faiss.write_index(idx.index, str(tmp / INDEX_FILE))
+    np.savez(tmp / USERS_FILE, **arrays)
+    if store.exists("item_neighbors"):  # gold co-occurrence neighbours: SimilarItems for models
+        nb = store.read_arrow("item_neighbors", columns=["item_id", "neighbor_id", "score"])  # that
+        a = [position.get(i) for i in nb.column("item_id").to_pylist()]  # have no item similarity
+        b = [position.get(i) for i in nb.column("neighbor_id").to_pylist()]
+        keep = [n for n, (x, y) in enumerate(zip(a, b)) if x is not None and y is not None]
+        m = sp.csr_matrix((nb.column("score").to_numpy()[keep].astype(np.float32),
+                           ([a[n] for n in keep], [b[n] for n in keep])),
+                          shape=(len(item_ids), len(item_ids)))
+        np.savez(tmp / NEIGHBORS_FILE, indptr=m.indptr, indices=m.indices, data=m.data)
     (tmp / IDS_FILE).write_text(json.dumps(item_ids))
+    (tmp / ITEMS_FILE).write_text(json.dumps({
+        "inactive": [i for i, a in zip(item_ids, active) if not a], "categories": categories,
+        "popular": order, "newest_event_ts": newest}))
+    manifest = Manifest(model_version=ref.label, index_type=index_type, metric="inner_product",
+                        dim=dim, n_items=len(item_ids), delta_versions=versions,
+                        built_for_interval=interval, params=params,
+                        registered_model=ref.registered_model, registry_version=ref.version,
+                        model_name=ref.model, kind=kind)
     manifest.write(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    publish(root, name)
-    log.info("build_index: %s index over %d items -> %s", kind, len(item_ids), final)
-    return {"snapshot": str(final), "skipped": False, "index_type": kind, "n_items": len(item_ids)}
+    if publish_latest:
+        publish(root, name)
+    log.info("build_index: snapshot of %s (%s, %s index, %d items, %d users) -> %s", ref.label,
+             kind, index_type, len(item_ids), len(users), final)
+    return {"snapshot": str(final), "skipped": False, "model_version": ref.label,
+            "index_type": index_type, "n_items": len(item_ids), "n_users": len(users)}
 
 
-def load_snapshot(path: Path) -> tuple[faiss.Index, list[str], Manifest]:
-    return (faiss.read_index(str(path / INDEX_FILE)), json.loads((path / IDS_FILE).read_text()),
-            Manifest.read(path))
+def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
+    return build_snapshot(settings, None, interval.batch_date)
+
+
+def load_snapshot(path: Path) -> tuple[faiss.Index | None, list[str], Manifest]:
+    index = path / INDEX_FILE
+    return (faiss.read_index(str(index)) if index.exists() else None,
+            json.loads((path / IDS_FILE).read_text()), Manifest.read(path))
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:

@@ -73,15 +73,44 @@ def _because(state: ServingState, item: str, history: Iterable[str]) -> str:
     return f"similar to {best}, which you interacted with" if best else "matches your taste profile"
 
 
+def _score_filtered(state: ServingState, ui, k: int, filters: Filters, excluded: set[str],
+                    overfetch: float) -> list[tuple[str, float]]:
+    """Models scored over the history: dense scores over the catalog, best first, filtered."""
+    s = np.asarray(state.model.scores([ui])[0], dtype=np.float64)
+    cat, n = state.catalog, len(s)
+    fetch = int(k * overfetch) + len(excluded) + len(filters.exclude_items)
+    while True:
+        f = min(max(fetch, 1), n)
+        idx = np.argpartition(-s, f - 1)[:f] if f < n else np.arange(n)
+        idx = idx[np.argsort(-s[idx], kind="stable")]
+        good = [(cat[i], float(s[i])) for i in idx
+                if np.isfinite(s[i]) and _qualifies(state, cat[i], filters, excluded)]
+        if len(good) >= k or f >= n:
+            return good[:k]
+        fetch *= 2
+
+
 def recommend(state: ServingState, user: str, k: int, filters: Filters, context: dict[str, str],
-              recent: list[str], overfetch: float = 2.0,
-              user_vector: np.ndarray | None = None) -> Result:
-    history = list(dict.fromkeys(list(reversed(recent)) + sorted(state.seen.get(user, ()))))
+              recent: list[tuple[str, float]], overfetch: float = 2.0) -> Result:
+    """Top-k for ``user`` from the served model, with ``recent`` (item, weight) events the
+    snapshot does not hold yet counted now (request-time freshness, whatever the model kind)."""
+    recent_ids = [i for i, _ in recent]
+    history = list(dict.fromkeys(list(reversed(recent_ids)) + sorted(state.seen.get(user, ()))))
     excluded = set(history) if filters.exclude_seen else set()
-    vec = user_vector if user_vector is not None else state.user_vector(user)
-    if vec is not None:
-        hits = _search_filtered(state, vec, k, filters, excluded, overfetch)
-        items = [Scored(i, s, "als", _because(state, i, history)) for i, s in hits]
+    source = state.manifest.model_name or "model"
+    hits = None
+    if state.embedding:
+        vec = state.fold_in_user(user, recent) if recent else state.user_vector(user)
+        if vec is not None:
+            hits = _search_filtered(state, vec, k, filters, excluded, overfetch)
+            items = [Scored(i, s, source, _because(state, i, history)) for i, s in hits]
+    else:
+        ui = state.user_input(user, recent)
+        if len(ui.items):
+            hits = _score_filtered(state, ui, k, filters, excluded, overfetch)
+            why = f"{source} over your {len(ui.items)} items"
+            items = [Scored(i, s, source, why) for i, s in hits]
+    if hits is not None:
         if len(items) >= k:
             return Result(items, state.model_version)
         excluded |= {s.item_id for s in items}
@@ -116,9 +145,34 @@ def _cold(state: ServingState, k: int, filters: Filters, context: dict[str, str]
 
 def similar_items(state: ServingState, item_id: str, k: int, filters: Filters,
                   overfetch: float = 2.0) -> Result:
-    vec = state.items.vector(item_id)
-    if vec is None:
+    pos = state.items.position.get(item_id)
+    if pos is None:
         raise NotFound(f"item {item_id!r} is not in the served catalog")
-    hits = _search_filtered(state, vec, k, filters, {item_id}, overfetch)
-    return Result([Scored(i, s, "item_vectors", f"close to {item_id}") for i, s in hits],
+    if state.embedding:
+        hits = _search_filtered(state, state.items.vector(item_id), k, filters, {item_id}, overfetch)
+        source = "item_vectors"
+    else:
+        from recmodels.servable import ItemItemServable
+
+        own = isinstance(state.model, ItemItemServable)  # kNN, EASE: the model's own lists
+        if not own and state.neighbors is not None and state.neighbors[pos].nnz:
+            row = state.neighbors[pos]
+            order = np.argsort(-row.data, kind="stable")
+            hits = [(state.catalog[i], float(v)) for i, v in
+                    zip(row.indices[order], row.data[order])
+                    if _qualifies(state, state.catalog[i], filters, {item_id})][:k]
+            return Result([Scored(i, s, "item_neighbors", f"often together with {item_id}")
+                           for i, s in hits], state.model_version)
+        fetch = int(k * overfetch) + len(filters.exclude_items) + 1
+        hits = []
+        while True:
+            top, sims = state.model.similar_items(pos, fetch)
+            hits = [(state.catalog[i], float(v)) for i, v in zip(top, sims)
+                    if _qualifies(state, state.catalog[i], filters, {item_id})]
+            if len(hits) >= k or fetch >= len(state.catalog):
+                break
+            fetch *= 2
+        hits = hits[:k]
+        source = state.manifest.model_name or "model"
+    return Result([Scored(i, s, source, f"close to {item_id}") for i, s in hits],
                   state.model_version)

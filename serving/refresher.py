@@ -1,17 +1,20 @@
-"""Nearline refresher: silver ``events`` / ``items`` changes -> vector deltas -> every serving replica.
+"""Nearline refresher: silver ``events`` / ``items`` changes -> deltas -> every serving replica,
+whatever model each replica serves.
 
-Each round asks every replica (``Admin.Status``) which Delta versions its vectors reflect, reads the
-Change Data Feed of ``events`` and ``items`` from there to the tables' current versions, and sends
-``Admin.ApplyDeltas`` in batches:
+Each round asks every replica (``Admin.Status``) which model it serves and which Delta versions its
+state reflects, reads the Change Data Feed of ``events`` and ``items`` from there to the tables'
+current versions, and sends ``Admin.ApplyDeltas`` in batches:
 
-* users with new (or deleted) events get their vector recomputed by closed-form ALS fold-in over
-  their whole history as of the current version, against the served model's item factors (confidence
-  weights as in training; batched solves on cupy where the device choice finds a GPU, numpy
-  otherwise). Recomputing from the full history, not adding increments, is what makes a repeated or
-  resumed round harmless: the same versions always give the same vectors;
-* items that were deactivated or deleted are removed; new or changed active items get a vector:
-  their ALS factors when the model has them, else the mean factors of the items sharing their
-  categories (content mapped into the factor space), else of the whole catalog.
+* users with new (or deleted) events get their whole history as of the current version (items in
+  time order with their weights; an erased user an empty one). The replica rebuilds the user's state
+  from it with its own model: an ALS fold-in or PureSVD projection for factor models, the encoder
+  over the newest items for two-tower/SASRec, nothing more for models scored over the history
+  (kNN, EASE, content, the hybrid). Sending the full history, not increments, is what makes a
+  repeated or resumed round harmless: the same versions always give the same state. So the
+  refresher needs no model of its own and follows a retrain or a rollout without a restart;
+* items that were deactivated or deleted are removed; for embedding models new or changed active
+  items get a vector: the model's own when it has one, else the mean vector of the items sharing
+  their categories (content mapped into the model's space), else of the whole catalog.
 
 The last batch to a replica carries the versions it now reflects and the newest event time (for
 its lag). Only after every replica acknowledged does the local checkpoint (the versions processed)
@@ -36,8 +39,6 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from freshrec.delta import DeltaStore
-from freshrec.device import resolve_device
-from freshrec.foldin import fold_in_batch, gram
 from freshrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,27 +61,38 @@ def _crash_point(name: str) -> None:
 
 @dataclass
 class ModelFactors:
+    """The item vectors of the model a replica serves (embedding models), from its snapshot."""
+
     model_version: str
     item_ids: list[str]
     matrix: np.ndarray
     position: dict[str, int]
-    yty: np.ndarray
 
     @classmethod
-    def load(cls, store: DeltaStore) -> "ModelFactors":
-        t = store.read_arrow("item_factors")
-        if t.num_rows == 0:
-            raise ValueError("item_factors is empty: run the batch DAG before the refresher")
-        ids = t.column("item_id").to_pylist()
-        mat = np.stack(t.column("factors").to_numpy(zero_copy_only=False)).astype(np.float32)
-        return cls(t.column("model_version")[0].as_py(), ids, mat,
-                   {i: n for n, i in enumerate(ids)}, gram(mat))
+    def for_replica(cls, settings: Settings, model_version: str) -> "ModelFactors | None":
+        """None when the served model has no item vectors (it is scored over histories)."""
+        from freshrec.snapshot import MODEL_DIR, find_snapshot
+        from recmodels.servable import load
+
+        try:
+            version = int(model_version.split("/", 1)[1].split()[0])
+        except (IndexError, ValueError):
+            return None
+        snap = find_snapshot(settings.snapshots_dir, version)
+        if snap is None:
+            return None
+        model = load(snap / MODEL_DIR)
+        vecs = model.item_vectors()
+        if vecs is None or model.kind != "embedding":
+            return None
+        ids = [str(i) for i in model.item_ids]
+        return cls(model_version, ids, vecs, {i: n for n, i in enumerate(ids)})
 
 
 @dataclass
 class Deltas:
     users: list[str] = field(default_factory=list)
-    user_vectors: np.ndarray | None = None
+    histories: list[tuple[list[str], list[float]]] = field(default_factory=list)
     items: list[str] = field(default_factory=list)
     item_vectors: np.ndarray | None = None
     remove_items: list[str] = field(default_factory=list)
@@ -113,18 +125,19 @@ def _no_views(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def compute_deltas(settings: Settings, store: DeltaStore, factors: ModelFactors,
-                   start: dict[str, int | None], xp=np) -> Deltas:
+def compute_deltas(settings: Settings, store: DeltaStore, factors: ModelFactors | None,
+                   start: dict[str, int | None]) -> Deltas:
     end = {"events": store.version("events") or 0, "items": store.version("items") or 0}
     d = Deltas(versions=end)
     ev_start, it_start = start.get("events"), start.get("items")
     users_filter = None
+    changed: list[str] = []
     try:
         if ev_start is None:
             raise CdfGap("the replica reports no events version")
         changes = read_changes(store.path("events"), ev_start, end["events"])
-        changed = pc.unique(changes.column("user_id")) if changes.num_rows else pa.array([], pa.string())
-        users_filter = pc.field("user_id").isin(changed)
+        changed = pc.unique(changes.column("user_id")).to_pylist() if changes.num_rows else []
+        users_filter = pc.field("user_id").isin(pa.array(changed, pa.string()))
         d.events_read = changes.num_rows
         if changes.num_rows:
             d.newest_event_ts = pc.max(changes.column("ts")).as_py().timestamp()
@@ -138,25 +151,21 @@ def compute_deltas(settings: Settings, store: DeltaStore, factors: ModelFactors,
         d.events_read = history.num_rows
         if history.num_rows:
             d.newest_event_ts = pc.max(history.column("ts")).as_py().timestamp()
+    per_user: dict[str, tuple[list[str], list[float]]] = {u: ([], []) for u in changed}
     if history.num_rows:
-        pairs = history.group_by(["user_id", "item_id"]).aggregate([("weight", "sum")])
-        item_ids = pairs.column("item_id").to_pylist()
-        known = np.array([i in factors.position for i in item_ids])
-        d.unknown_item_events = int((~known).sum())
-        users = pairs.column("user_id").to_pylist()
-        d.users = sorted({u for u, k in zip(users, known) if k})
-        row = {u: n for n, u in enumerate(d.users)}
-        sel = np.flatnonzero(known)
-        d.user_vectors = fold_in_batch(
-            factors.matrix, np.array([row[users[i]] for i in sel], dtype=np.int64),
-            np.array([factors.position[item_ids[i]] for i in sel], dtype=np.int64),
-            pairs.column("weight_sum").to_numpy()[sel].astype(np.float32), len(d.users),
-            settings.als.alpha, settings.als.reg_param, yty=factors.yty, xp=xp)
+        df = history.to_pandas().sort_values(["user_id", "ts"], kind="stable")
+        for u, items, weights in zip(df["user_id"].to_numpy(), df["item_id"].to_numpy(),
+                                     df["weight"].to_numpy()):
+            hit = per_user.setdefault(u, ([], []))
+            hit[0].append(items)
+            hit[1].append(float(weights))
+    d.users = sorted(per_user)
+    d.histories = [per_user[u] for u in d.users]
     _item_changes(store, factors, it_start, end["items"], d)
     return d
 
 
-def _item_changes(store: DeltaStore, factors: ModelFactors, start: int | None, end: int,
+def _item_changes(store: DeltaStore, factors: ModelFactors | None, start: int | None, end: int,
                   d: Deltas) -> None:
     try:
         if start is None:
@@ -174,13 +183,16 @@ def _item_changes(store: DeltaStore, factors: ModelFactors, start: int | None, e
             continue
         latest[r["item_id"]] = r  # CDF rows come in commit order: the last one wins
     catalog = store.read_arrow("items", columns=["item_id", "categories", "active"]).to_pylist()
-    centroids = _category_centroids(catalog, factors)
-    overall = factors.matrix.mean(axis=0)
     vectors = []
+    if factors is not None:
+        centroids = _category_centroids(catalog, factors)
+        overall = factors.matrix.mean(axis=0)
     for item, r in latest.items():
         if r["_change_type"] == "delete" or not r["active"]:
             d.remove_items.append(item)
             continue
+        if factors is None:
+            continue  # scored over histories: new items reach the model at its next training
         if item in factors.position:
             vec = factors.matrix[factors.position[item]]
         else:
@@ -241,9 +253,9 @@ class Replica:
         pb = self.pb
         requests = []
         for i in range(0, len(d.users), batch):
-            requests.append(pb.ApplyDeltasRequest(users_pseudonymized=True, upsert_users=[
-                pb.Vector(id=u, values=v.tolist()) for u, v in
-                zip(d.users[i:i + batch], d.user_vectors[i:i + batch])]))
+            requests.append(pb.ApplyDeltasRequest(users_pseudonymized=True, upsert_histories=[
+                pb.UserHistory(user_id=u, item_ids=items, weights=weights) for u, (items, weights)
+                in zip(d.users[i:i + batch], d.histories[i:i + batch])]))
         for i in range(0, len(d.items), batch):
             requests.append(pb.ApplyDeltasRequest(upsert_items=[
                 pb.Vector(id=u, values=v.tolist()) for u, v in
@@ -279,9 +291,6 @@ def refresh_once(settings: Settings) -> dict:
     """One round over every replica; returns a report. Raises ReplicaDown without committing."""
     t0 = time.perf_counter()
     store = DeltaStore(settings)
-    factors = ModelFactors.load(store)
-    device = resolve_device(settings.device, need=("cupy",))
-    xp = __import__("cupy") if device.cupy else np
     replicas = [Replica(a, settings) for a in settings.refresher.replicas]
     failures: list[str] = []
     groups: dict[tuple, list[Replica]] = {}
@@ -291,24 +300,22 @@ def refresh_once(settings: Settings) -> dict:
         except ReplicaDown as e:
             failures.append(str(e))
             continue
-        if st.model_version != factors.model_version:
-            failures.append(f"replica {r.address} serves {st.model_version} but item_factors hold "
-                            f"{factors.model_version}: load the new snapshot (Admin.LoadSnapshot)")
-            continue
-        key = (st.delta_versions.get("events"), st.delta_versions.get("items"))
+        key = (st.model_version, st.delta_versions.get("events"), st.delta_versions.get("items"))
         groups.setdefault(key, []).append(r)
     _crash_point("after_status")
-    report: dict = {"replicas": len(replicas), "model_version": factors.model_version,
+    report: dict = {"replicas": len(replicas), "models": sorted({k[0] for k in groups}),
                     "users": 0, "items": 0, "removed": 0, "events": 0, "full": False}
-    for (ev, it), members in groups.items():
-        d = compute_deltas(settings, store, factors, {"events": ev, "items": it}, xp=xp)
+    factors_of: dict[str, ModelFactors | None] = {}
+    for (model_version, ev, it), members in groups.items():
+        if model_version not in factors_of:
+            factors_of[model_version] = ModelFactors.for_replica(settings, model_version)
+        d = compute_deltas(settings, store, factors_of[model_version], {"events": ev, "items": it})
         _crash_point("after_read")
         report.update(users=max(report["users"], len(d.users)),
                       items=max(report["items"], len(d.items)),
                       removed=max(report["removed"], len(d.remove_items)),
                       events=max(report["events"], d.events_read),
-                      full=report["full"] or d.full, versions=d.versions,
-                      unknown_item_events=d.unknown_item_events)
+                      full=report["full"] or d.full, versions=d.versions)
         for r in members:
             try:
                 r.push(d, settings.refresher.batch_size)
@@ -318,7 +325,7 @@ def refresh_once(settings: Settings) -> dict:
         raise ReplicaDown("; ".join(failures) + " (checkpoint not committed)")
     _crash_point("before_commit")
     if "versions" in report:
-        write_checkpoint(settings, {**report["versions"], "model_version": factors.model_version})
+        write_checkpoint(settings, {**report["versions"], "models": report["models"]})
     _crash_point("after_commit")
     report["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("refresher: %s", report)

@@ -28,7 +28,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from freshrec.device import resolve_device
-from freshrec.interval import parse_instant
 from freshrec.privacy import pseudonymize
 from freshrec.settings import Settings
 from serving.audit import AuditLog
@@ -290,13 +289,11 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
             return cached
         self.s.metrics.cache_misses.inc()
         self.s.check_deadline(context)
+        # Request-time freshness: the user's own new events count now, whatever the model kind.
         recent = self.s.recent_events(user)
-        # Request-time freshness: the user's own new events fold into their vector now.
-        vector = state.fold_in_user(user, recent) if recent else None
         rr = self.s.reranker
         n = max(request.k, rr.candidates) if rr else request.k
-        result = recommend(state, user, n, filters, ctx, [i for i, _ in recent],
-                           self.s.settings.serving.overfetch, user_vector=vector)
+        result = recommend(state, user, n, filters, ctx, recent, self.s.settings.serving.overfetch)
         if rr is not None and not result.cold_start:
             # explores: not cached, every served item carries its propensity (and is logged)
             history = [i for i, _ in reversed(recent)] + sorted(state.seen.get(user, ()))
@@ -358,7 +355,7 @@ class AdminServicer(admin_grpc.AdminServicer):
             reply = fn()
         except Exception as e:
             self.s.audit.record(name, action, request, "error", str(e))
-            if isinstance(e, (ValueError, FileNotFoundError)):
+            if isinstance(e, (ValueError, FileNotFoundError, LookupError)):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
         self.s.audit.record(name, action, request, "ok", str(reply).replace("\n", " ")[:500])
@@ -369,8 +366,18 @@ class AdminServicer(admin_grpc.AdminServicer):
             state = self.s.load(Path(request.path) if request.path else None)
             return admin_pb2.LoadSnapshotResponse(model_version=state.model_version,
                                                   n_items=state.items.size,
-                                                  n_users=len(state.user_vectors))
+                                                  n_users=len(state.user_rows))
         return self._audited("LoadSnapshot", {"path": request.path}, context, do)
+
+    def LoadModel(self, request, context):
+        def do():
+            before = self.s.state.model_version if self.s.state else ""
+            state = self.s.load(model=request.model or None)
+            return admin_pb2.LoadModelResponse(model_version=state.model_version,
+                                               n_items=state.items.size,
+                                               n_users=len(state.user_rows),
+                                               previous_model_version=before)
+        return self._audited("LoadModel", {"model": request.model}, context, do)
 
     def ApplyDeltas(self, request, context):
         state = self.s.require_state(context)
@@ -398,13 +405,21 @@ class AdminServicer(admin_grpc.AdminServicer):
                 state.newest_event_ts = max(state.newest_event_ts or 0.0, request.newest_event_ts)
             u_up = state.upsert_users(users_up)
             u_rm = state.remove_users([users(u) for u in request.remove_users])
+            h_up = 0
+            for h in request.upsert_histories:
+                if len(h.item_ids) != len(h.weights):
+                    raise ValueError(f"history of {h.user_id!r}: {len(h.item_ids)} items but "
+                                     f"{len(h.weights)} weights")
+                h_up += state.set_history(users(h.user_id), list(h.item_ids), list(h.weights))
             self.s.cache.invalidate_all()
             self.s.update_gauges()
             return admin_pb2.ApplyDeltasResponse(items_upserted=n_up, items_removed=n_rm,
                                                  users_upserted=u_up, users_removed=u_rm,
-                                                 index_size=state.items.size)
+                                                 index_size=state.items.size,
+                                                 histories_upserted=h_up)
         summary = {"upsert_items": len(request.upsert_items), "remove_items": len(request.remove_items),
-                   "upsert_users": len(request.upsert_users), "remove_users": len(request.remove_users)}
+                   "upsert_users": len(request.upsert_users), "remove_users": len(request.remove_users),
+                   "upsert_histories": len(request.upsert_histories)}
         return self._audited("ApplyDeltas", summary, context, do)
 
     def DeleteUser(self, request, context):
@@ -423,7 +438,7 @@ class AdminServicer(admin_grpc.AdminServicer):
             model_version=state.model_version, index_size=state.items.size,
             index_type=state.items.index_type,
             delta_versions={k: v for k, v in state.delta_versions.items() if v is not None},
-            refresh_lag_seconds=self.s.refresh_lag(), n_users=len(state.user_vectors),
+            refresh_lag_seconds=self.s.refresh_lag(), n_users=len(state.user_rows),
             device="cuda" if self.s.use_gpu else "cpu")
 
 
@@ -441,6 +456,7 @@ class FreshrecServer:
         self.wal = EventLog(settings)
         self.recent: dict[str, deque] = {}
         self.recent_lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self._metrics_http = None
@@ -471,44 +487,46 @@ class FreshrecServer:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the answer")
 
     def validate_event(self, ev) -> str | None:
-        cfg, limit = self.settings.events, self.settings.serving.max_id_length
-        if not ev.user_id:
-            return "user_id is empty"
-        if not ev.item_id:
-            return "item_id is empty"
+        """None, or why the event is refused: the event rules (freshrec/contracts/events.py, the
+        same the clean job applies, on the pseudonymized user id it will see) plus the request
+        limits of serving (raw id length, context size)."""
+        from freshrec.contracts.events import WHITESPACE, rules_for
+
+        rules, limit = rules_for(self.settings), self.settings.serving.max_id_length
+        value = ev.value if ev.HasField("value") else None
+        user = self.pseudonym(ev.user_id) if ev.user_id.strip(WHITESPACE) else ""
+        reason = rules.check(user, ev.item_id, ev.event_type,
+                             ev.ts or datetime.now(timezone.utc).isoformat(), value, ev.event_id)
+        if reason:
+            return rules.explain(reason, event_type=ev.event_type, value=value, ts=ev.ts)
         if max(len(ev.user_id), len(ev.item_id), len(ev.event_id)) > limit:
-            return f"an id is longer than {limit} characters"
-        if ev.event_type not in cfg.types:
-            return f"unknown event_type {ev.event_type!r}; known: {sorted(cfg.types)}"
-        if ev.HasField("value") and not (cfg.value_min <= ev.value <= cfg.value_max):
-            return f"value {ev.value} outside [{cfg.value_min}, {cfg.value_max}]"
-        if ev.ts:
-            try:
-                if not ev.ts.replace(".", "", 1).isdigit():
-                    parse_instant(ev.ts)
-            except ValueError:
-                return f"ts {ev.ts!r} is neither ISO-8601 nor epoch seconds"
+            return f"an id is longer than {limit} characters (serving.max_id_length)"
         if len(ev.context) > 50:
             return "context has more than 50 entries"
         return None
 
     def event_record(self, ev) -> dict:
+        """The raw (text) row of an accepted event, as the write-ahead log lands it for clean."""
+        from freshrec.contracts.events import WHITESPACE, value_text
+
         ts = ev.ts or datetime.now(timezone.utc).isoformat()
-        return {"event_id": ev.event_id or None, "user_id": self.pseudonym(ev.user_id),
-                "item_id": ev.item_id, "event_type": ev.event_type,
-                "value": str(ev.value) if ev.HasField("value") else None, "ts": ts,
+        return {"event_id": ev.event_id.strip(WHITESPACE) or None,
+                "user_id": self.pseudonym(ev.user_id), "item_id": ev.item_id.strip(WHITESPACE),
+                "event_type": ev.event_type.strip(WHITESPACE),
+                "value": value_text(ev.value) if ev.HasField("value") else None, "ts": ts,
                 "context": json.dumps(dict(ev.context)) if ev.context else None}
 
     def note_events(self, records: list[dict]) -> None:
         if not records:
             return
+        from freshrec.contracts.events import rules_for
+
         n = self.settings.serving.recent_events_per_user
-        weights = self.settings.events.types
+        rules = rules_for(self.settings)  # the weight clean will write to silver events.weight
         now = time.time()
         with self.recent_lock:
             for r in records:
-                w = weights[r["event_type"]] * (float(r["value"]) if r["event_type"] == "rating"
-                                                and r["value"] is not None else 1.0)
+                w = rules.weight(r["event_type"], r["value"])
                 self.recent.setdefault(r["user_id"], deque(maxlen=n)).append(
                     (r["item_id"], w, now))
         for user in {r["user_id"] for r in records}:
@@ -547,25 +565,29 @@ class FreshrecServer:
         self.metrics.model.labels(state.model_version).set(1)
         self.metrics.refresh_lag.set(self.refresh_lag())
 
-    def load(self, snapshot: Path | None = None) -> ServingState:
-        """Load a snapshot and swap it in atomically (requests see the old or the new one)."""
-        state = load_state(self.settings, snapshot, use_gpu=self.use_gpu)
-        self.state = state
-        gc.collect()
-        gc.freeze()  # the loaded state is long-lived: keep the cyclic GC from re-scanning it
-        if state.newest_event_ts is not None:  # events the snapshot already holds
-            with self.recent_lock:
-                for user in list(self.recent):
-                    kept = deque((e for e in self.recent[user] if e[2] > state.newest_event_ts),
-                                 maxlen=self.recent[user].maxlen)
-                    if kept:
-                        self.recent[user] = kept
-                    else:
-                        del self.recent[user]
-        self.cache.invalidate_all()
-        self.update_gauges()
+    def load(self, snapshot: Path | None = None, model: str | int | None = None) -> ServingState:
+        """Load a snapshot (a path, or the snapshot of registered ``model``: alias or version,
+        default ``serving.model``) and swap it in atomically: requests see the old or the new
+        model. A failed load raises and leaves the old model serving."""
+        with self._load_lock:
+            state = load_state(self.settings, snapshot, use_gpu=self.use_gpu, model=model)
+            self.state = state
+            gc.collect()
+            gc.freeze()  # the loaded state is long-lived: keep the cyclic GC from re-scanning it
+            if state.newest_event_ts is not None:  # events the snapshot already holds
+                with self.recent_lock:
+                    for user in list(self.recent):
+                        kept = deque((e for e in self.recent[user] if e[2] > state.newest_event_ts),
+                                     maxlen=self.recent[user].maxlen)
+                        if kept:
+                            self.recent[user] = kept
+                        else:
+                            del self.recent[user]
+            self.cache.invalidate_all()
+            self.update_gauges()
         for service in ("", RECOMMENDER, ADMIN):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s", state.model_version)
         return state
 
     # lifecycle
@@ -605,8 +627,8 @@ class FreshrecServer:
         if load:
             try:
                 self.load()
-            except FileNotFoundError as e:
-                log.warning("%s; serving NOT_SERVING until Admin.LoadSnapshot", e)
+            except (FileNotFoundError, LookupError, ValueError) as e:
+                log.warning("%s; serving NOT_SERVING until Admin.LoadModel", e)
         return self.port
 
     def _credentials(self):

@@ -1,13 +1,15 @@
-"""What one loaded snapshot serves: the item index, user vectors, seen items, item metadata.
+"""What one loaded snapshot serves: the registered model, its catalog (a FAISS index for embedding
+models), every user's history, item metadata.
 
-Built from a snapshot directory (index, id map, manifest) and the Delta tables the manifest names
-(``user_factors`` of the same model version, ``events`` for seen items, ``items`` for categories,
-``item_features`` for popularity). The server swaps whole states by reference, so a request sees
-one snapshot from start to end.
+Built from a snapshot directory alone (see :mod:`freshrec.snapshot`): the model artifact is loaded
+with :func:`recmodels.servable.load`, no training code and no Delta table is read. The server swaps
+whole states by reference, so a request sees one model from start to end. The same loader serves
+``freshrec serve``, offline ``freshrec recommend``, the report and the refresher's view of a replica.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,68 +17,146 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
-import scipy.sparse as sp
 
-from freshrec.delta import DeltaStore
-from freshrec.foldin import fold_in, gram
 from freshrec.settings import Settings
-from freshrec.snapshot import Manifest, latest_snapshot
-from serving.index import ItemIndex
+from freshrec.snapshot import (ITEMS_FILE, MODEL_DIR, NEIGHBORS_FILE, USERS_FILE, Manifest,
+                               find_snapshot, latest_snapshot)
+from recmodels.servable import Servable, UserInput
+from serving.index import Catalog, ItemIndex
 
 log = logging.getLogger(__name__)
 
 
+class SeenItems:
+    """user -> set of item ids they met, read from the histories on demand."""
+
+    def __init__(self, state: "ServingState") -> None:
+        self.state = state
+
+    def get(self, user: str, default=()):
+        items, _, _ = self.state.history(user)
+        if not len(items):
+            return default
+        cat = self.state.catalog
+        return {cat[i] for i in items}
+
+    def __getitem__(self, user: str) -> set[str]:
+        got = self.get(user, None)
+        if got is None:
+            raise KeyError(user)
+        return got
+
+    def pop(self, user: str, default=None):
+        return self.state.forget_history(user) or default
+
+
 @dataclass
 class ServingState:
-    model_version: str
+    model_version: str  # the registry label, e.g. "freshrec-retrieval/3 two_tower"
     manifest: Manifest
-    items: ItemIndex
+    model: Servable
+    items: ItemIndex | Catalog
+    catalog: list[str]  # the model's item ids by position
+    user_rows: dict[str, int]
+    arrays: dict[str, np.ndarray]  # users.npz: indptr, items, weights, recent_indptr, recent
     user_vectors: dict[str, np.ndarray]
-    seen: dict[str, set[str]]
     categories: dict[str, frozenset[str]]
     popular: list[str]  # active item ids, most popular (time-decayed) first
+    path: Path | None = None
+    neighbors: object = None  # gold item_neighbors (CSR over catalog positions) or None
     delta_versions: dict[str, int | None] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
     newest_event_ts: float | None = None
     users_lock: threading.Lock = field(default_factory=threading.Lock)
-    # Interaction weights per user (rows) and snapshot item position (columns), for fold-in.
-    history: sp.csr_matrix | None = None
-    history_rows: dict[str, int] = field(default_factory=dict)
-    alpha: float = 1.0
-    reg: float = 0.1
-    _yty: np.ndarray | None = None
+    # histories the refresher replaced since the snapshot: user -> (items, weights, recent)
+    overrides: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.seen = SeenItems(self)
 
     @property
-    def yty(self) -> np.ndarray:
-        if self._yty is None:
-            live = np.fromiter(self.items.position.values(), np.int64)
-            self._yty = gram(self.items.vectors[live])
-        return self._yty
+    def embedding(self) -> bool:
+        return isinstance(self.items, ItemIndex)
 
-    def items_changed(self) -> None:
-        self._yty = None
+    # ---- histories -------------------------------------------------------------------------
+    def history(self, user: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(catalog positions, summed weights, newest positions in time order) of a user."""
+        hit = self.overrides.get(user)
+        if hit is not None:
+            return hit
+        r = self.user_rows.get(user)
+        a = self.arrays
+        if r is None:
+            z = np.zeros(0, np.int64)
+            return z, np.zeros(0, np.float32), z
+        lo, hi = a["indptr"][r], a["indptr"][r + 1]
+        rlo, rhi = a["recent_indptr"][r], a["recent_indptr"][r + 1]
+        return a["items"][lo:hi], a["weights"][lo:hi], a["recent"][rlo:rhi]
 
+    def user_input(self, user: str, recent: list[tuple[str, float]] = ()) -> UserInput:
+        """The user's history plus ``recent`` (item, weight) events not in it yet."""
+        items, weights, seq = self.history(user)
+        fresh = user in self.overrides
+        if recent:
+            n = self.model.n_items
+            extra = [(self.items.position.get(i), w) for i, w in recent]
+            extra = [(p, w) for p, w in extra if p is not None and p < n]
+            if extra:
+                merged: dict[int, float] = dict(zip(items.tolist(), weights.tolist()))
+                for p, w in extra:
+                    merged[p] = merged.get(p, 0.0) + float(w)
+                items = np.fromiter(merged.keys(), np.int64, len(merged))
+                weights = np.fromiter(merged.values(), np.float32, len(merged))
+                seq = np.r_[seq, [p for p, _ in extra]].astype(np.int64)
+                fresh = True
+        return UserInput(user, items, weights, seq, fresh)
+
+    def set_history(self, user: str, items: list[str], weights: list[float]) -> bool:
+        """Replace a user's history (the refresher's delta, items oldest first); recomputes their
+        vector for embedding models. Items outside the model's catalog are left out."""
+        n = self.model.n_items
+        pos = [(self.items.position.get(i), float(w)) for i, w in zip(items, weights)]
+        pos = [(p, w) for p, w in pos if p is not None and p < n]
+        merged: dict[int, float] = {}
+        for p, w in pos:
+            merged[p] = merged.get(p, 0.0) + w
+        seq = np.array([p for p, _ in pos][-50:], np.int64)
+        hist = (np.fromiter(merged.keys(), np.int64, len(merged)),
+                np.fromiter(merged.values(), np.float32, len(merged)), seq)
+        vec = None
+        if self.embedding and len(hist[0]):
+            vec = self.model.user_vectors([UserInput(user, *hist, fresh=True)])[0]
+        with self.users_lock:
+            self.overrides[user] = hist
+            if vec is not None:
+                self.user_vectors[user] = vec
+            elif not len(hist[0]):
+                self.user_vectors.pop(user, None)
+        return True
+
+    def forget_history(self, user: str) -> bool:
+        had = user in self.user_rows or user in self.overrides
+        with self.users_lock:
+            z = np.zeros(0, np.int64)
+            self.overrides[user] = (z, np.zeros(0, np.float32), z)
+        return had
+
+    # ---- user side ---------------------------------------------------------------------------
     def fold_in_user(self, user: str, recent: list[tuple[str, float]]) -> np.ndarray | None:
-        """The user's vector from their stored history plus ``recent`` (item, weight) events."""
-        weights: dict[str, float] = {}
-        row = self.history_rows.get(user)
-        if row is not None and self.history is not None:
-            lo, hi = self.history.indptr[row], self.history.indptr[row + 1]
-            for pos, w in zip(self.history.indices[lo:hi], self.history.data[lo:hi]):
-                item = self.items.item_ids[pos] if pos < len(self.items.item_ids) else None
-                if item is not None:
-                    weights[item] = weights.get(item, 0.0) + float(w)
-        for item, w in recent:
-            weights[item] = weights.get(item, 0.0) + w
-        known = [(i, w) for i, w in weights.items() if i in self.items.position]
-        if not known:
+        """Embedding models: the user's vector from their history plus ``recent`` events (ALS
+        fold-in, PureSVD projection or the deep encoder, whichever the model is)."""
+        if not self.embedding:
             return None
-        vecs = np.stack([self.items.vectors[self.items.position[i]] for i, _ in known])
-        return fold_in(vecs, np.array([w for _, w in known]), self.yty, self.alpha, self.reg)
+        ui = self.user_input(user, recent)
+        if not len(ui.items):
+            return None
+        return self.model.user_vectors([ui])[0]
 
     def user_vector(self, user: str) -> np.ndarray | None:
         return self.user_vectors.get(user)
+
+    def knows(self, user: str) -> bool:
+        return len(self.history(user)[0]) > 0 or user in self.user_vectors
 
     def upsert_users(self, vectors: dict[str, np.ndarray]) -> int:
         with self.users_lock:
@@ -92,66 +172,122 @@ class ServingState:
             return sum(self.user_vectors.pop(u, None) is not None for u in users)
 
     def forget_user(self, user: str) -> bool:
-        self.seen.pop(user, None)
-        return self.remove_users([user]) == 1
+        had = self.forget_history(user)
+        return (self.remove_users([user]) == 1) or had
+
+    def items_changed(self) -> None:
+        pass  # (kept for callers: the model's own Gram matrix does not change with deltas)
 
 
-def load_state(settings: Settings, snapshot_dir: Path | None = None,
-               use_gpu: bool = False) -> ServingState:
-    from serving.index_snapshot import load_snapshot
+def build_state(model: Servable, label: str, users: list[str], arrays: dict[str, np.ndarray],
+                index=None, index_type: str = "flat", user_vectors: dict | None = None,
+                categories: dict | None = None, popular: list[str] | None = None) -> ServingState:
+    """A state from parts already in memory (benchmarks, tests): ``arrays`` as in ``users.npz``
+    (indptr, items, weights, recent_indptr, recent); ``index`` an ItemIndex for embedding models."""
+    ids = [str(i) for i in model.item_ids]
+    kind = "embedding" if index is not None else model.kind
+    manifest = Manifest(model_version=label, index_type=index_type if index is not None else "none",
+                        metric="inner_product", dim=index.dim if index is not None else 0,
+                        n_items=len(ids), model_name=label.split()[-1], kind=kind)
+    return ServingState(
+        model_version=label, manifest=manifest, model=model,
+        items=index if index is not None else Catalog(ids), catalog=ids,
+        user_rows={u: n for n, u in enumerate(users)}, arrays=arrays,
+        user_vectors=user_vectors or {}, categories=categories or {},
+        popular=popular if popular is not None else ids[:1000])
+
+
+def resolve_snapshot(settings: Settings, spec: str | int | None = None,
+                     build: bool = True) -> Path:
+    """The snapshot directory of registered version ``spec`` (alias or number; default
+    ``serving.model``): the newest one built for it, else (``build``) built now."""
+    from freshrec import registry
+    from freshrec.tracking import mlflow_for
 
     root = settings.snapshots_dir
-    path = snapshot_dir or latest_snapshot(root)
-    if path is None or not Path(path).exists():
-        raise FileNotFoundError(f"no index snapshot in {root}: run the batch DAG (make run) or "
-                                "`freshrec run build-index --date D` first")
+    spec = settings.serving.model if spec is None else spec
+    try:
+        mlflow_for(settings)
+        ref = registry.resolve(spec)
+    except LookupError:
+        raise
+    except Exception as e:  # no tracking store at all
+        raise LookupError(f"cannot resolve model {spec!r} in the registry ({e})") from None
+    path = find_snapshot(root, ref.version)
+    if path is None and build:
+        from serving.index_snapshot import build_snapshot
+
+        log.info("no snapshot of %s yet: building it", ref.label)
+        path = Path(build_snapshot(settings, ref.version, publish_latest=False)["snapshot"])
+    if path is None:
+        raise FileNotFoundError(f"no snapshot of {ref.label} in {root}: build it with "
+                                f"`freshrec model rollout {ref.version}`")
+    return path
+
+
+def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bool = False,
+               model: str | int | None = None) -> ServingState:
+    """Load a snapshot: ``snapshot_dir`` if given, else the snapshot of ``model`` (an alias or a
+    version; default ``serving.model``). Raises FileNotFoundError / LookupError /
+    ArtifactError naming what is wrong; nothing is swapped in by this function."""
+    from recmodels.servable import load
+    from serving.index_snapshot import load_snapshot
+
+    if snapshot_dir is None:
+        try:
+            snapshot_dir = resolve_snapshot(settings, model)
+        except LookupError:
+            if model is not None:
+                raise
+            snapshot_dir = latest_snapshot(settings.snapshots_dir)
+            if snapshot_dir is None:
+                raise FileNotFoundError(
+                    f"no snapshot in {settings.snapshots_dir} and no registered champion: run the "
+                    "batch DAG (make run) or `freshrec run all --date D` first") from None
+            log.warning("no registered model %r: serving the latest snapshot %s", settings.serving.model,
+                        snapshot_dir)
+    path = Path(snapshot_dir)
+    if not (path / "manifest.json").exists():
+        raise FileNotFoundError(f"{path}: not a snapshot (no manifest.json)")
     t0 = time.perf_counter()
-    index, item_ids, manifest = load_snapshot(Path(path))
-    vectors = _reconstruct_all(index, len(item_ids))
-    items = ItemIndex(index, item_ids, vectors, manifest.index_type, use_gpu=use_gpu)
-    store = DeltaStore(settings)
-    uf = store.read_arrow("user_factors", filter=pc.field("model_version") == manifest.model_version)
-    user_vectors = {}
-    if uf.num_rows:
-        mat = np.stack(uf.column("factors").to_numpy(zero_copy_only=False)).astype(np.float32)
-        user_vectors = dict(zip(uf.column("user_id").to_pylist(), mat))
-    ev_version = manifest.delta_versions.get("events")
-    cols = ["user_id", "item_id", "ts", "weight"]
-    ev = store.read_arrow("events", version=ev_version, columns=cols) \
-        if ev_version is not None else store.read_arrow("events", columns=cols)
-    user_list = ev.column("user_id").to_pylist()
-    item_list = ev.column("item_id").to_pylist()
-    seen: dict[str, set[str]] = {}
-    for u, i in zip(user_list, item_list):
-        seen.setdefault(u, set()).add(i)
-    history_rows = {u: n for n, u in enumerate(seen)}
-    pos = items.position
-    keep = [n for n, i in enumerate(item_list) if i in pos]
-    history = sp.csr_matrix(
-        (ev.column("weight").to_numpy()[keep],
-         ([history_rows[user_list[n]] for n in keep], [pos[item_list[n]] for n in keep])),
-        shape=(len(history_rows), len(item_ids)), dtype=np.float32)
-    history.sum_duplicates()
-    newest = pc.max(ev.column("ts")).as_py() if ev.num_rows else None
-    meta = store.read_arrow("items", columns=["item_id", "categories", "active"])
-    categories = {r["item_id"]: frozenset(r["categories"] or ()) for r in meta.to_pylist()}
-    feats = store.read_arrow("item_features", columns=["item_id", "popularity_decayed"])
-    order = np.argsort(-np.nan_to_num(feats.column("popularity_decayed").to_numpy(
-        zero_copy_only=False).astype(np.float64)), kind="stable")
-    fids = feats.column("item_id").to_pylist()
-    popular = [fids[i] for i in order if fids[i] in items.position]
+    index, item_ids, manifest = load_snapshot(path)
+    model_obj = load(path / MODEL_DIR, device="cuda" if use_gpu else "cpu")
+    if [str(i) for i in model_obj.item_ids] != list(item_ids):
+        from recmodels.servable import ArtifactError
+
+        raise ArtifactError(f"{path / MODEL_DIR}: the model's item ids do not match the snapshot's "
+                            f"catalog ({path / 'item_ids.json'}); rebuild the snapshot")
+    meta = json.loads((path / ITEMS_FILE).read_text())
+    with np.load(path / USERS_FILE, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    users = arrays.pop("user_ids").tolist()
+    vecs = arrays.pop("user_vectors", None)
+    if manifest.kind == "embedding":
+        vectors = model_obj.item_vectors()
+        items: ItemIndex | Catalog = ItemIndex(index, item_ids, vectors, manifest.index_type,
+                                               use_gpu=use_gpu)
+        for i in meta["inactive"]:  # removed from the index already; not served
+            items.position.pop(i, None)
+        user_vectors = dict(zip(users, vecs)) if vecs is not None else {}
+    else:
+        items = Catalog(item_ids)
+        items.remove(meta["inactive"])
+        user_vectors = {}
+    neighbors = None
+    if (path / NEIGHBORS_FILE).exists():
+        import scipy.sparse as sp
+
+        with np.load(path / NEIGHBORS_FILE) as z:
+            neighbors = sp.csr_matrix((z["data"], z["indices"], z["indptr"]),
+                                      shape=(len(item_ids), len(item_ids)))
     state = ServingState(
-        model_version=manifest.model_version, manifest=manifest, items=items,
-        user_vectors=user_vectors, seen=seen, categories=categories, popular=popular,
-        delta_versions=dict(manifest.delta_versions),
-        newest_event_ts=newest.timestamp() if newest else None,
-        history=history, history_rows=history_rows, alpha=settings.als.alpha,
-        reg=settings.als.reg_param)
-    log.info("loaded snapshot %s: %d items (%s), %d users, in %.1fs", path, items.size,
-             manifest.index_type, len(user_vectors), time.perf_counter() - t0)
+        neighbors=neighbors, model_version=manifest.model_version, manifest=manifest,
+        model=model_obj, items=items,
+        catalog=list(item_ids), user_rows={u: n for n, u in enumerate(users)}, arrays=arrays,
+        user_vectors=user_vectors,
+        categories={i: frozenset(c) for i, c in meta["categories"].items()},
+        popular=list(meta["popular"]), path=path, delta_versions=dict(manifest.delta_versions),
+        newest_event_ts=meta.get("newest_event_ts"))
+    log.info("loaded %s from %s: %d items (%s, %s), %d users, in %.1fs", state.model_version, path,
+             items.size, manifest.kind, manifest.index_type, len(users), time.perf_counter() - t0)
     return state
-
-
-def _reconstruct_all(index, n: int) -> np.ndarray:
-    """The stored vectors by position (snapshot ids are positions 0..n-1)."""
-    return index.reconstruct_batch(np.arange(n, dtype=np.int64)) if n else np.zeros((0, index.d))

@@ -13,15 +13,10 @@ import hashlib
 import json
 import logging
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from pyspark.ml.feature import StringIndexer
-from pyspark.ml.recommendation import ALS
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -30,57 +25,15 @@ from freshrec.interval import DataInterval, parse_job_args
 from freshrec.settings import AlsSettings, Settings
 from freshrec.spark import get_spark
 from freshrec.tracking import mlflow_for
+from recmodels.spark_als import AlsFactors, fit_als  # noqa: F401 (re-exported)
 from spark_jobs.features import events_as_of
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class AlsFactors:
-    user_ids: np.ndarray  # object array of user ids, row i of user_factors
-    user_factors: np.ndarray  # float32 (n_users, rank)
-    item_ids: np.ndarray
-    item_factors: np.ndarray
-    fit_seconds: float
-    n_interactions: int
-
-
 def interactions(events: DataFrame) -> DataFrame:
     """One row per (user, item): the sum of the event weights (the implicit 'rating')."""
     return events.groupBy("user_id", "item_id").agg(F.sum("weight").alias("strength"))
-
-
-def fit_als(pairs: DataFrame, cfg: AlsSettings, implicit: bool = True) -> AlsFactors:
-    """Fit ALS on (user_id, item_id, strength) rows; returns factors keyed by id. ``implicit``:
-    strength is a confidence (implicit feedback); otherwise strength is an explicit rating and ALS
-    fits it by least squares."""
-    users = StringIndexer(inputCol="user_id", outputCol="u", stringOrderType="alphabetAsc")
-    items = StringIndexer(inputCol="item_id", outputCol="i", stringOrderType="alphabetAsc")
-    u_model, i_model = users.fit(pairs), items.fit(pairs)
-    indexed = i_model.transform(u_model.transform(pairs)).select(
-        F.col("u").cast("int"), F.col("i").cast("int"), "strength").cache()
-    n = indexed.count()
-    als = ALS(rank=cfg.rank, maxIter=cfg.iterations, regParam=cfg.reg_param, alpha=cfg.alpha,
-              implicitPrefs=implicit, userCol="u", itemCol="i", ratingCol="strength",
-              numUserBlocks=cfg.num_blocks, numItemBlocks=cfg.num_blocks, seed=cfg.seed,
-              nonnegative=False, coldStartStrategy="drop")
-    t0 = time.perf_counter()
-    model = als.fit(indexed)
-    uf = model.userFactors.toArrow()
-    itf = model.itemFactors.toArrow()
-    fit_seconds = time.perf_counter() - t0
-    indexed.unpersist()
-    return AlsFactors(
-        user_ids=np.asarray(u_model.labelsArray[0], dtype=object)[uf.column("id").to_numpy()],
-        user_factors=_stack(uf.column("features")),
-        item_ids=np.asarray(i_model.labelsArray[0], dtype=object)[itf.column("id").to_numpy()],
-        item_factors=_stack(itf.column("features")),
-        fit_seconds=fit_seconds, n_interactions=n)
-
-
-def _stack(col: pa.ChunkedArray) -> np.ndarray:
-    flat = pc.list_flatten(col.combine_chunks()).to_numpy(zero_copy_only=False)
-    return flat.astype(np.float32).reshape(len(col), -1)
 
 
 def model_version(interval: DataInterval, events_version: int | None, cfg: AlsSettings) -> str:

@@ -1,22 +1,27 @@
 """Clean: bronze ``events_raw`` (one batch) -> silver ``events`` + ``events_dead_letter``.
 
-Validates every raw row of the interval's batch: missing or over-long ids, unparseable or
-out-of-range timestamps, unknown event types and bad or out-of-range values go to the dead-letter
-table with their reason. Valid rows are typed (UTC timestamps, numeric value, confidence weight from
-the event type), get an ``event_id`` (the given one, or a hash of the row), and are deduplicated by
-``event_id`` within the batch and against other batches. raw = clean + dead-letter + duplicates is
-checked before anything is written. Both outputs replace the batch's own rows, and only when they
-differ, so a re-run of the interval commits nothing.
+Checks every raw row of the interval's batch with the event rules (``freshrec/contracts/events.py``,
+the same rules ``RecordEvents`` applies before acknowledging an event): missing or over-long ids,
+unparseable or out-of-range timestamps (the reference instant is the interval's end), unknown
+event types and bad or out-of-range values (per event type) go to the dead-letter table with their
+reason. Valid rows are typed (UTC timestamps, numeric value, the rules' confidence weight), get an
+``event_id`` (the given one, or a hash of the row), and are deduplicated by ``event_id`` within the
+batch and against other batches. raw = clean + dead-letter + duplicates is checked before anything
+is written. Both outputs replace the batch's own rows, and only when they differ, so a re-run of the
+interval commits nothing. The rules run on the executors, on Arrow batches (``mapInArrow``).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from collections.abc import Iterator
 
-from pyspark.sql import Column, DataFrame, Window
+import pyarrow as pa
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
+from freshrec.contracts.events import REASONS, EventRules, rules_for
 from freshrec.delta import DeltaStore, batch_filter
 from freshrec.interval import DataInterval, run_job
 from freshrec.settings import Settings
@@ -25,61 +30,47 @@ from freshrec.tables import EVENTS, EVENTS_DEAD_LETTER
 
 log = logging.getLogger(__name__)
 
-REASONS = ("missing_user_id", "missing_item_id", "id_too_long", "unparseable_ts", "ts_too_old",
-           "ts_in_future", "unknown_event_type", "bad_value", "value_out_of_range")
+__all__ = ["REASONS", "CountMismatch", "validate", "dead_letter", "clean_events", "run", "main"]
+
+# what the rules add to each raw row: (column, the rules' output column, Spark type)
+_CHECKED = (("ts_parsed", "ts", T.TimestampType()), ("value_num", "value", T.DoubleType()),
+            ("weight", "weight", T.DoubleType()), ("event_id_clean", "event_id", T.StringType()),
+            ("user_id_clean", "user_id", T.StringType()),
+            ("item_id_clean", "item_id", T.StringType()),
+            ("event_type_clean", "event_type", T.StringType()), ("reason", "reason", T.StringType()))
 
 
 class CountMismatch(RuntimeError):
     """raw != clean + dead-letter + duplicates: something would be lost; nothing was written."""
 
 
-def _blank(c: Column) -> Column:
-    return c.isNull() | (F.trim(c) == "")
+def _checker(rules: EventRules, reference):
+    names = [name for name, _, _ in _CHECKED]
 
+    def check(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            out = rules.check_table(batch, reference)
+            cols = [out.column(src).combine_chunks() for _, src, _ in _CHECKED]
+            yield pa.RecordBatch.from_arrays(list(batch.columns) + cols,
+                                             names=list(batch.schema.names) + names)
 
-def parse_ts(text: Column) -> Column:
-    """ISO-8601 text (naive means UTC) or epoch seconds / milliseconds -> timestamp, else null."""
-    t = F.trim(text)
-    num = t.try_cast("double")
-    epoch = F.timestamp_seconds(F.when(num > 1e11, num / 1000).otherwise(num))
-    return F.when(t.rlike(r"^\d{9,13}(\.\d+)?$"), epoch).otherwise(F.try_to_timestamp(t))
+    return check
 
 
 def validate(raw: DataFrame, settings: Settings, interval: DataInterval) -> DataFrame:
-    """Add typed columns (``ts_parsed``, ``value_num``, ``weight``, ``event_id_final``) and
-    ``reason`` (null for a valid row, else the first problem found)."""
-    ev = settings.events
-    max_len = ev.max_id_length
-    ts_parsed = parse_ts(F.col("ts"))
-    value_blank = _blank(F.col("value"))
-    value_num = F.when(value_blank, F.lit(None).cast("double")) \
-        .otherwise(F.trim(F.col("value")).try_cast("double"))
-    latest = interval.end + timedelta(days=1)
-    reason = (
-        F.when(_blank(F.col("user_id")), "missing_user_id")
-        .when(_blank(F.col("item_id")), "missing_item_id")
-        .when((F.length("user_id") > max_len) | (F.length("item_id") > max_len)
-              | (F.length(F.coalesce("event_id", F.lit(""))) > max_len), "id_too_long")
-        .when(ts_parsed.isNull(), "unparseable_ts")
-        .when(ts_parsed < F.lit(ev.earliest_ts).cast("timestamp"), "ts_too_old")
-        .when(ts_parsed >= F.lit(latest).cast("timestamp"), "ts_in_future")
-        .when(~F.trim("event_type").isin(list(ev.types)), "unknown_event_type")
-        .when(~value_blank & value_num.isNull(), "bad_value")
-        .when(value_num.isNotNull() & ((value_num < ev.value_min) | (value_num > ev.value_max)
-                                      | F.isnan(value_num)), "value_out_of_range")
-    )
-    type_weight = F.lit(None).cast("double")
-    for name, w in ev.types.items():
-        type_weight = F.when(F.trim("event_type") == name, F.lit(w)).otherwise(type_weight)
-    weight = F.when((F.trim("event_type") == "rating") & value_num.isNotNull(),
-                    type_weight * value_num).otherwise(type_weight)
+    """Add typed columns (``ts_parsed``, ``value_num``, ``weight``, ``event_id_final``, the
+    trimmed ``*_clean`` ids) and ``reason`` (null for a valid row, else the first problem found, as
+    :meth:`freshrec.contracts.events.EventRules.check_table` decides with the interval's end as
+    the reference instant)."""
+    schema = T.StructType(list(raw.schema.fields)
+                          + [T.StructField(name, typ, True) for name, _, typ in _CHECKED])
+    checked = raw.mapInArrow(_checker(rules_for(settings), interval.end), schema)
     row_hash = F.sha2(F.concat_ws("|", "user_id", "item_id", "event_type", "ts",
                                   F.coalesce("value", F.lit(""))), 256)
-    event_id = F.when(_blank(F.col("event_id")), F.concat(F.lit("h_"), row_hash.substr(1, 32))) \
-        .otherwise(F.trim("event_id"))
-    return raw.select("*", ts_parsed.alias("ts_parsed"), value_num.alias("value_num"),
-                      weight.alias("weight"), event_id.alias("event_id_final"),
-                      reason.alias("reason"))
+    event_id = F.when(F.col("event_id_clean").isNull(),
+                      F.concat(F.lit("h_"), row_hash.substr(1, 32))) \
+        .otherwise(F.col("event_id_clean"))
+    return checked.withColumn("event_id_final", event_id)
 
 
 def dead_letter(validated: DataFrame) -> DataFrame:
@@ -94,8 +85,8 @@ def clean_events(validated: DataFrame, other_event_ids: DataFrame) -> DataFrame:
     fresh = deduped.join(other_event_ids.withColumnRenamed("event_id", "event_id_final"),
                          on="event_id_final", how="left_anti")
     return fresh.select(
-        F.col("event_id_final").alias("event_id"), F.trim("user_id").alias("user_id"),
-        F.trim("item_id").alias("item_id"), F.trim("event_type").alias("event_type"),
+        F.col("event_id_final").alias("event_id"), F.col("user_id_clean").alias("user_id"),
+        F.col("item_id_clean").alias("item_id"), F.col("event_type_clean").alias("event_type"),
         F.col("value_num").alias("value"), "weight", F.col("ts_parsed").alias("ts"), "context",
         "raw_id", "batch_date")
 
@@ -121,7 +112,9 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
     store.write_if_changed(EVENTS_DEAD_LETTER.name, dead, predicate, where)
     counts = {"raw": n_raw, "clean": clean.num_rows, "dead_letter": dead.num_rows,
               "duplicates": n_dup}
-    log.info("clean %s: %s", batch, counts)
+    by_reason = {r["values"]: r["counts"] for r in dead.column("reason").value_counts().to_pylist()}
+    log.info("clean %s: %s; dead-letter by reason: %s", batch, counts,
+             {r: by_reason[r] for r in REASONS if r in by_reason})
     return counts
 
 

@@ -25,11 +25,11 @@ import pyarrow.compute as pc
 from freshrec.delta import DeltaStore
 from freshrec.evaluation import Split, evaluate_scorer, temporal_split
 from freshrec.interval import DataInterval, run_job
-from freshrec.models.base import Interactions
+from recmodels.base import Interactions
 from freshrec.settings import Settings
 from freshrec.spark import get_spark
 from freshrec.tracking import mlflow_for
-from spark_jobs.models import MODELS, SPARK_MODELS, make_model
+from recmodels import MODELS, SPARK_MODELS, make_model
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,13 @@ def model_params(name: str, settings: Settings) -> dict:
 
 
 def log_model_run(mlflow, name: str, model, metrics: dict[str, float], versions: dict,
-                  interval: DataInterval) -> str:
-    """One nested MLflow run per fit: params, metrics per K, data versions, the exported model."""
+                  interval: DataInterval) -> tuple[str, str | None, str | None]:
+    """One nested MLflow run per fit: params, metrics per K, data versions and the model as an
+    ``mlflow.pyfunc`` model (the servable artifact plus the histories it scores). Returns the run
+    id, the logged model's URI (None when it is not servable) and why not."""
+    from recmodels import pyfunc
+    from recmodels.servable import ArtifactError
+
     with mlflow.start_run(run_name=f"fit-{name}-{interval.batch_date}", nested=True) as run:
         mlflow.set_tags({"stage": "fit", "model": name, "interval": interval.batch_date})
         params = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
@@ -138,17 +143,23 @@ def log_model_run(mlflow, name: str, model, metrics: dict[str, float], versions:
         mlflow.log_params({**{k: str(v)[:500] for k, v in params.items()},
                            **{f"delta_version.{t}": v for t, v in versions.items()}})
         mlflow.log_metrics(metrics)
+        uri, why = None, None
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "model"
-            model.export(out)
-            size = sum(f.stat().st_size for f in out.iterdir())
-            if size > MAX_ARTIFACT_BYTES:  # e.g. EASE's dense item-item matrix on a large catalog
-                (out / "arrays.npz").unlink()
-                (out / "NOTE.txt").write_text(f"arrays.npz ({size / 1e6:.0f} MB) is above the "
-                                              f"{MAX_ARTIFACT_BYTES >> 20} MB artifact limit and "
-                                              "was not logged; refit from model.json")
-            mlflow.log_artifacts(str(out), "model")
-        return run.info.run_id
+            try:
+                model.export(out)
+                size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+                if size > MAX_ARTIFACT_BYTES:
+                    raise ArtifactError(f"its artifact is {size / 1e6:.0f} MB, above the "
+                                        f"{MAX_ARTIFACT_BYTES >> 20} MB limit")
+                users = pyfunc.save_users_from(Path(tmp) / "users.npz", model.model.data)
+                info = pyfunc.log(mlflow, out, users, [str(u) for u in model.model.data.user_ids[:3]])
+                uri = info.model_uri
+            except ArtifactError as e:
+                why = f"not servable: {e}"
+                mlflow.set_tag("servable", why)
+                log.warning("evaluate: %s is %s; it will not be registered", name, why)
+        return run.info.run_id, uri, why
 
 
 def model_names(requested: list[str]) -> list[str]:
@@ -172,6 +183,8 @@ def run(settings: Settings, interval: DataInterval,
     results: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
     runs: dict[str, str] = {}
+    model_uris: dict[str, str] = {}
+    skipped_registry: dict[str, str] = {}
     items = store.read_arrow("items", columns=["item_id", "title", "categories", "text"]) \
         .to_pandas() if store.exists("items") else None
     versions = {"events": ev_version, "items": store.version("items") if items is not None else None}
@@ -192,7 +205,12 @@ def run(settings: Settings, interval: DataInterval,
                 continue
             fit = getattr(model, "fit_seconds", time.perf_counter() - t0)
             results[name] = {**evaluate_scorer(split, model.score, cfg.ks), "fit_seconds": fit}
-            runs[name] = log_model_run(mlflow, name, model, results[name], versions, interval)
+            runs[name], uri, why = log_model_run(mlflow, name, model, results[name], versions,
+                                                 interval)
+            if uri:
+                model_uris[name] = uri
+            else:
+                skipped_registry[name] = why
             log.info("evaluate %s: %s ndcg@%d=%.4f (%.1f s)", interval.batch_date, name, cfg.ks[0],
                      results[name][f"ndcg_at_{cfg.ks[0]}"], fit)
             del model
@@ -202,7 +220,8 @@ def run(settings: Settings, interval: DataInterval,
                    "delta_versions": versions, "n_test_users": int(len(split.test_users)),
                    "n_train_users": int(len(split.user_ids)), "n_items": int(len(split.item_ids)),
                    "metric": f"ndcg_at_{cfg.ks[0]}", "results": results, "skipped": skipped,
-                   "runs": runs, "evaluation_run": parent.info.run_id, "table": table_text}
+                   "runs": runs, "model_uris": model_uris, "not_servable": skipped_registry,
+                   "evaluation_run": parent.info.run_id, "table": table_text}
         mlflow.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()})
         mlflow.log_text(table_text, "evaluation_table.txt")
         if results:

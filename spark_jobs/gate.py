@@ -1,11 +1,13 @@
 """Gate: the interval's evaluation -> a new ``freshrec-retrieval`` version, ``@champion`` if it wins.
 
 Reads ``<data>/reports/evaluation-<batch_date>.json`` (written by :mod:`spark_jobs.evaluate`), takes
-the model with the best validation metric (NDCG at the first K) among ``evaluation.gate_models``
-(empty: every evaluated model), registers its fit run's exported model, and moves ``@champion`` to
-it only when it beats the current champion. When the champion's method was evaluated in the same
+the servable model with the best validation metric (NDCG at the first K) among
+``evaluation.gate_models`` (empty: every evaluated model), registers its logged pyfunc model, and
+moves ``@champion`` to it only when it beats the current champion and no model evaluated on the same
+split beats it. When the champion's method was evaluated in the same
 run, the comparison uses its metric on this same split; otherwise the metric recorded at its
-promotion. A re-run of the interval finds the gate already applied to that run and changes nothing.
+promotion. A re-run of the interval finds the version registered for the same interval, model and data
+versions and registers nothing.
 The outcome goes to ``<data>/reports/gate-<batch_date>.json``.
 """
 
@@ -31,29 +33,28 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
     summary = json.loads(path.read_text())
     metric = summary.get("metric", f"ndcg_at_{settings.evaluation.ks[0]}")
     allowed = settings.evaluation.gate_models or list(summary["results"])
+    uris = summary.get("model_uris", {})
     candidates = {m: r[metric] for m, r in summary["results"].items()
-                  if m in allowed and m in summary.get("runs", {})}
+                  if m in allowed and m in uris}
     if not candidates:
-        raise ValueError(f"{path}: none of the gate's models {allowed} was evaluated "
-                         f"(evaluated: {sorted(summary['results'])})")
+        raise ValueError(f"{path}: none of the gate's models {allowed} was evaluated and servable "
+                         f"(evaluated: {sorted(summary['results'])}; not servable: "
+                         f"{summary.get('not_servable', {})})")
     best = max(candidates, key=candidates.get)
     run_id = summary["runs"][best]
     mlflow = mlflow_for(settings)
     out = reports / f"gate-{interval.batch_date}.json"
-    existing = mlflow.get_run(run_id).data.tags.get("gate")
-    if existing and out.exists():
-        log.info("gate %s: run %s was already gated (%s); nothing to do", interval.batch_date,
-                 run_id, existing)
-        return json.loads(out.read_text())
 
     def rescore(champion_model: str) -> float | None:
         r = summary["results"].get(champion_model)
         return None if r is None else float(r[metric])
 
+    # every model evaluated on this split is a rival: the gate never promotes a loser
+    rivals = {m: float(r[metric]) for m, r in summary["results"].items()}
+    identity = {"interval": interval.batch_date, "model": best,
+                **{f"delta_version.{t}": str(v) for t, v in summary.get("delta_versions", {}).items()}}
     result = gate(mlflow, run_id, best, metric, candidates[best], rescore, name=RETRIEVAL,
-                  tags={"interval": interval.batch_date,
-                        **{f"delta_version.{t}": str(v) for t, v in
-                           summary.get("delta_versions", {}).items()}})
+                  model_uri=uris[best], rivals=rivals, identity=identity)
     log.info("gate %s: %s v%s %s: %s", interval.batch_date, best, result.version,
              "PROMOTED to @champion" if result.promoted else "not promoted", result.reason)
     payload = {**result.as_dict(), "candidates": candidates, "run_id": run_id}

@@ -18,7 +18,10 @@ SMALL = {
     "als": {"rank": 16, "iterations": 6, "num_blocks": 2},
     "features": {"neighbors_top_k": 10},
     "spark": {"shuffle_partitions": 2, "driver_memory": "2g"},
-    "evaluation": {"ks": [10, 20]},
+    # every model kind the registry can serve: popularity, history (kNN, EASE, content),
+    # embedding (ALS) and the hybrid
+    "evaluation": {"ks": [10, 20], "models": ["most_popular", "trending", "item_knn", "user_knn",
+                                              "ease", "content", "als", "hybrid"]},
 }
 DAY = "2026-11-27"
 
@@ -26,6 +29,27 @@ DAY = "2026-11-27"
 def small_settings(data_dir: Path, **more) -> Settings:
     tree = {**SMALL, **more, "paths": {"data_dir": str(data_dir)}}
     return load_settings("local", env={}, **tree)
+
+
+def register_fit(settings: Settings, model: str, batch_date: str = DAY) -> int:
+    """Register the lane evaluation's fit of ``model`` as a new freshrec-retrieval version (no
+    alias) in ``settings``' MLflow; returns the version number."""
+    import json
+
+    from freshrec.registry import RETRIEVAL
+    from freshrec.tracking import mlflow_for
+
+    summary = json.loads((settings.data_dir / "reports" / f"evaluation-{batch_date}.json").read_text())
+    uri = summary["model_uris"][model]
+    mlflow_for(settings)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if not client.search_registered_models(filter_string=f"name = '{RETRIEVAL}'"):
+        client.create_registered_model(RETRIEVAL)
+    v = client.create_model_version(RETRIEVAL, source=uri, run_id=summary["runs"][model],
+                                    model_id=uri.split("/")[-1], tags={"model": model})
+    return int(v.version)
 
 
 @pytest.fixture

@@ -21,7 +21,18 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_airflow_dags_test_runs_the_whole_batch_lane(tmp_path):
+    """The DAG's last step rolls the promoted champion out to a running server, which started
+    with nothing to serve."""
+    port = _free_port()
     env = {**os.environ,
            "AIRFLOW_HOME": str(tmp_path / "airflow"),
            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
@@ -33,6 +44,8 @@ def test_airflow_dags_test_runs_the_whole_batch_lane(tmp_path):
            "FRESHREC__SYNTH__N_USERS": "400", "FRESHREC__SYNTH__N_ITEMS": "150",
            "FRESHREC__TRAINING__SAMPLES_PER_EPOCH": "3000", "FRESHREC__TRAINING__VAL_USERS": "50",
            "FRESHREC__TRAINING__BATCH_SIZE": "256", "FRESHREC__TRAINING__DIM": "16",
+           "FRESHREC__REFRESHER__REPLICAS": f"['127.0.0.1:{port}']",
+           "FRESHREC__SERVING__METRICS_PORT": "-1", "FRESHREC__SERVING__JSON_LOGS": "false",
            "PYSPARK_PYTHON": sys.executable}
     # The synthetic data lands today, so the run processes today's interval [today, today+1).
     today = datetime.now(timezone.utc).date()
@@ -47,8 +60,19 @@ def test_airflow_dags_test_runs_the_whole_batch_lane(tmp_path):
        "--users", "400", "--items", "150")
     (tmp_path / "airflow").mkdir()
     sh(str(BIN / "airflow"), "db", "migrate")
-    # a manual run at day+1 covers the interval [day, day+1)
-    sh(str(BIN / "airflow"), "dags", "test", "freshrec_batch", run_after)
+    server = subprocess.Popen([sys.executable, "-m", "freshrec.cli.main", "serve", "--port", str(port)],
+                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # a manual run at day+1 covers the interval [day, day+1)
+        sh(str(BIN / "airflow"), "dags", "test", "freshrec_batch", run_after)
+        from serving.client import Client
+
+        admin = Client(f"127.0.0.1:{port}", "dev-admin-token")
+        served = admin.call_admin("Status", admin.admin_pb2.StatusRequest()).model_version
+        reply = Client(f"127.0.0.1:{port}", "dev-client-token").recommend("u1", 5)
+    finally:
+        server.kill()
+        server.wait(timeout=30)
     settings = load_settings("local", env={"FRESHREC_DATA_DIR": str(tmp_path / "data")})
     store = DeltaStore(settings)
     counts = {t: store.count(t) for t in ("events_raw", "events", "events_dead_letter",
@@ -61,6 +85,9 @@ def test_airflow_dags_test_runs_the_whole_batch_lane(tmp_path):
     assert "Dead-letter rows by reason" in report and "als" in report and "Top-10" in report
     gate = json.loads((settings.data_dir / "reports" / f"gate-{day}.json").read_text())
     assert gate["promoted"] and gate["registered_model"] == "freshrec-retrieval"
+    label = f"freshrec-retrieval/{gate['version']} {gate['candidate']}"
+    assert served == label and reply.model_version == label and len(reply.items) == 5
+    assert f"as served (model {label})" in report
 
     # the training DAG on demand, with a run config: two models, one epoch
     conf = json.dumps({"models": ["two_tower", "reinforce"], "epochs": 1, "device": "auto"})

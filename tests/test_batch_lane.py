@@ -57,7 +57,7 @@ def test_validation_reasons_on_handmade_rows(spark, settings):
         ("e1", "u", "i", "view", None, "2026-11-01T00:00:00Z", None, "f:1", "f", "2026-11-27", None),
         ("e2", "", "i", "view", None, "2026-11-01T00:00:00Z", None, "f:2", "f", "2026-11-27", None),
         ("e3", "u", "i", "view", None, "tomorrow", None, "f:3", "f", "2026-11-27", None),
-        ("e4", "u", "i", "view", None, "1999-01-01T00:00:00Z", None, "f:4", "f", "2026-11-27", None),
+        ("e4", "u", "i", "view", None, "1989-01-01T00:00:00Z", None, "f:4", "f", "2026-11-27", None),
         ("e5", "u", "i", "view", None, "2031-01-01T00:00:00Z", None, "f:5", "f", "2026-11-27", None),
         ("e6", "u", "i", "hover", None, "2026-11-01T00:00:00Z", None, "f:6", "f", "2026-11-27", None),
         ("e7", "u", "i", "rating", "many", "2026-11-01T00:00:00Z", None, "f:7", "f", "2026-11-27", None),
@@ -159,7 +159,38 @@ def test_every_fit_is_a_run_with_params_metrics_versions_and_the_exported_model(
         assert run.data.metrics["ndcg_at_10"] == pytest.approx(ev["results"][name]["ndcg_at_10"])
         assert run.data.params["delta_version.events"] == str(ev["delta_versions"]["events"])
         arts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id, artifact_path="model")}
-        assert {"model/model.json", "model/arrays.npz"} <= arts
+        assert "model/MLmodel" in arts  # a pyfunc model, with the freshrec artifact inside
+        assert ev["model_uris"][name].startswith("models:/")
+
+
+def test_the_champion_loads_as_a_pyfunc_model_in_a_fresh_interpreter(lane, tmp_path):
+    """mlflow.pyfunc.load_model("models:/freshrec-retrieval@champion").predict(user ids) returns
+    top-k items, from another directory, without the lanes on the path."""
+    import json
+    import subprocess
+    import sys
+
+    from freshrec.delta import DeltaStore
+
+    users = DeltaStore(lane["settings"]).read_arrow("events", columns=["user_id"]) \
+        .column("user_id").to_pylist()[:2]
+    code = ("import json, sys, mlflow, pandas as pd\n"
+            f"mlflow.set_tracking_uri({lane['settings'].mlflow_tracking_uri!r})\n"
+            "m = mlflow.pyfunc.load_model('models:/freshrec-retrieval@champion')\n"
+            "out = m.predict(pd.DataFrame({'user_id': json.loads(sys.argv[1])}), params={'k': 5})\n"
+            "print(out.to_json(orient='records'))\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(users)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["user_id"] for r in rows] == [users[0]] * 5 + [users[1]] * 5
+    assert [r["rank"] for r in rows[:5]] == [1, 2, 3, 4, 5]
+    seen = set(DeltaStore(lane["settings"]).read_arrow("events", columns=["user_id", "item_id"])
+               .to_pandas().query("user_id == @users[0]")["item_id"])
+    assert len({r["item_id"] for r in rows[:5]}) == 5
+    scores = [r["score"] for r in rows[:5]]
+    assert scores == sorted(scores, reverse=True)
+    assert len(seen) > 0
 
 
 def test_gate_promotes_the_best_model_and_keeps_a_loser_visible(lane, tmp_path):
@@ -194,31 +225,56 @@ def test_gate_promotes_the_best_model_and_keeps_a_loser_visible(lane, tmp_path):
     assert str(client.get_model_version_by_alias(RETRIEVAL, "champion").version) == first["version"]
     loser = client.get_model_version(RETRIEVAL, second["version"])
     assert loser.tags["gate"] == "rejected" and mlflow.get_run(loser.run_id).data.metrics
-    assert gate.run(settings, lane["interval"]) == second  # re-run: already gated
+    # re-running the interval registers nothing new
+    n_versions = len(client.search_model_versions(f"name = '{RETRIEVAL}'"))
+    again = gate.run(settings, lane["interval"])
+    assert again["version"] == second["version"] and not again["promoted"]
+    evaluate.run(settings, lane["interval"], ["most_popular", "trending"])
+    assert gate.run(settings, lane["interval"])["version"] == second["version"]
+    assert len(client.search_model_versions(f"name = '{RETRIEVAL}'")) == n_versions
 
-    # the champion's own method refitted on this split is compared on the same split
-    evaluate.run(settings, lane["interval"], [best, "most_popular"])
-    third = gate.run(settings, lane["interval"])
+    # the champion's own method refitted on this split (the next day's interval: same data) is
+    # compared on the same split
+    evaluate.run(settings, DataInterval.for_day("2026-11-28"), [best, "most_popular"])
+    third = gate.run(settings, DataInterval.for_day("2026-11-28"))
     assert third["champion_metric_source"] == "same split" and not third["promoted"]
     assert third["candidate_metric"] == pytest.approx(third["champion_metric"])
 
 
-def test_index_snapshot_matches_exact_scores(lane):
+def test_snapshot_is_the_champion_and_self_contained(lane):
+    """The snapshot holds the registered champion's artifact, its catalog, every user's history as
+    in silver events, and (embedding models) an index that finds what exact search finds."""
+    from freshrec.snapshot import USERS_FILE
+    from recmodels.servable import load
+
     settings = lane["settings"]
     snap = latest_snapshot(settings.snapshots_dir)
     index, item_ids, manifest = load_snapshot(snap)
+    gate = lane["results"]["gate"]
     assert manifest == Manifest.read(snap)
-    assert manifest.model_version == lane["results"]["als"]["model_version"]
-    assert manifest.delta_versions["item_factors"] == DeltaStore(settings).version("item_factors")
-    assert manifest.index_type == "flat" and index.ntotal == len(item_ids) == manifest.n_items
-    store = DeltaStore(settings)
-    itf = store.read_arrow("item_factors")
-    vecs = np.stack(itf.column("factors").to_numpy(zero_copy_only=False)).astype(np.float32)
-    q = vecs[:3]
-    _, got = index.search(q, 5)
-    want = top_k(q @ vecs.T, 5)
-    ids = itf.column("item_id").to_pylist()
-    assert [[item_ids[i] for i in row] for row in got] == [[ids[i] for i in row] for row in want]
+    assert manifest.model_version == f"freshrec-retrieval/{gate['version']} {gate['candidate']}"
+    assert manifest.registry_version == int(gate["version"])
+    model = load(snap / "model")
+    assert [str(i) for i in model.item_ids] == item_ids == json.loads((snap / "item_ids.json").read_text())
+    assert manifest.delta_versions["events"] == DeltaStore(settings).version("events")
+    users = np.load(snap / USERS_FILE)
+    ev = DeltaStore(settings).read_arrow("events", columns=["user_id", "item_id"]).to_pandas()
+    u = str(users["user_ids"][0])
+    row = 0
+    got = {item_ids[i] for i in users["items"][users["indptr"][row]:users["indptr"][row + 1]]}
+    assert got == set(ev.loc[ev["user_id"] == u, "item_id"]) & set(item_ids)
+    if manifest.kind == "embedding":
+        vecs = model.item_vectors()
+        assert manifest.index_type == "flat" and index.ntotal <= len(item_ids)
+        inactive = set(json.loads((snap / "items.json").read_text())["inactive"])
+        q = vecs[:3]
+        _, got_ids = index.search(q, 5)
+        exact = q @ vecs.T
+        exact[:, [item_ids.index(i) for i in inactive]] = -np.inf
+        want = top_k(exact, 5)
+        assert got_ids.tolist() == want.tolist()
+    else:
+        assert index is None and manifest.index_type == "none"
 
 
 def test_ivf_index_above_the_exact_threshold(settings):
@@ -244,7 +300,9 @@ def test_recommend_csv_excludes_seen_items_and_falls_back_for_strangers(lane, tm
     users.write_text("u1\nu2\nsomeone-new\n")
     out = tmp_path / "recs.csv"
     summary = recommend_to_csv(settings, users, 5, out)
-    assert summary == {"users": 3, "cold_start_fallbacks": 1, "rows": 15}
+    gate = lane["results"]["gate"]
+    assert summary == {"users": 3, "cold_start_fallbacks": 1, "rows": 15, "model_version":
+                       f"freshrec-retrieval/{gate['version']} {gate['candidate']}"}
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["user_id", "rank", "item_id", "score"]
     from freshrec.privacy import pseudonymize

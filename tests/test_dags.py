@@ -36,19 +36,21 @@ def test_house_rules(bag):
 
 def test_batch_dag_shape(bag):
     dag = bag.dags["freshrec_batch"]
-    assert set(dag.task_ids) == {"ingest", "clean", "features", "als", "evaluate", "gate", "build_index"}
+    assert set(dag.task_ids) == {"ingest", "clean", "features", "als", "evaluate", "gate", "rollout"}
     assert dag.get_task("clean").upstream_task_ids == {"ingest"}
     assert dag.get_task("als").upstream_task_ids == {"clean"}
-    assert dag.get_task("build_index").upstream_task_ids == {"als"}
-    assert dag.get_task("evaluate").upstream_task_ids == {"als"}
+    assert dag.get_task("evaluate").upstream_task_ids == {"als", "features"}
     assert dag.get_task("gate").upstream_task_ids == {"evaluate"}
+    # the last step serves what the gate promoted
+    assert dag.get_task("rollout").upstream_task_ids == {"gate"}
+    assert not dag.get_task("rollout").downstream_task_ids
 
 
 def test_training_dag_shape_schedule_and_params(bag):
     dag = bag.dags["freshrec_training"]
-    assert dag.task_ids == ["bandit", "reinforce", "sasrec", "two_tower"] or \
-        set(dag.task_ids) == {"two_tower", "sasrec", "reinforce", "bandit"}
+    assert set(dag.task_ids) == {"two_tower", "sasrec", "reinforce", "bandit", "rollout"}
     assert dag.get_task("sasrec").upstream_task_ids == {"two_tower"}
+    assert dag.get_task("rollout").upstream_task_ids == {"two_tower", "sasrec"}
     assert dag.get_task("bandit").upstream_task_ids == {"reinforce"}
     assert dag.max_active_runs == 1 and dag.timetable.summary == "0 3 * * 1"
     assert dag.params["device"] == "auto" and set(dag.params["models"]) == {

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from freshrec.baselines import ItemKNN, MostPopular
+from recmodels.baselines import ItemKNN, MostPopular
 from freshrec.evaluation import evaluate_scorer, ranking_metrics, temporal_split, top_k
 
 

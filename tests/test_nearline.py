@@ -25,7 +25,7 @@ from freshrec.privacy import pseudonymize
 from serving import refresher
 from serving.client import Client
 from serving.server import FreshrecServer
-from tests.conftest import small_settings
+from tests.conftest import register_fit, small_settings
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,22 +56,29 @@ def _add_events(settings, rows: list[tuple[str, str, str]], batch: str) -> None:
         "raw_id": [f"nl:{batch}:{i}" for i in range(n)], "batch_date": [batch] * n}))
 
 
-def _expected_vector(settings, user: str) -> np.ndarray:
+def _expected_vector(settings, user: str, server) -> np.ndarray:
+    """ALS fold-in of the user's whole history in silver events against the served model's item
+    factors (computed here from the table, not from what the refresher sent)."""
     store = DeltaStore(settings)
-    f = refresher.ModelFactors.load(store)
+    model = server.state.model
+    position = {str(i): n for n, i in enumerate(model.item_ids)}
     h = store.read_arrow("events", filter=pc.field("user_id") == user).group_by(
         ["item_id"]).aggregate([("weight", "sum")])
     items = [(i, w) for i, w in zip(h.column("item_id").to_pylist(),
-                                    h.column("weight_sum").to_pylist()) if i in f.position]
-    return fold_in(f.matrix[[f.position[i] for i, _ in items]], np.array([w for _, w in items]),
-                   gram(f.matrix), settings.als.alpha, settings.als.reg_param)
+                                    h.column("weight_sum").to_pylist()) if i in position]
+    vecs = model.item_vectors()
+    return fold_in(vecs[[position[i] for i, _ in items]], np.array([w for _, w in items]),
+                   gram(vecs), settings.als.alpha, settings.als.reg_param)
 
 
 @pytest.fixture
 def env(lane, tmp_path):
+    """A server on a copy of the lane's data serving its ALS fit (pinned by version): the vector
+    checks need an embedding model; history models are refreshed in test_model_serving.py."""
     data = _copy(lane, tmp_path)
+    version = register_fit(small_settings(data), "als")
     settings = small_settings(data, serving={"port": 0, "metrics_port": -1,
-                                             "wal_flush_seconds": 3600})
+                                             "wal_flush_seconds": 3600, "model": str(version)})
     server = FreshrecServer(settings, use_gpu=False)
     port = server.start()
     addr = f"127.0.0.1:{port}"
@@ -93,7 +100,7 @@ def test_new_events_fold_into_user_vectors_and_commit_the_checkpoint(env):
     key = s.privacy.hmac_key
     for raw in ("u1", "brand-new"):
         got = server.state.user_vectors[pseudonymize(raw, key)]
-        np.testing.assert_allclose(got, _expected_vector(s, pseudonymize(raw, key)),
+        np.testing.assert_allclose(got, _expected_vector(s, pseudonymize(raw, key), server),
                                    rtol=1e-3, atol=1e-4)
     assert refresher.read_checkpoint(s)["events"] == DeltaStore(s).version("events")
     c = Client(env["addr"], "dev-admin-token")
@@ -146,7 +153,7 @@ def test_cdf_gap_after_vacuum_falls_back_to_a_full_refresh(env, caplog):
         report = refresher.refresh_once(s)
     assert report["full"] and "falling back to a full refresh" in caplog.text
     user = pseudonymize("u3", s.privacy.hmac_key)
-    np.testing.assert_allclose(server.state.user_vectors[user], _expected_vector(s, user),
+    np.testing.assert_allclose(server.state.user_vectors[user], _expected_vector(s, user, server),
                                rtol=1e-3, atol=1e-4)
 
 
@@ -169,7 +176,7 @@ def test_sigkill_of_the_refresher_at_any_point_loses_nothing(env, point):
     refresher.refresh_once(s)  # the restarted refresher
     for raw in ("u4", "u5"):
         user = pseudonymize(raw, s.privacy.hmac_key)
-        np.testing.assert_allclose(server.state.user_vectors[user], _expected_vector(s, user),
+        np.testing.assert_allclose(server.state.user_vectors[user], _expected_vector(s, user, server),
                                    rtol=1e-3, atol=1e-4)
     assert refresher.read_checkpoint(s)["events"] == DeltaStore(s).version("events")
 

@@ -17,16 +17,20 @@ from freshrec.privacy import pseudonymize
 from serving.client import Client
 from serving.index import gpu_count
 from serving.server import FreshrecServer
-from tests.conftest import small_settings
+from tests.conftest import register_fit, small_settings
 
 pytestmark = pytest.mark.integration
 CLIENT, ADMIN = "dev-client-token", "dev-admin-token"
 
 
 def _settings(lane, root, **serving):
+    """A copy of the lane's data, serving its ALS fit (registered here, pinned by version): the
+    vector checks below need an embedding model; tests/test_model_serving.py covers every kind."""
     shutil.copytree(lane["settings"].data_dir, root / "data")
+    version = register_fit(small_settings(root / "data"), "als")
     return small_settings(root / "data", serving={"metrics_port": 0, "port": 0,
-                                                  "wal_flush_seconds": 3600, **serving})
+                                                  "wal_flush_seconds": 3600, "model": str(version),
+                                                  **serving})
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,8 @@ def _known_user(settings, skip: int = 0) -> tuple[str, str]:
     """A raw user id of the synthetic data that the model knows (the ``skip``-th such), and its
     pseudonym."""
     key = settings.privacy.hmac_key
-    users = set(DeltaStore(settings).read_arrow("user_factors").column("user_id").to_pylist())
+    users = set(DeltaStore(settings).read_arrow("events", columns=["user_id"]).column("user_id")
+                .to_pylist())
     for n in range(1000):
         if pseudonymize(f"u{n}", key) in users:
             if skip == 0:
@@ -62,7 +67,7 @@ def test_health_is_not_serving_until_a_snapshot_is_loaded(served):
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     admin = served["admin"]
     reply = admin.call_admin("LoadSnapshot", admin.admin_pb2.LoadSnapshotRequest())
-    assert reply.n_items > 0 and reply.model_version.startswith("als-")
+    assert reply.n_items > 0 and reply.model_version.startswith("freshrec-retrieval/")
     assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
         health_pb2.HealthCheckResponse.SERVING
 
@@ -82,6 +87,7 @@ def test_recommend_known_user_excludes_seen_and_names_sources(live):
     seen = live["server"].state.seen[user]
     assert not {i.item_id for i in reply.items} & seen
     assert all(i.source == "als" and i.explanation for i in reply.items)
+    assert reply.model_version == f"freshrec-retrieval/{live['settings'].serving.model} als"
     scores = [i.score for i in reply.items]
     assert scores == sorted(scores, reverse=True)
     with_seen = live["client"].recommend(raw, 10, exclude_seen=False)

@@ -26,6 +26,7 @@ from freshrec.device import resolve_device
 from freshrec.registry import POLICY, RETRIEVAL, gate
 from freshrec.settings import Settings
 from freshrec.tracking import mlflow_for
+from recmodels import pyfunc
 
 log = logging.getLogger(__name__)
 TRAIN_MODELS = ("two_tower", "sasrec", "bandit", "reinforce")
@@ -77,6 +78,20 @@ def comparison_table(settings: Settings, name: str, test: dict, events_version) 
     return "\n".join(lines), rows
 
 
+def _save_users(split, path: Path) -> Path:
+    """The training histories the logged model scores (see :mod:`recmodels.pyfunc`)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    ev = split.train_events
+    events = pd.DataFrame({"user_row": np.searchsorted(split.user_ids, ev["user_id"].to_numpy()),
+                           "item_row": np.searchsorted(split.item_ids, ev["item_id"].to_numpy()),
+                           "ts": ev["ts"].to_numpy()})
+    data = SimpleNamespace(matrix=split.train, events=events, user_ids=split.user_ids)
+    return pyfunc.save_users_from(path, data)
+
+
 def train_deep(settings: Settings, model: str, device: str, dataset="embedded",
                overrides: dict | None = None, register: bool = True, progress: bool = True,
                data_version: int | None = None) -> dict:
@@ -116,7 +131,9 @@ def train_deep(settings: Settings, model: str, device: str, dataset="embedded",
         mlflow.log_text(table, "comparison_table.txt")
         with tempfile.TemporaryDirectory() as tmp:
             trainer.export(result, data, Path(tmp) / "model", cfg.max_len)
-            mlflow.log_artifacts(str(Path(tmp) / "model"), "model")
+            users = _save_users(data.split, Path(tmp) / "users.npz")
+            info = pyfunc.log(mlflow, Path(tmp) / "model", users,
+                              [str(u) for u in data.split.user_ids[:3]])
         run_id = run.info.run_id
     out = {"run_id": run_id, "model": model, "dataset": dataset, "device": choice.torch_device,
            "test": result.test, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
@@ -127,7 +144,11 @@ def train_deep(settings: Settings, model: str, device: str, dataset="embedded",
                                "holds models of the served (embedded/imported) data")
     elif register:
         metric = result.test["ndcg_at_10"]
-        out["gate"] = gate(mlflow, run_id, model, "ndcg_at_10", metric, name=RETRIEVAL,
+        # the batch lane's models evaluated on this same split are rivals: never promote a loser
+        rivals = {m: float(r["ndcg_at_10"]) for m, r in rows.items() if m != model}
+        out["gate"] = gate(mlflow, run_id, model, "ndcg_at_10", metric,
+                           rescore_champion=lambda m: rivals.get(m), name=RETRIEVAL,
+                           model_uri=info.model_uri, rivals=rivals,
                            tags={"dataset": dataset, **{f"delta_version.{k}": str(v)
                                                         for k, v in ds.versions.items()}}).as_dict()
     return out

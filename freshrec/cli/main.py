@@ -14,7 +14,8 @@ from freshrec.settings import SettingsError, load_settings
 
 JOBS = {"ingest": "spark_jobs.ingest", "clean": "spark_jobs.clean",
         "features": "spark_jobs.features", "als": "spark_jobs.als",
-        "evaluate": "spark_jobs.evaluate", "build-index": "serving.index_snapshot"}
+        "evaluate": "spark_jobs.evaluate", "gate": "spark_jobs.gate",
+        "build-index": "serving.index_snapshot"}
 
 
 def _column_map(pairs: list[str] | None) -> dict[str, str] | None:
@@ -37,7 +38,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         r = importers.import_events_file(settings, Path(args.path), args.format,
                                          _column_map(args.map))
         print(f"{args.path}: {'already imported' if r.already_landed else 'landed'} "
-              f"{r.rows:,} event rows (file id {r.file_id}); the next batch run ingests them")
+              f"{r.rows:,} event rows (file id {r.file_id}); the next batch run ingests them"
+              + ("" if r.already_landed else f"; {r.refusal_summary} by the event rules"))
     elif args.kind == "items":
         r2 = importers.import_items_file(settings, Path(args.path), args.format,
                                          _column_map(args.map))
@@ -47,8 +49,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
         landed, items = import_movielens(settings, Path(args.path))
         print(f"{args.path}: {landed.rows:,} ratings "
-              f"{'already imported' if landed.already_landed else 'landed'}; items inserted "
-              f"{items['inserted']:,}, updated {items['updated']:,}")
+              f"{'already imported' if landed.already_landed else 'landed'}"
+              + ("" if landed.already_landed else f" ({landed.refusal_summary} by the event rules)")
+              + f"; items inserted {items['inserted']:,}, updated {items['updated']:,}")
     return 0
 
 
@@ -192,6 +195,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         g = out["gate"]
         print(f"{g['registered_model']} v{g['version']}: {'@champion' if g['promoted'] else 'not promoted'}"
               f" ({g['reason']})")
+        if g["promoted"] and g["registered_model"] == "freshrec-retrieval" and not args.no_rollout:
+            from serving.rollout import RolloutFailed, rollout
+
+            try:
+                r = rollout(settings, int(g["version"]))
+            except RolloutFailed as e:
+                raise RuntimeError(f"{e}. The new version is @champion; roll it out again with "
+                                   f"`freshrec model rollout {g['version']}` once the replica "
+                                   "is up") from None
+            print(f"rolled out {r['model_version']} to {len(r['replicas'])} replica(s)"
+                  + (f" ({r['note']})" if "note" in r else ""))
     return 0
 
 
@@ -226,12 +240,38 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         return 0
     if not (args.users and args.output):
         raise ValueError("give --user U (through the server), or --users FILE with --output FILE "
-                         "(offline, from the latest model tables), or --server ADDR")
+                         "(offline, from the served model's snapshot), or --server ADDR")
     from serving.offline import recommend_to_csv
 
-    s = recommend_to_csv(settings, Path(args.users), args.k, Path(args.output))
-    print(f"wrote {s['rows']:,} rows for {s['users']:,} users to {args.output} "
-          f"({s['cold_start_fallbacks']:,} unknown users got popular items)")
+    s = recommend_to_csv(settings, Path(args.users), args.k, Path(args.output), args.model)
+    print(f"wrote {s['rows']:,} rows for {s['users']:,} users to {args.output} from "
+          f"{s['model_version']} ({s['cold_start_fallbacks']:,} unknown users got popular items)")
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    import json
+
+    settings = load_settings(args.profile)
+    replicas = args.replica if args.replica else None
+    if args.model_command == "status":
+        from freshrec import registry
+        from freshrec.tracking import mlflow_for
+
+        mlflow_for(settings)
+        champ = registry.resolve(registry.ALIAS)
+        print(f"@champion: {champ.label} ({champ.tags.get('gate_reason', '')})")
+        if champ.tags.get("previous_champion"):
+            print(f"  replaced version {champ.tags['previous_champion']} (freshrec model rollback "
+                  "goes back to it)")
+        return 0
+    from serving import rollout
+
+    if args.model_command == "rollout":
+        report = rollout.rollout(settings, args.version or settings.serving.model, replicas)
+    else:
+        report = rollout.rollback(settings, args.to, replicas)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -288,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--samples-per-epoch", type=int)
     tr.add_argument("--data-version", type=int, help="silver events Delta version (default: latest)")
     tr.add_argument("--no-register", action="store_true", help="skip the registry gate")
+    tr.add_argument("--no-rollout", action="store_true", help="register and gate, but do not load a "
+                    "promoted champion on the replicas (refresher.replicas)")
     tr.set_defaults(fn=cmd_train)
 
     rec = sub.add_parser("recommend", help="top-K per user: through the server (--user, --server) "
@@ -314,6 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
                      "through a real client, then stop (make run ends with this)")
     srv.set_defaults(fn=cmd_serve)
 
+    mod = sub.add_parser("model", help="the served model: status, rollout to the replicas, "
+                         "rollback of @champion")
+    msub = mod.add_subparsers(dest="model_command", required=True)
+    msub.add_parser("status", help="which version holds @champion and what it replaced")
+    ro = msub.add_parser("rollout", help="build the snapshot of a version (default serving.model) "
+                         "and load it on every replica, one at a time, health-checked")
+    ro.add_argument("version", nargs="?", help="alias or version number (default: serving.model)")
+    rb = msub.add_parser("rollback", help="move @champion back to the version it replaced (or "
+                         "--to N) and roll that out")
+    rb.add_argument("--to", type=int, help="the version to go back to")
+    for p_ in (ro, rb):
+        p_.add_argument("--replica", action="append", help="host:port (repeatable; default: "
+                        "refresher.replicas)")
+    mod.set_defaults(fn=cmd_model)
+
     rep = sub.add_parser("report", help="rows per table, dead letters, evaluation, samples")
     rep.add_argument("--date", default=today)
     rep.set_defaults(fn=cmd_report)
@@ -325,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (SettingsError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+    except (SettingsError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError,
+            LookupError) as e:
         print(f"freshrec: error: {e}", file=sys.stderr)
         return 2
 

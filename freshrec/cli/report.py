@@ -13,8 +13,6 @@ from freshrec.tables import TABLES
 
 
 def render(settings: Settings, batch_date: str) -> str:
-    from serving.offline import OfflineRecommender
-
     store = DeltaStore(settings)
     out = [f"freshrec batch report for {batch_date} (profile {settings.profile})", ""]
     out.append("Delta tables (rows, version):")
@@ -41,23 +39,39 @@ def render(settings: Settings, batch_date: str) -> str:
         out.append(f"Evaluation: no results for {batch_date} ({ev_file} missing)")
     out.append("")
     feats = store.read_arrow("user_features", columns=["user_id", "n_events"])
-    if feats.num_rows and store.count("item_factors"):
+    served = "(none)"
+    try:
+        from serving.logic import Filters, recommend
+        from serving.state import load_state
+
+        state = load_state(settings)
+        served = state.model_version
+    except (FileNotFoundError, LookupError, ValueError) as e:
+        state = None
+        out.append(f"Served model: none ({e})")
+    gate_file = settings.data_dir / "reports" / f"gate-{batch_date}.json"
+    if gate_file.exists():
+        g = json.loads(gate_file.read_text())
+        out.append(f"Gate: {g['candidate']} -> {g['registered_model']}/{g['version']} "
+                   f"{'PROMOTED' if g['promoted'] else 'not promoted'}: {g['reason']}")
+    if feats.num_rows and state is not None:
         order = pc.sort_indices(feats, sort_keys=[("n_events", "descending"),
                                                   ("user_id", "ascending")])
         sample = [feats.column("user_id")[int(order[i].as_py())].as_py()
                   for i in (len(order) // 4, len(order) // 2, 3 * len(order) // 4)]
         titles = {r["item_id"]: r["title"] for r in
                   store.read_arrow("items", columns=["item_id", "title"]).to_pylist()}
-        rec = OfflineRecommender.load(settings, sample)
-        results, _ = rec.recommend(sample, 10)
-        out.append(f"Top-10 for three sample users (model {rec.model_version}):")
-        for user, recs in zip(sample, results):
-            out.append(f"  user {user} ({len(rec.seen.get(user, ()))} items seen):")
-            for rank, (item, score) in enumerate(recs, 1):
-                out.append(f"    {rank:>2}. {item:<10} {titles.get(item) or '(no title)':<45} "
-                           f"{score:8.4f}")
+        out.append(f"Top-10 for three sample users, as served (model {served}):")
+        for user in sample:
+            r = recommend(state, user, 10, Filters(), {}, [], settings.serving.overfetch)
+            out.append(f"  user {user} ({len(state.seen.get(user, ()))} items seen"
+                       f"{', cold start' if r.cold_start else ''}):")
+            for rank, s in enumerate(r.items, 1):
+                out.append(f"    {rank:>2}. {s.item_id:<10} {titles.get(s.item_id) or '(no title)':<45} "
+                           f"{s.score:8.4f}")
     snap = latest_snapshot(settings.snapshots_dir)
-    out += ["", f"Index snapshot: {snap or '(none)'}",
+    out += ["", f"Served model:   {served}  (serving.model = {settings.serving.model})",
+            f"Index snapshot: {snap or '(none)'}",
             f"Tables:         {settings.tables_dir}",
             f"MLflow:         {settings.mlflow_tracking_uri}",
             f"  UI: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} "

@@ -11,7 +11,8 @@
   logQ-corrected); the user vector is the last position's output.
 
 Both score ``user_vector · item_vector`` and export the item vectors (npz) plus a TorchScript user
-encoder (CPU, float32) that serving runs without this code.
+encoder (CPU, float32) that serving runs without this code. The training loop is
+:mod:`recmodels.deep_fit`; the recommenders under the contract are :mod:`recmodels.deep_retrieval`.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from freshrec.baselines import ItemKNN, _top_per_row
-from freshrec.models.base import Interactions, Recommender
+from recmodels.baselines import ItemKNN, _top_per_row
+from recmodels.base import Interactions, Recommender
+from recmodels.servable import csr_arrays
 
 
 class ItemKNNModel(Recommender):
@@ -31,10 +32,10 @@ class ItemKNNModel(Recommender):
         order = np.argsort(-row.data)[:k]
         return row.indices[order], row.data[order]
 
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        s = self.knn.similarity
-        return {"neighbors_indptr": s.indptr, "neighbors_indices": s.indices,
-                "neighbors_scores": s.data}
+    def servable(self):
+        # score = binary history @ similarity^T: exported as the item-item matrix M = similarity^T
+        return "history", {"type": "item_item", "binary": True}, \
+            csr_arrays(self.knn.similarity.T.tocsr(), "matrix")
 
     def params(self) -> dict:
         return {"n_neighbors": self.n_neighbors}
@@ -76,6 +77,11 @@ class UserKNNModel(Recommender):
 
     def score(self, user_rows: np.ndarray) -> np.ndarray:
         return (self._neighbours(np.asarray(user_rows)) @ self.binary).toarray()
+
+    def servable(self):
+        return "history", {"type": "user_user", "n_neighbors": self.n_neighbors,
+                           "similarity": self.similarity, "shrinkage": self.shrinkage}, \
+            {"user_ids": self._fitted().user_ids.astype(str), **csr_arrays(self.binary, "binary")}
 
     def params(self) -> dict:
         return {"n_neighbors": self.n_neighbors, "similarity": self.similarity,

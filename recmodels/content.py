@@ -13,7 +13,9 @@ import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
 
-from freshrec.models.base import (Interactions, Recommender, decayed_weights, popularity_prior,
+from recmodels.servable import csr_arrays
+
+from recmodels.base import (Interactions, Recommender, decayed_weights, popularity_prior,
                                   standardize_rows)
 
 
@@ -57,10 +59,11 @@ class ContentModel(Recommender):
         sim = (self.profiles[np.asarray(user_rows)] @ self.item_matrix.T).toarray()
         return standardize_rows(sim) + self.popularity_weight * self.prior
 
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        m = self.item_matrix.tocsr()
-        return {"item_tfidf_indptr": m.indptr, "item_tfidf_indices": m.indices,
-                "item_tfidf_data": m.data, "popularity_prior": self.prior}
+    def servable(self):
+        return "history", {"type": "content", "n_features": int(self.item_matrix.shape[1]),
+                           "popularity_weight": self.popularity_weight}, \
+            {"user_ids": self._fitted().user_ids.astype(str), "popularity_prior": self.prior,
+             **csr_arrays(self.item_matrix, "tfidf"), **csr_arrays(self.profiles, "profiles")}
 
     def item_vectors(self) -> np.ndarray:
         return self.item_matrix.toarray()

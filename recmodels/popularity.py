@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from freshrec.baselines import MostPopular
+from recmodels.baselines import MostPopular
 from freshrec.evaluation import newest_share
-from freshrec.models.base import Interactions, Recommender, decayed_weights
+from recmodels.base import Interactions, Recommender, decayed_weights
 
 
 class MostPopularModel(Recommender):
@@ -21,8 +21,8 @@ class MostPopularModel(Recommender):
     def score(self, user_rows: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.popularity, (len(user_rows), len(self.popularity))).copy()
 
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        return {"popularity": self.popularity}
+    def servable(self):
+        return "popularity", {"type": "popularity"}, {"popularity": self.popularity}
 
 
 HALF_LIVES = (1.0, 3.0, 7.0, 14.0, 30.0, 90.0, 365.0, float("inf"))

@@ -9,7 +9,6 @@ numpy arrays and JSON only, so serving can load a model without the training cod
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -176,18 +175,29 @@ class Recommender(ABC):
         order = np.argsort(-sims)[:n]
         return [(int(history[o]), float(sims[o])) for o in order]
 
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        """What serving needs to score without this code (vectors, neighbour lists, weights)."""
-        return {}
+    def servable(self) -> tuple[str, dict, dict[str, np.ndarray]]:
+        """(kind, scorer settings, arrays) of the servable artifact; see :mod:`recmodels.servable`.
+        Every model the registry may promote implements it."""
+        from recmodels.servable import ArtifactError
+
+        raise ArtifactError(f"model {self.name!r} has no servable artifact")
 
     def export(self, directory: Path) -> Path:
+        """Write the servable artifact (``model.json`` + ``arrays.npz``) that :meth:`load` reads
+        back with no training code, Spark or MLflow."""
+        from recmodels import servable
+
         data = self._fitted()
-        directory.mkdir(parents=True, exist_ok=True)
-        np.savez(directory / "arrays.npz", item_ids=data.item_ids.astype(str),
-                            user_ids=data.user_ids.astype(str), **self.export_arrays())
-        (directory / "model.json").write_text(json.dumps({"name": self.name,
-                                                          "params": self.params()}))
-        return directory
+        kind, scorer, arrays = self.servable()
+        return servable.write(Path(directory), self.name, kind, self.params(), scorer,
+                              {"item_ids": data.item_ids.astype(str), **arrays})
+
+    @staticmethod
+    def load(directory: Path, device: str = "cpu"):
+        """The servable model of an exported artifact (:class:`recmodels.servable.Servable`)."""
+        from recmodels import servable
+
+        return servable.load(Path(directory), device)
 
     def params(self) -> dict:
         return {}
@@ -206,5 +216,11 @@ class FactorRecommender(Recommender):
     def item_vectors(self) -> np.ndarray:
         return self.items
 
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        return {"user_factors": self.users, "item_factors": self.items}
+    user_side = "als"  # how serving gets a vector for a user with new events (see servable)
+
+    def servable(self):
+        scorer = {"type": "factors", "user_side": self.user_side,
+                  **{k: v for k, v in self.params().items() if k in ("alpha",)},
+                  "reg": self.params().get("reg_param", 0.1)}
+        return "embedding", scorer, {"user_ids": self._fitted().user_ids.astype(str),
+                                     "user_factors": self.users, "item_factors": self.items}

@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from freshrec.models.base import (FactorRecommender, Interactions, Recommender, popularity_prior,
+from recmodels.base import (FactorRecommender, Interactions, Recommender, popularity_prior,
                                   standardize_rows)
+from recmodels.servable import csr_arrays
 
 
 def _spark():
@@ -44,7 +45,7 @@ class SparkALSModel(FactorRecommender):
     def fit(self, data: Interactions) -> "SparkALSModel":
         from pyspark.sql import functions as F
 
-        from spark_jobs.als import fit_als
+        from recmodels.spark_als import fit_als
 
         ev = data.events
         if ev is None:
@@ -102,8 +103,10 @@ class SparkALSExplicitModel(SparkALSModel):
     def score(self, user_rows: np.ndarray) -> np.ndarray:
         return standardize_rows(self.predict_ratings(user_rows)) + self.popularity_weight * self.prior
 
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        return {**super().export_arrays(), "popularity_prior": self.prior}
+    def servable(self):
+        kind, scorer, arrays = super().servable()
+        return "history", {**scorer, "prior_weight": self.popularity_weight}, \
+            {**arrays, "popularity_prior": self.prior}
 
     def params(self) -> dict:
         return {**super().params(), "popularity_weight": self.popularity_weight}
@@ -164,9 +167,9 @@ class SparkItemKNNModel(Recommender):
         order = np.argsort(-row.data)[:k]
         return row.indices[order], row.data[order]
 
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        s = self.similarity
-        return {"neighbors_indptr": s.indptr, "neighbors_indices": s.indices, "neighbors_scores": s.data}
+    def servable(self):
+        return "history", {"type": "item_item", "binary": True}, \
+            csr_arrays(self.similarity.T.tocsr(), "matrix")
 
     def params(self) -> dict:
         return {"n_neighbors": self.n_neighbors, "shrinkage": self.shrinkage,
@@ -195,10 +198,12 @@ class SparkUserKNNModel(Recommender):
     def score(self, user_rows: np.ndarray) -> np.ndarray:
         return (self.neighbours[np.asarray(user_rows)] @ self.binary).toarray()
 
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        s = self.neighbours
-        return {"user_neighbors_indptr": s.indptr, "user_neighbors_indices": s.indices,
-                "user_neighbors_scores": s.data}
+    def servable(self):
+        # known users keep Spark's neighbours; a user with new events is matched in numpy
+        return "history", {"type": "user_user", "n_neighbors": self.n_neighbors,
+                           "similarity": "cosine", "shrinkage": self.shrinkage}, \
+            {"user_ids": self._fitted().user_ids.astype(str), **csr_arrays(self.binary, "binary"),
+             **csr_arrays(self.neighbours, "neighbours")}
 
     def params(self) -> dict:
         return {"n_neighbors": self.n_neighbors, "shrinkage": self.shrinkage,

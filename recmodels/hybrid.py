@@ -13,18 +13,27 @@ Two blenders are compared by two-fold cross-validation over the validation users
 The winner (or the one named by ``blender``) is refitted on all validation users, and the sources
 are refitted on all the data. At scoring time the ranker orders the merged candidates and the linear
 blend orders everything below them, so ``recommend`` (filters and seen items removed before the
-cut) returns ``k`` items whenever ``k`` qualify. EASE is left out of the sources (and recorded in
-``params``) when the catalog is above its limit; ``content`` when items have no metadata.
+cut) returns ``k`` items whenever ``k`` qualify.
+
+Both blenders are compared (and the linear weights searched) on the merged candidates, where the
+ranker works too: one NDCG evaluation is then a few hundred items per user, not the whole catalog.
+EASE fits the ``ease_top_items`` most popular items only (an n³ inverse in that number; the rest of
+the catalog scores 0 in it and reaches the candidates through the other sources), so it fits in the
+daily run on any catalog. A source that cannot fit on this data (``content`` without item metadata,
+EASE above ``ease_max_items``, anything a source refuses) is left out and recorded with the reason
+in ``params()["skipped_sources"]``; the hybrid fails only when no source can fit.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+from pathlib import Path
 
 import numpy as np
 
-from freshrec.evaluation import newest_share, ranking_metrics, top_k
-from freshrec.models.base import Interactions, Recommender, standardize_rows, weight_matrix
+from freshrec.evaluation import newest_share, top_k
+from recmodels.base import Interactions, Recommender, standardize_rows, weight_matrix
 
 log = logging.getLogger(__name__)
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
@@ -44,7 +53,7 @@ class HybridModel(Recommender):
     def __init__(self, sources: tuple[str, ...] = DEFAULT_SOURCES, blender: str = "auto",
                  candidates: int = 50, validation_fraction: float = 0.2,
                  max_validation_users: int = 5000, k: int = 10, source_params: dict | None = None,
-                 ease_max_items: int = 30_000, seed: int = 0) -> None:
+                 ease_max_items: int = 30_000, ease_top_items: int = 8_000, seed: int = 0) -> None:
         super().__init__()
         if blender not in ("auto", "linear", "ranker"):
             raise ValueError(f"blender must be auto, linear or ranker, got {blender!r}")
@@ -53,6 +62,7 @@ class HybridModel(Recommender):
         self.sources, self.blender, self.candidates = tuple(sources), blender, candidates
         self.validation_fraction, self.max_validation_users = validation_fraction, max_validation_users
         self.k, self.seed, self.ease_max_items = k, seed, ease_max_items
+        self.ease_top_items = ease_top_items
         # trending as a source is a recency signal: a fixed short half-life, not the auto one
         self.source_params = {"trending": {"half_life_days": 7.0}, **(source_params or {})}
         self.weights: dict[str, float] = {}
@@ -61,29 +71,47 @@ class HybridModel(Recommender):
         self.validation: dict[str, float] = {}
 
     def _make(self, name: str) -> Recommender:
-        from spark_jobs.models import make_model
+        from recmodels import make_model
 
         params = dict(self.source_params.get(name, {}))
         if name == "ease":
             params.setdefault("max_items", self.ease_max_items)
+            params.setdefault("top_items", self.ease_top_items)
         return make_model(name, **params)
 
     def _usable_sources(self, data: Interactions) -> list[str]:
+        """The sources worth fitting (cheap checks first; a source that fails to fit is left out
+        by :meth:`_fit_sources`)."""
         usable = []
         for s in self.sources:
             if s == "hybrid":
                 raise ValueError("the hybrid cannot be its own source")
-            if s == "ease" and data.n_items > self.ease_max_items:
-                self.skipped[s] = f"{data.n_items:,} items is above ease_max_items={self.ease_max_items:,}"
-            elif s == "content" and data.items is None:
-                self.skipped[s] = "no item metadata"
+            if s == "content" and data.items is None:
+                self._skip(s, "no item metadata (interactions only)")
             else:
                 usable.append(s)
-        for s, why in self.skipped.items():
-            log.warning("hybrid: source %s left out: %s", s, why)
+        return self._check_usable(usable)
+
+    def _skip(self, source: str, why: str) -> None:
+        self.skipped[source] = why
+        log.warning("hybrid: source %s left out: %s", source, why)
+
+    def _check_usable(self, usable) -> list[str]:
         if not usable:
             raise ValueError(f"no usable hybrid source among {list(self.sources)}: {self.skipped}")
-        return usable
+        return list(usable)
+
+    def _fit_sources(self, names, data: Interactions) -> dict[str, Recommender]:
+        """Each source fitted on ``data``; one that cannot fit is left out with its reason."""
+        models = {}
+        for s in names:
+            try:
+                models[s] = self._make(s).fit(data)
+            except Exception as e:  # noqa: BLE001 - one source's failure must not sink the hybrid
+                log.debug("hybrid: source %s failed to fit", s, exc_info=True)
+                self._skip(s, f"cannot fit: {e}" if isinstance(e, ValueError)
+                           else f"cannot fit: {type(e).__name__}: {e}")
+        return models
 
     # -- features ---------------------------------------------------------------------------------
     def _features(self, z: dict[str, np.ndarray], masked: dict[str, np.ndarray],
@@ -124,7 +152,7 @@ class HybridModel(Recommender):
         if data.events is None:
             raise ValueError("the hybrid needs event timestamps (Interactions.events) for its "
                              "validation split")
-        self.skipped = {}
+        self.skipped, self.validation, self.ranker = {}, {}, None
         self.names = self._usable_sources(data)
         ev = data.events.sort_values(["user_row", "ts"], kind="stable")
         held = newest_share(ev["user_row"], self.validation_fraction, min_events=3)
@@ -149,15 +177,25 @@ class HybridModel(Recommender):
         if len(users) < 2:
             self.weights, self.blender_used = {s: 1.0 for s in self.names}, "linear"
         else:
-            inner_models = {s: self._make(s).fit(inner) for s in self.names}
+            inner_models = self._fit_sources(self.names, inner)
+            self.names = self._check_usable(inner_models)
             z, masked = self._source_scores(inner_models, users, seen)
+            del inner_models
             history = np.log1p(np.diff(seen[users].indptr)).astype(np.float32)
             self._choose_blender(z, masked, history, rel, data.n_items, rng)
+            del z, masked
         self.log_pop = np.log1p(np.asarray(data.matrix.sum(axis=0)).ravel()).astype(np.float32)
         self.item_age = self._item_age(data.events, data.n_items)
         used = self.names if self.blender_used == "ranker" else \
             [s for s in self.names if self.weights.get(s, 0) > 0]
-        self.models = {s: self._make(s).fit(data) for s in used}
+        self.models = self._fit_sources(used, data)
+        if len(self.models) < len(used):  # fitted on the inner split, not on all of the data
+            self.names = self._check_usable([s for s in self.names if s not in self.skipped])
+            self.weights = {s: w for s, w in self.weights.items() if s in self.models}
+            if self.blender_used == "ranker":  # its features name every source: blend the rest
+                self.blender_used, self.ranker = "linear", None
+            if not any(w > 0 for w in self.weights.values()):
+                self.weights = {s: 1.0 for s in self.models}
         self.data = data
         return self
 
@@ -180,27 +218,34 @@ class HybridModel(Recommender):
         lens = np.array([len(c) for c in cands])
         starts = np.concatenate([[0], np.cumsum(lens)])
         labels = np.concatenate([np.isin(c, r) for c, r in zip(cands, rel)]) if n else np.zeros(0)
+        # the candidates as a padded (users, candidates) grid: the sources' standardized scores,
+        # the labels, and the ideal DCG of each user's held-out items
+        width = max(int(lens.max()) if n else 0, 1)
+        at_row = np.repeat(np.arange(n), lens)
+        at_col = np.arange(len(labels)) - np.repeat(starts[:-1], lens)
+        grid = {"z": np.zeros((n, width, len(self.names)), np.float32),
+                "label": np.zeros((n, width), bool), "valid": np.zeros((n, width), bool)}
+        grid["z"][at_row, at_col] = feats[:, 0:2 * len(self.names):2]
+        grid["label"][at_row, at_col] = labels
+        grid["valid"][at_row, at_col] = True
+        disc = 1.0 / np.log2(np.arange(2, self.k + 2))
+        grid["ideal"] = np.array([disc[:min(len(r), self.k)].sum() for r in rel])
 
         def rows_of(idx):
             return np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
 
         def ranker_ndcg(model, idx, x):
-            recs = np.full((len(idx), self.k), -1)
-            for j, i in enumerate(idx):
-                if lens[i] == 0:
-                    continue
-                p = model.predict_proba(x[starts[i]:starts[i + 1]])[:, 1]
-                order = cands[i][np.argsort(-p)][: self.k]
-                recs[j, : len(order)] = order
-            return ranking_metrics(recs, [rel[i] for i in idx], [self.k], n_items)[f"ndcg_at_{self.k}"]
+            p = np.full((len(idx), width), -np.inf)
+            r = rows_of(idx)
+            p[np.repeat(np.arange(len(idx)), lens[idx]), at_col[r]] = model.predict_proba(x[r])[:, 1]
+            return self._grid_ndcg(sub(grid, idx), p)
 
         choice = self.blender
         folds = [(a, b), (b, a)]  # two-fold: each blender is fitted on one half, scored on the other
-        fold_w = [self._search(sub(masked, tr), [rel[i] for i in tr], n_items) for tr, _ in folds]
+        fold_w = [self._search(sub(grid, tr)) for tr, _ in folds]
         if choice in ("auto", "linear"):
             self.validation["linear_ndcg"] = float(np.mean([
-                self._ndcg(sub(masked, te), w, [rel[i] for i in te], n_items)
-                for (_, te), w in zip(folds, fold_w)]))
+                self._ndcg(sub(grid, te), w) for (_, te), w in zip(folds, fold_w)]))
         if choice in ("auto", "ranker") and labels[rows_of(a)].any() and labels[rows_of(b)].any():
             scores = []
             for (tr, te), w in zip(folds, fold_w):
@@ -212,7 +257,7 @@ class HybridModel(Recommender):
             choice = "ranker" if self.validation.get("ranker_ndcg", -1) > self.validation["linear_ndcg"] \
                 else "linear"
         self.blender_used = choice
-        self.weights = self._search(masked, rel, n_items)  # the linear blend orders non-candidates
+        self.weights = self._search(grid)  # the linear blend orders non-candidates
         if choice == "ranker":
             self.ranker = self._train_ranker(self._with_blend(feats, self.weights), labels)
         log.info("hybrid: sources %s, blender %s (validation NDCG@%d: %s), weights %s", self.names,
@@ -225,24 +270,36 @@ class HybridModel(Recommender):
                                               min_samples_leaf=40, l2_regularization=1.0,
                                               random_state=self.seed).fit(x, y.astype(np.int8))
 
-    def _ndcg(self, scores: dict[str, np.ndarray], w: dict[str, float], rel, n_items) -> float:
-        total = sum(w[s] * scores[s] for s in scores if w.get(s, 0) > 0)
-        if isinstance(total, int):
+    def _grid_ndcg(self, grid: dict[str, np.ndarray], scores: np.ndarray) -> float:
+        """NDCG@k of ordering each user's candidates by ``scores`` (users x candidates; the padding
+        is never ranked), against all of the user's held-out items."""
+        if not len(scores):
             return 0.0
-        return ranking_metrics(top_k(total, self.k), rel, [self.k], n_items)[f"ndcg_at_{self.k}"]
+        s = np.where(grid["valid"], scores, -np.inf)
+        top = top_k(s, self.k)
+        hit = np.take_along_axis(grid["label"] & grid["valid"], top, axis=1)
+        disc = 1.0 / np.log2(np.arange(2, top.shape[1] + 2))
+        return float(np.mean((hit * disc).sum(axis=1) / grid["ideal"]))
 
-    def _search(self, scores, rel, n_items) -> dict[str, float]:
-        best_single = max(scores, key=lambda s: self._ndcg(
-            scores, {t: float(t == s) for t in scores}, rel, n_items))
-        w = {s: float(s == best_single) for s in scores}
-        best = self._ndcg(scores, w, rel, n_items)
+    def _ndcg(self, grid: dict[str, np.ndarray], w: dict[str, float]) -> float:
+        wv = np.array([w.get(s, 0.0) for s in self.names], dtype=np.float32)
+        if not wv.any():
+            return 0.0
+        return self._grid_ndcg(grid, grid["z"] @ wv)
+
+    def _search(self, grid: dict[str, np.ndarray]) -> dict[str, float]:
+        """Linear weights per source by coordinate ascent over ``GRID``, on the candidates."""
+        names = self.names
+        best_single = max(names, key=lambda s: self._ndcg(grid, {t: float(t == s) for t in names}))
+        w = {s: float(s == best_single) for s in names}
+        best = self._ndcg(grid, w)
         for _ in range(2):  # two passes of coordinate ascent
-            for s in scores:
+            for s in names:
                 for v in GRID:
                     trial = {**w, s: v}
                     if not any(trial.values()):
                         continue
-                    got = self._ndcg(scores, trial, rel, n_items)
+                    got = self._ndcg(grid, trial)
                     if got > best + 1e-9:
                         best, w = got, trial
         return w
@@ -270,9 +327,29 @@ class HybridModel(Recommender):
                 start += len(c)
         return out
 
+    def export(self, directory: Path) -> Path:
+        """The sources' artifacts under ``sources/``, the ranker (``ranker.pkl``) and the features'
+        item arrays: candidates are merged and ranked at request time."""
+        from recmodels import servable
+
+        data = self._fitted()
+        directory = Path(directory)
+        names = self.names if self.blender_used == "ranker" else list(self.models)
+        for s in names:
+            self.models[s].export(directory / "sources" / s)
+        if self.ranker is not None and self.blender_used == "ranker":
+            with open(directory / "ranker.pkl", "wb") as f:
+                pickle.dump(self.ranker, f)
+        scorer = {"type": "hybrid", "sources": names, "weights": self.weights,
+                  "blender_used": self.blender_used, "candidates": self.candidates}
+        return servable.write(directory, self.name, "hybrid", self.params(), scorer,
+                              {"item_ids": data.item_ids.astype(str), "log_pop": self.log_pop,
+                               "item_age": self.item_age})
+
     def params(self) -> dict:
         return {"sources": list(self.names if hasattr(self, "names") else self.sources),
                 "skipped_sources": self.skipped, "blender": self.blender,
                 "blender_used": getattr(self, "blender_used", None), "weights": self.weights,
                 "candidates": self.candidates, "validation": self.validation,
-                "validation_fraction": self.validation_fraction}
+                "validation_fraction": self.validation_fraction,
+                "ease_max_items": self.ease_max_items, "ease_top_items": self.ease_top_items}

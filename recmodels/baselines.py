@@ -45,8 +45,8 @@ def _top_per_row(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
     for r in range(m.shape[0]):
         lo, hi = m.indptr[r], m.indptr[r + 1]
         vals, cols = m.data[lo:hi], m.indices[lo:hi]
-        if len(vals) > k:
-            keep = np.argpartition(-vals, k - 1)[:k]
+        if len(vals) > k:  # ties broken by column, so any order of the input gives one answer
+            keep = np.lexsort((cols, -vals))[:k]
             vals, cols = vals[keep], cols[keep]
         data.append(vals)
         indices.append(cols)

@@ -1,1 +1,0 @@
-"""The recommender contract shared by every method (see :mod:`freshrec.models.base`)."""

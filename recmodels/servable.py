@@ -1,0 +1,486 @@
+"""The servable model: what ``Recommender.export`` writes and :func:`load` reads back, with no
+training code, Spark or MLflow (numpy and scipy; scikit-learn for the hybrid's ranker; torch only for
+an exported user encoder).
+
+An artifact directory holds ``model.json`` (format, name, kind, params, the scorer's settings) and
+``arrays.npz`` (``item_ids`` - the catalog, column order of every score - ``user_ids`` where the
+model stores per-user state, and the scorer's arrays). Hybrid artifacts hold one sub-directory per
+source under ``sources/`` and the ranker as ``ranker.pkl``.
+
+Every servable scores users from what serving knows about them: a :class:`UserInput` with the
+user's id, their history as catalog positions and summed weights, and their recent items in time
+order. For a user of the training data, given their training history, the scores equal the fitted
+model's ``score`` (the contract suite checks this for every model). Kinds:
+
+* ``embedding``: item vectors for FAISS and a user vector (stored factors, an ALS fold-in or a
+  projection over the history, or a TorchScript encoder over the recent items);
+* ``history``: scores computed over the user's history at request time (item-item lists or a
+  dense matrix, user-user neighbours, content profiles, rating predictions with a prior);
+* ``popularity``: one score vector for everyone;
+* ``hybrid``: the sources above, candidates merged and ranked by the learned ranker.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+FORMAT = "freshrec-model/1"
+MODEL_FILE = "model.json"
+ARRAYS_FILE = "arrays.npz"
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be served: missing, incomplete, corrupt or of an unknown kind."""
+
+
+@dataclass
+class UserInput:
+    """One user as serving sees them. ``items`` are catalog positions (unique), ``weights`` their
+    summed event weights; ``recent`` the newest positions in time order (oldest first)."""
+
+    user_id: str | None
+    items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    recent: np.ndarray | None = None
+    fresh: bool = False  # True when the history holds events the stored user state has not seen
+
+    def row(self, n_items: int, binary: bool = False) -> sp.csr_matrix:
+        w = np.ones(len(self.items), np.float32) if binary else np.asarray(self.weights, np.float32)
+        return sp.csr_matrix((w, (np.zeros(len(self.items), np.int64), np.asarray(self.items))),
+                             shape=(1, n_items))
+
+
+def history_matrix(users: list[UserInput], n_items: int, binary: bool = False) -> sp.csr_matrix:
+    rows = np.concatenate([np.full(len(u.items), n, np.int64) for n, u in enumerate(users)]) \
+        if users else np.zeros(0, np.int64)
+    cols = np.concatenate([np.asarray(u.items, np.int64) for u in users]) if users else rows
+    vals = np.ones(len(cols), np.float32) if binary else \
+        (np.concatenate([np.asarray(u.weights, np.float32) for u in users]) if users
+         else np.zeros(0, np.float32))
+    m = sp.csr_matrix((vals, (rows, cols)), shape=(len(users), n_items))
+    m.sum_duplicates()
+    if binary:
+        m.data[:] = 1.0
+    return m
+
+
+def standardize_rows(s: np.ndarray) -> np.ndarray:
+    s = np.asarray(s, dtype=np.float32)
+    sd = s.std(axis=1, keepdims=True)
+    return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+
+def _csr(arrays, prefix: str, shape) -> sp.csr_matrix:
+    return sp.csr_matrix((arrays[f"{prefix}_data"], arrays[f"{prefix}_indices"],
+                          arrays[f"{prefix}_indptr"]), shape=shape)
+
+
+def csr_arrays(m: sp.csr_matrix, prefix: str) -> dict[str, np.ndarray]:
+    m = sp.csr_matrix(m)
+    return {f"{prefix}_data": m.data.astype(np.float32), f"{prefix}_indices": m.indices,
+            f"{prefix}_indptr": m.indptr}
+
+
+class Servable(ABC):
+    """A loaded model. ``scores`` is dense over ``item_ids``; higher is better."""
+
+    kind = "history"
+
+    def __init__(self, name: str, item_ids: np.ndarray, params: dict, user_ids=None) -> None:
+        self.name, self.params = name, params
+        self.item_ids = np.asarray(item_ids).astype(str)
+        self.user_ids = None if user_ids is None else np.asarray(user_ids).astype(str)
+        self._user_pos = None
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def user_row(self, user_id: str | None) -> int | None:
+        if self.user_ids is None or user_id is None:
+            return None
+        if self._user_pos is None:
+            self._user_pos = {u: n for n, u in enumerate(self.user_ids)}
+        return self._user_pos.get(user_id)
+
+    @abstractmethod
+    def scores(self, users: list[UserInput]) -> np.ndarray:
+        """(len(users), n_items) scores."""
+
+    # embedding kinds override these
+    def item_vectors(self) -> np.ndarray | None:
+        return None
+
+    def user_vectors(self, users: list[UserInput]) -> np.ndarray | None:
+        return None
+
+    def recommend(self, users: list[UserInput], k: int, exclude_seen: bool = True,
+                  allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k catalog positions and scores per user (padded with -1 / NaN), seen items and
+        disallowed items removed before the cut."""
+        from freshrec.evaluation import top_k
+
+        s = np.asarray(self.scores(users), dtype=np.float64).copy()
+        if exclude_seen:
+            for n, u in enumerate(users):
+                s[n, np.asarray(u.items, np.int64)] = -np.inf
+        if allowed is not None:
+            s[:, ~np.asarray(allowed, bool)] = -np.inf
+        top = top_k(s, min(k, s.shape[1]))
+        ts = np.take_along_axis(s, top, axis=1)
+        return np.where(np.isfinite(ts), top, -1), np.where(np.isfinite(ts), ts, np.nan)
+
+    def similar_items(self, pos: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Items like catalog position ``pos``: by item vectors where the model has them, else by
+        the model's own scores for a user who met only that item."""
+        vecs = self.item_vectors()
+        if vecs is not None:
+            v = vecs / (np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-9)
+            sims = v @ v[pos]
+        else:
+            sims = self.scores([UserInput(None, np.array([pos]), np.array([1.0], np.float32),
+                                          np.array([pos]), True)])[0].astype(np.float64)
+        sims = np.asarray(sims, np.float64).copy()
+        sims[pos] = -np.inf
+        top = np.argsort(-sims, kind="stable")[:k]
+        top = top[np.isfinite(sims[top])]
+        return top, sims[top]
+
+
+class PopularityServable(Servable):
+    kind = "popularity"
+
+    def __init__(self, name, item_ids, params, popularity) -> None:
+        super().__init__(name, item_ids, params)
+        self.popularity = np.asarray(popularity, np.float32)
+
+    def scores(self, users):
+        return np.broadcast_to(self.popularity, (len(users), self.n_items)).copy()
+
+
+class FactorServable(Servable):
+    """Dot products of user and item factors. The user side: stored factors for a known user
+    whose history the model has seen; otherwise ``user_side``: ``als`` folds the history in
+    (one k x k solve), ``project`` projects the binary history (PureSVD: u = x V). With a ``prior``
+    the ranking score is the standardized dot product plus ``prior_weight`` times the prior (then it
+    is not an inner product, and serving scores densely instead of through FAISS)."""
+
+    def __init__(self, name, item_ids, params, item_factors, user_ids=None, user_factors=None,
+                 user_side: str = "als", alpha: float = 1.0, reg: float = 0.1,
+                 prior=None, prior_weight: float = 0.0) -> None:
+        super().__init__(name, item_ids, params, user_ids)
+        self.items = np.ascontiguousarray(item_factors, np.float32)
+        self.users = None if user_factors is None else np.asarray(user_factors, np.float32)
+        self.user_side, self.alpha, self.reg = user_side, alpha, reg
+        self.prior = None if prior is None else np.asarray(prior, np.float32)
+        self.prior_weight = prior_weight
+        self.kind = "history" if self.prior is not None else "embedding"
+        self._yty = None
+
+    def item_vectors(self):
+        return self.items
+
+    def _fold(self, u: UserInput) -> np.ndarray:
+        from freshrec.foldin import fold_in, gram
+
+        if len(u.items) == 0:
+            return np.zeros(self.items.shape[1], np.float32)
+        if self.user_side == "project":
+            return (np.ones(len(u.items), np.float32) @ self.items[np.asarray(u.items)]).astype(np.float32)
+        if self._yty is None:
+            self._yty = gram(self.items)
+        return fold_in(self.items[np.asarray(u.items)], np.asarray(u.weights), self._yty,
+                       self.alpha, self.reg)
+
+    def user_vectors(self, users):
+        out = np.zeros((len(users), self.items.shape[1]), np.float32)
+        for n, u in enumerate(users):
+            row = self.user_row(u.user_id)
+            out[n] = self.users[row] if row is not None and self.users is not None and not u.fresh \
+                else self._fold(u)
+        return out
+
+    def scores(self, users):
+        s = self.user_vectors(users) @ self.items.T
+        if self.prior is not None:
+            return standardize_rows(s) + self.prior_weight * self.prior
+        return s
+
+
+class EncoderServable(Servable):
+    """Deep retrieval (two-tower, SASRec): a TorchScript encoder over the user's ``max_len`` most
+    recent items (1-based positions, right-aligned, 0 = padding) gives the user vector."""
+
+    kind = "embedding"
+
+    def __init__(self, name, item_ids, params, item_vectors, encoder_path: Path, max_len: int,
+                 device: str = "cpu") -> None:
+        super().__init__(name, item_ids, params)
+        import torch
+
+        self.torch = torch
+        self.items = np.ascontiguousarray(item_vectors, np.float32)
+        self.max_len, self.device = max_len, device
+        try:
+            self.encoder = torch.jit.load(str(encoder_path), map_location=device).eval()
+        except Exception as e:  # a truncated or foreign file
+            raise ArtifactError(f"{encoder_path}: cannot load the user encoder ({e})") from None
+
+    def item_vectors(self):
+        return self.items
+
+    def user_vectors(self, users):
+        seq = np.zeros((len(users), self.max_len), np.int64)
+        for n, u in enumerate(users):
+            recent = u.recent if u.recent is not None else u.items
+            recent = np.asarray(recent, np.int64)[-self.max_len:]
+            if len(recent):
+                seq[n, -len(recent):] = recent + 1
+        with self.torch.no_grad():
+            out = self.encoder(self.torch.as_tensor(seq, device=self.device))
+        return out.float().cpu().numpy()
+
+    def scores(self, users):
+        return self.user_vectors(users) @ self.items.T
+
+
+class ItemItemServable(Servable):
+    """score = x @ M over the user's history ``x`` (binary or weighted): item-kNN neighbour lists
+    (sparse M) or EASE's weights (dense M below a size limit, its top-N per item above)."""
+
+    def __init__(self, name, item_ids, params, matrix, binary: bool = True) -> None:
+        super().__init__(name, item_ids, params)
+        self.matrix, self.binary = matrix, binary
+
+    def scores(self, users):
+        x = history_matrix(users, self.n_items, self.binary)
+        out = x @ self.matrix
+        return out.toarray() if sp.issparse(out) else np.asarray(out)
+
+    def similar_items(self, pos, k):
+        col = self.matrix[:, pos] if not sp.issparse(self.matrix) else \
+            self.matrix.T[pos].toarray().ravel()  # items whose history points at pos
+        row = self.matrix[pos].toarray().ravel() if sp.issparse(self.matrix) else self.matrix[pos]
+        sims = np.maximum(np.asarray(row, np.float64), np.asarray(col, np.float64).ravel())
+        sims[pos] = -np.inf
+        top = np.argsort(-sims, kind="stable")[:k]
+        top = top[sims[top] > 0]
+        return top, sims[top]
+
+
+class UserUserServable(Servable):
+    """User-based CF over the stored binary training matrix: the user's top ``n_neighbors`` by
+    cosine or Jaccard with shrinkage (stored neighbour lists for known users where the model has
+    them, e.g. Spark's), who vote for their items."""
+
+    def __init__(self, name, item_ids, params, user_ids, binary: sp.csr_matrix, n_neighbors: int,
+                 similarity: str, shrinkage: float, neighbours: sp.csr_matrix | None = None) -> None:
+        super().__init__(name, item_ids, params, user_ids)
+        self.binary, self.n_neighbors = binary.tocsr(), n_neighbors
+        self.similarity, self.shrinkage, self.neighbours = similarity, shrinkage, neighbours
+        self.sizes = np.asarray(self.binary.sum(axis=1)).ravel()
+        self._bt = self.binary.T.tocsr()
+
+    def _neighbour_row(self, u: UserInput) -> sp.csr_matrix:
+        from recmodels.baselines import _top_per_row
+
+        row = self.user_row(u.user_id)
+        if self.neighbours is not None and row is not None and not u.fresh:
+            return self.neighbours[row]
+        x = u.row(self.n_items, binary=True)
+        x.data[:] = 1.0
+        co = (x @ self._bt).tocsr()  # (1, n_users) co-rated counts
+        a, b = float(x.nnz), self.sizes[co.indices]
+        if self.similarity == "cosine":
+            sim = co.data / np.sqrt(np.maximum(a * b, 1e-9))
+        else:
+            sim = co.data / np.maximum(a + b - co.data, 1e-9)
+        sim = (sim * co.data / (co.data + self.shrinkage)).astype(np.float32)
+        if row is not None:
+            sim[co.indices == row] = 0.0  # not their own neighbour
+        m = sp.csr_matrix((sim, co.indices, [0, len(sim)]), shape=co.shape)
+        m.eliminate_zeros()
+        return _top_per_row(m, self.n_neighbors)
+
+    def scores(self, users):
+        if not users:
+            return np.zeros((0, self.n_items), np.float32)
+        nb = sp.vstack([self._neighbour_row(u) for u in users]).tocsr()
+        return (nb @ self.binary).toarray()
+
+
+class ContentServable(Servable):
+    """Content-based: the standardized similarity of the user's TF-IDF profile to each item plus
+    ``popularity_weight`` times the popularity prior. A known user's stored (time-decayed) profile
+    is used until they have new events; then the profile is rebuilt from the history's weights."""
+
+    def __init__(self, name, item_ids, params, user_ids, item_matrix, profiles, prior,
+                 popularity_weight: float) -> None:
+        super().__init__(name, item_ids, params, user_ids)
+        self.item_matrix, self.profiles = item_matrix.tocsr(), profiles.tocsr()
+        self.prior, self.popularity_weight = np.asarray(prior, np.float32), popularity_weight
+
+    def scores(self, users):
+        from sklearn.preprocessing import normalize
+
+        rows = []
+        for u in users:
+            r = self.user_row(u.user_id)
+            if r is not None and not u.fresh:
+                rows.append(self.profiles[r])
+            else:
+                rows.append(normalize(u.row(self.n_items) @ self.item_matrix))
+        prof = sp.vstack(rows).tocsr() if rows else sp.csr_matrix((0, self.item_matrix.shape[1]))
+        sim = (prof @ self.item_matrix.T).toarray()
+        return standardize_rows(sim) + self.popularity_weight * self.prior
+
+
+class HybridServable(Servable):
+    """The hybrid: each source's standardized scores; the union of each source's top
+    ``candidates`` unseen items described by the sources' scores and ranks, item popularity and age
+    and the user's history length, ordered by the ranker (``blender_used == "ranker"``), everything
+    else below them by the linear blend; or the linear blend alone."""
+
+    def __init__(self, name, item_ids, params, sources: dict[str, Servable], weights: dict,
+                 blender_used: str, ranker, log_pop, item_age, candidates: int) -> None:
+        super().__init__(name, item_ids, params)
+        self.sources, self.weights, self.blender_used = sources, weights, blender_used
+        self.ranker, self.candidates = ranker, candidates
+        self.log_pop, self.item_age = np.asarray(log_pop, np.float32), np.asarray(item_age, np.float32)
+        self.names = list(params.get("sources_used") or sources)
+
+    def scores(self, users):
+        from freshrec.evaluation import top_k
+
+        if self.blender_used != "ranker":
+            return sum(self.weights[s] * standardize_rows(self.sources[s].scores(users))
+                       for s in self.sources if self.weights.get(s, 0) > 0)
+        z = {s: standardize_rows(self.sources[s].scores(users)) for s in self.names}
+        masked = {}
+        for s, v in z.items():
+            m = v.copy()
+            for n, u in enumerate(users):
+                m[n, np.asarray(u.items, np.int64)] = -np.inf
+            masked[s] = m
+        blend = sum(w * z[s] for s, w in self.weights.items() if w > 0)
+        if isinstance(blend, int):
+            blend = np.zeros_like(next(iter(z.values())))
+        out = blend - blend.max(axis=1, keepdims=True) - 2.0
+        c = min(self.candidates, self.n_items)
+        tops = np.concatenate([top_k(masked[s], c) for s in self.names], axis=1)
+        wv = np.array([self.weights.get(s, 0.0) for s in self.names], dtype=np.float32)
+        for n, u in enumerate(users):
+            ids = np.unique(tops[n])
+            ids = ids[np.isfinite(masked[self.names[0]][n, ids])] if len(ids) else ids
+            if not len(ids):
+                continue
+            cols = []
+            for s in self.names:
+                sc = z[s][n, ids]
+                cols.append(sc)
+                cols.append(np.log1p(np.argsort(np.argsort(-sc))))
+            cols += [self.log_pop[ids], self.item_age[ids],
+                     np.full(len(ids), np.log1p(len(u.items)), dtype=np.float32)]
+            f = np.stack(cols, axis=1)
+            f = np.column_stack([f, f[:, 0:2 * len(self.names):2] @ wv])
+            out[n, ids] = self.ranker.predict_proba(f)[:, 1]
+        return out
+
+
+# ---- reading and writing ------------------------------------------------------------------------
+def write(directory: Path, name: str, kind: str, params: dict, scorer: dict,
+          arrays: dict[str, np.ndarray]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    np.savez(directory / ARRAYS_FILE, **arrays)
+    (directory / MODEL_FILE).write_text(json.dumps(
+        {"format": FORMAT, "name": name, "kind": kind, "params": params, "scorer": scorer},
+        indent=2, default=str))
+    return directory
+
+
+def describe(directory: Path) -> dict:
+    """``model.json`` of an artifact, checked for the format (no arrays read)."""
+    path = Path(directory) / MODEL_FILE
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing: {directory} is not a freshrec model artifact "
+                            "(export it with Recommender.export)")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT or "scorer" not in meta:
+        raise ArtifactError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; this model "
+                            f"({meta.get('name')!r}) was exported by an older freshrec and cannot be "
+                            "served: refit it")
+    return meta
+
+
+def load(directory: Path, device: str = "cpu") -> Servable:
+    """The servable model in ``directory`` (see the module doc); :class:`ArtifactError` names the
+    file when the artifact is missing, incomplete, corrupt or of a kind that cannot be served."""
+    directory = Path(directory)
+    meta = describe(directory)
+    name, sc, params = meta["name"], meta["scorer"], meta.get("params", {})
+    try:
+        with np.load(directory / ARRAYS_FILE, allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory / ARRAYS_FILE} is missing: the artifact of {name!r} is "
+                            "incomplete") from None
+    except Exception as e:
+        raise ArtifactError(f"{directory / ARRAYS_FILE}: cannot read the arrays of {name!r} ({e})") \
+            from None
+    if "item_ids" not in a:
+        raise ArtifactError(f"{directory / ARRAYS_FILE} has no item_ids: the artifact of {name!r} "
+                            "is incomplete")
+    items, users = a["item_ids"], a.get("user_ids")
+    n = len(items)
+    t = sc.get("type")
+    try:
+        if t == "popularity":
+            return PopularityServable(name, items, params, a["popularity"])
+        if t == "factors":
+            return FactorServable(name, items, params, a["item_factors"], users, a.get("user_factors"),
+                                  sc.get("user_side", "als"), sc.get("alpha", 1.0), sc.get("reg", 0.1),
+                                  a.get("popularity_prior"), sc.get("prior_weight", 0.0))
+        if t == "encoder":
+            return EncoderServable(name, items, params, a["item_vectors"],
+                                   directory / sc["encoder"], int(sc["max_len"]), device)
+        if t == "item_item":
+            m = a["matrix"] if "matrix" in a else _csr(a, "matrix", (n, n))
+            return ItemItemServable(name, items, params, m, sc.get("binary", True))
+        if t == "user_user":
+            nu = len(users)
+            nb = _csr(a, "neighbours", (nu, nu)) if "neighbours_indptr" in a else None
+            return UserUserServable(name, items, params, users, _csr(a, "binary", (nu, n)),
+                                    int(sc["n_neighbors"]), sc.get("similarity", "cosine"),
+                                    float(sc.get("shrinkage", 10.0)), nb)
+        if t == "content":
+            nf = int(sc["n_features"])
+            return ContentServable(name, items, params, users, _csr(a, "tfidf", (n, nf)),
+                                   _csr(a, "profiles", (len(users), nf)), a["popularity_prior"],
+                                   float(sc["popularity_weight"]))
+        if t == "hybrid":
+            sources = {s: load(directory / "sources" / s, device) for s in sc["sources"]}
+            ranker = None
+            if sc["blender_used"] == "ranker":
+                with open(directory / "ranker.pkl", "rb") as f:
+                    ranker = pickle.load(f)
+            return HybridServable(name, items, {**params, "sources_used": sc["sources"]}, sources,
+                                  sc["weights"], sc["blender_used"], ranker, a["log_pop"],
+                                  a["item_age"], int(sc["candidates"]))
+    except KeyError as e:
+        raise ArtifactError(f"{directory}: the artifact of {name!r} lacks {e}; it is incomplete") \
+            from None
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{directory}: the artifact of {name!r} is incomplete ({e})") from None
+    raise ArtifactError(f"{directory / MODEL_FILE}: model {name!r} has scorer type {t!r}, which "
+                        "freshrec cannot serve")
