@@ -162,7 +162,11 @@ class EvaluationSettings(_Section):
     knn_neighbors: int = Field(100, ge=1, description="Neighbours per item for the item-kNN baseline.")
     ease_max_items: int = Field(30_000, ge=1, description="EASE is dense in the catalog (8 n² "
                                 "bytes, an n³ inverse): larger catalogs are refused.")
-    models: list[str] = Field(default_factory=lambda: ["most_popular", "trending", "item_knn", "als"],
+    hybrid_ease_top_items: int = Field(5_000, ge=0, description="The hybrid's EASE source fits only "
+                                       "this many most popular items (an n³ inverse in it, whatever "
+                                       "the catalog; the rest score 0 there); 0: every item.")
+    models: list[str] = Field(default_factory=lambda: ["most_popular", "trending", "item_knn", "als",
+                                                       "hybrid"],
                               description="Models the batch DAG fits and compares (`all`: every one).")
     gate_models: list[str] = Field(default_factory=list, description="Models that may become "
                                    "@champion (empty: any evaluated model).")

@@ -26,6 +26,7 @@ in ``params()["skipped_sources"]``; the hybrid fails only when no source can fit
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from pathlib import Path
@@ -36,15 +37,18 @@ from freshrec.evaluation import newest_share, top_k
 from recmodels.base import Interactions, Recommender, standardize_rows, weight_matrix
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def _threadpools():
+    """The process's thread pools (threadpoolctl scans the loaded libraries once)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 DEFAULT_SOURCES = ("ease", "item_knn", "user_knn", "pure_svd", "content", "trending")
-
-
-def _mask(scores: np.ndarray, seen, rows_in_seen: np.ndarray) -> np.ndarray:
-    out = scores.copy()
-    sub = seen[rows_in_seen]
-    out[np.repeat(np.arange(len(rows_in_seen)), np.diff(sub.indptr)), sub.indices] = -np.inf
-    return out
 
 
 class HybridModel(Recommender):
@@ -53,7 +57,7 @@ class HybridModel(Recommender):
     def __init__(self, sources: tuple[str, ...] = DEFAULT_SOURCES, blender: str = "auto",
                  candidates: int = 50, validation_fraction: float = 0.2,
                  max_validation_users: int = 5000, k: int = 10, source_params: dict | None = None,
-                 ease_max_items: int = 30_000, ease_top_items: int = 8_000, seed: int = 0) -> None:
+                 ease_max_items: int = 30_000, ease_top_items: int = 5_000, seed: int = 0) -> None:
         super().__init__()
         if blender not in ("auto", "linear", "ranker"):
             raise ValueError(f"blender must be auto, linear or ranker, got {blender!r}")
@@ -114,16 +118,16 @@ class HybridModel(Recommender):
         return models
 
     # -- features ---------------------------------------------------------------------------------
-    def _features(self, z: dict[str, np.ndarray], masked: dict[str, np.ndarray],
+    def _features(self, z: dict[str, np.ndarray], tops: np.ndarray, seen,
                   history: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """Candidates per user (union of each source's top ``candidates``) and their features."""
+        """Candidates per user (the union of each source's top ``candidates`` unseen items: ``tops``
+        from :meth:`_source_scores`, ``seen`` the users' rows) and their features."""
         n_users = history.shape[0]
-        c = min(self.candidates, next(iter(z.values())).shape[1])
-        tops = np.concatenate([top_k(masked[s], c) for s in self.names], axis=1)
         cands, feats = [], []
         for u in range(n_users):
             ids = np.unique(tops[u])
-            ids = ids[np.isfinite(masked[self.names[0]][u, ids])] if len(ids) else ids
+            # fewer unseen items than candidates: the tops hold seen items, which are left out
+            ids = ids[~np.isin(ids, seen.indices[seen.indptr[u]:seen.indptr[u + 1]])]
             cands.append(ids)
             cols = []
             for s in self.names:
@@ -143,9 +147,20 @@ class HybridModel(Recommender):
         return np.column_stack([feats, feats[:, 0:2 * len(self.names):2] @ wv])
 
     def _source_scores(self, models: dict[str, Recommender], rows: np.ndarray, seen):
-        z = {s: standardize_rows(models[s].score(rows)) for s in self.names}
-        masked = {s: _mask(v, seen, rows) for s, v in z.items()}
-        return z, masked
+        """Each source's standardized scores, each source's top ``candidates`` items with the
+        users' seen items masked (side by side), and the users' rows of ``seen``. The mask is put
+        on and taken off in place: no second copy of the users x catalog scores."""
+        sub = seen[rows]
+        at = (np.repeat(np.arange(len(rows)), np.diff(sub.indptr)), sub.indices)
+        z, tops = {}, []
+        for s in self.names:
+            v = standardize_rows(models[s].score(rows))
+            kept = v[at]
+            v[at] = -np.inf
+            tops.append(top_k(v, min(self.candidates, v.shape[1])))
+            v[at] = kept
+            z[s] = v
+        return z, np.concatenate(tops, axis=1), sub
 
     # -- fit --------------------------------------------------------------------------------------
     def fit(self, data: Interactions) -> "HybridModel":
@@ -179,21 +194,24 @@ class HybridModel(Recommender):
         else:
             inner_models = self._fit_sources(self.names, inner)
             self.names = self._check_usable(inner_models)
-            z, masked = self._source_scores(inner_models, users, seen)
+            z, tops, seen_users = self._source_scores(inner_models, users, seen)
             del inner_models
-            history = np.log1p(np.diff(seen[users].indptr)).astype(np.float32)
-            self._choose_blender(z, masked, history, rel, data.n_items, rng)
-            del z, masked
+            history = np.log1p(np.diff(seen_users.indptr)).astype(np.float32)
+            self._choose_blender(self._features(z, tops, seen_users, history), rel, rng)
+            del z, tops
         self.log_pop = np.log1p(np.asarray(data.matrix.sum(axis=0)).ravel()).astype(np.float32)
         self.item_age = self._item_age(data.events, data.n_items)
         used = self.names if self.blender_used == "ranker" else \
             [s for s in self.names if self.weights.get(s, 0) > 0]
         self.models = self._fit_sources(used, data)
-        if len(self.models) < len(used):  # fitted on the inner split, not on all of the data
-            self.names = self._check_usable([s for s in self.names if s not in self.skipped])
-            self.weights = {s: w for s, w in self.weights.items() if s in self.models}
-            if self.blender_used == "ranker":  # its features name every source: blend the rest
-                self.blender_used, self.ranker = "linear", None
+        if len(self.models) < len(used):
+            # a source that fitted the inner split but not all of the data: the ranker's features
+            # name every source, so the sources that did fit are blended linearly
+            if not self.models:  # the unweighted sources, as a last resort
+                self.models = self._fit_sources([s for s in self.names if s not in used], data)
+            self.names = self._check_usable(list(self.models))
+            self.weights = {s: self.weights.get(s, 0.0) for s in self.models}
+            self.blender_used, self.ranker = "linear", None
             if not any(w > 0 for w in self.weights.values()):
                 self.weights = {s: 1.0 for s in self.models}
         self.data = data
@@ -209,12 +227,12 @@ class HybridModel(Recommender):
         np.minimum.at(first, events["item_row"].to_numpy(), secs)
         return np.log1p((secs.max() - first) / 86400.0).astype(np.float32)
 
-    def _choose_blender(self, z, masked, history, rel, n_items, rng) -> None:
+    def _choose_blender(self, candidates, rel, rng) -> None:
         n = len(rel)
         perm = rng.permutation(n)
         a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
         sub = lambda d, idx: {s: v[idx] for s, v in d.items()}  # noqa: E731
-        cands, feats = self._features(z, masked, history)
+        cands, feats = candidates
         lens = np.array([len(c) for c in cands])
         starts = np.concatenate([[0], np.cumsum(lens)])
         labels = np.concatenate([np.isin(c, r) for c, r in zip(cands, rel)]) if n else np.zeros(0)
@@ -266,9 +284,13 @@ class HybridModel(Recommender):
     def _train_ranker(self, x: np.ndarray, y: np.ndarray):
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        return HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=31,
-                                              min_samples_leaf=40, l2_regularization=1.0,
-                                              random_state=self.seed).fit(x, y.astype(np.int8))
+        # one OpenMP thread: boosting runs thousands of short parallel regions, which stall on
+        # each other when the cores are shared (10-30x slower on a busy 2-core machine); one
+        # thread costs under 2x on an idle one
+        with _threadpools().limit(limits=1, user_api="openmp"):
+            return HistGradientBoostingClassifier(
+                max_iter=300, learning_rate=0.05, max_leaf_nodes=31, min_samples_leaf=40,
+                l2_regularization=1.0, random_state=self.seed).fit(x, y.astype(np.int8))
 
     def _grid_ndcg(self, grid: dict[str, np.ndarray], scores: np.ndarray) -> float:
         """NDCG@k of ordering each user's candidates by ``scores`` (users x candidates; the padding
@@ -311,14 +333,14 @@ class HybridModel(Recommender):
         if self.blender_used != "ranker":
             return sum(self.weights[s] * standardize_rows(self.models[s].score(rows))
                        for s in self.models if self.weights.get(s, 0) > 0)
-        z, masked = self._source_scores(self.models, rows, seen)
+        z, tops, seen_users = self._source_scores(self.models, rows, seen)
         blend = sum(w * z[s] for s, w in self.weights.items() if w > 0)
         if isinstance(blend, int):
             blend = np.zeros_like(next(iter(z.values())))
         # everything the ranker does not order goes below its candidates, in blend order
         out = blend - blend.max(axis=1, keepdims=True) - 2.0
         history = np.log1p(np.diff(seen[rows].indptr)).astype(np.float32)
-        cands, feats = self._features(z, masked, history)
+        cands, feats = self._features(z, tops, seen_users, history)
         if len(feats):
             p = self.ranker.predict_proba(self._with_blend(feats, self.weights))[:, 1]
             start = 0

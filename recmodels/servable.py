@@ -376,9 +376,11 @@ class HybridServable(Servable):
         c = min(self.candidates, self.n_items)
         tops = np.concatenate([top_k(masked[s], c) for s in self.names], axis=1)
         wv = np.array([self.weights.get(s, 0.0) for s in self.names], dtype=np.float32)
+        cands, feats = [], []
         for n, u in enumerate(users):
             ids = np.unique(tops[n])
             ids = ids[np.isfinite(masked[self.names[0]][n, ids])] if len(ids) else ids
+            cands.append(ids)
             if not len(ids):
                 continue
             cols = []
@@ -388,9 +390,14 @@ class HybridServable(Servable):
                 cols.append(np.log1p(np.argsort(np.argsort(-sc))))
             cols += [self.log_pop[ids], self.item_age[ids],
                      np.full(len(ids), np.log1p(len(u.items)), dtype=np.float32)]
-            f = np.stack(cols, axis=1)
-            f = np.column_stack([f, f[:, 0:2 * len(self.names):2] @ wv])
-            out[n, ids] = self.ranker.predict_proba(f)[:, 1]
+            feats.append(np.stack(cols, axis=1))
+        if feats:  # one ranker call for every user's candidates
+            f = np.concatenate(feats)
+            p = self.ranker.predict_proba(np.column_stack([f, f[:, 0:2 * len(self.names):2] @ wv]))[:, 1]
+            start = 0
+            for n, ids in enumerate(cands):
+                out[n, ids] = p[start:start + len(ids)]
+                start += len(ids)
         return out
 
 

@@ -121,6 +121,7 @@ def model_params(name: str, settings: Settings) -> dict:
             "pure_svd": {"rank": settings.als.rank},
             "ease": {"max_items": settings.evaluation.ease_max_items},
             "hybrid": {"ease_max_items": settings.evaluation.ease_max_items,
+                       "ease_top_items": settings.evaluation.hybrid_ease_top_items,
                        "source_params": {"item_knn": {"n_neighbors": settings.evaluation.knn_neighbors},
                                          "pure_svd": {"rank": settings.als.rank}}},
             "als": als,

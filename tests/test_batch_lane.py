@@ -334,3 +334,24 @@ def test_evaluate_compares_any_set_of_models_in_one_table(lane, tmp_path):
     out = evaluate.run(tiny, lane["interval"], ["ease", "trending"])
     assert "ease" in out["skipped"] and "max_items" in out["skipped"]["ease"]
     assert "skipped" in out["table"]
+
+
+def test_recommend_cli_writes_what_is_served(lane, tmp_path):
+    """`freshrec recommend --users FILE --output CSV` (offline) answers with the served version."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "users.txt").write_text("u1\nu2\n")
+    out = tmp_path / "recs.csv"
+    r = subprocess.run([sys.executable, "-m", "freshrec.cli.main", "recommend", "--users",
+                        str(tmp_path / "users.txt"), "--k", "3", "--output", str(out)],
+                       env={**os.environ, "FRESHREC_DATA_DIR": str(lane["settings"].data_dir),
+                            "PYTHONPATH": str(root)}, cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    gate = lane["results"]["gate"]
+    assert f"from freshrec-retrieval/{gate['version']} {gate['candidate']}" in r.stdout
+    assert len(list(csv.DictReader(out.open()))) == 6

@@ -242,6 +242,93 @@ def test_hybrid_leaves_out_sources_it_cannot_use_and_says_so(board):
         make_model("hybrid", sources=("content",)).fit(no_meta)
 
 
+
+@pytest.mark.parametrize("catalog", ["no item file", "items without metadata"])
+def test_hybrid_on_interactions_alone_leaves_content_out_and_says_why(board, catalog, tmp_path):
+    """Events imported without items (or items with no categories, title or text): content cannot
+    fit, so it is left out with the reason; the other sources make the hybrid, which serves."""
+    from recmodels.servable import load
+
+    items = None if catalog == "no item file" else pd.DataFrame(
+        {"item_id": board.item_ids, "title": None, "categories": None, "text": None})
+    data = Interactions(board.user_ids, board.item_ids, board.matrix, board.events, items,
+                        board.as_of)
+    m = make_model("hybrid", **small_params("hybrid")).fit(data)
+    skipped = m.params()["skipped_sources"]
+    assert set(skipped) == {"content"}
+    assert ("no item metadata" if items is None else "nothing to learn from") in skipped["content"]
+    assert "content" not in m.params()["sources"] and "ease" in m.params()["sources"]
+    top, _ = m.recommend(np.arange(N_USERS), 3)
+    assert (top >= 0).all()
+    right = [group_of_item(i) == (0 if u < N_USERS // 2 else 1) for u in range(N_USERS) for i in top[u]]
+    assert np.mean(right) >= 0.9
+    served = load(m.export(tmp_path / "hybrid"))
+    got, got_scores = served.recommend(_inputs(board, np.arange(N_USERS)), 5)
+    expected, exp_scores = m.recommend(np.arange(N_USERS), 5)
+    np.testing.assert_allclose(got_scores, exp_scores, rtol=1e-4, atol=1e-4)
+
+
+
+def test_a_source_that_fails_on_all_the_data_leaves_the_others_blended(board, monkeypatch, tmp_path):
+    """A source that fitted the validation split but fails on all of the data is left out with
+    the reason; the ranker (whose features name it) gives way to a linear blend of the rest."""
+    from recmodels.hybrid import HybridModel
+    from recmodels.servable import load
+
+    make = HybridModel._make
+
+    def flaky(self, name):
+        m = make(self, name)
+        if name == "item_knn":
+            fit = m.fit
+
+            def fit_or_fail(data):
+                if data.matrix.nnz == board.matrix.nnz:
+                    raise MemoryError("out of memory on the full data")
+                return fit(data)
+            m.fit = fit_or_fail
+        return m
+
+    monkeypatch.setattr(HybridModel, "_make", flaky)
+    m = make_model("hybrid", blender="ranker", **small_params("hybrid")).fit(board)
+    assert "MemoryError" in m.params()["skipped_sources"]["item_knn"]
+    assert m.params()["blender_used"] == "linear" and "item_knn" not in m.params()["sources"]
+    top, scores = m.recommend(np.arange(N_USERS), 3)
+    assert (top >= 0).all()
+    assert np.mean([group_of_item(i) == (0 if u < N_USERS // 2 else 1)
+                    for u in range(N_USERS) for i in top[u]]) >= 0.9
+    served = load(m.export(tmp_path / "hybrid"))
+    _, got_scores = served.recommend(_inputs(board, np.arange(N_USERS)), 3)
+    np.testing.assert_allclose(got_scores, scores, rtol=1e-4, atol=1e-4)
+
+def test_ease_on_the_most_popular_items_serves_exactly(board, tmp_path):
+    """EASE fitted on the top_items most popular items: the others score 0 and carry no weight,
+    and the exported artifact (dense, or sparse top-N rows) gives the fitted model's scores."""
+    from recmodels.servable import load
+
+    m = make_model("ease", l2=10.0, top_items=8).fit(board)
+    users_per_item = np.asarray((board.matrix > 0).sum(axis=0)).ravel()
+    assert m.params()["fitted_items"] == 8 and len(m.kept) == 8
+    assert users_per_item[m.kept].min() >= np.delete(users_per_item, m.kept).max()
+    out = np.delete(np.arange(N_ITEMS), m.kept)
+    scores = m.score(np.arange(N_USERS))
+    assert scores.shape == (N_USERS, N_ITEMS) and (scores[:, out] == 0).all()
+    full = make_model("ease", l2=10.0).fit(board)
+    assert not np.allclose(scores[:, m.kept], full.score(np.arange(N_USERS))[:, m.kept])
+    served = load(m.export(tmp_path / "dense"))
+    np.testing.assert_allclose(served.scores(_inputs(board, np.arange(N_USERS))), scores,
+                               rtol=1e-5, atol=1e-6)
+    sparse = make_model("ease", l2=10.0, top_items=8, serve_dense_max_items=5, serve_top_n=3).fit(board)
+    matrix = load(sparse.export(tmp_path / "sparse")).matrix.toarray()
+    assert not matrix[out].any() and not matrix[:, out].any()
+    kept_rows = matrix[np.ix_(sparse.kept, sparse.kept)]
+    assert ((kept_rows != 0).sum(axis=1) <= 3).all()
+    np.testing.assert_allclose(kept_rows[kept_rows != 0], sparse.weights[kept_rows != 0], rtol=1e-6)
+    with pytest.raises(ValueError, match="top_items"):
+        make_model("ease", top_items=-1)
+    # max_items limits what is fitted: a subset below it fits a catalog above it
+    assert make_model("ease", max_items=10, top_items=8).fit(board).params()["fitted_items"] == 8
+
 def test_trending_picks_a_short_half_life_when_tastes_move_fast():
     """Items popular in the first weeks are never met again; the newest events all go to other
     items. The auto half-life must be short, and trending must rank the new favourites first."""

@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=cmd_train)
 
     rec = sub.add_parser("recommend", help="top-K per user: through the server (--user, --server) "
-                         "or offline from the latest model tables (--users FILE --output FILE)")
+                         "or offline from the served model's snapshot (--users FILE --output FILE)")
     who = rec.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="one raw user id (asks the running server)")
     who.add_argument("--users", help="file with one raw user id per line")
@@ -342,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--server", help="host:port of a freshrec server (default: from settings)")
     rec.add_argument("--token", help="bearer token (default: FRESHREC_TOKEN or the dev token)")
     rec.add_argument("--ca", help="CA certificate (PEM) when the server uses TLS")
+    rec.add_argument("--model", help="offline: the registered version or alias to answer with "
+                     "(default: serving.model)")
     rec.set_defaults(fn=cmd_recommend)
 
     ref = sub.add_parser("refresh", help="push fresh user/item vectors to the serving replicas")
