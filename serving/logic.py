@@ -101,6 +101,8 @@ def recommend(state: ServingState, user: str, k: int, filters: Filters, context:
     hits = None
     if state.embedding:
         vec = state.fold_in_user(user, recent) if recent else state.user_vector(user)
+        if vec is None and not recent:  # a history without a stored vector: the model makes one
+            vec = state.fold_in_user(user, [])
         if vec is not None:
             hits = _search_filtered(state, vec, k, filters, excluded, overfetch)
             items = [Scored(i, s, source, _because(state, i, history)) for i, s in hits]
