@@ -40,6 +40,17 @@ class ItemKNN:
         return (self.train[rows] @ self.similarity.T).toarray()
 
 
+def shrunk_similarity(co: np.ndarray, a: np.ndarray, b: np.ndarray, similarity: str,
+                      shrinkage: float) -> np.ndarray:
+    """Cosine or Jaccard similarity from co-occurrence counts ``co`` and set sizes ``a``, ``b``,
+    shrunk by ``co / (co + shrinkage)`` (user-based CF, fitted and served)."""
+    if similarity == "cosine":
+        sim = co / np.sqrt(np.maximum(a * b, 1e-9))
+    else:
+        sim = co / np.maximum(a + b - co, 1e-9)
+    return sim * co / (co + shrinkage)
+
+
 def _top_per_row(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
     data, indices, indptr = [], [], [0]
     for r in range(m.shape[0]):

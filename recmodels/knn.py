@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from recmodels.baselines import ItemKNN, _top_per_row
+from recmodels.baselines import ItemKNN, _top_per_row, shrunk_similarity
 from recmodels.base import Interactions, Recommender
 from recmodels.servable import csr_arrays
 
@@ -64,12 +64,8 @@ class UserKNNModel(Recommender):
         overlap = (x[user_rows] @ x.T).tocsr().astype(np.float32)  # co-rated counts
         sizes = np.asarray(x.sum(axis=1)).ravel()
         coo = overlap.tocoo()
-        a, b = sizes[user_rows][coo.row], sizes[coo.col]
-        if self.similarity == "cosine":
-            sim = coo.data / np.sqrt(np.maximum(a * b, 1e-9))
-        else:
-            sim = coo.data / np.maximum(a + b - coo.data, 1e-9)
-        sim *= coo.data / (coo.data + self.shrinkage)
+        sim = shrunk_similarity(coo.data, sizes[user_rows][coo.row], sizes[coo.col],
+                                self.similarity, self.shrinkage)
         sim[coo.col == np.asarray(user_rows)[coo.row]] = 0.0  # not their own neighbour
         m = sp.csr_matrix((sim, (coo.row, coo.col)), shape=overlap.shape)
         m.eliminate_zeros()

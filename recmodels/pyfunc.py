@@ -26,24 +26,8 @@ ARTIFACT_KEY = "model"
 USERS_KEY = "users"
 
 
-def save_users(path: Path, user_ids, items_per_user, weights_per_user, recent_per_user) -> Path:
-    """Histories as CSR-like arrays: ``user_ids``, ``indptr``/``items``/``weights`` (catalog
-    positions, summed weights) and ``recent_indptr``/``recent`` (positions in time order)."""
-    lens = [len(x) for x in items_per_user]
-    rlens = [len(x) for x in recent_per_user]
-    np.savez(path, user_ids=np.asarray(user_ids).astype(str),
-             indptr=np.r_[0, np.cumsum(lens)].astype(np.int64),
-             items=np.concatenate(items_per_user).astype(np.int64) if lens else np.zeros(0, np.int64),
-             weights=np.concatenate(weights_per_user).astype(np.float32) if lens
-             else np.zeros(0, np.float32),
-             recent_indptr=np.r_[0, np.cumsum(rlens)].astype(np.int64),
-             recent=np.concatenate(recent_per_user).astype(np.int64) if rlens
-             else np.zeros(0, np.int64))
-    return path
-
-
 def save_users_from(path: Path, data, max_recent: int = 50) -> Path:
-    """:func:`save_users` for the users of an ``Interactions`` (its matrix rows and event order),
+    """:func:`save_users_from` for the users of an ``Interactions`` (its matrix rows and event order),
     plus the items' popularity (the ranking for users the model does not know)."""
     m = data.matrix.tocsr()
     ev = data.events.sort_values(["user_row", "ts"], kind="stable")
@@ -58,7 +42,7 @@ def save_users_from(path: Path, data, max_recent: int = 50) -> Path:
 
 
 class UserHistories:
-    """Read side of :func:`save_users`."""
+    """Read side of :func:`save_users_from`."""
 
     def __init__(self, path: Path) -> None:
         with np.load(path, allow_pickle=False) as z:

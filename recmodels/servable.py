@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from recmodels.base import standardize_rows
+
 FORMAT = "freshrec-model/1"
 MODEL_FILE = "model.json"
 ARRAYS_FILE = "arrays.npz"
@@ -69,12 +71,6 @@ def history_matrix(users: list[UserInput], n_items: int, binary: bool = False) -
     if binary:
         m.data[:] = 1.0
     return m
-
-
-def standardize_rows(s: np.ndarray) -> np.ndarray:
-    s = np.asarray(s, dtype=np.float32)
-    sd = s.std(axis=1, keepdims=True)
-    return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
 def _csr(arrays, prefix: str, shape) -> sp.csr_matrix:
@@ -289,7 +285,7 @@ class UserUserServable(Servable):
         self._bt = self.binary.T.tocsr()
 
     def _neighbour_row(self, u: UserInput) -> sp.csr_matrix:
-        from recmodels.baselines import _top_per_row
+        from recmodels.baselines import _top_per_row, shrunk_similarity
 
         row = self.user_row(u.user_id)
         if self.neighbours is not None and row is not None and not u.fresh:
@@ -297,12 +293,8 @@ class UserUserServable(Servable):
         x = u.row(self.n_items, binary=True)
         x.data[:] = 1.0
         co = (x @ self._bt).tocsr()  # (1, n_users) co-rated counts
-        a, b = float(x.nnz), self.sizes[co.indices]
-        if self.similarity == "cosine":
-            sim = co.data / np.sqrt(np.maximum(a * b, 1e-9))
-        else:
-            sim = co.data / np.maximum(a + b - co.data, 1e-9)
-        sim = (sim * co.data / (co.data + self.shrinkage)).astype(np.float32)
+        sim = shrunk_similarity(co.data, float(x.nnz), self.sizes[co.indices], self.similarity,
+                                self.shrinkage).astype(np.float32)
         if row is not None:
             sim[co.indices == row] = 0.0  # not their own neighbour
         m = sp.csr_matrix((sim, co.indices, [0, len(sim)]), shape=co.shape)

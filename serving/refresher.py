@@ -99,7 +99,6 @@ class Deltas:
     versions: dict[str, int] = field(default_factory=dict)
     newest_event_ts: float = 0.0
     events_read: int = 0
-    unknown_item_events: int = 0
     full: bool = False
 
 

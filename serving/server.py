@@ -397,8 +397,6 @@ class AdminServicer(admin_grpc.AdminServicer):
             users_up = {users(v.id): vec(v) for v in request.upsert_users}
             n_up = state.items.upsert(items_up)
             n_rm = state.items.remove(list(request.remove_items))
-            if n_up or n_rm:
-                state.items_changed()
             for table, version in request.applied_versions.items():
                 state.delta_versions[table] = version
             if request.newest_event_ts:

@@ -175,9 +175,6 @@ class ServingState:
         had = self.forget_history(user)
         return (self.remove_users([user]) == 1) or had
 
-    def items_changed(self) -> None:
-        pass  # (kept for callers: the model's own Gram matrix does not change with deltas)
-
 
 def build_state(model: Servable, label: str, users: list[str], arrays: dict[str, np.ndarray],
                 index=None, index_type: str = "flat", user_vectors: dict | None = None,
@@ -210,7 +207,7 @@ def resolve_snapshot(settings: Settings, spec: str | int | None = None,
         mlflow_for(settings)
         ref = registry.resolve(spec)
     except LookupError:
-        raise
+        raise  # names the alias or version that is missing
     except Exception as e:  # no tracking store at all
         raise LookupError(f"cannot resolve model {spec!r} in the registry ({e})") from None
     path = find_snapshot(root, ref.version)
