@@ -160,7 +160,69 @@ ITEM_FACTORS = TableSpec(
     doc="ALS item vectors with the model version that made them.",
 )
 
+IMPRESSIONS = TableSpec(
+    "impressions", "bronze",
+    pa.schema([
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("arm", pa.string()),
+        pa.field("items", pa.list_(pa.string()), nullable=False),
+        pa.field("positions", pa.list_(pa.int32()), nullable=False),
+        pa.field("scores", pa.list_(pa.float64())),
+        pa.field("propensities", pa.list_(pa.float64())),
+        pa.field("ts", TS, nullable=False),
+        pa.field("server", pa.string()),
+        pa.field("source_file", pa.string()),
+        pa.field("served_date", pa.string(), nullable=False),
+    ]),
+    key=("request_id",),
+    doc="Every served slate, once per request_id: user pseudonym, served registry version "
+        "(freshrec-retrieval/N name), A/B arm, items with their 0-based positions, scores and "
+        "propensities (probability the policy that served it shows the item; 1.0 for a "
+        "deterministic ranker), serving time, the server process that answered.",
+)
+
+IMPRESSIONS_DEAD_LETTER = TableSpec(
+    "impressions_dead_letter", "bronze",
+    pa.schema([
+        pa.field("raw", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("source_file", pa.string()),
+        pa.field("served_date", pa.string(), nullable=False),
+    ]),
+    doc="Impression records that were malformed or repeated a request_id, with the reason.",
+)
+
+FEEDBACK = TableSpec(
+    "feedback", "silver",
+    pa.schema([
+        pa.field("request_id", pa.string()),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("model_version", pa.string()),
+        pa.field("arm", pa.string()),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("position", pa.int32()),
+        pa.field("score", pa.float64()),
+        pa.field("propensity", pa.float64()),
+        pa.field("clicked", pa.bool_(), nullable=False),
+        pa.field("reward", pa.float64(), nullable=False),
+        pa.field("impression_ts", TS),
+        pa.field("event_id", pa.string()),
+        pa.field("event_type", pa.string()),
+        pa.field("event_ts", TS),
+        pa.field("organic", pa.bool_(), nullable=False),
+        pa.field("batch_date", pa.string(), nullable=False),
+    ]),
+    key=("request_id", "item_id", "event_id"),
+    doc="One row per shown item (request_id, item_id): clicked when the user had an event on it "
+        "within the attribution window after the impression, reward = that event's weight (0 "
+        "when not clicked); plus one row per event on an item not shown to the user in the window "
+        "before it (organic=true, request_id null).",
+)
+
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
     EVENTS_RAW, EVENTS_DEAD_LETTER, EVENTS, ITEMS,
     USER_FEATURES, ITEM_FEATURES, ITEM_NEIGHBORS, USER_FACTORS, ITEM_FACTORS,
+    IMPRESSIONS, IMPRESSIONS_DEAD_LETTER, FEEDBACK,
 )}
