@@ -170,6 +170,10 @@ class EvaluationSettings(_Section):
                               description="Models the batch DAG fits and compares (`all`: every one).")
     gate_models: list[str] = Field(default_factory=list, description="Models that may become "
                                    "@champion (empty: any evaluated model).")
+    refit: bool = Field(True, description="Refit the gate's candidate on every event of the "
+                        "interval (the split's held-out newest events included) before it is "
+                        "registered, keeping what it chose on validation (the hybrid's blender). "
+                        "Its metrics stay those of the split fit.")
     seed: int = 13
 
 

@@ -115,6 +115,11 @@ class Recommender(ABC):
     def score(self, user_rows: np.ndarray) -> np.ndarray:
         """Dense scores, shape (len(user_rows), n_items); higher is better."""
 
+    def refit(self, data: Interactions) -> "Recommender":
+        """Fit again on ``data`` (e.g. all events, after model selection on a split), keeping
+        what the earlier fit chose on its own validation data; by default a fresh ``fit``."""
+        return self.fit(data)
+
     def _fitted(self) -> Interactions:
         if self.data is None:
             raise RuntimeError(f"model {self.name!r} is not fitted: call fit() first")

@@ -199,6 +199,19 @@ class HybridModel(Recommender):
             history = np.log1p(np.diff(seen_users.indptr)).astype(np.float32)
             self._choose_blender(self._features(z, tops, seen_users, history), rel, rng)
             del z, tops
+        return self._fit_final(data)
+
+    def refit(self, data: Interactions) -> "HybridModel":
+        """The sources fitted again on ``data`` with the blender (weights, ranker) chosen by the
+        earlier ``fit``: half the cost of a fit, which fits every source twice."""
+        if not hasattr(self, "blender_used"):
+            return self.fit(data)
+        if data.events is None:
+            raise ValueError("the hybrid needs event timestamps (Interactions.events)")
+        return self._fit_final(data)
+
+    def _fit_final(self, data: Interactions) -> "HybridModel":
+        """The sources the blender uses, fitted on all of ``data``; the item features from it."""
         self.log_pop = np.log1p(np.asarray(data.matrix.sum(axis=0)).ravel()).astype(np.float32)
         self.item_age = self._item_age(data.events, data.n_items)
         used = self.names if self.blender_used == "ranker" else \

@@ -6,7 +6,10 @@ contract) on the training part only, and scores them in one harness (full rankin
 excluded). Each fit is its own MLflow run, nested under the evaluation run: parameters, metrics per
 K, fit time, the data's Delta versions and the exported model (``model/``). The parent run holds the
 comparison table and figure; ``<data>/reports/evaluation-<batch_date>.json`` holds the summary with
-the run id of each model, which the promotion gate (:mod:`spark_jobs.gate`) reads.
+the run id of each model, which the promotion gate (:mod:`spark_jobs.gate`) reads. With
+``evaluation.refit`` (default on) the model the gate will pick is then fitted again on every event of
+the interval, keeping what it chose on validation, and logged as its own run (``refit-<model>``): the
+gate registers that one, so what is served has learnt from the newest events too.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from freshrec.settings import Settings
 from freshrec.spark import get_spark
 from freshrec.tracking import mlflow_for
 from recmodels import MODELS, SPARK_MODELS, make_model
+from spark_jobs.gate import eligible
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +134,18 @@ def model_params(name: str, settings: Settings) -> dict:
 
 
 def log_model_run(mlflow, name: str, model, metrics: dict[str, float], versions: dict,
-                  interval: DataInterval) -> tuple[str, str | None, str | None]:
+                  interval: DataInterval, run_name: str | None = None,
+                  tags: dict[str, str] | None = None) -> tuple[str, str | None, str | None]:
     """One nested MLflow run per fit: params, metrics per K, data versions and the model as an
     ``mlflow.pyfunc`` model (the servable artifact plus the histories it scores). Returns the run
     id, the logged model's URI (None when it is not servable) and why not."""
     from recmodels import pyfunc
     from recmodels.servable import ArtifactError
 
-    with mlflow.start_run(run_name=f"fit-{name}-{interval.batch_date}", nested=True) as run:
-        mlflow.set_tags({"stage": "fit", "model": name, "interval": interval.batch_date})
+    with mlflow.start_run(run_name=run_name or f"fit-{name}-{interval.batch_date}",
+                          nested=True) as run:
+        mlflow.set_tags({"stage": "refit" if tags and "refit_of" in tags else "fit", "model": name,
+                         "interval": interval.batch_date, **(tags or {})})
         params = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
                   for k, v in getattr(model, "params", {}).items()}
         mlflow.log_params({**{k: str(v)[:500] for k, v in params.items()},
@@ -161,6 +168,22 @@ def log_model_run(mlflow, name: str, model, metrics: dict[str, float], versions:
                 mlflow.set_tag("servable", why)
                 log.warning("evaluate: %s is %s; it will not be registered", name, why)
         return run.info.run_id, uri, why
+
+
+class Refit:
+    """A model fitted again on every event of the interval (after it won on the split), keeping
+    what it chose on its own validation data (:meth:`recmodels.base.Recommender.refit`)."""
+
+    def __init__(self, scorer: ContractScorer, events: pd.DataFrame, items: pd.DataFrame | None) -> None:
+        data = Interactions.from_events(
+            events[[c for c in ("user_id", "item_id", "weight", "ts", "value") if c in events]], items)
+        t0 = time.perf_counter()
+        self.model = scorer.model.refit(data)
+        self.fit_seconds = getattr(self.model, "fit_seconds", time.perf_counter() - t0)
+        self.params = {**scorer.params, "refit": "all events of the interval"}
+
+    def export(self, directory: Path) -> None:
+        self.model.export(directory)
 
 
 def model_names(requested: list[str]) -> list[str]:
@@ -190,6 +213,8 @@ def run(settings: Settings, interval: DataInterval,
         .to_pandas() if store.exists("items") else None
     versions = {"events": ev_version, "items": store.version("items") if items is not None else None}
     mlflow = mlflow_for(settings)
+    metric = f"ndcg_at_{cfg.ks[0]}"
+    leader: tuple[str, ContractScorer] | None = None
     with mlflow.start_run(run_name=f"evaluate-{interval.batch_date}") as parent:
         mlflow.set_tags({"stage": "evaluate", "interval": interval.batch_date})
         mlflow.log_params({"test_fraction": cfg.test_fraction, "max_users": cfg.max_users,
@@ -214,14 +239,39 @@ def run(settings: Settings, interval: DataInterval,
                 skipped_registry[name] = why
             log.info("evaluate %s: %s ndcg@%d=%.4f (%.1f s)", interval.batch_date, name, cfg.ks[0],
                      results[name][f"ndcg_at_{cfg.ks[0]}"], fit)
+            # keep the fit the gate would pick so far (the best eligible one), for the refit
+            leaders = eligible(results, model_uris, cfg.gate_models, metric)
+            if leaders and max(leaders, key=leaders.get) == name:
+                leader = (name, model)
             del model
+        refit: dict[str, dict] = {}
+        if cfg.refit and leader is not None:
+            name, scorer = leader
+            log.info("evaluate %s: refitting the gate's candidate %s on all %d events of the "
+                     "interval", interval.batch_date, name, len(events))
+            try:
+                model = Refit(scorer, events, items)
+            except ValueError as e:  # the split's model stays the one registered
+                log.warning("evaluate %s: refit of %s failed (%s); the split's fit is registered",
+                            interval.batch_date, name, e)
+            else:
+                rid, uri, _ = log_model_run(mlflow, name, model, results[name], versions, interval,
+                                            run_name=f"refit-{name}-{interval.batch_date}",
+                                            tags={"refit_of": runs[name]})
+                if uri:
+                    refit[name] = {"run": rid, "model_uri": uri, "split_model_uri": model_uris[name],
+                                   "fit_seconds": model.fit_seconds, "n_events": len(events)}
+                    model_uris[name] = uri
+                del model
+        leader = scorer = None
         table_text = format_table(results, cfg.ks) + "".join(
             f"\n{name:<14}skipped: {why}" for name, why in skipped.items())
         summary = {"batch_date": interval.batch_date, "events_delta_version": ev_version,
                    "delta_versions": versions, "n_test_users": int(len(split.test_users)),
                    "n_train_users": int(len(split.user_ids)), "n_items": int(len(split.item_ids)),
-                   "metric": f"ndcg_at_{cfg.ks[0]}", "results": results, "skipped": skipped,
+                   "metric": metric, "results": results, "skipped": skipped,
                    "runs": runs, "model_uris": model_uris, "not_servable": skipped_registry,
+                   "refit": refit,
                    "evaluation_run": parent.info.run_id, "table": table_text}
         mlflow.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()})
         mlflow.log_text(table_text, "evaluation_table.txt")

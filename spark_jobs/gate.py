@@ -24,6 +24,14 @@ from freshrec.tracking import mlflow_for
 log = logging.getLogger(__name__)
 
 
+def eligible(results: dict[str, dict[str, float]], uris: dict[str, str], gate_models: list[str],
+             metric: str) -> dict[str, float]:
+    """The models the gate may register: servable (a logged model) and among ``gate_models``
+    (empty: any), with their metric."""
+    allowed = gate_models or list(results)
+    return {m: float(r[metric]) for m, r in results.items() if m in allowed and m in uris}
+
+
 def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
     reports = settings.data_dir / "reports"
     path = reports / f"evaluation-{interval.batch_date}.json"
@@ -34,14 +42,14 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
     metric = summary.get("metric", f"ndcg_at_{settings.evaluation.ks[0]}")
     allowed = settings.evaluation.gate_models or list(summary["results"])
     uris = summary.get("model_uris", {})
-    candidates = {m: r[metric] for m, r in summary["results"].items()
-                  if m in allowed and m in uris}
+    candidates = eligible(summary["results"], uris, settings.evaluation.gate_models, metric)
     if not candidates:
         raise ValueError(f"{path}: none of the gate's models {allowed} was evaluated and servable "
                          f"(evaluated: {sorted(summary['results'])}; not servable: "
                          f"{summary.get('not_servable', {})})")
     best = max(candidates, key=candidates.get)
-    run_id = summary["runs"][best]
+    # the registered model is the refit on all of the interval's events when evaluate made one
+    run_id = summary.get("refit", {}).get(best, {}).get("run") or summary["runs"][best]
     mlflow = mlflow_for(settings)
     out = reports / f"gate-{interval.batch_date}.json"
 

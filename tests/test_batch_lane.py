@@ -163,6 +163,50 @@ def test_every_fit_is_a_run_with_params_metrics_versions_and_the_exported_model(
         assert ev["model_uris"][name].startswith("models:/")
 
 
+def test_the_registered_model_is_refit_on_every_event_of_the_interval(lane):
+    """The gate registers the candidate refitted on all of the interval's events, not its fit on
+    the split's training part: the served model knows each user's newest events (which the split
+    held out), while its metrics are still those measured on the split."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from freshrec.delta import DeltaStore
+    from freshrec.registry import RETRIEVAL
+    from recmodels.pyfunc import FreshrecPyfunc
+
+    ev, gate = lane["results"]["evaluate"], lane["results"]["gate"]
+    best = gate["candidate"]
+    refit = ev["refit"][best]
+    events = DeltaStore(lane["settings"]).read_arrow(
+        "events", columns=["user_id", "item_id", "ts"]).to_pandas()
+    assert refit["n_events"] == len(events)
+    mlflow.set_tracking_uri(lane["settings"].mlflow_tracking_uri)
+    version = MlflowClient().get_model_version(RETRIEVAL, str(gate["version"]))
+    assert version.run_id == refit["run"] != ev["runs"][best]
+    run = mlflow.get_run(refit["run"])
+    assert run.data.tags["stage"] == "refit" and run.data.tags["refit_of"] == ev["runs"][best]
+    assert run.data.metrics["ndcg_at_10"] == pytest.approx(ev["results"][best]["ndcg_at_10"])
+
+    def histories(uri):
+        model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+        assert isinstance(model, FreshrecPyfunc)
+        return model.users, model.model.item_ids
+
+    newest = events.sort_values("ts").groupby("user_id").tail(1)
+    for uri, knows_newest in ((refit["model_uri"], True), (refit["split_model_uri"], False)):
+        users, item_ids = histories(uri)
+        pos = {str(i): n for n, i in enumerate(item_ids)}
+        known = 0
+        for u, i in zip(newest["user_id"], newest["item_id"]):
+            inp = users.user_input(u)
+            known += int(i in pos and pos[i] in set(inp.items.tolist()))
+        # the split held out each user's newest events; the refit saw all of them
+        if knows_newest:
+            assert known == len(newest)
+        else:
+            assert known < 0.5 * len(newest)
+
+
 def test_the_champion_loads_as_a_pyfunc_model_in_a_fresh_interpreter(lane, tmp_path):
     """mlflow.pyfunc.load_model("models:/freshrec-retrieval@champion").predict(user ids) returns
     top-k items, from another directory, without the lanes on the path."""
