@@ -39,7 +39,8 @@ def main() -> None:
     from freshrec.settings import load_settings
     from freshrec.synth import write_synth
     from serving import index_snapshot
-    from spark_jobs import als, clean, evaluate, features, ingest
+    from recmodels.spark_als import fit_als, interactions
+    from spark_jobs import clean, evaluate, features, gate, ingest
 
     settings = load_settings(**({"synth": {"n_events": args.events}} if args.events else {}))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -63,8 +64,8 @@ def main() -> None:
         timed("ingest", lambda: ingest.run(settings, interval))
         timed("clean", lambda: clean.run(settings, interval))
         timed("features", lambda: features.run(settings, interval))
-        timed("als", lambda: als.run(settings, interval, force=True))
         timed("evaluate", lambda: evaluate.run(settings, interval))
+        timed("gate", lambda: gate.run(settings, interval))
         timed("build_index", lambda: index_snapshot.run(settings, interval))
         print(f"  {'total':<12}{sum(timings.values()):>8.1f} s  (target: whole make run <= 300 s)")
 
@@ -73,10 +74,10 @@ def main() -> None:
 
     spark = get_spark(settings)
     store = DeltaStore(settings)
-    pairs = als.interactions(store.read_spark(spark, "events")).cache()
+    pairs = interactions(store.read_spark(spark, "events")).cache()
     n_pairs = pairs.count()
     cfg = settings.als
-    spark_f = als.fit_als(pairs, cfg)
+    spark_f = fit_als(pairs, cfg)
     table = pairs.toArrow()
     users, u = np.unique(table.column("user_id").to_numpy(zero_copy_only=False), return_inverse=True)
     items, i = np.unique(table.column("item_id").to_numpy(zero_copy_only=False), return_inverse=True)

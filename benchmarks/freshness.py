@@ -46,8 +46,8 @@ def main() -> None:
     from serving.server import FreshrecServer
 
     source = load_settings()
-    if not (source.tables_dir / "item_factors").exists():
-        raise SystemExit(f"no model in {source.tables_dir}: run `make run` first")
+    if not any(source.snapshots_dir.glob("*/manifest.json")):
+        raise SystemExit(f"no snapshot in {source.snapshots_dir}: run `make run` first")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}; data copied from {source.data_dir}")
     tmp = Path(tempfile.mkdtemp(prefix="freshness-"))
@@ -152,7 +152,7 @@ def fold_in_quality(settings) -> dict[str, str]:
     from freshrec.evaluation import evaluate_scorer, temporal_split
     from freshrec.foldin import fold_in_batch, gram
     from freshrec.spark import get_spark
-    from spark_jobs.als import fit_als, interactions
+    from recmodels.spark_als import fit_als, interactions
 
     cfg = settings.evaluation
     events = DeltaStore(settings).read_arrow(

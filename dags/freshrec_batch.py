@@ -6,11 +6,11 @@ Daily, per data interval `[data_interval_start, data_interval_end)`:
 1. **ingest**: landed event files -> bronze `events_raw`
 2. **clean**: validate, type, dedupe -> silver `events`, bad rows -> `events_dead_letter`
 3. **features**: gold `user_features`, `item_features`, `item_neighbors`
-4. **als**: Spark ALS -> `user_factors`, `item_factors` + MLflow run
-5. **evaluate**: temporal split; every model of `evaluation.models` fitted and scored, one MLflow run each
-6. **gate**: the best servable model becomes a `freshrec-retrieval` version, `@champion` only if it
+4. **evaluate**: temporal split; every model of `evaluation.models` (Spark ALS among them) fitted
+   and scored, one MLflow run each; the gate's candidate refitted on all of the interval's events
+5. **gate**: the best servable model becomes a `freshrec-retrieval` version, `@champion` only if it
    beats the champion and every model evaluated on the same split
-7. **rollout**: the snapshot of `serving.model` (`@champion`: model artifact, catalog, users'
+6. **rollout**: the snapshot of `serving.model` (`@champion`: model artifact, catalog, users'
    histories, FAISS index for embedding models), loaded on every replica of `refresher.replicas`
    one at a time and health-checked; a replica that fails fails the task, naming it
 
@@ -65,12 +65,6 @@ def freshrec_batch() -> None:
         return features.main(_interval_args())
 
     @task
-    def als() -> dict:
-        from spark_jobs import als
-
-        return als.main(_interval_args())
-
-    @task
     def evaluate() -> dict:
         from spark_jobs import evaluate
 
@@ -93,11 +87,7 @@ def freshrec_batch() -> None:
     ingested = ingest()
     cleaned = clean()
     ingested >> cleaned
-    feats, model = features(), als()
-    cleaned >> [feats, model]
-    evaluated = evaluate()
-    [feats, model] >> evaluated
-    evaluated >> gate() >> rollout()
+    cleaned >> features() >> evaluate() >> gate() >> rollout()
 
 
 freshrec_batch()

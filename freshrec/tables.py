@@ -136,30 +136,6 @@ ITEM_NEIGHBORS = TableSpec(
     doc="Top-K co-occurrence neighbours per item (cosine-normalized co-occurrence counts).",
 )
 
-_FACTORS = pa.list_(pa.float32())
-
-USER_FACTORS = TableSpec(
-    "user_factors", "gold",
-    pa.schema([
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("factors", _FACTORS),
-        pa.field("model_version", pa.string(), nullable=False),
-    ]),
-    key=("user_id",),
-    doc="ALS user vectors with the model version that made them.",
-)
-
-ITEM_FACTORS = TableSpec(
-    "item_factors", "gold",
-    pa.schema([
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("factors", _FACTORS),
-        pa.field("model_version", pa.string(), nullable=False),
-    ]),
-    key=("item_id",),
-    doc="ALS item vectors with the model version that made them.",
-)
-
 IMPRESSIONS = TableSpec(
     "impressions", "bronze",
     pa.schema([
@@ -223,6 +199,6 @@ FEEDBACK = TableSpec(
 
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
     EVENTS_RAW, EVENTS_DEAD_LETTER, EVENTS, ITEMS,
-    USER_FEATURES, ITEM_FEATURES, ITEM_NEIGHBORS, USER_FACTORS, ITEM_FACTORS,
+    USER_FEATURES, ITEM_FEATURES, ITEM_NEIGHBORS,
     IMPRESSIONS, IMPRESSIONS_DEAD_LETTER, FEEDBACK,
 )}

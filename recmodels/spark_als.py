@@ -1,7 +1,7 @@
 """Spark MLlib ALS as a library function: (user_id, item_id, strength) rows -> factors keyed by id.
 
-Used by the batch lane's ``als`` job and the ``als`` / ``als_explicit`` models; imports pyspark, so
-import this module only where Spark runs."""
+Used by the ``als`` / ``als_explicit`` models and the benchmarks; imports pyspark, so import this
+module only where Spark runs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from freshrec.settings import AlsSettings
+
+
+def interactions(events: DataFrame) -> DataFrame:
+    """One row per (user, item) of an events frame: the sum of the event weights (``strength``,
+    the implicit 'rating')."""
+    return events.groupBy("user_id", "item_id").agg(F.sum("weight").alias("strength"))
 
 
 @dataclass

@@ -77,7 +77,7 @@ def lane(tmp_path_factory, spark):
     from freshrec.interval import DataInterval
     from freshrec.synth import write_synth
     from serving import index_snapshot
-    from spark_jobs import als, clean, evaluate, features, gate, ingest
+    from spark_jobs import clean, evaluate, features, gate, ingest
 
     root = tmp_path_factory.mktemp("lane")
     settings = small_settings(root / "data")
@@ -90,7 +90,6 @@ def lane(tmp_path_factory, spark):
         "ingest": ingest.run(settings, interval),
         "clean": clean.run(settings, interval),
         "features": features.run(settings, interval),
-        "als": als.run(settings, interval),
         "evaluate": evaluate.run(settings, interval),
         "gate": gate.run(settings, interval),
         "build_index": index_snapshot.run(settings, interval),

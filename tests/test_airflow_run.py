@@ -76,7 +76,7 @@ def test_airflow_dags_test_runs_the_whole_batch_lane(tmp_path):
     settings = load_settings("local", env={"FRESHREC_DATA_DIR": str(tmp_path / "data")})
     store = DeltaStore(settings)
     counts = {t: store.count(t) for t in ("events_raw", "events", "events_dead_letter",
-                                          "item_features", "item_neighbors", "item_factors")}
+                                          "item_features", "item_neighbors", "user_features")}
     assert all(counts.values()), counts
     assert counts["events_raw"] >= counts["events"] + counts["events_dead_letter"]
     assert latest_snapshot(settings.snapshots_dir) is not None

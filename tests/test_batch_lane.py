@@ -16,7 +16,7 @@ from freshrec.interval import DataInterval
 from freshrec.snapshot import Manifest, latest_snapshot
 from serving.index_snapshot import load_snapshot
 from serving.offline import recommend_to_csv
-from spark_jobs import als, clean, features, ingest
+from spark_jobs import clean, features, ingest
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,6 @@ def test_every_job_is_idempotent_per_interval(lane):
     assert ingest.run(settings, interval)["rows"] == 0
     assert clean.run(settings, interval) == lane["results"]["clean"]
     features.run(settings, interval)
-    assert als.run(settings, interval)["skipped"] is True
     assert store.versions() == before
 
 
@@ -107,24 +106,6 @@ def test_features_are_sane(lane):
     for r in nb:
         per_item[r["item_id"]] = per_item.get(r["item_id"], 0) + 1
     assert max(per_item.values()) <= k
-
-
-def test_als_writes_factors_and_an_mlflow_run(lane):
-    import mlflow
-
-    settings = lane["settings"]
-    store = DeltaStore(settings)
-    version = lane["results"]["als"]["model_version"]
-    uf, itf = store.read_arrow("user_factors"), store.read_arrow("item_factors")
-    assert set(uf.column("model_version").to_pylist()) == {version}
-    assert len(itf.column("factors")[0]) == settings.als.rank
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    run = mlflow.get_run(lane["results"]["als"]["mlflow_run_id"])
-    assert run.data.params["rank"] == str(settings.als.rank)
-    assert run.data.tags["model_version"] == version
-    assert "fit_seconds" in run.data.metrics
-    arts = mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="factors")
-    assert [a.path for a in arts] == ["factors/als_factors.npz"]
 
 
 def test_evaluation_cf_beats_popularity_and_is_logged(lane):

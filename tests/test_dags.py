@@ -36,10 +36,10 @@ def test_house_rules(bag):
 
 def test_batch_dag_shape(bag):
     dag = bag.dags["freshrec_batch"]
-    assert set(dag.task_ids) == {"ingest", "clean", "features", "als", "evaluate", "gate", "rollout"}
+    assert set(dag.task_ids) == {"ingest", "clean", "features", "evaluate", "gate", "rollout"}
     assert dag.get_task("clean").upstream_task_ids == {"ingest"}
-    assert dag.get_task("als").upstream_task_ids == {"clean"}
-    assert dag.get_task("evaluate").upstream_task_ids == {"als", "features"}
+    assert dag.get_task("features").upstream_task_ids == {"clean"}
+    assert dag.get_task("evaluate").upstream_task_ids == {"features"}
     assert dag.get_task("gate").upstream_task_ids == {"evaluate"}
     # the last step serves what the gate promoted
     assert dag.get_task("rollout").upstream_task_ids == {"gate"}

@@ -155,7 +155,7 @@ def test_auth_per_role(live):
     a = live["admin"]
     status = a.call_admin("Status", a.admin_pb2.StatusRequest())
     assert status.index_size == live["server"].state.items.size and status.device == "cpu"
-    assert status.delta_versions["item_factors"] >= 0
+    assert status.delta_versions["events"] >= 0
     assert a.recommend("u1", 2).items  # admins may use the Recommender too
 
 
@@ -283,7 +283,7 @@ def test_delete_user_removes_vector_rows_and_cache(live):
     reply = a.call_admin("DeleteUser", a.admin_pb2.DeleteUserRequest(user_id=raw))
     assert reply.vector_removed and reply.rows_deleted >= n_before
     assert store.read_arrow("events", filter=pc.field("user_id") == user).num_rows == 0
-    assert store.read_arrow("user_factors", filter=pc.field("user_id") == user).num_rows == 0
+    assert store.read_arrow("user_features", filter=pc.field("user_id") == user).num_rows == 0
     assert live["client"].recommend(raw, 3).cold_start
     audit = (live["settings"].data_dir / "audit" / "admin.jsonl").read_text()
     assert "DeleteUser" in audit and raw not in audit.replace(user, "")

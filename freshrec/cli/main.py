@@ -13,7 +13,7 @@ from pathlib import Path
 from freshrec.settings import SettingsError, load_settings
 
 JOBS = {"ingest": "spark_jobs.ingest", "clean": "spark_jobs.clean",
-        "features": "spark_jobs.features", "als": "spark_jobs.als",
+        "features": "spark_jobs.features",
         "evaluate": "spark_jobs.evaluate", "gate": "spark_jobs.gate",
         "build-index": "serving.index_snapshot"}
 
