@@ -122,3 +122,36 @@ def test_empty_or_propensity_less_feedback_is_a_one_line_error(tmp_path, monkeyp
     assert main(["train", "--model", "dqn", "--data", "logged", "--no-register"]) == 2
     err = capsys.readouterr().err
     assert "has 1 served-item rows but no propensities" in err and "table feedback (" in err
+
+
+def _bandit_dir(root, b):
+    import json
+
+    root.mkdir()
+    np.savez(root / "arrays.npz", A=np.eye(6), b=np.asarray(b, float), alpha=np.array(0.5),
+             epsilon=np.array(0.1), kind=np.array("linucb"))
+    (root / "model.json").write_text(json.dumps({"name": "linucb", "kind": "reranker"}))
+    return root
+
+
+def test_bandit_state_is_persisted_periodically_and_only_restored_for_its_own_policy(tmp_path):
+    from serving.rerank import Reranker
+
+    policy = _bandit_dir(tmp_path / "p", np.zeros(6))
+    r = Reranker(policy, tmp_path / "imp", state_dir=tmp_path / "state", persist_every=3,
+                 persist_seconds=3600)
+    assert not r.restored and not r.state_path.exists()
+    x = np.arange(6.0)
+    r.pending["u"] = {"a": x, "b": x + 1, "c": x + 2}
+    for item in ("a", "b"):
+        assert r.feedback("u", item, "click")
+    assert not r.state_path.exists()  # 2 updates: not yet
+    assert r.feedback("u", "c", "click")  # the 3rd: written without a stop (a crash keeps it)
+    b_saved = r.policy.b.copy()
+    assert not list((tmp_path / "state").glob(".*tmp"))  # the temporary file was renamed
+    again = Reranker(policy, tmp_path / "imp", state_dir=tmp_path / "state")
+    assert again.restored and again.updates == 3
+    np.testing.assert_array_equal(again.policy.b, b_saved)
+    other = _bandit_dir(tmp_path / "p2", np.ones(6))  # a newly promoted policy: its own start
+    fresh = Reranker(other, tmp_path / "imp", state_dir=tmp_path / "state")
+    assert not fresh.restored and np.allclose(fresh.policy.b, 1.0)

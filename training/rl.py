@@ -9,7 +9,10 @@ off-taste). Position does not change the chance (slate reward = clicks, additive
 keeps the item-level off-policy estimators unbiased. A request brings a user, an estimate of their
 taste (the cluster shares of 20 items drawn from their history) and 30 retrieval candidates (popular
 items, items of their estimated favourite cluster, random items) with a popularity-driven
-retrieval score.
+retrieval score. With ``fixed_history`` each user keeps one history (drawn once), so
+the taste estimate is what the tables' events say; ``unique_candidates`` makes each candidate of a
+request distinct, as a retrieval stage returns them (both for logs written through the tables,
+:mod:`training.rl_logged`).
 
 **Policies** choose a slate of ``k`` candidates: random; greedy (top-k retrieval score, what the
 retrieval stage alone serves); the logging policy (Plackett-Luce sampling over retrieval scores,
