@@ -25,9 +25,9 @@ def make_sim(seed: int = 0) -> rl.Simulator:
 
 @pytest.fixture(scope="module")
 def logged_tables(tmp_path_factory):
-    """3000 requests of the logging policy written through the tables."""
+    """5000 requests of the logging policy written through the tables."""
     sim = make_sim()
-    logged = rl.log_data(sim, 3000)
+    logged = rl.log_data(sim, 5000)
     settings = small_settings(tmp_path_factory.mktemp("rl") / "data", synth=SYNTH.model_dump())
     rid = rlg.simulator_logs_to_feedback(sim, logged, DeltaStore(settings))
     return sim, logged, settings, rid
@@ -48,7 +48,7 @@ def test_tables_give_back_the_logged_slates_with_the_simulators_features(logged_
     assert (data.slates == logged.slates).all() and (data.rewards == logged.rewards).all()
     np.testing.assert_allclose(data.mu, np.take_along_axis(logged.mu, logged.slates, axis=1))
     train, test = data.split(0.3)
-    assert train.ts.max() < test.ts.min() and len(test) == 900
+    assert train.ts.max() < test.ts.min() and len(test) == 1500
 
 
 @pytest.mark.parametrize("model", ["bandit", "reinforce", "dqn"])
@@ -81,15 +81,15 @@ def test_train_data_logged_end_to_end_through_the_cli(logged_tables, monkeypatch
 
     sim, logged, settings, _ = logged_tables
     monkeypatch.setenv("FRESHREC_DATA_DIR", str(settings.data_dir))
-    assert main(["train", "--model", "reinforce", "--data", "logged", "--device", "cpu"]) == 0
+    assert main(["train", "--model", "bandit", "--data", "logged", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "logging policy on the 900 held-out requests" in out and "freshrec-policy v1" in out
+    assert "logging policy on the 1500 held-out requests" in out and "freshrec-policy v1" in out
     assert main(["train", "--model", "dqn", "--data", "logged", "--device", "cpu"]) == 0
     assert "not registered: dqn is a slate Q-network" in capsys.readouterr().out
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     runs = {r.data.tags["model"]: r for r in mlflow.search_runs(
         experiment_names=[settings.training.experiment], output_format="list")}
-    for name in ("reinforce", "dqn"):
+    for name in ("linucb", "dqn"):
         m = runs[name].data.metrics
         assert m["snips_vs_logging"] > 1.2 and m["dr_vs_logging"] > 1.2, (name, m)
         assert runs[name].data.params["data"] == "logged"
@@ -98,9 +98,10 @@ def test_train_data_logged_end_to_end_through_the_cli(logged_tables, monkeypatch
     # the registered policy is what the serving re-ranker loads
     from serving.rerank import Reranker
 
-    path = mlflow.artifacts.download_artifacts(f"runs:/{runs['reinforce'].info.run_id}/model")
+    path = mlflow.artifacts.download_artifacts(f"runs:/{runs['linucb'].info.run_id}/model")
     rr = Reranker(__import__("pathlib").Path(path), settings.data_dir / "imp")
-    assert rr.name == "reinforce" and rr.policy.kind == "fixed"
+    assert rr.name == "linucb" and rr.policy.kind == "linucb"
+    assert rr.policy.A[0, 0] > 1000  # warmed by every logged shown item (3500 train requests x 4)
 
 
 def test_empty_or_propensity_less_feedback_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -155,3 +156,30 @@ def test_bandit_state_is_persisted_periodically_and_only_restored_for_its_own_po
     other = _bandit_dir(tmp_path / "p2", np.ones(6))  # a newly promoted policy: its own start
     fresh = Reranker(other, tmp_path / "imp", state_dir=tmp_path / "state")
     assert not fresh.restored and np.allclose(fresh.policy.b, 1.0)
+
+
+def test_dqn_on_the_simulator_improves_over_the_logging_policy(tmp_path):
+    """`freshrec train --model dqn` (simulator data): trained from the simulated logging
+    policy's logs, scored by the simulator's truth on fresh requests."""
+    from training import run as training
+
+    settings = small_settings(tmp_path / "data", synth=SYNTH.model_dump())
+    out = training.run(settings, "dqn", "cpu", register=False, n_logged=2500)
+    assert out["truth"]["dqn"] > 1.2 * out["truth"]["logging"], out["truth"]
+    assert out["ope"]["dqn"]["dr"] == pytest.approx(out["truth"]["dqn"], rel=0.15), out
+
+
+@pytest.mark.gpu
+def test_policies_train_on_a_gpu_and_serve_from_numpy(logged_tables):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the GPU path runs only where one is present")
+    sim, _, settings, _ = logged_tables
+    train, _ = rlg.load_logged(DeltaStore(settings)).split(0.3)
+    fresh = make_sim(seed=5).requests(1000)
+    for model in ("reinforce", "dqn"):
+        gpu = rlg.TRAINERS[model](train, device="cuda")
+        cpu = rlg.TRAINERS[model](train, device="cpu")
+        assert rlg.true_value_in_simulator(sim, gpu.scores, fresh) == pytest.approx(
+            rlg.true_value_in_simulator(sim, cpu.scores, fresh), rel=0.05)

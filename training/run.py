@@ -241,10 +241,10 @@ def _policy_artifact(d: Path, learned) -> None:
 
 def train_policy_logged(settings: Settings, model: str, kind: str = "linucb", register: bool = True,
                         seed: int = 0, test_fraction: float = 0.3, device: str = "cpu",
-                        source: str = "logged") -> dict:
+                        source: str = "logged", n_logged: int = 6000) -> dict:
     """Train ``model`` from logged slates and evaluate it off-policy on held-out logs.
     ``source``: ``logged`` (the Delta tables) or ``simulator`` (the simulated logging policy's
-    data, also scored by the simulator's true value)."""
+    data, ``n_logged`` requests, also scored by the simulator's true value)."""
     from freshrec.delta import DeltaStore
     from training import rl_logged
 
@@ -260,7 +260,7 @@ def train_policy_logged(settings: Settings, model: str, kind: str = "linucb", re
         sim = rl.Simulator.from_synth(settings.synth, seed=seed, fixed_history=True,
                                       unique_candidates=True)
         versions = {}
-        logged = rl.log_data(sim, 6000)
+        logged = rl.log_data(sim, n_logged)
         data = rl_logged.from_simulator(sim, logged)
     train, test = data.split(test_fraction)
     mlflow = mlflow_for(settings, settings.training.experiment)
