@@ -247,6 +247,7 @@ def train_policy_logged(settings: Settings, model: str, kind: str = "linucb", re
     data, ``n_logged`` requests, also scored by the simulator's true value)."""
     from freshrec.delta import DeltaStore
     from training import rl_logged
+    from training.trainer import NanLoss
 
     t0 = time.perf_counter()
     truth = {}
@@ -274,16 +275,9 @@ def train_policy_logged(settings: Settings, model: str, kind: str = "linucb", re
                            **{f"delta_version.{t}": v for t, v in versions.items()}})
         try:
             learned = rl_logged.TRAINERS[model](train, kind=kind, seed=seed, device=device)
-        except FloatingPointError as e:
+        except (FloatingPointError, NanLoss) as e:
             mlflow.set_tags({"failure_reason": str(e)})
             mlflow.end_run(status="FAILED")
-            raise
-        except Exception as e:
-            from training.trainer import NanLoss
-
-            if isinstance(e, NanLoss):
-                mlflow.set_tags({"failure_reason": str(e)})
-                mlflow.end_run(status="FAILED")
             raise
         for row in learned.curve:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
