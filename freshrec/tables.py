@@ -151,12 +151,16 @@ IMPRESSIONS = TableSpec(
         pa.field("server", pa.string()),
         pa.field("source_file", pa.string()),
         pa.field("served_date", pa.string(), nullable=False),
+        pa.field("candidates", pa.list_(pa.string())),
+        pa.field("candidate_scores", pa.list_(pa.float64())),
     ]),
     key=("request_id",),
     doc="Every served slate, once per request_id: user pseudonym, served registry version "
         "(freshrec-retrieval/N name), A/B arm, items with their 0-based positions, scores and "
         "propensities (probability the policy that served it shows the item; 1.0 for a "
-        "deterministic ranker), serving time, the server process that answered.",
+        "deterministic ranker), serving time, the server process that answered; candidates and "
+        "candidate_scores: the retrieval candidates a re-ranking policy chose the slate from "
+        "(null without a re-ranker), which off-policy learning needs to score other slates.",
 )
 
 IMPRESSIONS_DEAD_LETTER = TableSpec(

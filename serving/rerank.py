@@ -10,12 +10,23 @@ random slate is served instead, so every candidate has a known chance of being s
 ``<data>/impressions/impressions-<date>.jsonl`` (user pseudonym, items, positions, propensities,
 policy), the logged data of off-policy learning. Clicks reported through RecordEvents update a
 bandit online; the unclicked rest of a slate counts as reward 0 when the user's next slate is served.
+Each log line also carries the candidates and their retrieval scores, which off-policy learning
+needs (``impressions.candidates``).
+
+The online bandit's state (its ``A`` and ``b``) survives a restart: it is written to
+``<data>/reranker/<name>-state.npz`` (temporary file, fsync, atomic rename, fsync of the directory)
+every ``persist_every`` updates or ``persist_seconds``, whichever comes first, and on
+:meth:`Reranker.save` at server stop; on start it is read back when it was learned from the same
+exported policy (a fingerprint of its arrays), so a newly promoted policy starts from its own state.
+Several processes sharing a data directory share the file: the last one to write wins.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from datetime import datetime, timezone
@@ -31,7 +42,8 @@ REWARDING = {"click", "purchase", "add_to_cart", "rating", "like"}
 
 class Reranker:
     def __init__(self, model_dir: Path, impressions_dir: Path, candidates: int = 30,
-                 epsilon: float = 0.05, seed: int = 0) -> None:
+                 epsilon: float = 0.05, seed: int = 0, state_dir: Path | None = None,
+                 persist_every: int = 100, persist_seconds: float = 30.0) -> None:
         meta = json.loads((model_dir / "model.json").read_text())
         if meta.get("kind") != "reranker":
             raise ValueError(f"{model_dir}: not a re-ranking policy (model.json kind="
@@ -43,6 +55,57 @@ class Reranker:
         self.lock = threading.Lock()
         self.pending: dict[str, dict[str, np.ndarray]] = {}  # user -> item -> features, unrewarded
         self._pop: tuple[int, dict[str, float]] | None = None
+        self.fingerprint = hashlib.sha256((model_dir / "arrays.npz").read_bytes()).hexdigest()
+        self.state_path = state_dir / f"{self.name}-state.npz" if state_dir is not None else None
+        self.persist_every, self.persist_seconds = persist_every, persist_seconds
+        self.updates = self._saved_updates = 0
+        self._saved_at = time.monotonic()
+        self.restored = self._restore()
+
+    # -- the online state across restarts --------------------------------------------------------
+    def _restore(self) -> bool:
+        if self.state_path is None or self.policy.A is None or not self.state_path.exists():
+            return False
+        with np.load(self.state_path) as st:
+            if str(st["fingerprint"]) != self.fingerprint:
+                log.info("%s: learned from another exported policy; starting from this one",
+                         self.state_path)
+                return False
+            self.policy.A, self.policy.b = np.array(st["A"]), np.array(st["b"])
+            self.updates = self._saved_updates = int(st["updates"])
+        log.info("re-ranker state restored from %s (%d online updates)", self.state_path, self.updates)
+        return True
+
+    def save(self) -> Path | None:
+        """Write the bandit's state atomically (a no-op for a fixed policy or without a state
+        directory); returns the file written."""
+        if self.state_path is None or self.policy.A is None:
+            return None
+        with self.lock:
+            A, b, n = self.policy.A.copy(), self.policy.b.copy(), self.updates
+        d = self.state_path.parent
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{self.state_path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with tmp.open("wb") as f:
+            np.savez(f, A=A, b=b, updates=np.array(n), fingerprint=np.array(self.fingerprint))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._saved_updates, self._saved_at = n, time.monotonic()
+        return self.state_path
+
+    def _updated(self) -> None:
+        """After an online update (outside the lock): persist when enough has changed."""
+        if self.state_path is None:
+            return
+        if self.updates - self._saved_updates >= self.persist_every or \
+                time.monotonic() - self._saved_at >= self.persist_seconds:
+            self.save()
 
     def _pop_z(self, state) -> dict[str, float]:
         if self._pop is None or self._pop[0] != id(state):
@@ -69,9 +132,12 @@ class Reranker:
             old = self.pending.pop(user, None)
             if old:  # the unclicked rest of the previous slate: reward 0
                 self.policy.update(np.stack(list(old.values())), np.zeros(len(old)))
+                self.updates += 1
             self.pending[user] = {scored[i].item_id: x[i] for i in slate}
             self._log(user, [(scored[i].item_id, pos, float(p)) for pos, (i, p) in
-                             enumerate(zip(slate, prop))])
+                             enumerate(zip(slate, prop))], scored)
+        if old:
+            self._updated()
         return [(scored[i], float(p)) for i, p in zip(slate, prop)]
 
     def feedback(self, user: str, item: str, event_type: str) -> bool:
@@ -83,13 +149,17 @@ class Reranker:
             if x is None:
                 return False
             self.policy.update(x[None], np.ones(1))
+            self.updates += 1
+        self._updated()
         return True
 
-    def _log(self, user: str, served: list[tuple[str, int, float]]) -> None:
+    def _log(self, user: str, served: list[tuple[str, int, float]], scored: list) -> None:
         now = datetime.now(timezone.utc)
         line = json.dumps({"ts": now.isoformat(), "user_id": user, "policy": self.name,
                            "items": [{"item_id": i, "position": p, "propensity": q}
-                                     for i, p, q in served]})
+                                     for i, p, q in served],
+                           "candidates": [s.item_id for s in scored],
+                           "candidate_scores": [float(s.score) for s in scored]})
         with (self.dir / f"impressions-{now:%Y-%m-%d}.jsonl").open("a") as f:
             f.write(line + "\n")
 
@@ -117,6 +187,6 @@ def load_reranker(settings) -> Reranker | None:
                                     "exported policy directory or use 'champion'")
     started = time.perf_counter()
     r = Reranker(path, settings.data_dir / "impressions", settings.serving.rerank_candidates,
-                 settings.serving.rerank_epsilon)
+                 settings.serving.rerank_epsilon, state_dir=settings.data_dir / "reranker")
     log.info("re-ranker %s loaded from %s in %.2fs", r.name, path, time.perf_counter() - started)
     return r

@@ -658,6 +658,8 @@ class FreshrecServer:
             self._metrics_http.shutdown()
         self.wal.land()
         self.wal.close()
+        if self.reranker is not None:
+            self.reranker.save()  # the online bandit's state survives the restart
 
     def wait(self) -> None:
         if self._server is not None:

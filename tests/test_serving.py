@@ -419,6 +419,38 @@ def test_bandit_reranker_explores_logs_propensities_and_learns_from_clicks(lane,
         server.stop(grace=1)
 
 
+def test_online_bandit_state_survives_a_server_restart(lane, tmp_path):
+    """Clicks update the LinUCB state online; stop writes it, a new server on the same data
+    directory starts from it (not from the exported policy)."""
+    import json
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    np.savez(policy / "arrays.npz", A=np.eye(6), b=np.zeros(6), alpha=np.array(0.5),
+             epsilon=np.array(0.2), kind=np.array("linucb"))
+    (policy / "model.json").write_text(json.dumps({"name": "linucb", "kind": "reranker"}))
+    settings = _settings(lane, tmp_path, reranker=str(policy), rerank_candidates=20)
+    server = FreshrecServer(settings, use_gpu=False)
+    port = server.start()
+    try:
+        client = Client(f"127.0.0.1:{port}", CLIENT)
+        raw, _ = _known_user(settings)
+        for _ in range(3):
+            reply = client.recommend(raw, 5)
+            client.record([{"user_id": raw, "item_id": reply.items[0].item_id, "event_type": "click"}])
+        A, b = server.reranker.policy.A.copy(), server.reranker.policy.b.copy()
+        assert not np.allclose(b, 0)
+    finally:
+        server.stop(grace=1)
+    again = FreshrecServer(settings, use_gpu=False)
+    try:
+        assert again.reranker.restored
+        np.testing.assert_array_equal(again.reranker.policy.A, A)
+        np.testing.assert_array_equal(again.reranker.policy.b, b)
+    finally:
+        again.stop(grace=1)
+
+
 def test_reranker_setting_pointing_nowhere_is_a_clear_error(lane, tmp_path):
     settings = _settings(lane, tmp_path, reranker=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="no model.json there"):

@@ -9,7 +9,10 @@ off-taste). Position does not change the chance (slate reward = clicks, additive
 keeps the item-level off-policy estimators unbiased. A request brings a user, an estimate of their
 taste (the cluster shares of 20 items drawn from their history) and 30 retrieval candidates (popular
 items, items of their estimated favourite cluster, random items) with a popularity-driven
-retrieval score.
+retrieval score. With ``fixed_history`` each user keeps one history (drawn once), so
+the taste estimate is what the tables' events say; ``unique_candidates`` makes each candidate of a
+request distinct, as a retrieval stage returns them (both for logs written through the tables,
+:mod:`training.rl_logged`).
 
 **Policies** choose a slate of ``k`` candidates: random; greedy (top-k retrieval score, what the
 retrieval stage alone serves); the logging policy (Plackett-Luce sampling over retrieval scores,
@@ -38,12 +41,14 @@ class Batch:
     x: np.ndarray  # (T, N, d) features
     base: np.ndarray  # (T, N) retrieval scores
     p_click: np.ndarray  # (T, N) true click probabilities (simulator only)
+    aff: np.ndarray | None = None  # (T, N) the user's estimated share of the candidate's cluster
 
 
 class Simulator:
     def __init__(self, item_cluster: np.ndarray, popularity: np.ndarray, user_clusters: np.ndarray,
                  n_candidates: int = 30, k: int = 5, seed: int = 0, w_affinity: float = 1.0,
-                 w_pop: float = 0.6, bias: float = -3.0, history: int = 20) -> None:
+                 w_pop: float = 0.6, bias: float = -3.0, history: int = 20,
+                 fixed_history: bool = False, unique_candidates: bool = False) -> None:
         self.item_cluster, self.user_clusters = item_cluster, user_clusters
         self.n_clusters = int(max(item_cluster.max(), user_clusters.max()) + 1)
         lp = np.log(popularity)
@@ -54,6 +59,27 @@ class Simulator:
         self.rng = np.random.default_rng(seed)
         self.by_cluster = [np.flatnonzero(item_cluster == c) for c in range(self.n_clusters)]
         self.top_popular = np.argsort(-popularity)[:200]
+        self.fixed_history, self.unique_candidates = fixed_history, unique_candidates
+        self._history_items: np.ndarray | None = None
+
+    def history_items(self) -> np.ndarray:
+        """(n_users, history) item indices: each user's one fixed history (``fixed_history``), drawn
+        from their session mix with items by popularity within a cluster, the same on every call."""
+        if self._history_items is None:
+            rng = np.random.default_rng(12345)
+            U = len(self.user_clusters)
+            probs = self.cluster_probs(np.arange(U))
+            cum = probs.cumsum(1)
+            slots = (rng.random((U, self.history, 1)) > cum[:, None, :]).sum(2)
+            slots = np.minimum(slots, self.n_clusters - 1)
+            items = np.empty_like(slots)
+            for c in range(self.n_clusters):
+                where = slots == c
+                pool = self.by_cluster[c]
+                if where.any():
+                    items[where] = rng.choice(pool, int(where.sum()), p=self.pop[pool] / self.pop[pool].sum())
+            self._history_items = items
+        return self._history_items
 
     @classmethod
     def from_synth(cls, cfg, **kw) -> "Simulator":
@@ -76,7 +102,11 @@ class Simulator:
         users = rng.integers(0, len(self.user_clusters), n)
         probs = self.cluster_probs(users)
         # the system's view of a user's taste: cluster shares of a short history
-        hist = np.stack([rng.multinomial(self.history, p) for p in probs]) / self.history
+        if self.fixed_history:
+            hc = self.item_cluster[self.history_items()[users]]
+            hist = np.stack([np.bincount(h, minlength=C) for h in hc]) / self.history
+        else:
+            hist = np.stack([rng.multinomial(self.history, p) for p in probs]) / self.history
         fav = hist.argmax(1)
         cands = np.empty((n, N), np.int64)
         for t in range(n):
@@ -86,6 +116,13 @@ class Simulator:
                            p=self.pop[pool] / self.pop[pool].sum())
             c = rng.integers(0, len(self.item_cluster), N - 2 * (N // 3))
             cands[t] = np.concatenate([a, b, c])
+            if self.unique_candidates:  # as a retrieval stage returns them: each item once
+                _, first = np.unique(cands[t], return_index=True)
+                dup = np.setdiff1d(np.arange(N), first)
+                while len(dup):
+                    cands[t, dup] = rng.integers(0, len(self.item_cluster), len(dup))
+                    _, first = np.unique(cands[t], return_index=True)
+                    dup = np.setdiff1d(np.arange(N), first)
         ic = self.item_cluster[cands]
         aff_est = np.take_along_axis(hist, ic, axis=1)
         aff_true = np.take_along_axis(probs, ic, axis=1)
@@ -93,7 +130,7 @@ class Simulator:
         z = self.w_affinity * np.log(C * aff_true) + self.w_pop * self.pop_z[cands] + self.bias
         p_click = 1.0 / (1.0 + np.exp(-z))
         x = candidate_features(aff_est, self.pop_z[cands], base)
-        return Batch(users, cands, x, base, p_click)
+        return Batch(users, cands, x, base, p_click, aff_est)
 
     def clicks(self, batch: Batch, slates: np.ndarray) -> np.ndarray:
         """Bernoulli clicks of the served slate positions (T, k)."""

@@ -10,6 +10,13 @@ Policies (``bandit``, ``reinforce``): the simulator built from the synthetic gen
 truth; the logging policy's data; the learned policy's true value next to random, greedy and the
 logging policy, and its off-policy estimates (IPS, SNIPS, DR) -> the ``freshrec-policy`` gate on
 the SNIPS estimate. A NaN loss stops the run, which is marked FAILED in MLflow with the reason.
+
+Policies from logs (``data="logged"``; ``bandit``, ``reinforce``, ``dqn``): the served requests of
+the Delta ``feedback`` table with their ``impressions`` candidates (:mod:`training.rl_logged`),
+split by serving time; the learned policy's IPS / SNIPS / DR on the held-out requests next to the
+logging policy's own value there, an ``ope.png`` figure -> the ``freshrec-policy`` gate on SNIPS
+(``dqn`` is recorded, not registered: the serving re-ranker runs linear policies only). ``dqn`` on
+the simulator trains the same way from the simulated logging policy's data, without tables.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from freshrec.tracking import mlflow_for
 from recmodels import pyfunc
 
 log = logging.getLogger(__name__)
-TRAIN_MODELS = ("two_tower", "sasrec", "bandit", "reinforce")
+TRAIN_MODELS = ("two_tower", "sasrec", "bandit", "reinforce", "dqn")
+POLICY_DATA = ("simulator", "logged")
 
 
 def load_dataset(settings: Settings, dataset, version: int | None = None):
@@ -200,6 +208,113 @@ def train_policy(settings: Settings, model: str, kind: str = "linucb", n_logged:
     return out
 
 
+def _ope_figure(rows: dict[str, dict[str, float]], logging: float, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = list(rows)
+    keys = list(next(iter(rows.values())))
+    w = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        ax.bar(np.arange(len(names)) + j * w, [rows[n][key] for n in names], w, label=key)
+    ax.axhline(logging, color="black", ls="--", lw=1, label="logging policy (on-policy)")
+    ax.set_xticks(np.arange(len(names)) + w * (len(keys) - 1) / 2, names)
+    ax.set_ylabel("clicks per slate")
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def _policy_artifact(d: Path, learned) -> None:
+    from freshrec.policies import N_FEATURES
+
+    d.mkdir()
+    np.savez(d / "arrays.npz", **learned.arrays)
+    (d / "model.json").write_text(json.dumps({
+        "name": learned.name, "kind": learned.kind, "features": "freshrec.policies.candidate_features",
+        "n_features": N_FEATURES}))
+
+
+def train_policy_logged(settings: Settings, model: str, kind: str = "linucb", register: bool = True,
+                        seed: int = 0, test_fraction: float = 0.3, device: str = "cpu",
+                        source: str = "logged", n_logged: int = 6000) -> dict:
+    """Train ``model`` from logged slates and evaluate it off-policy on held-out logs.
+    ``source``: ``logged`` (the Delta tables) or ``simulator`` (the simulated logging policy's
+    data, ``n_logged`` requests, also scored by the simulator's true value)."""
+    from freshrec.delta import DeltaStore
+    from training import rl_logged
+    from training.trainer import NanLoss
+
+    t0 = time.perf_counter()
+    truth = {}
+    if source == "logged":
+        store = DeltaStore(settings)
+        versions = store.versions(["feedback", "impressions", "events", "items", "item_features"])
+        data = rl_logged.load_logged(store)
+    else:
+        from training import rl
+
+        sim = rl.Simulator.from_synth(settings.synth, seed=seed, fixed_history=True,
+                                      unique_candidates=True)
+        versions = {}
+        logged = rl.log_data(sim, n_logged)
+        data = rl_logged.from_simulator(sim, logged)
+    train, test = data.split(test_fraction)
+    mlflow = mlflow_for(settings, settings.training.experiment)
+    name = kind if model == "bandit" else model
+    with mlflow.start_run(run_name=f"{name}-{source}") as run:
+        mlflow.set_tags({"stage": "train", "model": name, "dataset": source, "device": device})
+        mlflow.log_params({"model": model, "bandit_kind": kind, "data": source, "seed": seed,
+                           "test_fraction": test_fraction, "n_requests": len(data),
+                           "n_train_requests": len(train), "n_test_requests": len(test),
+                           "candidates": data.mask.shape[1], "slate_k": test.k(),
+                           **{f"delta_version.{t}": v for t, v in versions.items()}})
+        try:
+            learned = rl_logged.TRAINERS[model](train, kind=kind, seed=seed, device=device)
+        except (FloatingPointError, NanLoss) as e:
+            mlflow.set_tags({"failure_reason": str(e)})
+            mlflow.end_run(status="FAILED")
+            raise
+        for row in learned.curve:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        ev = rl_logged.evaluate_on_logs(learned, train, test)
+        est, base = ev["ope"], ev["logging_value"]
+        metrics = {**{f"ope.{e}": v for e, v in est.items()}, "logging_value": base,
+                   "snips_vs_logging": est["snips"] / base if base else float("nan"),
+                   "dr_vs_logging": est["dr"] / base if base else float("nan"),
+                   "fit_seconds": time.perf_counter() - t0}
+        if source == "simulator":
+            fresh = sim.requests(3000)
+            truth = {name: rl_logged.true_value_in_simulator(sim, learned.scores, fresh),
+                     "logging": rl.true_value(fresh, rl.inclusion_probs(
+                         fresh.base, sim.k, np.random.default_rng(seed + 1)))}
+            metrics.update({f"true_value.{p}": v for p, v in truth.items()})
+            metrics["value_vs_logging"] = truth[name] / truth["logging"]
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict({"ope": est, "logging_value": base, "truth": truth, **{
+            k: v for k, v in ev.items() if k not in ("ope", "logging_value")}}, "policies.json")
+        mlflow.log_figure(_ope_figure({name: est}, base, f"{name} from {source} logs: off-policy "
+                                      "estimates on held-out requests"), "ope.png")
+        with tempfile.TemporaryDirectory() as tmp:
+            _policy_artifact(Path(tmp) / "model", learned)
+            mlflow.log_artifacts(str(Path(tmp) / "model"), "model")
+        run_id = run.info.run_id
+    out = {"run_id": run_id, "model": name, "data": source, "ope": {name: est},
+           "logging_value": base, "truth": truth, "n_train": len(train), "n_test": len(test)}
+    if register and learned.kind != "reranker":
+        out["gate_skipped"] = (f"not registered: {name} is a slate Q-network, and the serving "
+                               "re-ranker runs linear policies (bandit, reinforce) only")
+    elif register:
+        out["gate"] = gate(mlflow, run_id, name, "ope_snips", est["snips"], name=POLICY,
+                           tags={"data": source, **{f"delta_version.{t}": str(v)
+                                                    for t, v in versions.items()}}).as_dict()
+    return out
+
+
 def run(settings: Settings, model: str, device: str = "auto", dataset="embedded",
         overrides: dict | None = None, register: bool = True, progress: bool = True, **kw) -> dict:
     if model not in TRAIN_MODELS:
@@ -207,5 +322,11 @@ def run(settings: Settings, model: str, device: str = "auto", dataset="embedded"
     if model in ("two_tower", "sasrec"):
         return train_deep(settings, model, device, dataset, overrides, register, progress,
                           kw.get("data_version"))
-    resolve_device(device, need=("torch",))  # a requested GPU that is missing still fails loudly
+    choice = resolve_device(device, need=("torch",))  # a requested GPU that is missing fails loudly
+    data = kw.pop("data", "simulator")
+    if data not in POLICY_DATA:
+        raise ValueError(f"unknown policy data {data!r}: simulator or logged")
+    if data == "logged" or model == "dqn":
+        return train_policy_logged(settings, model, register=register, source=data,
+                                   device=choice.torch_device, **kw)
     return train_policy(settings, model, register=register, **kw)

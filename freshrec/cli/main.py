@@ -176,6 +176,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                    ("samples_per_epoch", args.samples_per_epoch)) if v is not None}
     extra = {"kind": args.bandit} if args.model == "bandit" else {}
+    if args.model in ("bandit", "reinforce", "dqn"):
+        extra["data"] = args.data
     if args.data_version is not None and args.model in ("two_tower", "sasrec"):
         extra["data_version"] = args.data_version
     out = training.run(settings, args.model, args.device, args.dataset, overrides,
@@ -186,7 +188,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"device {out['device']}, best epoch {out['best_epoch']}/{out['epochs_run']}, "
               f"{out['samples_per_second']:,.0f} training samples/s")
     else:
-        print("true value (clicks per slate):", ", ".join(f"{k} {v:.3f}" for k, v in out["truth"].items()))
+        if out["truth"]:
+            print("true value (clicks per slate):",
+                  ", ".join(f"{k} {v:.3f}" for k, v in out["truth"].items()))
+        if "logging_value" in out:
+            print(f"logging policy on the {out['n_test']} held-out requests: "
+                  f"{out['logging_value']:.3f} clicks per slate")
         print("off-policy estimates of", out["model"], {k: round(v, 3) for k, v in
                                                         out["ope"][out["model"]].items()})
     if "gate_skipped" in out:
@@ -318,11 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a deep retrieval model or an RL re-ranking policy "
                         "(tracked in MLflow, gated into the registry)")
-    tr.add_argument("--model", required=True, choices=["two_tower", "sasrec", "bandit", "reinforce"])
+    tr.add_argument("--model", required=True,
+                    choices=["two_tower", "sasrec", "bandit", "reinforce", "dqn"])
     tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     tr.add_argument("--dataset", default="embedded", choices=["embedded", "ml-100k"],
                     help="deep models: the silver tables or MovieLens 100K")
     tr.add_argument("--bandit", default="linucb", choices=["linucb", "thompson"])
+    tr.add_argument("--data", default="simulator", choices=["simulator", "logged"],
+                    help="policies: the simulator of the synthetic data, or the served logs (the "
+                    "Delta feedback and impressions tables)")
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--samples-per-epoch", type=int)
