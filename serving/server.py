@@ -510,11 +510,11 @@ class FreshrecServer:
         if use_gpu is None:
             use_gpu = resolve_device(settings.device, need=("faiss",)).faiss_gpu
         self.use_gpu = use_gpu
-        self.state: ServingState | None = None  # the control arm's (the only one without arms)
+        self.arms: tuple[ArmState, ...] = ()  # swapped whole; arms[0] is the control
+        self._state: ServingState | None = None
         self.metrics = Metrics()
         exp = settings.serving.experiment
         self.assigner = Assigner(exp) if exp.enabled else None
-        self.arms: tuple[ArmState, ...] = ()  # swapped whole; arms[0] is the control
         self.sample_tick = itertools.count()
         self.sample_every = settings.serving.monitor.sample_every
         self.metrics.registry.register(OnlineCollector(online_report_path(settings.data_dir)))
@@ -539,6 +539,19 @@ class FreshrecServer:
     def pseudonym(self, raw: str) -> str:
         p = self.settings.privacy
         return pseudonymize(raw, p.hmac_key) if p.pseudonymize_users else raw
+
+    @property
+    def state(self) -> ServingState | None:
+        """The control arm's state (the only one without an experiment)."""
+        return self._state
+
+    @state.setter
+    def state(self, state: ServingState | None) -> None:
+        """Assigned directly (benchmarks): that state becomes the one unnamed arm."""
+        self._state = state
+        if state is not None and (not self.arms or self.arms[0].state is not state):
+            self.arms = (self._arm("", state.model_version, 1.0, version_of(state.model_version),
+                                   state, {}),)
 
     def arm_for(self, user: str) -> ArmState:
         """The arm serving ``user``: by the experiment's salted hash, else the only one."""

@@ -390,8 +390,9 @@ def test_offline_gate_with_require_online_win_sets_the_challenger_not_the_champi
     summary = json.loads((ab["settings"].data_dir / "reports" /
                           "evaluation-2026-11-27.json").read_text())
     uri, run_id = summary["model_uris"]["ease"], summary["runs"]["ease"]
-    g = registry.gate(mlflow, run_id, "ease", "ndcg_at_10", 0.99, name=registry.RETRIEVAL,
-                      model_uri=uri, alias=settings.registry.challenger_alias)
+    g = registry.gate(mlflow, run_id, "ease", "ndcg_at_10", 0.99, lambda champion: 0.01,
+                      name=registry.RETRIEVAL, model_uri=uri,
+                      alias=settings.registry.challenger_alias)
     assert not g.promoted and "@challenger" in g.reason
     assert registry.resolve("champion").version == ab["versions"]["most_popular"]
     assert registry.resolve("challenger").version == int(g.version)
