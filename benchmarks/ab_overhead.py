@@ -7,8 +7,9 @@ experiment.
    the same steps on a server without an experiment (one arm: no hash). The difference is the
    overhead of the experiment; the target is <= 20 us p50.
 2. The whole ``RecommenderServicer.Recommend`` path without gRPC (cache off, a factor model over a
-   flat index of ``--items`` items), with and without the experiment, interleaved call by call,
-   p50 each: the end-to-end view (search dominates; the difference is within noise).
+   flat index of ``--items`` items), interleaved call by call, p50 each: without an experiment;
+   two arms on one version (only the assignment differs); two arms on two versions of the same
+   size (adds what serving two models costs: two indexes competing for the CPU caches).
 
 Impression logging (the other half of the issue's "assignment and logging" target) is not timed
 here.
@@ -83,9 +84,13 @@ def _servers(args):
     ab = FreshrecServer(with_exp, use_gpu=False)
     ab.arms = (ab._arm("control", "1", 0.5, 1, a, {}), ab._arm("challenger", "2", 0.5, 2, b, {}))
     ab._state = a
+    same = FreshrecServer(with_exp, use_gpu=False)  # both arms on one version: one state
+    same.arms = (same._arm("control", "1", 0.5, 1, a, {}),
+                 same._arm("challenger", "1", 0.5, 1, a, {}))
+    same._state = a
     gc.collect()
     gc.freeze()
-    return plain, ab
+    return plain, ab, same
 
 
 def _assignment_ns(server, users) -> list[int]:
@@ -120,7 +125,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
-        plain, ab = _servers(args)
+        plain, ab, same = _servers(args)
         users = [pseudonymize(f"bench-{n}", "freshrec-local-development-key")
                  for n in range(args.users)]
         clock = [time.perf_counter_ns() - time.perf_counter_ns() for _ in range(10_000)]
@@ -152,22 +157,28 @@ def main() -> None:
               f"arm shares {arms[0]:.3f} / {arms[1]:.3f}")
 
         # whole servicer path, interleaved
-        sp, sa, ctx = RecommenderServicer(plain), RecommenderServicer(ab), _Context()
+        ctx = _Context()
+        svcs = {"plain": RecommenderServicer(plain), "same": RecommenderServicer(same),
+                "ab": RecommenderServicer(ab)}
         raws = [f"u{n}" for n in range(args.state_users)]
-        lat = {"plain": [], "ab": []}
+        lat: dict[str, list[float]] = {k: [] for k in svcs}
+        order = list(svcs)
         for n in range(args.calls + 200):
             req = rec_pb2.RecommendRequest(user_id=raws[n % len(raws)], k=10)
-            for name, svc in (("plain", sp), ("ab", sa)) if n % 2 else (("ab", sa), ("plain", sp)):
+            for name in order[n % 3:] + order[:n % 3]:  # rotate who goes first
                 t0 = time.perf_counter_ns()
-                reply = svc.Recommend(req, ctx)
+                reply = svcs[name].Recommend(req, ctx)
                 if n >= 200:
                     lat[name].append((time.perf_counter_ns() - t0) / 1e3)
         assert reply.arm in ("control", "challenger")
         p50 = {k: float(np.percentile(v, 50)) for k, v in lat.items()}
         print(f"Recommend servicer path, no gRPC ({args.items:,} items x {args.dim}, flat, k=10, "
-              f"cache off, {args.calls:,} calls each, interleaved):")
-        print(f"  no experiment p50 {p50['plain']:.1f} us | 2-arm experiment p50 {p50['ab']:.1f} us"
-              f" | difference {p50['ab'] - p50['plain']:+.1f} us ({p50['ab'] / p50['plain']:.3f}x)")
+              f"cache off, {args.calls:,} calls each, interleaved), p50:")
+        print(f"  no experiment {p50['plain']:.1f} us | 2 arms on one version (assignment only) "
+              f"{p50['same']:.1f} us ({p50['same'] - p50['plain']:+.1f} us, "
+              f"{p50['same'] / p50['plain']:.3f}x) | 2 arms on two versions {p50['ab']:.1f} us "
+              f"({p50['ab'] - p50['plain']:+.1f} us, {p50['ab'] / p50['plain']:.3f}x: two indexes "
+              "share the CPU caches)")
 
 
 if __name__ == "__main__":
