@@ -340,7 +340,8 @@ def test_drift_gauges_follow_served_slates_and_alert_rules_name_exported_metrics
 
 
 # ---- the online gate ----------------------------------------------------------------------------
-def test_online_gate_promotes_only_a_significant_winner_with_enough_impressions(ab, tmp_path):
+def test_online_gate_promotes_only_a_significant_winner_with_enough_impressions(ab, tmp_path, capsys,
+                                                                                 monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from freshrec import registry
@@ -367,6 +368,14 @@ def test_online_gate_promotes_only_a_significant_winner_with_enough_impressions(
     d = online.promote_online(small_settings(data, serving=exp, online={"min_impressions": 50,
                                                                         "alpha": 0.01}))
     assert not d["promoted"] and "not significantly" in d["reason"]
+    from freshrec.cli.main import main
+
+    monkeypatch.setenv("FRESHREC_DATA_DIR", str(data))
+    monkeypatch.setenv("FRESHREC__SERVING__EXPERIMENT", yaml.safe_dump(TWO_ARMS, default_flow_style=True))
+    assert main(["model", "promote-online", "--no-reload"]) == 0  # default: 1000 impressions
+    out = capsys.readouterr().out
+    assert f"control control {c}: CTR 0.1000 (10/100)" in out
+    assert "not promoted: not enough impressions yet: control 100, challenger 100" in out
     assert registry.resolve("champion").version == ab["versions"]["als"]
     d = online.promote_online(settings)
     assert d["promoted"] and d["p_one_sided"] == pytest.approx(0.02383, abs=1e-4)
