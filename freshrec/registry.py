@@ -66,7 +66,8 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
          rescore_champion: Callable[[str], float | None] | None = None,
          name: str = RETRIEVAL, artifact_path: str = "model", min_gain: float = 0.0,
          tags: dict | None = None, model_uri: str | None = None,
-         rivals: dict[str, float] | None = None, identity: dict | None = None) -> GateResult:
+         rivals: dict[str, float] | None = None, identity: dict | None = None,
+         alias: str = ALIAS) -> GateResult:
     """Register the candidate (``model_uri``, else ``run_id``'s ``artifact_path``) as a new version
     of ``name`` and promote it to ``@champion`` when ``metric`` beats the champion by more than
     ``min_gain`` and no model of ``rivals`` (metrics measured on the same split) beats it.
@@ -74,7 +75,11 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
     ``rescore_champion(champion_model_name)`` returns the champion method's metric on this
     validation split (or None when it cannot be measured here). ``identity``: tags that make a
     version the same candidate (interval, data versions, model); a re-run that finds one registers
-    nothing and returns that version's recorded outcome."""
+    nothing and returns that version's recorded outcome.
+
+    ``alias`` other than ``champion`` (``registry.require_online_win``): a winner takes that alias
+    (e.g. ``challenger``) instead, to be served as an A/B arm; ``@champion`` moves only by the
+    online gate (:func:`freshrec.online.promote_online`)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -122,18 +127,25 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
         promoted = False
         reason = (f"{metric_name} {metric:.4f} does not beat champion v{champ.version} "
                   f"({champ_model}) {champ_metric:.4f} ({source})")
-    if promoted:
+    outcome = "promoted" if promoted else "rejected"
+    if promoted and alias != ALIAS and champ is not None:
+        outcome = alias  # an offline winner that must still win online
+        reason += f"; set as @{alias}: @champion moves only on an online win " \
+                  "(registry.require_online_win, `freshrec model promote-online`)"
+        client.set_registered_model_alias(name, alias, version.version)
+        promoted = False
+    elif promoted:
         if champ is not None:  # what `freshrec model rollback` goes back to
             client.set_model_version_tag(name, version.version, "previous_champion", champ.version)
         client.set_registered_model_alias(name, ALIAS, version.version)
-    client.set_model_version_tag(name, version.version, "gate", "promoted" if promoted else "rejected")
+    client.set_model_version_tag(name, version.version, "gate", outcome)
     client.set_model_version_tag(name, version.version, "gate_reason", reason)
     if champ_model:
         client.set_model_version_tag(name, version.version, "gate_champion", champ_model)
     result = GateResult(name, str(version.version), candidate, metric_name, float(metric), champ_model,
                         None if champ_metric is None else float(champ_metric), source, promoted, reason)
     with mlflow.start_run(run_id=run_id):
-        mlflow.set_tags({"gate": "promoted" if promoted else "rejected", "gate_reason": reason,
+        mlflow.set_tags({"gate": outcome, "gate_reason": reason,
                          "registered_version": f"{name}/{version.version}"})
         mlflow.log_dict(result.as_dict(), "gate.json")
     return result

@@ -192,6 +192,59 @@ class TokenSettings(_Section):
     role: Literal["client", "admin"] = Field(description="client: Recommender; admin: also Admin.")
 
 
+class ArmSettings(_Section):
+    """One arm of an A/B experiment: a registered model and its share of users."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="The arm's name (RecommendResponse.arm, metric labels).")
+    model: str = Field(min_length=1, description="freshrec-retrieval alias (champion, challenger) "
+                       "or version number served to this arm's users.")
+    share: float = Field(gt=0, le=1, description="Share of users assigned to this arm.")
+
+
+class ExperimentSettings(_Section):
+    """An A/B experiment over users: each user pseudonym is hashed with the salt into [0, 1) and
+    falls into the arm whose cumulative share covers it (sticky, stateless). The first arm is the
+    control: Admin.LoadModel without an arm replaces it, and Status.model_version names it."""
+
+    name: str = Field("", description="Experiment name (reports, MLflow runs).")
+    salt: str = Field("", description="Hash salt; a new salt reshuffles users (empty: the name).")
+    arms: list[ArmSettings] = Field(default_factory=list, description="Empty: no experiment, "
+                                    "serving.model serves everyone. Shares must sum to 1.")
+
+    @model_validator(mode="after")
+    def _arms_sane(self) -> "ExperimentSettings":
+        if not self.arms:
+            return self
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"arm names must be unique; repeated: {', '.join(dup)}")
+        total = sum(a.share for a in self.arms)
+        if abs(total - 1.0) > 1e-6:
+            each = ", ".join(f"{a.name} {a.share:g}" for a in self.arms)
+            raise ValueError(f"arm shares sum to {total:g} ({each}); they must sum to 1")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.arms)
+
+
+class MonitorSettings(_Section):
+    """Online monitoring on the server: drift of served scores and of popularity, per arm."""
+
+    sample_every: int = Field(16, ge=1, description="Keep every n-th personalized slate for the "
+                              "drift gauges (1: every one).")
+    window: int = Field(2000, ge=10, description="Sampled slates kept per arm (rolling).")
+    interval_seconds: float = Field(15.0, gt=0, description="How often the gauges are recomputed.")
+    reference_users: int = Field(200, ge=0, description="Snapshot users scored at model load for "
+                                 "the reference score distribution (0: no reference).")
+    popular_top_n: int = Field(100, ge=1, description="Top-N popular items (at load) whose share "
+                               "of served items is the popularity-drift gauge.")
+    k: int = Field(10, ge=1, description="Slate size of the reference scoring.")
+
+
 class ServingSettings(_Section):
     model: str = Field("champion", description="The freshrec-retrieval version served: an alias "
                        "(champion) or a version number (pins one). Admin.LoadModel changes it live.")
@@ -224,6 +277,9 @@ class ServingSettings(_Section):
     json_logs: bool = Field(True, description="`freshrec serve` logs one JSON object per line.")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads per FAISS search; 1 lets "
                                "concurrent requests use the cores instead of spinning threads.")
+    experiment: ExperimentSettings = Field(default_factory=ExperimentSettings,
+                                           description="A/B experiment over registered models.")
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
 
 class RefresherSettings(_Section):
@@ -236,6 +292,29 @@ class RefresherSettings(_Section):
     batch_size: int = Field(5000, ge=1, description="Vectors per ApplyDeltas call.")
     retries: int = Field(4, ge=0, description="Tries per replica call beyond the first.")
     backoff_seconds: float = Field(0.5, ge=0, description="First retry delay; doubles each time.")
+
+
+class OnlineSettings(_Section):
+    """Online metrics from the ``feedback`` table and the online promotion gate."""
+
+    hit_rate_k: int = Field(10, ge=1, description="k of hit-rate@k (slates with a click in the top k).")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the confidence intervals.")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="One-sided significance level a challenger "
+                         "must reach (two-proportion z-test on CTR) to be promoted online.")
+    min_impressions: int = Field(1000, ge=1, description="Impressions each arm needs before the "
+                                 "online gate decides.")
+    bootstrap: int = Field(200, ge=0, description="Bootstrap resamples of slates for the "
+                           "coverage interval (0: no interval).")
+    days: int = Field(14, ge=1, description="Feedback of the last N days counts.")
+    experiment: str = Field("freshrec-online", description="MLflow experiment of the online runs.")
+
+
+class RegistrySettings(_Section):
+    require_online_win: bool = Field(False, description="The batch/training gate moves an offline "
+                                     "winner to @challenger instead of @champion; `freshrec model "
+                                     "promote-online` makes it champion only when its experiment "
+                                     "arm beats control on CTR (online settings).")
+    challenger_alias: str = Field("challenger", min_length=1)
 
 
 class TrainingSettings(_Section):
@@ -295,6 +374,8 @@ class Settings(_Section):
     refresher: RefresherSettings = RefresherSettings()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    online: OnlineSettings = Field(default_factory=OnlineSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @property
     def data_dir(self) -> Path:

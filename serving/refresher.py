@@ -16,6 +16,10 @@ current versions, and sends ``Admin.ApplyDeltas`` in batches:
   items get a vector: the model's own when it has one, else the mean vector of the items sharing
   their categories (content mapped into the model's space), else of the whole catalog.
 
+A replica running an A/B experiment serves several models (``Status.arms``): histories and
+removals reach every arm's state from one push, and item vectors are computed and sent once per
+embedding model, each addressed to its model (``ApplyDeltasRequest.model_version``).
+
 The last batch to a replica carries the versions it now reflects and the newest event time (for
 its lag). Only after every replica acknowledged does the local checkpoint (the versions processed)
 move. A replica that is down is retried with backoff and reported; nothing is committed. If the
@@ -248,7 +252,9 @@ class Replica:
     def status(self):
         return self.call("Status", self.pb.StatusRequest())
 
-    def push(self, d: Deltas, batch: int) -> None:
+    def push(self, d: Deltas, batch: int, arm_items: list[tuple[str, Deltas]] = ()) -> None:
+        """``arm_items``: (model_version, deltas with its item vectors) of the replica's other
+        arms' models."""
         pb = self.pb
         requests = []
         for i in range(0, len(d.users), batch):
@@ -259,6 +265,11 @@ class Replica:
             requests.append(pb.ApplyDeltasRequest(upsert_items=[
                 pb.Vector(id=u, values=v.tolist()) for u, v in
                 zip(d.items[i:i + batch], d.item_vectors[i:i + batch])]))
+        for model_version, extra in arm_items:
+            for i in range(0, len(extra.items), batch):
+                requests.append(pb.ApplyDeltasRequest(model_version=model_version, upsert_items=[
+                    pb.Vector(id=u, values=v.tolist()) for u, v in
+                    zip(extra.items[i:i + batch], extra.item_vectors[i:i + batch])]))
         for i in range(0, len(d.remove_items), batch):
             requests.append(pb.ApplyDeltasRequest(remove_items=d.remove_items[i:i + batch]))
         requests.append(pb.ApplyDeltasRequest(applied_versions=d.versions,
@@ -299,16 +310,26 @@ def refresh_once(settings: Settings) -> dict:
         except ReplicaDown as e:
             failures.append(str(e))
             continue
-        key = (st.model_version, st.delta_versions.get("events"), st.delta_versions.get("items"))
+        others = tuple(sorted({a.model_version for a in st.arms} - {st.model_version}))
+        key = (st.model_version, st.delta_versions.get("events"), st.delta_versions.get("items"),
+               others)
         groups.setdefault(key, []).append(r)
     _crash_point("after_status")
-    report: dict = {"replicas": len(replicas), "models": sorted({k[0] for k in groups}),
+    report: dict = {"replicas": len(replicas),
+                    "models": sorted({m for k in groups for m in (k[0], *k[3])}),
                     "users": 0, "items": 0, "removed": 0, "events": 0, "full": False}
     factors_of: dict[str, ModelFactors | None] = {}
-    for (model_version, ev, it), members in groups.items():
-        if model_version not in factors_of:
-            factors_of[model_version] = ModelFactors.for_replica(settings, model_version)
+    for (model_version, ev, it, others), members in groups.items():
+        for m in (model_version, *others):
+            if m not in factors_of:
+                factors_of[m] = ModelFactors.for_replica(settings, m)
         d = compute_deltas(settings, store, factors_of[model_version], {"events": ev, "items": it})
+        arm_items = []
+        for m in others:  # the other arms' embedding models: their own item vectors
+            if factors_of[m] is not None:
+                extra = Deltas()
+                _item_changes(store, factors_of[m], it, d.versions["items"], extra)
+                arm_items.append((m, extra))
         _crash_point("after_read")
         report.update(users=max(report["users"], len(d.users)),
                       items=max(report["items"], len(d.items)),
@@ -317,7 +338,7 @@ def refresh_once(settings: Settings) -> dict:
                       full=report["full"] or d.full, versions=d.versions)
         for r in members:
             try:
-                r.push(d, settings.refresher.batch_size)
+                r.push(d, settings.refresher.batch_size, arm_items)
             except ReplicaDown as e:
                 failures.append(str(e))
     if failures:

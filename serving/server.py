@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import threading
@@ -28,9 +29,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from freshrec.device import resolve_device
+from freshrec.experiments import Assigner, ExperimentError
 from freshrec.privacy import pseudonymize
 from freshrec.settings import Settings
 from serving.audit import AuditLog
+from serving.experiment import (STATS, ArmMonitor, ArmState, OnlineCollector, distinct_states,
+                                online_report_path, version_of)
 from serving.logic import Filters, NotFound, Result, recommend, similar_items
 from serving.proto import stubs
 from serving.state import ServingState, load_state
@@ -182,6 +186,26 @@ class Metrics:
                                  "now minus the newest event the served vectors know", registry=r)
         self.events = Counter("freshrec_events_recorded", "events accepted by RecordEvents",
                               registry=r)
+        # A/B arms and online monitoring (serving/experiment.py); arm "none" without an experiment
+        arm = ["arm", "model_version"]
+        self.served = Counter("freshrec_recommendations", "Recommend replies per A/B arm and "
+                              "served model version", arm, registry=r)
+        self.arm_info = Gauge("freshrec_arm_info", "A/B arms: share of users per arm and model "
+                              "version", arm, registry=r)
+        self.score = Gauge("freshrec_served_score", "served scores of sampled slates (rolling)",
+                           [*arm, "stat"], registry=r)
+        self.score_ref = Gauge("freshrec_reference_score", "scores of the model's slates for a "
+                               "sample of snapshot users at load", [*arm, "stat"], registry=r)
+        self.score_drift = Gauge("freshrec_score_drift", "(served mean score - reference mean) / "
+                                 "reference std", arm, registry=r)
+        self.popular = Gauge("freshrec_popular_share", "share of served items among the top-N "
+                             "popular at load (rolling)", arm, registry=r)
+        self.popular_ref = Gauge("freshrec_popular_share_reference", "the same share in the "
+                                 "reference slates at load", arm, registry=r)
+        self.popularity_drift = Gauge("freshrec_popularity_drift", "popular share now - at load",
+                                      arm, registry=r)
+        self.monitor_samples = Gauge("freshrec_monitor_samples", "sampled slates in the drift "
+                                     "window", arm, registry=r)
 
 
 class UserCache:
@@ -277,8 +301,11 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
         self._check_id(request.user_id, "user_id", context)
         self._check_k(request.k, context)
         self._check_filters(request.filters, context)
-        state = self.s.require_state(context)
+        self.s.require_state(context)
         user = self.s.pseudonym(request.user_id)
+        arm = self.s.arm_for(user)
+        state = arm.state
+        arm.served.inc()
         filters = _filters(request.filters)
         ctx = dict(request.context)
         key = (user, request.k, filters, tuple(sorted(ctx.items())), state.model_version)
@@ -301,10 +328,12 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
             return rec_pb2.RecommendResponse(
                 items=[rec_pb2.ScoredItem(item_id=s.item_id, score=s.score, source=f"{s.source}+{rr.name}",
                                           explanation=s.explanation, propensity=p) for s, p in picked],
-                model_version=result.model_version, cold_start=False)
+                model_version=result.model_version, cold_start=False, arm=arm.name)
         result.items[:] = result.items[:request.k]
+        if not result.cold_start and next(self.s.sample_tick) % self.s.sample_every == 0:
+            arm.monitor.add([s.item_id for s in result.items], [s.score for s in result.items])
         reply = rec_pb2.RecommendResponse(items=_scored(result), model_version=result.model_version,
-                                          cold_start=result.cold_start)
+                                          cold_start=result.cold_start, arm=arm.name)
         self.s.cache.put(key, reply, token)
         return reply
 
@@ -371,44 +400,62 @@ class AdminServicer(admin_grpc.AdminServicer):
 
     def LoadModel(self, request, context):
         def do():
-            before = self.s.state.model_version if self.s.state else ""
-            state = self.s.load(model=request.model or None)
+            arm = self.s.find_arm(request.arm)
+            before = arm.state.model_version if arm is not None else ""
+            state = self.s.load(model=request.model or None, arm=request.arm or None)
             return admin_pb2.LoadModelResponse(model_version=state.model_version,
                                                n_items=state.items.size,
                                                n_users=len(state.user_rows),
-                                               previous_model_version=before)
-        return self._audited("LoadModel", {"model": request.model}, context, do)
+                                               previous_model_version=before,
+                                               arm=arm.name if arm is not None else "")
+        return self._audited("LoadModel", {"model": request.model, "arm": request.arm}, context,
+                             do)
 
     def ApplyDeltas(self, request, context):
         state = self.s.require_state(context)
 
-        def vec(v) -> np.ndarray:
+        def vec(v, st) -> np.ndarray:
             a = np.asarray(v.values, dtype=np.float32)
-            if a.shape != (state.items.dim,):
-                raise ValueError(f"vector for {v.id!r} has {a.size} values; the index has "
-                                 f"dimension {state.items.dim}")
+            if a.shape != (st.items.dim,):
+                raise ValueError(f"vector for {v.id!r} has {a.size} values; the index of "
+                                 f"{st.model_version} has dimension {st.items.dim}")
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"vector for {v.id!r} holds NaN or infinite values")
             return a
 
         def do():
+            # Vectors belong to one model's space: they go to the states serving
+            # request.model_version (empty: the control arm's model); everything else to every
+            # arm's state (histories are model-independent; each state folds them in itself).
+            states = self.s.distinct_states()
+            target = request.model_version or state.model_version
+            targets = [st for st in states if st.model_version == target]
+            if (request.upsert_items or request.upsert_users) and not targets:
+                raise ValueError(f"no arm serves {target!r}: item/user vectors not applied "
+                                 f"(serving: {sorted({st.model_version for st in states})})")
             users = (lambda u: u) if request.users_pseudonymized else self.s.pseudonym
-            items_up = [(v.id, vec(v)) for v in request.upsert_items]
-            users_up = {users(v.id): vec(v) for v in request.upsert_users}
-            n_up = state.items.upsert(items_up)
-            n_rm = state.items.remove(list(request.remove_items))
-            for table, version in request.applied_versions.items():
-                state.delta_versions[table] = version
-            if request.newest_event_ts:
-                state.newest_event_ts = max(state.newest_event_ts or 0.0, request.newest_event_ts)
-            u_up = state.upsert_users(users_up)
-            u_rm = state.remove_users([users(u) for u in request.remove_users])
-            h_up = 0
             for h in request.upsert_histories:
                 if len(h.item_ids) != len(h.weights):
                     raise ValueError(f"history of {h.user_id!r}: {len(h.item_ids)} items but "
                                      f"{len(h.weights)} weights")
-                h_up += state.set_history(users(h.user_id), list(h.item_ids), list(h.weights))
+            n_up = u_up = 0
+            for st in targets:
+                items_up = [(v.id, vec(v, st)) for v in request.upsert_items]
+                users_up = {users(v.id): vec(v, st) for v in request.upsert_users}
+                n_up = st.items.upsert(items_up)
+                u_up = st.upsert_users(users_up)
+            n_rm = u_rm = h_up = 0
+            for n, st in enumerate(states):
+                removed = st.items.remove(list(request.remove_items))
+                for table, version in request.applied_versions.items():
+                    st.delta_versions[table] = version
+                if request.newest_event_ts:
+                    st.newest_event_ts = max(st.newest_event_ts or 0.0, request.newest_event_ts)
+                gone = st.remove_users([users(u) for u in request.remove_users])
+                hist = sum(st.set_history(users(h.user_id), list(h.item_ids), list(h.weights))
+                           for h in request.upsert_histories)
+                if n == 0:
+                    n_rm, u_rm, h_up = removed, gone, hist
             self.s.cache.invalidate_all()
             self.s.update_gauges()
             return admin_pb2.ApplyDeltasResponse(items_upserted=n_up, items_removed=n_rm,
@@ -437,7 +484,23 @@ class AdminServicer(admin_grpc.AdminServicer):
             index_type=state.items.index_type,
             delta_versions={k: v for k, v in state.delta_versions.items() if v is not None},
             refresh_lag_seconds=self.s.refresh_lag(), n_users=len(state.user_rows),
-            device="cuda" if self.s.use_gpu else "cpu")
+            device="cuda" if self.s.use_gpu else "cpu",
+            experiment=self.s.settings.serving.experiment.name if self.s.assigner else "",
+            arms=[self._arm_status(a) for a in self.s.arms])
+
+    @staticmethod
+    def _arm_status(a: ArmState):
+        ref, now = a.monitor.reference, a.monitor.summary()
+        out = admin_pb2.ArmStatus(name=a.name, model=a.model, share=a.share,
+                                  model_version=a.state.model_version, index_size=a.state.items.size,
+                                  monitor_samples=now["samples"] if now else 0)
+        if ref is not None:
+            out.reference_score_mean, out.popular_share_reference = ref.mean, ref.popular_share
+        if now is not None:
+            out.served_score_mean, out.popular_share = now["score"]["mean"], now["popular_share"]
+            if ref is not None:
+                out.score_drift, out.popularity_drift = now["score_drift"], now["popularity_drift"]
+        return out
 
 
 # ---- the server -------------------------------------------------------------------------------
@@ -447,8 +510,14 @@ class FreshrecServer:
         if use_gpu is None:
             use_gpu = resolve_device(settings.device, need=("faiss",)).faiss_gpu
         self.use_gpu = use_gpu
-        self.state: ServingState | None = None
+        self.arms: tuple[ArmState, ...] = ()  # swapped whole; arms[0] is the control
+        self._state: ServingState | None = None
         self.metrics = Metrics()
+        exp = settings.serving.experiment
+        self.assigner = Assigner(exp) if exp.enabled else None
+        self.sample_tick = itertools.count()
+        self.sample_every = settings.serving.monitor.sample_every
+        self.metrics.registry.register(OnlineCollector(online_report_path(settings.data_dir)))
         self.cache = UserCache(settings.serving.cache_size, settings.serving.cache_ttl_seconds)
         self.audit = AuditLog(settings.data_dir / "audit" / "admin.jsonl")
         self.wal = EventLog(settings)
@@ -470,6 +539,40 @@ class FreshrecServer:
     def pseudonym(self, raw: str) -> str:
         p = self.settings.privacy
         return pseudonymize(raw, p.hmac_key) if p.pseudonymize_users else raw
+
+    @property
+    def state(self) -> ServingState | None:
+        """The control arm's state (the only one without an experiment)."""
+        return self._state
+
+    @state.setter
+    def state(self, state: ServingState | None) -> None:
+        """Assigned directly (benchmarks): that state becomes the one unnamed arm."""
+        self._state = state
+        if state is not None and (not self.arms or self.arms[0].state is not state):
+            self.arms = (self._arm("", state.model_version, 1.0, version_of(state.model_version),
+                                   state, {}),)
+
+    def arm_for(self, user: str) -> ArmState:
+        """The arm serving ``user``: by the experiment's salted hash, else the only one."""
+        arms = self.arms
+        if self.assigner is None or len(arms) == 1:
+            return arms[0]
+        return arms[self.assigner.index(user)]
+
+    def find_arm(self, name: str | None) -> ArmState | None:
+        """The arm named (empty: the control); ValueError names the known arms."""
+        arms = self.arms
+        if not name:
+            return arms[0] if arms else None
+        for a in arms:
+            if a.name == name:
+                return a
+        known = ", ".join(a.name for a in arms if a.name) or "none (no serving.experiment)"
+        raise ValueError(f"no arm {name!r}; arms: {known}")
+
+    def distinct_states(self) -> list[ServingState]:
+        return distinct_states(self.arms)
 
     def require_state(self, context) -> ServingState:
         state = self.state
@@ -538,8 +641,9 @@ class FreshrecServer:
     def delete_user(self, user: str) -> tuple[bool, int]:
         from freshrec.erasure import erase_user
 
-        state = self.state
-        removed = state.forget_user(user) if state else False
+        removed = False
+        for state in self.distinct_states():
+            removed = state.forget_user(user) or removed
         with self.recent_lock:
             self.recent.pop(user, None)
         self.cache.invalidate_user(user)
@@ -557,25 +661,132 @@ class FreshrecServer:
         state = self.state
         if state is None:
             return
-        self.metrics.index_size.set(state.items.size)
-        self.metrics.users.set(len(state.user_vectors))
-        self.metrics.model.clear()
-        self.metrics.model.labels(state.model_version).set(1)
-        self.metrics.refresh_lag.set(self.refresh_lag())
+        m = self.metrics
+        m.index_size.set(state.items.size)
+        m.users.set(len(state.user_vectors))
+        m.model.clear()
+        m.arm_info.clear()
+        for a in self.arms:
+            m.model.labels(a.state.model_version).set(1)
+            m.arm_info.labels(a.label, a.state.model_version).set(a.share)
+        m.refresh_lag.set(self.refresh_lag())
 
-    def load(self, snapshot: Path | None = None, model: str | int | None = None) -> ServingState:
+    def update_monitor(self) -> dict[str, dict | None]:
+        """Recompute the drift gauges from each arm's sampled window; returns them per arm."""
+        m, out = self.metrics, {}
+        for g in (m.score, m.score_ref, m.score_drift, m.popular, m.popular_ref,
+                  m.popularity_drift, m.monitor_samples):
+            g.clear()
+        for a in self.arms:
+            lv = (a.label, a.state.model_version)
+            ref, now = a.monitor.reference, a.monitor.summary()
+            out[a.label] = now
+            if ref is not None:
+                for stat in STATS:
+                    m.score_ref.labels(*lv, stat).set(ref.quantiles[stat])
+                m.popular_ref.labels(*lv).set(ref.popular_share)
+            m.monitor_samples.labels(*lv).set(now["samples"] if now else 0)
+            if now is None:
+                continue
+            for stat in STATS:
+                m.score.labels(*lv, stat).set(now["score"][stat])
+            m.popular.labels(*lv).set(now["popular_share"])
+            if ref is not None:
+                m.score_drift.labels(*lv).set(now["score_drift"])
+                m.popularity_drift.labels(*lv).set(now["popularity_drift"])
+        return out
+
+    def _arm(self, name: str, spec: str, share: float, version: int | None,
+             state: ServingState, reuse: dict[int, ArmMonitor]) -> ArmState:
+        cfg = self.settings.serving
+        monitor = reuse.get(id(state))
+        if monitor is None:
+            monitor = reuse[id(state)] = ArmMonitor(state, cfg.monitor, cfg.overfetch)
+        a = ArmState(name, spec, share, version, state, monitor)
+        a.served = self.metrics.served.labels(a.label, state.model_version)
+        return a
+
+    def check_experiment(self) -> dict[str, int]:
+        """Resolve every arm's model in the registry: {arm: version}; ExperimentError names the
+        first arm whose alias or version does not exist."""
+        from freshrec import registry
+        from freshrec.tracking import mlflow_for
+
+        out = {}
+        mlflow_for(self.settings)
+        for a in self.assigner.arms:
+            try:
+                out[a.name] = registry.resolve(a.model).version
+            except LookupError as e:
+                raise ExperimentError(f"experiment {self.assigner.name!r} arm {a.name!r}: "
+                                      f"model {a.model!r} does not exist ({e})") from None
+        return out
+
+    def _load_arms(self, snapshot: Path | None, model: str | int | None,
+                   arm: str | None) -> tuple[ArmState, ...]:
+        """The new arms tuple: every arm (first load, or LoadModel with neither model nor arm:
+        aliases re-resolved), or one arm (``arm``, default the control) replaced by ``model`` /
+        ``snapshot``. States are shared between arms serving the same version."""
+        old = self.arms
+        monitors = {id(a.state): a.monitor for a in old}
+        if self.assigner is None:
+            self.find_arm(arm)  # no arm but the unnamed one: ValueError for any name
+            state = load_state(self.settings, snapshot, use_gpu=self.use_gpu, model=model)
+            spec = str(snapshot or model or self.settings.serving.model)
+            return (self._arm("", spec, 1.0, version_of(state.model_version), state, monitors),)
+        if not old or (snapshot is None and model is None and arm is None):
+            versions = self.check_experiment()
+            by_version = {a.version: a.state for a in old if a.version is not None}
+            arms = []
+            for a in self.assigner.arms:
+                v = versions[a.name]
+                state = by_version.get(v)
+                if state is None:
+                    state = by_version[v] = load_state(self.settings, use_gpu=self.use_gpu,
+                                                       model=v)
+                arms.append(self._arm(a.name, a.model, a.share, v, state, monitors))
+            return tuple(arms)
+        target = self.find_arm(arm)
+        version = None
+        if snapshot is None:
+            from freshrec import registry
+            from freshrec.tracking import mlflow_for
+
+            mlflow_for(self.settings)
+            spec = model if model is not None else next(
+                a.model for a in self.assigner.arms if a.name == target.name)
+            version = registry.resolve(spec).version
+        state = next((a.state for a in old if version is not None and a.version == version), None)
+        if state is None:
+            state = load_state(self.settings, snapshot, use_gpu=self.use_gpu, model=version)
+        spec = str(snapshot) if snapshot is not None else str(spec)
+        return tuple(self._arm(a.name, spec, a.share, version, state, monitors)
+                     if a is target else a for a in old)
+
+    def load(self, snapshot: Path | None = None, model: str | int | None = None,
+             arm: str | None = None) -> ServingState:
         """Load a snapshot (a path, or the snapshot of registered ``model``: alias or version,
         default ``serving.model``) and swap it in atomically: requests see the old or the new
-        model. A failed load raises and leaves the old model serving."""
+        model. A failed load raises and leaves the old model serving.
+
+        With ``serving.experiment``: the first load loads every arm; later loads replace the
+        model of ``arm`` (default: the control arm), or, with neither ``model`` nor ``arm`` nor
+        ``snapshot``, reload every arm from the settings (aliases re-resolved). Returns the state
+        of the arm loaded (the control's when all were)."""
         with self._load_lock:
-            state = load_state(self.settings, snapshot, use_gpu=self.use_gpu, model=model)
-            self.state = state
+            arms = self._load_arms(snapshot, model, arm)
+            self.arms = arms
+            self.state = state = arms[0].state
+            if arm:
+                state = self.find_arm(arm).state
             gc.collect()
             gc.freeze()  # the loaded state is long-lived: keep the cyclic GC from re-scanning it
-            if state.newest_event_ts is not None:  # events the snapshot already holds
+            stamps = [st.newest_event_ts for st in distinct_states(arms)]
+            newest = None if None in stamps else min(stamps)
+            if newest is not None:  # events every served snapshot already holds
                 with self.recent_lock:
                     for user in list(self.recent):
-                        kept = deque((e for e in self.recent[user] if e[2] > state.newest_event_ts),
+                        kept = deque((e for e in self.recent[user] if e[2] > newest),
                                      maxlen=self.recent[user].maxlen)
                         if kept:
                             self.recent[user] = kept
@@ -583,9 +794,10 @@ class FreshrecServer:
                             del self.recent[user]
             self.cache.invalidate_all()
             self.update_gauges()
+            self.update_monitor()
         for service in ("", RECOMMENDER, ADMIN):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s", state.model_version)
+        log.info("serving %s", ", ".join(f"{a.label}: {a.state.model_version}" for a in arms))
         return state
 
     # lifecycle
@@ -596,6 +808,8 @@ class FreshrecServer:
         faiss.omp_set_num_threads(cfg.faiss_threads)
         for service in ("", RECOMMENDER, ADMIN):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.assigner is not None and load:
+            self.check_experiment()  # refuse to start: an arm names a model that does not exist
         self.wal.land()  # whatever a crash left in the log
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                              interceptors=[GuardInterceptor(self)],
@@ -619,6 +833,7 @@ class FreshrecServer:
                                                       registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         threading.Thread(target=self._flush_loop, name="wal-flush", daemon=True).start()
+        threading.Thread(target=self._monitor_loop, name="monitor", daemon=True).start()
         log.info("freshrec serving on %s:%d (%s, auth %s, metrics :%s)", cfg.host, self.port,
                  "TLS" if creds else "plaintext", "on" if cfg.auth_enabled else "OFF",
                  self.metrics_port or "off")
@@ -646,6 +861,13 @@ class FreshrecServer:
                 self.metrics.refresh_lag.set(self.refresh_lag())
             except Exception:  # keep serving; the events stay in the log for the next try
                 log.exception("landing the write-ahead log failed; will retry")
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(self.settings.serving.monitor.interval_seconds):
+            try:
+                self.update_monitor()
+            except Exception:  # a gauge must never take the server down
+                log.exception("updating the monitoring gauges failed; will retry")
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let in-flight ones finish (grace), land the log."""

@@ -8,6 +8,8 @@ split beats it. When the champion's method was evaluated in the same
 run, the comparison uses its metric on this same split; otherwise the metric recorded at its
 promotion. A re-run of the interval finds the version registered for the same interval, model and data
 versions and registers nothing.
+With ``registry.require_online_win`` a winner becomes ``@challenger`` (served as an A/B arm)
+and ``@champion`` moves only when ``freshrec model promote-online`` finds it wins online.
 The outcome goes to ``<data>/reports/gate-<batch_date>.json``.
 """
 
@@ -62,7 +64,9 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
     identity = {"interval": interval.batch_date, "model": best,
                 **{f"delta_version.{t}": str(v) for t, v in summary.get("delta_versions", {}).items()}}
     result = gate(mlflow, run_id, best, metric, candidates[best], rescore, name=RETRIEVAL,
-                  model_uri=uris[best], rivals=rivals, identity=identity)
+                  model_uri=uris[best], rivals=rivals, identity=identity,
+                  alias=settings.registry.challenger_alias if settings.registry.require_online_win
+                  else "champion")
     log.info("gate %s: %s v%s %s: %s", interval.batch_date, best, result.version,
              "PROMOTED to @champion" if result.promoted else "not promoted", result.reason)
     payload = {**result.as_dict(), "candidates": candidates, "run_id": run_id}

@@ -158,7 +158,9 @@ def train_deep(settings: Settings, model: str, device: str, dataset="embedded",
                            rescore_champion=lambda m: rivals.get(m), name=RETRIEVAL,
                            model_uri=info.model_uri, rivals=rivals,
                            tags={"dataset": dataset, **{f"delta_version.{k}": str(v)
-                                                        for k, v in ds.versions.items()}}).as_dict()
+                                                        for k, v in ds.versions.items()}},
+                           alias=settings.registry.challenger_alias
+                           if settings.registry.require_online_win else "champion").as_dict()
     return out
 
 

@@ -261,6 +261,8 @@ def cmd_model(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.profile)
     replicas = args.replica if args.replica else None
+    if args.model_command == "promote-online":
+        return promote_online(settings, args.arm, replicas, not args.no_reload)
     if args.model_command == "status":
         from freshrec import registry
         from freshrec.tracking import mlflow_for
@@ -283,9 +285,41 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from freshrec.cli.report import render
+    from freshrec.cli.report import render, render_online
 
-    print(render(load_settings(args.profile), args.date))
+    settings = load_settings(args.profile)
+    if args.online:
+        print(render_online(settings, log_mlflow=not args.no_mlflow, replicas=args.replica))
+        return 0
+    print(render(settings, args.date))
+    return 0
+
+
+def promote_online(settings, arm: str | None, replicas: list[str] | None, reload: bool) -> int:
+    """The online gate, then (when promoted) every replica reloads its arms from the settings."""
+    from freshrec import online
+
+    decision = online.promote_online(settings, arm=arm)
+    c, x = decision["control"], decision["challenger"]
+    print(f"control {c['arm']} {c['model_version']}: CTR {c['ctr']:.4f} ({c['clicks']:,}/"
+          f"{c['impressions']:,}); challenger {x['arm']} {x['model_version']}: CTR {x['ctr']:.4f} "
+          f"({x['clicks']:,}/{x['impressions']:,})")
+    print(("PROMOTED to @champion: " if decision["promoted"] else "not promoted: ")
+          + decision["reason"])
+    if decision["promoted"] and reload:
+        from serving.client import Client
+
+        cfg = settings.refresher
+        for address in replicas or cfg.replicas:
+            client = Client(address, cfg.token, ca_file=cfg.ca_file or None)
+            try:
+                r = client.call_admin("LoadModel", client.admin_pb2.LoadModelRequest(), timeout=600)
+                print(f"  {address}: arms reloaded (control now {r.model_version})")
+            except Exception as e:  # grpc.RpcError
+                raise RuntimeError(f"{address}: reloading the arms failed ({e}); the registry "
+                                   "already moved: reload with `freshrec model rollout`") from None
+            finally:
+                client.close()
     return 0
 
 
@@ -379,13 +413,26 @@ def build_parser() -> argparse.ArgumentParser:
     rb = msub.add_parser("rollback", help="move @champion back to the version it replaced (or "
                          "--to N) and roll that out")
     rb.add_argument("--to", type=int, help="the version to go back to")
-    for p_ in (ro, rb):
+    po = msub.add_parser("promote-online", help="move @champion to the A/B challenger arm's "
+                         "version when its CTR beats the control's (online settings); say why not")
+    po.add_argument("--arm", help="the challenger arm (default: the arm on @challenger, else the "
+                    "only non-control arm)")
+    po.add_argument("--no-reload", action="store_true", help="do not ask the replicas to reload "
+                    "their arms after a promotion")
+    for p_ in (ro, rb, po):
         p_.add_argument("--replica", action="append", help="host:port (repeatable; default: "
                         "refresher.replicas)")
     mod.set_defaults(fn=cmd_model)
 
-    rep = sub.add_parser("report", help="rows per table, dead letters, evaluation, samples")
+    rep = sub.add_parser("report", help="rows per table, dead letters, evaluation, samples; "
+                         "--online: per-arm online metrics and drift")
     rep.add_argument("--date", default=today)
+    rep.add_argument("--online", action="store_true", help="per-arm CTR, hit-rate and coverage "
+                     "with confidence intervals from the feedback table (recorded in MLflow), "
+                     "and each replica's drift gauges")
+    rep.add_argument("--no-mlflow", action="store_true", help="--online: do not record a run")
+    rep.add_argument("--replica", action="append", help="--online: host:port whose gauges to show "
+                     "(repeatable; default: refresher.replicas)")
     rep.set_defaults(fn=cmd_report)
     return p
 

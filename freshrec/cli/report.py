@@ -77,3 +77,46 @@ def render(settings: Settings, batch_date: str) -> str:
             f"  UI: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} "
             "--port 5000"]
     return "\n".join(out)
+
+
+def monitoring(settings: Settings, replicas: list[str] | None = None) -> list[str]:
+    """Per replica and arm: the drift gauges (Admin.Status), or why a replica did not answer."""
+    from serving.client import Client
+
+    out = ["Online monitoring per replica and arm (score drift: (served mean - reference mean) / "
+           "reference std; popular share: served items among the top-N popular at load):"]
+    for address in replicas if replicas is not None else settings.refresher.replicas:
+        client = Client(address, settings.refresher.token, ca_file=settings.refresher.ca_file or None)
+        try:
+            st = client.call_admin("Status", client.admin_pb2.StatusRequest(), timeout=5)
+        except Exception as e:  # grpc.RpcError: the replica is down or refuses
+            why = e.code().name if hasattr(e, "code") else type(e).__name__
+            out.append(f"  {address}: no answer ({why})")
+            continue
+        finally:
+            client.close()
+        for a in st.arms:
+            out.append(
+                f"  {address} arm {a.name or '-':<11}{a.model_version:<34}samples {a.monitor_samples:>6,}"
+                f"  score mean {a.served_score_mean:8.4f} (ref {a.reference_score_mean:8.4f}, drift "
+                f"{a.score_drift:+.2f})  popular share {a.popular_share:.3f} (ref "
+                f"{a.popular_share_reference:.3f}, {a.popularity_drift:+.3f})")
+    return out
+
+
+def render_online(settings: Settings, log_mlflow: bool = True,
+                  replicas: list[str] | None = None) -> str:
+    """``freshrec report --online``: the per-arm table from ``feedback`` (also written to
+    ``reports/online-latest.json`` for the server's CTR gauges, and to an MLflow run), then the
+    replicas' drift gauges."""
+    from freshrec import online
+
+    result = online.compute(settings)
+    online.write_latest(settings, result)
+    out = [online.render(result), ""]
+    if log_mlflow:
+        run_id = online.log_run(settings, result)
+        out += [f"MLflow run {run_id} (experiment {settings.online.experiment}): metrics per arm, "
+                "online.json, ctr_by_arm.png", ""]
+    out += monitoring(settings, replicas)
+    return "\n".join(out)
