@@ -402,7 +402,8 @@ class AdminServicer(admin_grpc.AdminServicer):
             if request.newest_event_ts:
                 state.newest_event_ts = max(state.newest_event_ts or 0.0, request.newest_event_ts)
             u_up = state.upsert_users(users_up)
-            u_rm = state.remove_users([users(u) for u in request.remove_users])
+            # a removed user (erased upstream) loses vector, history and recent events here
+            u_rm = sum(self.s.forget_user(users(u)) for u in request.remove_users)
             h_up = 0
             for h in request.upsert_histories:
                 if len(h.item_ids) != len(h.weights):
@@ -543,9 +544,19 @@ class FreshrecServer:
         with self.recent_lock:
             self.recent.pop(user, None)
         self.cache.invalidate_user(user)
-        self.wal.land()  # the user's logged events reach landing, where erasure finds them
+        self.wal.land(everyone=True)  # every server's logged events reach landing, where erasure
+        # finds them
         rows = erase_user(self.settings, user)
         return removed, sum(rows.values())
+
+    def forget_user(self, user: str) -> bool:
+        """Drop a user's vector, history and recent events from this replica (not the tables)."""
+        state = self.state
+        removed = state.forget_user(user) if state else False
+        with self.recent_lock:
+            removed = self.recent.pop(user, None) is not None or removed
+        self.cache.invalidate_user(user)
+        return removed
 
     def refresh_lag(self) -> float:
         state = self.state
@@ -596,7 +607,7 @@ class FreshrecServer:
         faiss.omp_set_num_threads(cfg.faiss_threads)
         for service in ("", RECOMMENDER, ADMIN):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.wal.land()  # whatever a crash left in the log
+        self.wal.land(everyone=True)  # whatever a crashed server left in the log
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                              interceptors=[GuardInterceptor(self)],
                              options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -656,8 +667,8 @@ class FreshrecServer:
             self._server.stop(self.settings.serving.grace_seconds if grace is None else grace).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
-        self.wal.land()
         self.wal.close()
+        self.wal.land()  # this process's last events; its log directory goes with them
 
     def wait(self) -> None:
         if self._server is not None:

@@ -1,0 +1,206 @@
+"""The closed loop for real: per-process write-ahead logs, nearline ingest into bronze/silver
+(exactly once, crash-safe, the nightly clean's rows), impressions and the feedback join, and two
+``freshrec serve`` processes on one data directory seeing each other's events after one round."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from freshrec.delta import DeltaStore
+from freshrec.importers import land_events, normalize_events
+from serving import ingest, wal
+from tests.conftest import small_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DAY = "2026-11-28"
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(point: str):
+    def crash(name: str) -> None:
+        if name == point:
+            raise Crash(name)
+    return crash
+
+
+def _land(settings, rows: list[dict], file_id: str, day: str = DAY) -> None:
+    cols = ("event_id", "user_id", "item_id", "event_type", "value", "ts", "context")
+    table = pa.table({c: pa.array([r.get(c) for r in rows], pa.string()) for c in cols})
+    land_events(settings, normalize_events(table, file_id), file_id, file_id.ljust(24, "0"),
+                landed_at=datetime.fromisoformat(day + "T12:00:00+00:00"))
+
+
+def _events(n: int, start: int = 0, **over) -> list[dict]:
+    return [{"event_id": f"e{start + i}", "user_id": f"u{(start + i) % 7}", "item_id": f"i{i % 5}",
+             "event_type": "click", "ts": f"{DAY}T10:{i % 60:02d}:00+00:00", **over}
+            for i in range(n)]
+
+
+def _silver(settings) -> pa.Table:
+    return DeltaStore(settings).read_arrow("events").sort_by("event_id")
+
+
+# ---- nearline ingest -------------------------------------------------------------------------
+def test_ingest_takes_each_landed_file_once_with_the_clean_rules(settings):
+    bad = [{"event_id": "bad1", "user_id": "u1", "item_id": "i1", "event_type": "teleport",
+            "ts": f"{DAY}T10:00:00Z"},
+           {"event_id": "bad2", "user_id": "u1", "item_id": "i1", "event_type": "click",
+            "ts": "yesterday"}]
+    dup = [{"event_id": "e3", "user_id": "u3", "item_id": "i3", "event_type": "click",
+            "ts": f"{DAY}T10:03:00+00:00"}]
+    _land(settings, _events(10) + bad + dup, "filea")
+    store = DeltaStore(settings)
+    first = ingest.ingest_landed(settings)
+    assert first == {**first, "files": 1, "raw": 13, "clean": 10, "dead_letter": 2,
+                     "duplicates": 1, "batches": [DAY]}
+    silver = _silver(settings)
+    assert silver.num_rows == 10 and set(silver.column("batch_date").to_pylist()) == {DAY}
+    assert silver.column("weight").to_pylist() == [2.0] * 10  # click weight, no value
+    dead = store.read_arrow("events_dead_letter").sort_by("raw_id")
+    assert dead.column("reason").to_pylist() == ["unknown_event_type", "unparseable_ts"]
+    assert store.count("events_raw") == 13
+    versions = store.versions(["events", "events_raw", "events_dead_letter"])
+    again = ingest.ingest_landed(settings)  # a re-run commits nothing
+    assert again["files"] == 0
+    assert store.versions(["events", "events_raw", "events_dead_letter"]) == versions
+    # a second file repeating an event id of the first: a duplicate, not a second row
+    _land(settings, _events(3, start=9), "fileb")
+    second = ingest.ingest_landed(settings)
+    assert second["clean"] == 2 and second["duplicates"] == 1
+    assert _silver(settings).num_rows == 12
+
+
+@pytest.mark.parametrize("point", ["ingest_after_dead_letter", "ingest_after_silver"])
+def test_a_round_that_dies_between_steps_neither_loses_nor_doubles(settings, point):
+    bad = [{"event_id": "bad", "user_id": "u1", "item_id": "i1", "event_type": "nope",
+            "ts": f"{DAY}T10:00:00Z"}]
+    _land(settings, _events(20) + bad, "crashy")
+    with pytest.raises(Crash):
+        ingest.ingest_landed(settings, crash=_crash_at(point))
+    store = DeltaStore(settings)
+    assert store.count("events_raw") == 0  # not taken yet
+    ingest.ingest_landed(settings)
+    assert store.count("events") == 20 and store.count("events_dead_letter") == 1
+    assert store.count("events_raw") == 21
+    assert len(set(_silver(settings).column("event_id").to_pylist())) == 20
+
+
+def test_a_smaller_raw_id_of_the_same_batch_replaces_the_stored_row(settings):
+    """What the nightly clean keeps per event_id within a batch: the row with the smallest raw_id,
+    whatever order the files came in; another batch's id is never taken again."""
+    row = {"event_id": "same", "user_id": "u1", "item_id": "i1", "event_type": "click",
+           "ts": f"{DAY}T10:00:00Z"}
+    _land(settings, [row], "zzzz")
+    ingest.ingest_landed(settings)
+    _land(settings, [{**row, "item_id": "i2"}], "aaaa")
+    report = ingest.ingest_landed(settings)
+    assert report["replaced"] == 1
+    silver = _silver(settings)
+    assert silver.column("raw_id").to_pylist() == ["aaaa".ljust(24, "0") + ":0"]
+    assert silver.column("item_id").to_pylist() == ["i2"]
+    _land(settings, [{**row, "item_id": "i3"}], "0000", day="2026-11-29")
+    assert ingest.ingest_landed(settings)["duplicates"] == 1
+    assert _silver(settings).column("item_id").to_pylist() == ["i2"]
+
+
+@pytest.mark.integration
+def test_the_nightly_jobs_find_the_files_taken_and_the_same_rows(tmp_path, spark):
+    """Nearline-taken files are skipped by the nightly ingest, and the nightly clean's rewrite of
+    the batch yields exactly the rows nearline wrote (so it commits nothing)."""
+    from freshrec.interval import DataInterval
+    from spark_jobs import clean
+    from spark_jobs import ingest as nightly_ingest
+
+    settings = small_settings(tmp_path / "data")
+    no_id = [{"user_id": f"u{i}", "item_id": f"i{i}", "event_type": "rating", "value": str(i % 5),
+              "ts": f"{DAY} 09:0{i}"} for i in range(8)]
+    bad = [{"user_id": "", "item_id": "i1", "event_type": "click", "ts": f"{DAY}T10:00:00Z"},
+           {"user_id": "u1", "item_id": "i1", "event_type": "rating", "value": "9",
+            "ts": f"{DAY}T10:00:00Z"}]
+    _land(settings, _events(30) + no_id + bad, "nightly1")
+    _land(settings, _events(5, start=28) + no_id[:2], "nightly2")
+    report = ingest.ingest_landed(settings)
+    assert report["duplicates"] == 4 and report["dead_letter"] == 2
+    store = DeltaStore(settings)
+    before = store.versions(["events", "events_raw", "events_dead_letter"])
+    interval = DataInterval.for_day(DAY)
+    assert nightly_ingest.run(settings, interval) == {"files": 0, "rows": 0}
+    counts = clean.run(settings, interval)
+    assert counts["clean"] == 41 and counts["dead_letter"] == 2
+    assert store.versions(["events", "events_raw", "events_dead_letter"]) == before
+
+
+# ---- per-process write-ahead logs -------------------------------------------------------------
+_APPENDER = """
+import sys
+from tests.conftest import small_settings
+from serving.wal import EventLog
+log = EventLog(small_settings(sys.argv[1]))
+tag, n = sys.argv[2], int(sys.argv[3])
+for i in range(n):
+    log.append([{"event_id": f"{tag}-{i}", "user_id": "u", "item_id": f"i{i % 9}",
+                 "event_type": "click", "value": None, "ts": "2026-11-28T10:00:00+00:00",
+                 "context": None}])
+print("acknowledged", n, flush=True)
+if sys.argv[4] == "kill":
+    import os, signal
+    os.kill(os.getpid(), signal.SIGKILL)
+log.close()
+"""
+
+
+def _landed_event_ids(settings) -> list[str]:
+    import pyarrow.parquet as pq
+
+    ids = []
+    for f in (settings.landing_dir / "events").rglob("*.parquet"):
+        ids += pq.read_table(f, columns=["event_id"]).column("event_id").to_pylist()
+    return ids
+
+
+def test_two_processes_appending_while_a_round_seals_lose_nothing(settings):
+    """Two writer processes on one data directory, one killed -9 after its last acknowledgement,
+    while another process seals and lands every log over and over: every acknowledged event lands
+    exactly once."""
+    n = 400
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(settings.data_dir), tag,
+                               str(n), mode], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+             for tag, mode in (("a", "close"), ("b", "kill"))]
+    rounds = 0
+    while any(p.poll() is None for p in procs):
+        wal.land_all(settings)
+        rounds += 1
+    outs = [p.communicate()[0] for p in procs]
+    assert all(f"acknowledged {n}" in o for o in outs), outs
+    wal.land_all(settings)  # what the killed writer left: its open segment, sealed by us
+    ids = _landed_event_ids(settings)
+    assert rounds > 1 and len(ids) == 2 * n
+    assert set(ids) == {f"{t}-{i}" for t in "ab" for i in range(n)}
+    assert not any((settings.data_dir / "wal").iterdir())  # both writers gone: no directories left
+
+
+def test_a_torn_last_line_is_not_landed_and_a_live_writer_keeps_its_directory(settings):
+    log = wal.EventLog(settings)
+    log.append([{"event_id": "x1", "user_id": "u", "item_id": "i", "event_type": "click",
+                 "value": None, "ts": "2026-11-28T10:00:00+00:00", "context": None}])
+    with open(log.dir / "open.jsonl", "ab") as f:
+        f.write(b'{"event_id": "torn", "user_')  # a write the crash cut before its fsync
+    assert wal.land_all(settings) == 1
+    assert _landed_event_ids(settings) == ["x1"]
+    assert log.dir.exists()  # its writer is alive
+    log.append([{"event_id": "x2", "user_id": "u", "item_id": "i", "event_type": "click",
+                 "value": None, "ts": "2026-11-28T10:00:01+00:00", "context": None}])
+    log.close()
+    assert wal.land_all(settings) == 1 and not log.dir.exists()
+    assert sorted(_landed_event_ids(settings)) == ["x1", "x2"]
