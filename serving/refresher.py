@@ -5,7 +5,8 @@ Each round first takes the live data (:func:`take_live_data`): every server's wr
 sealed and landed (:func:`serving.wal.land_all`) and every landed file not in bronze goes into
 bronze ``events_raw`` and silver ``events`` / ``events_dead_letter`` with the batch clean's rules,
 exactly once per file (:mod:`serving.ingest`). So an event acknowledged by one replica is in silver,
-and reaches every replica, within one round.
+and reaches every replica, within one round. Served slates go from every server's impression log
+into ``impressions`` and, with the events, through the feedback join into ``feedback``.
 
 Then it asks every replica (``Admin.Status``) which model it serves and which Delta versions its
 state reflects, reads the Change Data Feed of ``events`` and ``items`` from there to the tables'
@@ -283,7 +284,11 @@ class Replica:
 
 def take_live_data(settings: Settings) -> dict:
     """The round's first step: every server's write-ahead log landed, every landed file not in
-    bronze taken into bronze and silver (:mod:`serving.ingest`)."""
+    bronze taken into bronze and silver (:mod:`serving.ingest`), every server's impression log
+    taken into ``impressions`` (:mod:`serving.impressions`), then the feedback join
+    (:mod:`serving.feedback`, when ``feedback.in_nearline``)."""
+    from serving.feedback import run_feedback
+    from serving.impressions import take_impressions
     from serving.ingest import ingest_landed
     from serving.wal import land_all
 
@@ -291,6 +296,9 @@ def take_live_data(settings: Settings) -> dict:
     _crash_point("after_land")
     report = ingest_landed(settings, crash=_crash_point)
     report["landed_events"] = landed
+    report["impressions"] = take_impressions(settings, crash=_crash_point)
+    if settings.feedback.in_nearline:
+        report["feedback"] = run_feedback(settings)
     return report
 
 

@@ -154,7 +154,7 @@ def take_sealed(root: Path, take: Callable[[Path], None], seal_open: bool = True
             if segments:
                 fsync_dir(proc_dir)
             taken += len(segments)
-        _remove_if_abandoned(proc_dir)
+        remove_if_abandoned(proc_dir)
     return taken
 
 
@@ -166,7 +166,7 @@ def read_lines(seg: Path) -> tuple[bytes, list[bytes]]:
     return data, [line for line in lines[:-1] if line.strip()]
 
 
-def _remove_if_abandoned(proc_dir: Path) -> None:
+def remove_if_abandoned(proc_dir: Path) -> None:
     with flocked(proc_dir / "owner.lock", blocking=False) as free:
         if not free:
             return  # its owner is alive

@@ -34,6 +34,7 @@ from serving.audit import AuditLog
 from serving.logic import Filters, NotFound, Result, recommend, similar_items
 from serving.proto import stubs
 from serving.state import ServingState, load_state
+from serving.impressions import ImpressionLog
 from serving.wal import EventLog
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,9 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
         self._check_id(request.user_id, "user_id", context)
         self._check_k(request.k, context)
         self._check_filters(request.filters, context)
+        if len(request.request_id) > self.s.settings.serving.max_id_length:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is longer than "
+                          f"{self.s.settings.serving.max_id_length} characters")
         state = self.s.require_state(context)
         user = self.s.pseudonym(request.user_id)
         filters = _filters(request.filters)
@@ -286,7 +290,9 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
         cached = self.s.cache.get(key)
         if cached is not None:
             self.s.metrics.cache_hits.inc()
-            return cached
+            reply = rec_pb2.RecommendResponse()
+            reply.CopyFrom(cached[0])
+            return self._served(request, reply, user, cached[1], cached[2], None)
         self.s.metrics.cache_misses.inc()
         self.s.check_deadline(context)
         # Request-time freshness: the user's own new events count now, whatever the model kind.
@@ -298,14 +304,32 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
             # explores: not cached, every served item carries its propensity (and is logged)
             history = [i for i, _ in reversed(recent)] + sorted(state.seen.get(user, ()))
             picked = rr.rerank(state, user, history, result.items, request.k)
-            return rec_pb2.RecommendResponse(
+            reply = rec_pb2.RecommendResponse(
                 items=[rec_pb2.ScoredItem(item_id=s.item_id, score=s.score, source=f"{s.source}+{rr.name}",
                                           explanation=s.explanation, propensity=p) for s, p in picked],
                 model_version=result.model_version, cold_start=False)
+            return self._served(request, reply, user, [s.item_id for s, _ in picked],
+                                [float(s.score) for s, _ in picked], [float(p) for _, p in picked])
         result.items[:] = result.items[:request.k]
         reply = rec_pb2.RecommendResponse(items=_scored(result), model_version=result.model_version,
                                           cold_start=result.cold_start)
-        self.s.cache.put(key, reply, token)
+        ids, scores = [s.item_id for s in result.items], [float(s.score) for s in result.items]
+        self.s.cache.put(key, (reply, ids, scores), token)
+        return self._served(request, reply, user, ids, scores, None)
+
+    def _served(self, request, reply, user: str, items: list[str], scores: list[float],
+                propensities: list[float] | None):
+        """Name the slate (the request's request_id or a new one) and log it as an impression
+        (propensity 1.0 per item when the ranker was deterministic)."""
+        imp = self.s.impressions
+        if imp is None:
+            reply.request_id = request.request_id
+            return reply
+        rid = request.request_id or imp.new_request_id()
+        reply.request_id = rid
+        if items:
+            imp.record(rid, user, reply.model_version, getattr(reply, "arm", None) or None, items,
+                       scores, propensities or [1.0] * len(items))
         return reply
 
     def SimilarItems(self, request, context):
@@ -453,6 +477,9 @@ class FreshrecServer:
         self.cache = UserCache(settings.serving.cache_size, settings.serving.cache_ttl_seconds)
         self.audit = AuditLog(settings.data_dir / "audit" / "admin.jsonl")
         self.wal = EventLog(settings)
+        self.impressions: ImpressionLog | None = None
+        if settings.serving.log_impressions:
+            self.impressions = ImpressionLog(settings)
         self.recent: dict[str, deque] = {}
         self.recent_lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -669,6 +696,8 @@ class FreshrecServer:
             self._metrics_http.shutdown()
         self.wal.close()
         self.wal.land()  # this process's last events; its log directory goes with them
+        if self.impressions is not None:
+            self.impressions.close()  # flushed and fsynced; the next round takes them
 
     def wait(self) -> None:
         if self._server is not None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import json
 import pyarrow as pa
 import pytest
 
@@ -204,3 +205,109 @@ def test_a_torn_last_line_is_not_landed_and_a_live_writer_keeps_its_directory(se
     log.close()
     assert wal.land_all(settings) == 1 and not log.dir.exists()
     assert sorted(_landed_event_ids(settings)) == ["x1", "x2"]
+
+
+# ---- impressions and feedback -----------------------------------------------------------------
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+
+
+def _silver_events(settings, rows: list[tuple[str, str, str, datetime]]) -> None:
+    n = len(rows)
+    weights = settings.events.types
+    DeltaStore(settings).write_arrow("events", pa.table({
+        "event_id": [f"fb{i}" for i in range(n)], "user_id": [u for u, _, _, _ in rows],
+        "item_id": [i for _, i, _, _ in rows], "event_type": [t for _, _, t, _ in rows],
+        "value": pa.nulls(n, pa.float64()), "weight": [weights[t] for _, _, t, _ in rows],
+        "ts": pa.array([ts for *_, ts in rows], pa.timestamp("us", tz="UTC")),
+        "context": pa.nulls(n, pa.string()), "raw_id": [f"fb:{i}" for i in range(n)],
+        "batch_date": [ts.strftime("%Y-%m-%d") for *_, ts in rows]}))
+
+
+def _impression_line(rid: str, user: str, items: list[str], at: datetime, **over) -> bytes:
+    rec = {"request_id": rid, "user_id": user, "model_version": "freshrec-retrieval/1 als",
+           "arm": None, "items": items, "positions": list(range(len(items))),
+           "scores": [1.0 - 0.1 * n for n in range(len(items))],
+           "propensities": [1.0] * len(items), "ts": int(at.timestamp() * 1e6), "server": "t",
+           **over}
+    return json.dumps(rec).encode() + b"\n"
+
+
+def test_impressions_are_taken_once_and_bad_ones_dead_lettered(settings):
+    from serving.impressions import take_impressions
+    from serving.segments import SegmentWriter
+
+    writer = SegmentWriter(settings.data_dir / "impressions" / "log")
+    good = [_impression_line(f"r{n}", "u1", ["a", "b"], T0) for n in range(3)]
+    bad = [b"{not json\n",
+           _impression_line("r0", "u1", ["a"], T0),  # repeats r0
+           _impression_line("r9", "u1", ["a", "b"], T0, propensities=[1.0]),
+           _impression_line("r8", "u1", ["a"], T0, propensities=[0.0]),
+           _impression_line("r7", "", ["a"], T0),
+           _impression_line("r6", "u1", ["a"], T0, ts="last tuesday")]
+    writer.append(b"".join(good[:2] + bad[:3]))
+    crashed = pytest.raises(Crash)
+    with crashed:
+        take_impressions(settings, crash=_crash_at("impressions_after_dead_letter"))
+    writer.append(b"".join(good[2:] + bad[3:]))
+    report = take_impressions(settings)
+    store = DeltaStore(settings)
+    assert store.read_arrow("impressions").column("request_id").to_pylist() == ["r0", "r1", "r2"]
+    reasons = sorted(r.split(":")[0] for r in
+                     store.read_arrow("impressions_dead_letter").column("reason").to_pylist())
+    assert reasons == ["bad_propensity", "bad_ts", "duplicate_request_id", "length_mismatch",
+                       "missing_field", "not_json"]
+    assert report["impressions"] == 3
+    # a later segment repeating a stored request id: dead-lettered, not a second row
+    writer.append(good[0])
+    assert take_impressions(settings) == {"segments": 1, "impressions": 0, "dead_letter": 1}
+    assert take_impressions(settings)["segments"] == 0  # nothing left: commits nothing
+    assert store.count("impressions") == 3
+
+
+def test_feedback_labels_clicks_in_the_window_no_clicks_late_clicks_and_organic(settings):
+    from serving.feedback import run_feedback
+    from serving.impressions import take_impressions
+    from serving.segments import SegmentWriter
+
+    writer = SegmentWriter(settings.data_dir / "impressions" / "log")
+    writer.append(_impression_line("req1", "u1", ["a", "b", "c"], T0)
+                  + _impression_line("req2", "u2", ["x"], T0 + timedelta(minutes=1)))
+    take_impressions(settings)
+    m = lambda k: T0 + timedelta(minutes=k)  # noqa: E731
+    _silver_events(settings, [("u1", "a", "purchase", m(5)),   # clicks req1/a (reward 5)
+                              ("u1", "a", "click", m(6)),      # later event: not the reward
+                              ("u1", "b", "click", m(40)),     # after the window: organic
+                              ("u1", "d", "view", m(2)),       # never shown: organic
+                              ("u2", "a", "click", m(3)),      # a was shown to u1, not u2
+                              ("u1", "a", "view", m(-5))])     # before the loop began
+    report = run_feedback(settings, now=m(70))  # settles everything up to m(60)
+    fb = {(r["request_id"], r["item_id"], r["event_id"]): r
+          for r in DeltaStore(settings).read_arrow("feedback").to_pylist()}
+    shown = {(k[0], k[1]): r for k, r in fb.items() if not r["organic"]}
+    assert {k: (r["clicked"], r["reward"], r["event_id"]) for k, r in shown.items()} == {
+        ("req1", "a"): (True, 5.0, "fb0"), ("req1", "b"): (False, 0.0, None),
+        ("req1", "c"): (False, 0.0, None), ("req2", "x"): (False, 0.0, None)}
+    assert shown[("req1", "b")]["position"] == 1 and shown[("req1", "a")]["propensity"] == 1.0
+    organic = sorted((r["user_id"], r["item_id"], r["event_type"]) for r in fb.values()
+                     if r["organic"])
+    assert organic == [("u1", "b", "click"), ("u1", "d", "view"), ("u2", "a", "click")]
+    assert report["rows"] == 7 and report["clicked"] == 1
+    version = DeltaStore(settings).version("feedback")
+    assert run_feedback(settings, now=m(70))["rows"] == 0  # a re-run commits nothing
+    assert DeltaStore(settings).version("feedback") == version
+    # the next run labels only what is new since the watermark
+    writer.append(_impression_line("req3", "u1", ["b"], m(61)))
+    take_impressions(settings)
+    _silver_events_more = [("u1", "b", "click", m(62))]
+    n0 = DeltaStore(settings).count("events")
+    DeltaStore(settings).write_arrow("events", pa.table({
+        "event_id": ["late1"], "user_id": ["u1"], "item_id": ["b"], "event_type": ["click"],
+        "value": pa.nulls(1, pa.float64()), "weight": [2.0],
+        "ts": pa.array([_silver_events_more[0][3]], pa.timestamp("us", tz="UTC")),
+        "context": pa.nulls(1, pa.string()), "raw_id": ["fb:late1"], "batch_date": ["2026-11-28"]}))
+    assert DeltaStore(settings).count("events") == n0 + 1
+    second = run_feedback(settings, now=m(110))
+    rows = DeltaStore(settings).read_arrow("feedback").to_pylist()
+    assert second["rows"] == 1 and len(rows) == 8
+    assert [(r["request_id"], r["clicked"], r["event_id"]) for r in rows
+            if r["request_id"] == "req3"] == [("req3", True, "late1")]

@@ -406,11 +406,15 @@ def test_bandit_reranker_explores_logs_propensities_and_learns_from_clicks(lane,
             assert all(it.source.endswith("+linucb") for it in reply.items)
             seen |= {it.item_id for it in reply.items}
         assert len(seen) > 5  # explored beyond one fixed slate
-        lines = [json.loads(x) for f in (settings.data_dir / "impressions").glob("*.jsonl")
-                 for x in f.read_text().splitlines()]
-        assert len(lines) == 10 and lines[-1]["user_id"] == user
-        assert [i["item_id"] for i in lines[-1]["items"]] == [it.item_id for it in reply.items]
-        assert [round(i["propensity"], 5) for i in lines[-1]["items"]] == \
+        from serving.impressions import take_impressions
+
+        server.impressions.flush()
+        assert take_impressions(settings)["impressions"] == 10
+        logged = DeltaStore(settings).read_arrow("impressions").sort_by("ts").to_pylist()
+        assert len(logged) == 10 and logged[-1]["user_id"] == user
+        assert logged[-1]["request_id"] == reply.request_id
+        assert logged[-1]["items"] == [it.item_id for it in reply.items]
+        assert [round(p, 5) for p in logged[-1]["propensities"]] == \
             [round(it.propensity, 5) for it in reply.items]
         b_before = server.reranker.policy.b.copy()
         client.record([{"user_id": raw, "item_id": reply.items[0].item_id, "event_type": "click"}])
