@@ -4,18 +4,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import json
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from freshrec.delta import DeltaStore
 from freshrec.importers import land_events, normalize_events
+from freshrec.privacy import pseudonymize
 from serving import ingest, wal
 from tests.conftest import small_settings
 
@@ -311,3 +316,166 @@ def test_feedback_labels_clicks_in_the_window_no_clicks_late_clicks_and_organic(
     assert second["rows"] == 1 and len(rows) == 8
     assert [(r["request_id"], r["clicked"], r["event_id"]) for r in rows
             if r["request_id"] == "req3"] == [("req3", True, "late1")]
+
+
+# ---- two `freshrec serve` processes on one data directory ------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_env(data: Path, version: int) -> dict:
+    return {**os.environ, "FRESHREC_DATA_DIR": str(data), "FRESHREC__SERVING__METRICS_PORT": "-1",
+            "FRESHREC__SERVING__JSON_LOGS": "false", "FRESHREC__SERVING__MODEL": str(version),
+            "FRESHREC__SERVING__WAL_FLUSH_SECONDS": "3600", "PYTHONPATH": str(ROOT)}
+
+
+def _wait_serving(addr: str, deadline: float = 90) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from serving.client import Client
+
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            stub = health_pb2_grpc.HealthStub(Client(addr).channel)
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"server at {addr} did not come up")
+
+
+def _refresh_cli(data: Path, version: int, addrs: list[str], crash: str | None = None):
+    from serving import refresher
+
+    cmd = [sys.executable, "-m", "freshrec.cli.main", "refresh", "--once"]
+    for a in addrs:
+        cmd += ["--replica", a]
+    env = _serve_env(data, version)
+    if crash:
+        env[refresher.CRASH_ENV] = crash
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def two_servers(lane, tmp_path):
+    import shutil
+
+    from tests.conftest import register_fit
+
+    data = tmp_path / "data"
+    shutil.copytree(lane["settings"].data_dir, data)
+    version = register_fit(small_settings(data), "als")
+    ports = [_free_port(), _free_port()]
+    procs = [subprocess.Popen([sys.executable, "-m", "freshrec.cli.main", "serve", "--port",
+                               str(p)], env=_serve_env(data, version), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for p in ports]
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    try:
+        for a in addrs:
+            _wait_serving(a)
+        yield {"data": data, "version": version, "addrs": addrs, "procs": procs,
+               "settings": small_settings(data)}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+
+
+def _known_raw_user(settings) -> str:
+    users = set(DeltaStore(settings).read_arrow("events", columns=["user_id"]).column("user_id")
+                .to_pylist())
+    return next(f"u{n}" for n in range(1000)
+                if pseudonymize(f"u{n}", settings.privacy.hmac_key) in users)
+
+
+@pytest.mark.integration
+def test_an_event_taken_by_one_server_reaches_the_other_after_one_round(two_servers):
+    from serving.client import Client
+
+    s, (a_addr, b_addr) = two_servers["settings"], two_servers["addrs"]
+    a, b = Client(a_addr, "dev-client-token"), Client(b_addr, "dev-client-token")
+    admin_b = Client(b_addr, "dev-admin-token")
+    raw = _known_raw_user(s)
+    user = pseudonymize(raw, s.privacy.hmac_key)
+    before_b = b.recommend(raw, 10, request_id="b-before")
+    top = before_b.items[0].item_id
+    assert before_b.request_id == "b-before"
+    served_a = a.recommend(raw, 10)  # no request id: the server makes one
+    assert served_a.request_id and served_a.request_id != "b-before"
+    # acknowledged by A only (its log is open: A lands nothing on its own for an hour)
+    assert a.record([{"user_id": raw, "item_id": top, "event_type": "purchase",
+                      "event_id": "loop-1"}]).accepted == 1
+    assert top in {i.item_id for i in b.recommend(raw, 10).items}  # B does not know yet
+    store = DeltaStore(s)
+    events_before = store.count("events")
+    done = _refresh_cli(two_servers["data"], two_servers["version"], [a_addr, b_addr])
+    assert done.returncode == 0, done.stderr[-3000:]
+    silver = store.read_arrow("events", filter=pc.field("event_id") == "loop-1").to_pylist()
+    assert [(r["user_id"], r["item_id"], r["event_type"]) for r in silver] == \
+        [(user, top, "purchase")]
+    after_b = b.recommend(raw, 10)
+    assert top not in {i.item_id for i in after_b.items}  # now in B's history: seen, left out
+    status = admin_b.call_admin("Status", admin_b.admin_pb2.StatusRequest())
+    assert status.delta_versions["events"] == store.version("events")
+    # both servers' slates are in the impressions table, each once, with its server
+    imps = store.read_arrow("impressions").to_pylist()
+    by_id = {r["request_id"]: r for r in imps}
+    assert len(by_id) == len(imps)
+    assert by_id["b-before"]["items"] == [i.item_id for i in before_b.items]
+    assert by_id[served_a.request_id]["server"] != by_id["b-before"]["server"]
+    assert by_id["b-before"]["propensities"] == [1.0] * 10
+    # a second round takes nothing again
+    versions = store.versions(["events", "events_raw", "events_dead_letter", "impressions"])
+    again = _refresh_cli(two_servers["data"], two_servers["version"], [a_addr, b_addr])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert store.count("events") == events_before + 1
+    assert store.versions(["events", "events_raw", "events_dead_letter"]) == \
+        {k: v for k, v in versions.items() if k != "impressions"}
+    # erasing the user on A: B drops the user's history and vector after the next round
+    admin_a = Client(a_addr, "dev-admin-token")
+    admin_a.call_admin("DeleteUser", admin_a.admin_pb2.DeleteUserRequest(user_id=raw))
+    erased = _refresh_cli(two_servers["data"], two_servers["version"], [a_addr, b_addr])
+    assert erased.returncode == 0, erased.stderr[-3000:]
+    assert "'erased_users': 1" in erased.stdout
+    gone = b.recommend(raw, 10)
+    assert gone.cold_start
+    assert store.read_arrow("events", filter=pc.field("user_id") == user).num_rows == 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("point", ["after_land", "ingest_after_dead_letter", "ingest_after_silver",
+                                   "ingest_after_bronze", "impressions_after_dead_letter",
+                                   "impressions_after_table", "mid_push"])
+def test_sigkill_of_the_round_at_each_step_then_a_rerun_neither_loses_nor_doubles(
+        two_servers, point):
+    from serving.client import Client
+
+    s, addrs = two_servers["settings"], two_servers["addrs"]
+    store = DeltaStore(s)
+    n_before = store.count("events")
+    clients = [Client(addr, "dev-client-token") for addr in addrs]
+    for n, c in enumerate(clients):
+        c.recommend(f"crash-user-{n}", 5, request_id=f"crash-{n}")
+        c.record([{"user_id": f"crash-user-{n}", "item_id": f"i{j}", "event_type": "click",
+                   "event_id": f"crash-{n}-{j}"} for j in range(5)]
+                 + [{"user_id": f"crash-user-{n}", "item_id": "i1", "event_type": "click",
+                     "ts": "2999-01-01"}])  # refused by the server: never acknowledged
+    killed = _refresh_cli(two_servers["data"], two_servers["version"], addrs, crash=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    done = _refresh_cli(two_servers["data"], two_servers["version"], addrs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = store.read_arrow("events", columns=["event_id"]).column("event_id").to_pylist()
+    assert len(ids) == n_before + 10 and len(set(ids)) == len(ids)
+    assert {f"crash-{n}-{j}" for n in range(2) for j in range(5)} <= set(ids)
+    imps = store.read_arrow("impressions", columns=["request_id"]).column("request_id").to_pylist()
+    assert sorted(imps) == ["crash-0", "crash-1"]
+    assert store.count("impressions_dead_letter") == 0
+    b = Client(addrs[1], "dev-admin-token")
+    assert b.call_admin("Status", b.admin_pb2.StatusRequest()).delta_versions["events"] == \
+        store.version("events")
