@@ -572,7 +572,12 @@ class FreshrecServer:
             self.recent.pop(user, None)
         self.cache.invalidate_user(user)
         self.wal.land(everyone=True)  # every server's logged events reach landing, where erasure
-        # finds them
+        # finds them; logged slates reach the impressions table for the same reason
+        if self.impressions is not None:
+            from serving.impressions import take_impressions
+
+            self.impressions.flush()
+            take_impressions(self.settings)
         rows = erase_user(self.settings, user)
         return removed, sum(rows.values())
 

@@ -327,7 +327,7 @@ def _free_port() -> int:
 
 def _serve_env(data: Path, version: int) -> dict:
     return {**os.environ, "FRESHREC_DATA_DIR": str(data), "FRESHREC__SERVING__METRICS_PORT": "-1",
-            "FRESHREC__SERVING__JSON_LOGS": "false", "FRESHREC__SERVING__MODEL": str(version),
+            "FRESHREC__SERVING__JSON_LOGS": "false", "FRESHREC__SERVING__MODEL": f'"{version}"',
             "FRESHREC__SERVING__WAL_FLUSH_SECONDS": "3600", "PYTHONPATH": str(ROOT)}
 
 
@@ -370,15 +370,21 @@ def two_servers(lane, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(lane["settings"].data_dir, data)
     version = register_fit(small_settings(data), "als")
+    from serving.state import resolve_snapshot
+
+    resolve_snapshot(small_settings(data), version)  # built once, before two servers race for it
     ports = [_free_port(), _free_port()]
     procs = [subprocess.Popen([sys.executable, "-m", "freshrec.cli.main", "serve", "--port",
                                str(p)], env=_serve_env(data, version), cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"serve-{p}.log", "w"))
              for p in ports]
     addrs = [f"127.0.0.1:{p}" for p in ports]
     try:
-        for a in addrs:
-            _wait_serving(a)
+        for a, p in zip(addrs, ports):
+            try:
+                _wait_serving(a)
+            except AssertionError:
+                raise AssertionError((tmp_path / f"serve-{p}.log").read_text()[-3000:]) from None
         yield {"data": data, "version": version, "addrs": addrs, "procs": procs,
                "settings": small_settings(data)}
     finally:
