@@ -172,12 +172,12 @@ def test_record_events_is_durable_and_counts_at_the_next_request(live):
     assert reply.accepted == 1
     assert [(r.index, r.reason.split()[0]) for r in reply.rejections] == [
         (1, "unknown"), (2, "user_id"), (3, "value")]
-    wal = (live["settings"].data_dir / "wal" / "open.jsonl").read_text()
+    wal = (live["server"].wal.dir / "open.jsonl").read_text()  # this process's own log
     assert "grpc-1" in wal and raw not in wal and user in wal  # durable and pseudonymized
     after = live["client"].recommend(raw, 5)
     assert top not in {i.item_id for i in after.items}  # cache invalidated, event counted
     landed = live["server"].wal.land()
-    assert landed == 1 and not list((live["settings"].data_dir / "wal").glob("sealed-*"))
+    assert landed == 1 and not list((live["settings"].data_dir / "wal").rglob("sealed-*"))
     files = list((live["settings"].landing_dir / "events").rglob("wal*.parquet"))
     assert len(files) == 1
 
