@@ -213,8 +213,9 @@ class ServingSettings(_Section):
     tls_client_ca_file: str = Field("", description="PEM CA; set to require client certificates.")
     rate_limit_per_second: float = Field(2000.0, gt=0, description="Per-client sustained rate.")
     rate_limit_burst: int = Field(4000, ge=1)
-    wal_flush_seconds: float = Field(30.0, gt=0, description="How often recorded events move from "
-                                     "the write-ahead log to the landing zone.")
+    wal_flush_seconds: float = Field(30.0, gt=0, description="How often a server moves its "
+                                     "recorded events from its write-ahead log to the landing "
+                                     "zone (every nearline round also lands every server's log).")
     grace_seconds: float = Field(5.0, ge=0, description="In-flight calls get this long at shutdown.")
     log_impressions: bool = Field(True, description="Log every served Recommend slate to the "
                                   "per-process impression log (then the `impressions` table).")

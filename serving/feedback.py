@@ -44,10 +44,12 @@ def watermark(store: DeltaStore) -> datetime | None:
     """The newest watermark committed with feedback rows (None before the first run)."""
     if not store.exists("feedback"):
         return None
-    for commit in DeltaTable(store.path("feedback")).history():
-        value = commit.get(WATERMARK_KEY)
-        if value:
-            return datetime.fromisoformat(value)
+    table = DeltaTable(store.path("feedback"))
+    for limit in (50, None):  # the newest commits first; the whole log only when they lack it
+        for commit in table.history(limit):
+            value = commit.get(WATERMARK_KEY)
+            if value:
+                return datetime.fromisoformat(value)
     return None
 
 

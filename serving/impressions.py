@@ -37,7 +37,7 @@ from freshrec.contracts.events import parse_ts
 from freshrec.delta import DeltaStore
 from freshrec.settings import Settings
 from freshrec.tables import IMPRESSIONS, IMPRESSIONS_DEAD_LETTER
-from serving.segments import SegmentWriter, flocked, remove_if_abandoned, seal
+from serving.segments import SegmentWriter, flocked, process_dirs, remove_if_abandoned, seal
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def take_impressions(settings: Settings, crash=None) -> dict:
     lock = settings.data_dir / "refresher" / "impressions.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with flocked(lock):
-        dirs = sorted(p for p in root.iterdir() if p.is_dir())
+        dirs = process_dirs(root)
         for d in dirs:
             seal(d)
         segments = [s for d in dirs for s in sorted(d.glob("sealed-*.jsonl"))]

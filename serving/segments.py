@@ -71,9 +71,14 @@ class SegmentWriter:
         self.root = root
         self.name = name or process_id()
         self.dir = root / self.name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._owner_fd = os.open(self.dir / "owner.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # The directory appears under its name with its owner lock already held, so a sealer
+        # never mistakes a starting writer's directory for an abandoned one.
+        staging = root / f".{self.name}.new"
+        staging.mkdir(parents=True)
+        self._owner_fd = os.open(staging / "owner.lock", os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours for life
+        os.rename(staging, self.dir)
+        fsync_dir(root)
         self._lock = threading.Lock()
         self._file = None
         self._ino = -1
@@ -132,6 +137,11 @@ def seal(proc_dir: Path) -> Path | None:
         return target
 
 
+def process_dirs(root: Path) -> list[Path]:
+    """The writers' directories (a name starting with a dot is one still being set up)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def take_sealed(root: Path, take: Callable[[Path], None], seal_open: bool = True,
                 only: str | None = None) -> int:
     """Seal every process directory's open segment (``seal_open``), then call ``take(segment)`` on
@@ -141,7 +151,7 @@ def take_sealed(root: Path, take: Callable[[Path], None], seal_open: bool = True
     if not root.exists():
         return 0
     taken = 0
-    for proc_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    for proc_dir in process_dirs(root):
         if only is not None and proc_dir.name != only:
             continue
         if seal_open:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +28,7 @@ import pyarrow as pa
 from freshrec.importers import land_events, normalize_events
 from freshrec.settings import Settings
 from freshrec.tables import RAW_EVENT_COLUMNS
-from serving.segments import SegmentWriter, read_lines, take_sealed
+from serving.segments import SegmentWriter, fsync_dir, read_lines, take_sealed
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,27 @@ def land_all(settings: Settings, only: str | None = None) -> int:
     """Seal and land every server's segments (or only the directory ``only``); returns the events
     landed."""
     counter = [0]
+    _adopt_legacy(wal_root(settings))
     take_sealed(wal_root(settings), _lander(settings, counter), only=only)
     if counter[0]:
         log.info("write-ahead log: landed %d events", counter[0])
     return counter[0]
+
+
+def _adopt_legacy(root: Path) -> None:
+    """Segments of the single-file layout of earlier versions (``wal/open.jsonl``,
+    ``wal/sealed-*.jsonl``, written by one process) move into a process directory of their own, so
+    they are landed like any other (run the new version only after the old servers stopped)."""
+    old = [root / "open.jsonl", *sorted(root.glob("sealed-*.jsonl"))] if root.exists() else []
+    old = [p for p in old if p.exists()]
+    if not old:
+        return
+    legacy = root / "legacy"
+    legacy.mkdir(exist_ok=True)
+    for n, path in enumerate(old):
+        os.replace(path, legacy / f"sealed-{time.time_ns():020d}-{n:04d}.jsonl")
+    fsync_dir(legacy)
+    fsync_dir(root)
 
 
 class EventLog:

@@ -212,6 +212,18 @@ def test_a_torn_last_line_is_not_landed_and_a_live_writer_keeps_its_directory(se
     assert sorted(_landed_event_ids(settings)) == ["x1", "x2"]
 
 
+def test_segments_of_the_old_single_file_layout_are_landed(settings):
+    root = settings.data_dir / "wal"
+    root.mkdir(parents=True)
+    line = {"event_id": "old", "user_id": "u", "item_id": "i", "event_type": "click",
+            "value": None, "ts": "2026-11-28T10:00:00+00:00", "context": None}
+    (root / "open.jsonl").write_text(json.dumps(line) + "\n")
+    (root / "sealed-1.jsonl").write_text(json.dumps({**line, "event_id": "older"}) + "\n")
+    assert wal.land_all(settings) == 2
+    assert sorted(_landed_event_ids(settings)) == ["old", "older"]
+    assert not any(root.iterdir())
+
+
 # ---- impressions and feedback -----------------------------------------------------------------
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 
