@@ -57,6 +57,10 @@ class ReplicaDown(RuntimeError):
     """A replica did not acknowledge its deltas after the retries; its versions did not move."""
 
 
+class LiveDataError(RuntimeError):
+    """Landing, ingest, impressions or the feedback join failed in a round (after its push)."""
+
+
 class CdfGap(RuntimeError):
     """The Change Data Feed no longer holds the versions asked for (VACUUM or log clean-up)."""
 
@@ -307,7 +311,13 @@ def refresh_once(settings: Settings, ingest: bool = True) -> dict:
     a report. Raises ReplicaDown when a replica did not take its deltas (it is sent them again
     next round: its reported versions did not move)."""
     t0 = time.perf_counter()
-    taken = take_live_data(settings) if ingest else None
+    taken, live_error = None, None
+    if ingest:
+        try:
+            taken = take_live_data(settings)
+        except Exception as e:  # noqa: BLE001 - what silver holds is still pushed; raised below
+            log.exception("refresher: taking the live data failed; pushing what silver holds")
+            live_error = e
     store = DeltaStore(settings)
     replicas = [Replica(a, settings) for a in settings.refresher.replicas]
     failures: list[str] = []
@@ -348,6 +358,10 @@ def refresh_once(settings: Settings, ingest: bool = True) -> dict:
     # Nothing to commit here: each replica's applied versions (Admin.Status) are the checkpoint,
     # moved by the last ApplyDeltas of its push; the old checkpoint.json was never read.
     _crash_point("after_commit")
+    if live_error is not None:
+        raise LiveDataError(f"the round pushed what silver holds, but taking the live data failed "
+                            f"({type(live_error).__name__}: {live_error}); the next round retries "
+                            "(nothing was taken twice or lost)") from live_error
     report["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("refresher: %s", report)
     return report

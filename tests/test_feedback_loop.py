@@ -497,3 +497,17 @@ def test_sigkill_of_the_round_at_each_step_then_a_rerun_neither_loses_nor_double
     b = Client(addrs[1], "dev-admin-token")
     assert b.call_admin("Status", b.admin_pb2.StatusRequest()).delta_versions["events"] == \
         store.version("events")
+
+
+def test_a_landed_file_that_cannot_be_read_fails_the_ingest_and_keeps_the_others(settings):
+    """A corrupt landed file stops the ingest with its name; nothing is half-taken, and once the
+    file is moved away the next round takes the rest."""
+    _land(settings, _events(4), "goodfile")
+    bad = settings.landing_dir / "events" / f"landed_date={DAY}" / ("broken".ljust(24, "0")
+                                                                     + ".parquet")
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(Exception, match="broken"):
+        ingest.ingest_landed(settings)
+    assert DeltaStore(settings).count("events_raw") == 0
+    bad.rename(bad.with_suffix(".quarantined"))
+    assert ingest.ingest_landed(settings)["clean"] == 4
