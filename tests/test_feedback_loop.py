@@ -511,3 +511,34 @@ def test_a_landed_file_that_cannot_be_read_fails_the_ingest_and_keeps_the_others
     assert DeltaStore(settings).count("events_raw") == 0
     bad.rename(bad.with_suffix(".quarantined"))
     assert ingest.ingest_landed(settings)["clean"] == 4
+
+
+@pytest.mark.integration
+def test_a_replica_down_during_a_round_catches_up_next_round_without_loss_or_doubles(two_servers):
+    from serving.client import Client
+
+    s, (a_addr, b_addr) = two_servers["settings"], two_servers["addrs"]
+    raw = _known_raw_user(s)
+    b_proc = two_servers["procs"][1]
+    b_proc.send_signal(signal.SIGKILL)
+    b_proc.wait(timeout=30)
+    a = Client(a_addr, "dev-client-token")
+    top = a.recommend(raw, 10).items[0].item_id
+    assert a.record([{"user_id": raw, "item_id": top, "event_type": "purchase",
+                      "event_id": "while-b-down"}]).accepted == 1
+    store = DeltaStore(s)
+    failed = _refresh_cli(two_servers["data"], two_servers["version"], [a_addr, b_addr])
+    assert failed.returncode != 0 and b_addr in failed.stderr
+    assert store.read_arrow("events", filter=pc.field("event_id") == "while-b-down").num_rows == 1
+    port = b_addr.rsplit(":", 1)[1]
+    two_servers["procs"][1] = subprocess.Popen(
+        [sys.executable, "-m", "freshrec.cli.main", "serve", "--port", port],
+        env=_serve_env(two_servers["data"], two_servers["version"]), cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_serving(b_addr)
+    b = Client(b_addr, "dev-client-token")
+    assert top in {i.item_id for i in b.recommend(raw, 10).items}  # restarted from the snapshot
+    done = _refresh_cli(two_servers["data"], two_servers["version"], [a_addr, b_addr])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert top not in {i.item_id for i in b.recommend(raw, 10).items}
+    assert store.read_arrow("events", filter=pc.field("event_id") == "while-b-down").num_rows == 1
