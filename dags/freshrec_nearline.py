@@ -1,11 +1,21 @@
 """
-### freshrec nearline refresh
+### freshrec nearline round
 
-Every few minutes (`refresher.schedule_minutes`, default 5): read the Change Data Feed of silver
-`events` and `items` since the versions each serving replica reflects, fold new events into user
-vectors, make vectors for new items and removals for deactivated ones, push them to every replica
-(`Admin.ApplyDeltas`), then commit the checkpoint. No catch-up (each run takes everything new), one
-active run at a time. Parsing imports nothing heavy.
+Every few minutes (`refresher.schedule_minutes`, default 5), one round of
+`serving.refresher.refresh_once` (the same as `freshrec refresh --once`):
+
+1. **live data**: every server's write-ahead log sealed and landed; every landed event file not in
+   bronze taken into bronze `events_raw` and silver `events` / `events_dead_letter` with the batch
+   clean's rules, exactly once per file (delta-rs, no Spark session); every server's impression
+   log taken into `impressions` / `impressions_dead_letter`; the feedback join appends the settled
+   impressions and organic events to `feedback` (`feedback.in_nearline`);
+2. **deltas**: the Change Data Feed of `events` and `items` since the versions each replica reports
+   -> changed users' histories, erased users' removals, item vectors and removals, pushed to every
+   replica (`Admin.ApplyDeltas`); the versions a replica reports are the checkpoint.
+
+A failed round commits nothing half-way (each step is redone by the next round without doubles);
+a replica that is down fails the task after retries and is caught up next round. No catch-up
+(each run takes everything new), one active run at a time. Parsing imports nothing heavy.
 """
 
 from __future__ import annotations

@@ -270,9 +270,18 @@ class ServingSettings(_Section):
     tls_client_ca_file: str = Field("", description="PEM CA; set to require client certificates.")
     rate_limit_per_second: float = Field(2000.0, gt=0, description="Per-client sustained rate.")
     rate_limit_burst: int = Field(4000, ge=1)
-    wal_flush_seconds: float = Field(30.0, gt=0, description="How often recorded events move from "
-                                     "the write-ahead log to the landing zone.")
+    wal_flush_seconds: float = Field(30.0, gt=0, description="How often a server moves its "
+                                     "recorded events from its write-ahead log to the landing "
+                                     "zone (every nearline round also lands every server's log).")
     grace_seconds: float = Field(5.0, ge=0, description="In-flight calls get this long at shutdown.")
+    log_impressions: bool = Field(True, description="Log every served Recommend slate to the "
+                                  "per-process impression log (then the `impressions` table).")
+    impressions_flush_ms: float = Field(200.0, gt=0, description="The impression log is written "
+                                        "and fsynced this often (a crash loses at most this much).")
+    impressions_flush_records: int = Field(2000, ge=1, description="...or as soon as this many "
+                                           "slates wait.")
+    impressions_max_buffer: int = Field(200_000, ge=1, description="Slates held in memory at most; "
+                                        "beyond, new ones are dropped and counted (never blocks).")
     recent_events_per_user: int = Field(50, ge=1)
     json_logs: bool = Field(True, description="`freshrec serve` logs one JSON object per line.")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads per FAISS search; 1 lets "
@@ -315,6 +324,17 @@ class RegistrySettings(_Section):
                                      "promote-online` makes it champion only when its experiment "
                                      "arm beats control on CTR (online settings).")
     challenger_alias: str = Field("challenger", min_length=1)
+
+
+class FeedbackSettings(_Section):
+    """The feedback join (impressions x later silver events -> `feedback`)."""
+
+    window_minutes: float = Field(30.0, gt=0, description="Attribution window: an event on a "
+                                  "shown item this long after the impression is its click.")
+    settle_minutes: float = Field(10.0, ge=0, description="Events and impressions reach the "
+                                  "tables this late at most; the join waits that long past a "
+                                  "window's end before it labels the impressions in it.")
+    in_nearline: bool = Field(True, description="Run the join in every nearline round.")
 
 
 class TrainingSettings(_Section):
@@ -372,6 +392,7 @@ class Settings(_Section):
     synth: SynthSettings = SynthSettings()
     serving: ServingSettings = ServingSettings()
     refresher: RefresherSettings = RefresherSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     online: OnlineSettings = Field(default_factory=OnlineSettings)

@@ -27,10 +27,11 @@ class Client:
         self.admin = pb["admin_pb2_grpc"].AdminStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
-    def recommend(self, user_id: str, k: int = 10, timeout: float = 5.0, context=None, **filters):
+    def recommend(self, user_id: str, k: int = 10, timeout: float = 5.0, context=None,
+                  request_id: str = "", **filters):
         req = self.rec_pb2.RecommendRequest(user_id=user_id, k=k,
                                             filters=self.rec_pb2.Filters(**filters),
-                                            context=context or {})
+                                            context=context or {}, request_id=request_id)
         return self.recommender.Recommend(req, timeout=timeout, metadata=self.metadata)
 
     def similar(self, item_id: str, k: int = 10, timeout: float = 5.0, **filters):

@@ -1,17 +1,25 @@
-"""Nearline refresher: silver ``events`` / ``items`` changes -> deltas -> every serving replica,
-whatever model each replica serves.
+"""Nearline refresher: live events into the tables, then silver ``events`` / ``items`` changes ->
+deltas -> every serving replica, whatever model each replica serves.
 
-Each round asks every replica (``Admin.Status``) which model it serves and which Delta versions its
+Each round first takes the live data (:func:`take_live_data`): every server's write-ahead log is
+sealed and landed (:func:`serving.wal.land_all`) and every landed file not in bronze goes into
+bronze ``events_raw`` and silver ``events`` / ``events_dead_letter`` with the batch clean's rules,
+exactly once per file (:mod:`serving.ingest`). So an event acknowledged by one replica is in silver,
+and reaches every replica, within one round. Served slates go from every server's impression log
+into ``impressions`` and, with the events, through the feedback join into ``feedback``.
+
+Then it asks every replica (``Admin.Status``) which model it serves and which Delta versions its
 state reflects, reads the Change Data Feed of ``events`` and ``items`` from there to the tables'
 current versions, and sends ``Admin.ApplyDeltas`` in batches:
 
 * users with new (or deleted) events get their whole history as of the current version (items in
-  time order with their weights; an erased user an empty one). The replica rebuilds the user's state
-  from it with its own model: an ALS fold-in or PureSVD projection for factor models, the encoder
-  over the newest items for two-tower/SASRec, nothing more for models scored over the history
-  (kNN, EASE, content, the hybrid). Sending the full history, not increments, is what makes a
-  repeated or resumed round harmless: the same versions always give the same state. So the
-  refresher needs no model of its own and follows a retrain or a rollout without a restart;
+  time order with their weights). The replica rebuilds the user's state from it with its own
+  model: an ALS fold-in or PureSVD projection for factor models, the encoder over the newest items
+  for two-tower/SASRec, nothing more for models scored over the history (kNN, EASE, content, the
+  hybrid). Sending the full history, not increments, is what makes a repeated or resumed round
+  harmless: the same versions always give the same state. So the refresher needs no model of its
+  own and follows a retrain or a rollout without a restart. Users with no events left (erased) are
+  sent as ``remove_users``: the replica drops their vector, history and recent events;
 * items that were deactivated or deleted are removed; for embedding models new or changed active
   items get a vector: the model's own when it has one, else the mean vector of the items sharing
   their categories (content mapped into the model's space), else of the whole catalog.
@@ -21,21 +29,21 @@ removals reach every arm's state from one push, and item vectors are computed an
 embedding model, each addressed to its model (``ApplyDeltasRequest.model_version``).
 
 The last batch to a replica carries the versions it now reflects and the newest event time (for
-its lag). Only after every replica acknowledged does the local checkpoint (the versions processed)
-move. A replica that is down is retried with backoff and reported; nothing is committed. If the
-versions a replica needs are gone from the Change Data Feed (VACUUM), the round says so and sends a
-full refresh of every user instead of skipping data. ``freshrec refresh [--loop]`` runs it.
+its lag): those per-replica versions are the refresher's checkpoint (there is no local checkpoint
+file): a replica that missed a round, restarted from its snapshot or is new reports older
+versions and is sent everything since. A replica that is down is retried with backoff and
+reported; the round raises :class:`ReplicaDown` and the next round resends. If the versions a
+replica needs are gone from the Change Data Feed (VACUUM), the round says so and sends a full
+refresh of every user instead of skipping data. ``freshrec refresh [--once|--loop]`` runs it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +58,11 @@ CRASH_ENV = "FRESHREC_REFRESHER_CRASH_AT"  # test hook: SIGKILL this process at 
 
 
 class ReplicaDown(RuntimeError):
-    """A replica did not acknowledge its deltas after the retries; the checkpoint did not move."""
+    """A replica did not acknowledge its deltas after the retries; its versions did not move."""
+
+
+class LiveDataError(RuntimeError):
+    """Landing, ingest, impressions or the feedback join failed in a round (after its push)."""
 
 
 class CdfGap(RuntimeError):
@@ -100,6 +112,7 @@ class Deltas:
     items: list[str] = field(default_factory=list)
     item_vectors: np.ndarray | None = None
     remove_items: list[str] = field(default_factory=list)
+    remove_users: list[str] = field(default_factory=list)  # no events left (erased)
     versions: dict[str, int] = field(default_factory=dict)
     newest_event_ts: float = 0.0
     events_read: int = 0
@@ -162,7 +175,8 @@ def compute_deltas(settings: Settings, store: DeltaStore, factors: ModelFactors 
             hit = per_user.setdefault(u, ([], []))
             hit[0].append(items)
             hit[1].append(float(weights))
-    d.users = sorted(per_user)
+    d.remove_users = sorted(u for u, (items, _) in per_user.items() if not items)
+    d.users = sorted(u for u, (items, _) in per_user.items() if items)
     d.histories = [per_user[u] for u in d.users]
     _item_changes(store, factors, it_start, end["items"], d)
     return d
@@ -272,6 +286,9 @@ class Replica:
                     zip(extra.items[i:i + batch], extra.item_vectors[i:i + batch])]))
         for i in range(0, len(d.remove_items), batch):
             requests.append(pb.ApplyDeltasRequest(remove_items=d.remove_items[i:i + batch]))
+        for i in range(0, len(d.remove_users), batch):
+            requests.append(pb.ApplyDeltasRequest(users_pseudonymized=True,
+                                                  remove_users=d.remove_users[i:i + batch]))
         requests.append(pb.ApplyDeltasRequest(applied_versions=d.versions,
                                               newest_event_ts=d.newest_event_ts))
         for n, req in enumerate(requests):
@@ -280,26 +297,38 @@ class Replica:
                 _crash_point("mid_push")
 
 
-def checkpoint_path(settings: Settings) -> Path:
-    return settings.data_dir / "refresher" / "checkpoint.json"
+def take_live_data(settings: Settings) -> dict:
+    """The round's first step: every server's write-ahead log landed, every landed file not in
+    bronze taken into bronze and silver (:mod:`serving.ingest`), every server's impression log
+    taken into ``impressions`` (:mod:`serving.impressions`), then the feedback join
+    (:mod:`serving.feedback`, when ``feedback.in_nearline``)."""
+    from serving.feedback import run_feedback
+    from serving.impressions import take_impressions
+    from serving.ingest import ingest_landed
+    from serving.wal import land_all
+
+    landed = land_all(settings)
+    _crash_point("after_land")
+    report = ingest_landed(settings, crash=_crash_point)
+    report["landed_events"] = landed
+    report["impressions"] = take_impressions(settings, crash=_crash_point)
+    if settings.feedback.in_nearline:
+        report["feedback"] = run_feedback(settings)
+    return report
 
 
-def read_checkpoint(settings: Settings) -> dict:
-    path = checkpoint_path(settings)
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def write_checkpoint(settings: Settings, state: dict) -> None:
-    path = checkpoint_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def refresh_once(settings: Settings) -> dict:
-    """One round over every replica; returns a report. Raises ReplicaDown without committing."""
+def refresh_once(settings: Settings, ingest: bool = True) -> dict:
+    """One round: live events into the tables (``ingest``), then deltas to every replica; returns
+    a report. Raises ReplicaDown when a replica did not take its deltas (it is sent them again
+    next round: its reported versions did not move)."""
     t0 = time.perf_counter()
+    taken, live_error = None, None
+    if ingest:
+        try:
+            taken = take_live_data(settings)
+        except Exception as e:  # noqa: BLE001 - what silver holds is still pushed; raised below
+            log.exception("refresher: taking the live data failed; pushing what silver holds")
+            live_error = e
     store = DeltaStore(settings)
     replicas = [Replica(a, settings) for a in settings.refresher.replicas]
     failures: list[str] = []
@@ -317,7 +346,8 @@ def refresh_once(settings: Settings) -> dict:
     _crash_point("after_status")
     report: dict = {"replicas": len(replicas),
                     "models": sorted({m for k in groups for m in (k[0], *k[3])}),
-                    "users": 0, "items": 0, "removed": 0, "events": 0, "full": False}
+                    "users": 0, "items": 0, "removed": 0, "events": 0, "full": False,
+                    "erased_users": 0, "ingest": taken}
     factors_of: dict[str, ModelFactors | None] = {}
     for (model_version, ev, it, others), members in groups.items():
         for m in (model_version, *others):
@@ -334,6 +364,7 @@ def refresh_once(settings: Settings) -> dict:
         report.update(users=max(report["users"], len(d.users)),
                       items=max(report["items"], len(d.items)),
                       removed=max(report["removed"], len(d.remove_items)),
+                      erased_users=max(report["erased_users"], len(d.remove_users)),
                       events=max(report["events"], d.events_read),
                       full=report["full"] or d.full, versions=d.versions)
         for r in members:
@@ -342,11 +373,16 @@ def refresh_once(settings: Settings) -> dict:
             except ReplicaDown as e:
                 failures.append(str(e))
     if failures:
-        raise ReplicaDown("; ".join(failures) + " (checkpoint not committed)")
+        raise ReplicaDown("; ".join(failures) + " (checkpoint not committed: the replica's "
+                          "versions did not move)")
     _crash_point("before_commit")
-    if "versions" in report:
-        write_checkpoint(settings, {**report["versions"], "models": report["models"]})
+    # Nothing to commit here: each replica's applied versions (Admin.Status) are the checkpoint,
+    # moved by the last ApplyDeltas of its push; the old checkpoint.json was never read.
     _crash_point("after_commit")
+    if live_error is not None:
+        raise LiveDataError(f"the round pushed what silver holds, but taking the live data failed "
+                            f"({type(live_error).__name__}: {live_error}); the next round retries "
+                            "(nothing was taken twice or lost)") from live_error
     report["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("refresher: %s", report)
     return report
@@ -358,7 +394,7 @@ def loop(settings: Settings, interval: float, rounds: int | None = None) -> None
         started = time.monotonic()
         try:
             refresh_once(settings)
-        except (ReplicaDown, ValueError) as e:
-            log.error("refresher round failed: %s; retrying next round", e)
+        except Exception as e:  # noqa: BLE001 - a failed round commits nothing; the next retries
+            log.error("refresher round failed: %s; retrying next round", e, exc_info=True)
         n += 1
         time.sleep(max(0.0, interval - (time.monotonic() - started)))

@@ -6,12 +6,12 @@ features the training lane learns on (:mod:`freshrec.policies`, shared by both l
 share of recent items in the candidate's category, the candidate's standardized log popularity and
 its standardized retrieval score. The policy picks ``k``; with probability ``epsilon`` a uniformly
 random slate is served instead, so every candidate has a known chance of being served (see
-:mod:`freshrec.policies`). Each served slate is appended to
-``<data>/impressions/impressions-<date>.jsonl`` (user pseudonym, items, positions, propensities,
-policy), the logged data of off-policy learning. Clicks reported through RecordEvents update a
+:mod:`freshrec.policies`). The server logs each served slate with these propensities through the
+impression log (:mod:`serving.impressions`) into the ``impressions`` table, the logged data of
+off-policy learning. Clicks reported through RecordEvents update a
 bandit online; the unclicked rest of a slate counts as reward 0 when the user's next slate is served.
-Each log line also carries the candidates and their retrieval scores, which off-policy learning
-needs (``impressions.candidates``).
+Each logged slate also carries the candidates and their retrieval scores, which off-policy
+learning needs (``impressions.candidates``).
 
 The online bandit's state (its ``A`` and ``b``) survives a restart: it is written to
 ``<data>/reranker/<name>-state.npz`` (temporary file, fsync, atomic rename, fsync of the directory)
@@ -29,7 +29,6 @@ import logging
 import os
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +40,15 @@ REWARDING = {"click", "purchase", "add_to_cart", "rating", "like"}
 
 
 class Reranker:
-    def __init__(self, model_dir: Path, impressions_dir: Path, candidates: int = 30,
-                 epsilon: float = 0.05, seed: int = 0, state_dir: Path | None = None,
-                 persist_every: int = 100, persist_seconds: float = 30.0) -> None:
+    def __init__(self, model_dir: Path, candidates: int = 30, epsilon: float = 0.05,
+                 seed: int = 0, state_dir: Path | None = None, persist_every: int = 100,
+                 persist_seconds: float = 30.0) -> None:
         meta = json.loads((model_dir / "model.json").read_text())
         if meta.get("kind") != "reranker":
             raise ValueError(f"{model_dir}: not a re-ranking policy (model.json kind="
                              f"{meta.get('kind')!r}); train one with `freshrec train --model bandit`")
         self.policy = LinearPolicy.from_arrays(np.load(model_dir / "arrays.npz"), epsilon, seed)
         self.name, self.candidates = meta["name"], candidates
-        self.dir = impressions_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
         self.pending: dict[str, dict[str, np.ndarray]] = {}  # user -> item -> features, unrewarded
         self._pop: tuple[int, dict[str, float]] | None = None
@@ -134,8 +131,6 @@ class Reranker:
                 self.policy.update(np.stack(list(old.values())), np.zeros(len(old)))
                 self.updates += 1
             self.pending[user] = {scored[i].item_id: x[i] for i in slate}
-            self._log(user, [(scored[i].item_id, pos, float(p)) for pos, (i, p) in
-                             enumerate(zip(slate, prop))], scored)
         if old:
             self._updated()
         return [(scored[i], float(p)) for i, p in zip(slate, prop)]
@@ -152,16 +147,6 @@ class Reranker:
             self.updates += 1
         self._updated()
         return True
-
-    def _log(self, user: str, served: list[tuple[str, int, float]], scored: list) -> None:
-        now = datetime.now(timezone.utc)
-        line = json.dumps({"ts": now.isoformat(), "user_id": user, "policy": self.name,
-                           "items": [{"item_id": i, "position": p, "propensity": q}
-                                     for i, p, q in served],
-                           "candidates": [s.item_id for s in scored],
-                           "candidate_scores": [float(s.score) for s in scored]})
-        with (self.dir / f"impressions-{now:%Y-%m-%d}.jsonl").open("a") as f:
-            f.write(line + "\n")
 
 
 def load_reranker(settings) -> Reranker | None:
@@ -186,7 +171,7 @@ def load_reranker(settings) -> Reranker | None:
             raise FileNotFoundError(f"serving.reranker={where}: no model.json there; point it at an "
                                     "exported policy directory or use 'champion'")
     started = time.perf_counter()
-    r = Reranker(path, settings.data_dir / "impressions", settings.serving.rerank_candidates,
-                 settings.serving.rerank_epsilon, state_dir=settings.data_dir / "reranker")
+    r = Reranker(path, settings.serving.rerank_candidates, settings.serving.rerank_epsilon,
+                 state_dir=settings.data_dir / "reranker")
     log.info("re-ranker %s loaded from %s in %.2fs", r.name, path, time.perf_counter() - started)
     return r

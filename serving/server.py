@@ -38,6 +38,7 @@ from serving.experiment import (STATS, ArmMonitor, ArmState, OnlineCollector, di
 from serving.logic import Filters, NotFound, Result, recommend, similar_items
 from serving.proto import stubs
 from serving.state import ServingState, load_state
+from serving.impressions import ImpressionLog
 from serving.wal import EventLog
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,9 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
         self._check_id(request.user_id, "user_id", context)
         self._check_k(request.k, context)
         self._check_filters(request.filters, context)
+        if len(request.request_id) > self.s.settings.serving.max_id_length:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is longer than "
+                          f"{self.s.settings.serving.max_id_length} characters")
         self.s.require_state(context)
         user = self.s.pseudonym(request.user_id)
         arm = self.s.arm_for(user)
@@ -313,7 +317,9 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
         cached = self.s.cache.get(key)
         if cached is not None:
             self.s.metrics.cache_hits.inc()
-            return cached
+            reply = rec_pb2.RecommendResponse()
+            reply.CopyFrom(cached[0])
+            return self._served(request, reply, user, cached[1], cached[2], None)
         self.s.metrics.cache_misses.inc()
         self.s.check_deadline(context)
         # Request-time freshness: the user's own new events count now, whatever the model kind.
@@ -325,16 +331,38 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
             # explores: not cached, every served item carries its propensity (and is logged)
             history = [i for i, _ in reversed(recent)] + sorted(state.seen.get(user, ()))
             picked = rr.rerank(state, user, history, result.items, request.k)
-            return rec_pb2.RecommendResponse(
+            reply = rec_pb2.RecommendResponse(
                 items=[rec_pb2.ScoredItem(item_id=s.item_id, score=s.score, source=f"{s.source}+{rr.name}",
                                           explanation=s.explanation, propensity=p) for s, p in picked],
                 model_version=result.model_version, cold_start=False, arm=arm.name)
+            return self._served(request, reply, user, [s.item_id for s, _ in picked],
+                                [float(s.score) for s, _ in picked], [float(p) for _, p in picked],
+                                candidates=result.items)
         result.items[:] = result.items[:request.k]
         if not result.cold_start and next(self.s.sample_tick) % self.s.sample_every == 0:
             arm.monitor.add([s.item_id for s in result.items], [s.score for s in result.items])
         reply = rec_pb2.RecommendResponse(items=_scored(result), model_version=result.model_version,
                                           cold_start=result.cold_start, arm=arm.name)
-        self.s.cache.put(key, reply, token)
+        ids, scores = [s.item_id for s in result.items], [float(s.score) for s in result.items]
+        self.s.cache.put(key, (reply, ids, scores), token)
+        return self._served(request, reply, user, ids, scores, None)
+
+    def _served(self, request, reply, user: str, items: list[str], scores: list[float],
+                propensities: list[float] | None, candidates: list | None = None):
+        """Name the slate (the request's request_id or a new one) and log it as an impression
+        (propensity 1.0 per item when the ranker was deterministic; a re-ranked slate also logs
+        the candidates it was chosen from, which off-policy learning needs)."""
+        imp = self.s.impressions
+        if imp is None:
+            reply.request_id = request.request_id
+            return reply
+        rid = request.request_id or imp.new_request_id()
+        reply.request_id = rid
+        if items:
+            imp.record(rid, user, reply.model_version, reply.arm or None, items,
+                       scores, propensities or [1.0] * len(items),
+                       None if candidates is None else [c.item_id for c in candidates],
+                       None if candidates is None else [float(c.score) for c in candidates])
         return reply
 
     def SimilarItems(self, request, context):
@@ -451,11 +479,14 @@ class AdminServicer(admin_grpc.AdminServicer):
                     st.delta_versions[table] = version
                 if request.newest_event_ts:
                     st.newest_event_ts = max(st.newest_event_ts or 0.0, request.newest_event_ts)
-                gone = st.remove_users([users(u) for u in request.remove_users])
+                # a removed user (erased upstream) loses vector, history and recent events
+                gone = sum(st.forget_user(users(u)) for u in request.remove_users)
                 hist = sum(st.set_history(users(h.user_id), list(h.item_ids), list(h.weights))
                            for h in request.upsert_histories)
                 if n == 0:
                     n_rm, u_rm, h_up = removed, gone, hist
+            for u in request.remove_users:
+                self.s.forget_recent(users(u))
             self.s.cache.invalidate_all()
             self.s.update_gauges()
             return admin_pb2.ApplyDeltasResponse(items_upserted=n_up, items_removed=n_rm,
@@ -521,6 +552,9 @@ class FreshrecServer:
         self.cache = UserCache(settings.serving.cache_size, settings.serving.cache_ttl_seconds)
         self.audit = AuditLog(settings.data_dir / "audit" / "admin.jsonl")
         self.wal = EventLog(settings)
+        self.impressions: ImpressionLog | None = None
+        if settings.serving.log_impressions:
+            self.impressions = ImpressionLog(settings)
         self.recent: dict[str, deque] = {}
         self.recent_lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -641,15 +675,31 @@ class FreshrecServer:
     def delete_user(self, user: str) -> tuple[bool, int]:
         from freshrec.erasure import erase_user
 
-        removed = False
-        for state in self.distinct_states():
-            removed = state.forget_user(user) or removed
-        with self.recent_lock:
-            self.recent.pop(user, None)
-        self.cache.invalidate_user(user)
-        self.wal.land()  # the user's logged events reach landing, where erasure finds them
+        removed = self.forget_user(user)
+        self.wal.land(everyone=True)  # every server's logged events reach landing, where erasure
+        # finds them; logged slates reach the impressions table for the same reason
+        if self.impressions is not None:
+            from serving.impressions import take_impressions
+
+            self.impressions.flush()
+            take_impressions(self.settings)
         rows = erase_user(self.settings, user)
         return removed, sum(rows.values())
+
+    def forget_user(self, user: str) -> bool:
+        """Drop a user's vector, history and recent events from this replica, every arm's state
+        (not the tables)."""
+        removed = False
+        for st in self.distinct_states():
+            removed = st.forget_user(user) or removed
+        return self.forget_recent(user) or removed
+
+    def forget_recent(self, user: str) -> bool:
+        """Drop a user's recent (not yet refreshed) events and cached replies."""
+        with self.recent_lock:
+            removed = self.recent.pop(user, None) is not None
+        self.cache.invalidate_user(user)
+        return removed
 
     def refresh_lag(self) -> float:
         state = self.state
@@ -810,7 +860,7 @@ class FreshrecServer:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.assigner is not None and load:
             self.check_experiment()  # refuse to start: an arm names a model that does not exist
-        self.wal.land()  # whatever a crash left in the log
+        self.wal.land(everyone=True)  # whatever a crashed server left in the log
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                              interceptors=[GuardInterceptor(self)],
                              options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -878,10 +928,12 @@ class FreshrecServer:
             self._server.stop(self.settings.serving.grace_seconds if grace is None else grace).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
-        self.wal.land()
         self.wal.close()
         if self.reranker is not None:
             self.reranker.save()  # the online bandit's state survives the restart
+        self.wal.land()  # this process's last events; its log directory goes with them
+        if self.impressions is not None:
+            self.impressions.close()  # flushed and fsynced; the next round takes them
 
     def wait(self) -> None:
         if self._server is not None:

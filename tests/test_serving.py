@@ -172,12 +172,12 @@ def test_record_events_is_durable_and_counts_at_the_next_request(live):
     assert reply.accepted == 1
     assert [(r.index, r.reason.split()[0]) for r in reply.rejections] == [
         (1, "unknown"), (2, "user_id"), (3, "value")]
-    wal = (live["settings"].data_dir / "wal" / "open.jsonl").read_text()
+    wal = (live["server"].wal.dir / "open.jsonl").read_text()  # this process's own log
     assert "grpc-1" in wal and raw not in wal and user in wal  # durable and pseudonymized
     after = live["client"].recommend(raw, 5)
     assert top not in {i.item_id for i in after.items}  # cache invalidated, event counted
     landed = live["server"].wal.land()
-    assert landed == 1 and not list((live["settings"].data_dir / "wal").glob("sealed-*"))
+    assert landed == 1 and not list((live["settings"].data_dir / "wal").rglob("sealed-*"))
     files = list((live["settings"].landing_dir / "events").rglob("wal*.parquet"))
     assert len(files) == 1
 
@@ -406,11 +406,15 @@ def test_bandit_reranker_explores_logs_propensities_and_learns_from_clicks(lane,
             assert all(it.source.endswith("+linucb") for it in reply.items)
             seen |= {it.item_id for it in reply.items}
         assert len(seen) > 5  # explored beyond one fixed slate
-        lines = [json.loads(x) for f in (settings.data_dir / "impressions").glob("*.jsonl")
-                 for x in f.read_text().splitlines()]
-        assert len(lines) == 10 and lines[-1]["user_id"] == user
-        assert [i["item_id"] for i in lines[-1]["items"]] == [it.item_id for it in reply.items]
-        assert [round(i["propensity"], 5) for i in lines[-1]["items"]] == \
+        from serving.impressions import take_impressions
+
+        server.impressions.flush()
+        assert take_impressions(settings)["impressions"] == 10
+        logged = DeltaStore(settings).read_arrow("impressions").sort_by("ts").to_pylist()
+        assert len(logged) == 10 and logged[-1]["user_id"] == user
+        assert logged[-1]["request_id"] == reply.request_id
+        assert logged[-1]["items"] == [it.item_id for it in reply.items]
+        assert [round(p, 5) for p in logged[-1]["propensities"]] == \
             [round(it.propensity, 5) for it in reply.items]
         b_before = server.reranker.policy.b.copy()
         client.record([{"user_id": raw, "item_id": reply.items[0].item_id, "event_type": "click"}])

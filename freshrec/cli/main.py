@@ -391,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: serving.model)")
     rec.set_defaults(fn=cmd_recommend)
 
-    ref = sub.add_parser("refresh", help="push fresh user/item vectors to the serving replicas")
+    ref = sub.add_parser("refresh", help="take live events into bronze/silver, then push fresh "
+                         "user/item state to the serving replicas")
+    ref.add_argument("--once", action="store_true", help="one round (the default)")
     ref.add_argument("--loop", action="store_true", help="keep refreshing every --interval")
     ref.add_argument("--interval", help="e.g. 60s, 5m (default: refresher.interval_seconds)")
     ref.add_argument("--replica", action="append", help="host:port (repeatable; default: settings)")

@@ -1,0 +1,282 @@
+"""Impressions: every served Recommend slate, logged per server process, then the Delta table.
+
+The request path only appends a tuple to an in-memory buffer (:meth:`ImpressionLog.record`, about
+a microsecond). A background thread turns the buffer into JSON lines and appends them to the
+process's own segment directory ``<data>/impressions/log/<host>-<pid>-<start_ns>/`` (the same
+per-process, seal-by-rename segments as the event write-ahead log, :mod:`serving.segments`) with
+one fsync per flush: every ``serving.impressions_flush_ms`` or as soon as
+``serving.impressions_flush_records`` slates are waiting, and at shutdown. Impressions are
+analytics, not acknowledged writes: a crash (kill -9, power loss) loses the slates of at most the
+last flush period (plus what the buffer held when it was over ``impressions_max_buffer`` records:
+those are dropped and counted, never blocking a request).
+
+The nearline round (:func:`take_impressions`) seals every process's segment and writes each record
+into ``impressions`` once per ``request_id``; malformed records and repeated request ids go to
+``impressions_dead_letter`` with their reason (:data:`REASONS`). Exactly once per segment: the
+dead-letter rows and then the impressions rows are appended (each skipping segments already there
+by ``source_file``, the segment's content hash), then the segment is deleted; a round that dies
+in between is redone by the next one without doubles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from freshrec.contracts.events import parse_ts
+from freshrec.delta import DeltaStore
+from freshrec.settings import Settings
+from freshrec.tables import IMPRESSIONS, IMPRESSIONS_DEAD_LETTER
+from serving.segments import SegmentWriter, flocked, process_dirs, remove_if_abandoned, seal
+
+log = logging.getLogger(__name__)
+
+REASONS = ("not_json", "missing_field", "bad_items", "length_mismatch", "bad_score",
+           "bad_propensity", "bad_ts", "duplicate_request_id")
+REQUIRED = ("request_id", "user_id", "model_version", "items", "ts")
+
+
+def log_root(settings: Settings) -> Path:
+    return settings.data_dir / "impressions" / "log"
+
+
+class ImpressionLog:
+    """The per-process impression logger of one server."""
+
+    def __init__(self, settings: Settings) -> None:
+        cfg = settings.serving
+        self.writer = SegmentWriter(log_root(settings))
+        self.server = self.writer.name
+        self.flush_seconds = cfg.impressions_flush_ms / 1000.0
+        self.flush_records = cfg.impressions_flush_records
+        self.max_buffer = cfg.impressions_max_buffer
+        self._buf: list[tuple] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ids = itertools.count(1)
+        self._prefix = hashlib.sha256(self.server.encode()).hexdigest()[:12] + "-"
+        self.dropped = 0
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="impressions-flush", daemon=True)
+        self._thread.start()
+
+    def new_request_id(self) -> str:
+        return f"{self._prefix}{next(self._ids):x}"
+
+    def record(self, request_id: str, user_id: str, model_version: str, arm: str | None,
+               items: list[str], scores: list[float], propensities: list[float],
+               candidates: list[str] | None = None,
+               candidate_scores: list[float] | None = None) -> None:
+        """Queue one served slate (items in served order; a re-ranked slate also the candidates
+        it was chosen from, with their retrieval scores); never blocks on I/O."""
+        entry = (request_id, user_id, model_version, arm, items, scores, propensities,
+                 time.time_ns() // 1000, candidates, candidate_scores)
+        with self._lock:
+            if len(self._buf) >= self.max_buffer:
+                self.dropped += 1
+                return
+            self._buf.append(entry)
+            n = len(self._buf)
+        if n >= self.flush_records:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # keep serving; the records stay buffered for the next try
+                log.exception("writing the impression log failed; will retry")
+
+    def flush(self) -> int:
+        with self._lock:
+            buf, self._buf = self._buf, []
+        if not buf:
+            return 0
+        server = self.server
+        lines = [json.dumps({"request_id": r, "user_id": u, "model_version": m, "arm": a,
+                             "items": it, "positions": list(range(len(it))), "scores": sc,
+                             "propensities": pr, "ts": ts, "server": server,
+                             **({"candidates": c, "candidate_scores": cs} if c else {})},
+                            separators=(",", ":")).encode() + b"\n"
+                 for r, u, m, a, it, sc, pr, ts, c, cs in buf]
+        try:
+            self.writer.append(b"".join(lines))
+        except Exception:
+            with self._lock:
+                self._buf[:0] = buf
+            raise
+        self.written += len(buf)
+        return len(buf)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self.flush()
+        self.writer.close()
+
+
+# ---- the round: segments -> impressions / impressions_dead_letter ----------------------------
+def _check(rec, seen: set[str]) -> tuple[dict | None, str | None]:
+    """(typed row, None) or (None, reason)."""
+    if not isinstance(rec, dict):
+        return None, "not_json"
+    for f in REQUIRED:
+        v = rec.get(f)
+        if v is None or v == "" or v == []:
+            return None, f"missing_field: {f}"
+    items = rec["items"]
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        return None, "bad_items: items must be a list of non-empty item ids"
+    if not all(isinstance(rec[f], str) for f in ("request_id", "user_id", "model_version")):
+        return None, "missing_field: request_id, user_id and model_version must be text"
+    n = len(items)
+    positions = rec.get("positions")
+    positions = list(range(n)) if positions is None else positions
+    scores, props = rec.get("scores"), rec.get("propensities")
+    for name, col in (("positions", positions), ("scores", scores), ("propensities", props)):
+        if col is not None and (not isinstance(col, list) or len(col) != n):
+            return None, f"length_mismatch: {name} does not match the {n} items"
+    if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in positions):
+        return None, "length_mismatch: positions must be non-negative integers"
+    if scores is not None and not all(isinstance(s, (int, float)) and not isinstance(s, bool)
+                                      and math.isfinite(s) for s in scores):
+        return None, "bad_score: scores must be finite numbers"
+    if props is not None and not all(isinstance(p, (int, float)) and not isinstance(p, bool)
+                                     and 0 < p <= 1 for p in props):
+        return None, "bad_propensity: propensities must be in (0, 1]"
+    cands, cscores = rec.get("candidates"), rec.get("candidate_scores")
+    if cands is not None and (not isinstance(cands, list)
+                              or not all(isinstance(i, str) and i for i in cands)):
+        return None, "bad_candidates: candidates must be a list of non-empty item ids"
+    if cscores is not None and (cands is None or not isinstance(cscores, list)
+                                or len(cscores) != len(cands)
+                                or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                           and math.isfinite(x) for x in cscores)):
+        return None, "bad_candidates: candidate_scores must be finite numbers, one per candidate"
+    ts = rec["ts"]
+    us = ts if isinstance(ts, int) and not isinstance(ts, bool) else \
+        parse_ts(ts) if isinstance(ts, str) else None
+    if us is None:
+        return None, "bad_ts: ts must be epoch microseconds or ISO-8601"
+    if rec["request_id"] in seen:
+        return None, "duplicate_request_id"
+    seen.add(rec["request_id"])
+    arm = rec.get("arm")
+    return {"request_id": rec["request_id"], "user_id": rec["user_id"],
+            "model_version": rec["model_version"], "arm": arm if isinstance(arm, str) else None,
+            "items": items, "positions": positions,
+            "scores": [float(s) for s in scores] if scores is not None else None,
+            "propensities": [float(p) for p in props] if props is not None else None,
+            "ts": us, "server": rec.get("server") if isinstance(rec.get("server"), str) else None,
+            "candidates": cands,
+            "candidate_scores": [float(x) for x in cscores] if cscores is not None else None},\
+        None
+
+
+def _day(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, timezone.utc).strftime("%Y-%m-%d")
+
+
+def take_impressions(settings: Settings, crash=None) -> dict:
+    """Seal every server's impression log and take the sealed segments into the tables (see the
+    module docstring); returns counts."""
+    from serving.segments import read_lines
+
+    crash = crash or (lambda name: None)
+    root = log_root(settings)
+    report = {"segments": 0, "impressions": 0, "dead_letter": 0}
+    if not root.exists():
+        return report
+    store = DeltaStore(settings)
+    lock = settings.data_dir / "refresher" / "impressions.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with flocked(lock):
+        dirs = process_dirs(root)
+        for d in dirs:
+            seal(d)
+        segments = [s for d in dirs for s in sorted(d.glob("sealed-*.jsonl"))]
+        if not segments:
+            for d in dirs:
+                remove_if_abandoned(d)
+            return report
+        sources = {}
+        for seg in segments:
+            data, lines = read_lines(seg)
+            sources[seg] = ("imp" + hashlib.sha256(data).hexdigest()[:21], lines)
+        ids = [sid for sid, _ in sources.values()]
+        done_imp = set(store.read_arrow("impressions", columns=["source_file"], filter=pc.field(
+            "source_file").isin(ids)).column("source_file").to_pylist())
+        done_dead = set(store.read_arrow("impressions_dead_letter", columns=["source_file"],
+                                         filter=pc.field("source_file").isin(ids))
+                        .column("source_file").to_pylist())
+        # request ids already in the table from OTHER segments (a redone segment's own rows are
+        # not duplicates of themselves)
+        seen: set[str] = set()
+        good, bad = [], []
+        today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        parsed = []
+        for sid, lines in sources.values():
+            recs = []
+            for line in lines:
+                try:
+                    recs.append((line, json.loads(line)))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    recs.append((line, None))
+            parsed.append((sid, recs))
+        candidates = [r.get("request_id") for _, recs in parsed for _, r in recs
+                      if isinstance(r, dict) and isinstance(r.get("request_id"), str)]
+        own = set(ids)
+        if candidates:
+            stored = store.read_arrow("impressions", columns=["request_id", "source_file"],
+                                      filter=pc.field("request_id").isin(candidates))
+            seen = {r for r, s in zip(stored.column("request_id").to_pylist(),
+                                      stored.column("source_file").to_pylist())
+                    if s not in own}
+        for sid, recs in parsed:
+            for line, rec in recs:
+                row, reason = _check(rec, seen)
+                if row is not None:
+                    row.update(source_file=sid, served_date=_day(row["ts"]))
+                    good.append(row)
+                else:
+                    ts = rec.get("ts") if isinstance(rec, dict) else None
+                    us = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+                    bad.append({"raw": line.decode("utf-8", "replace"), "reason": reason,
+                                "source_file": sid, "served_date": _day(us) if us else today})
+        dead = [r for r in bad if r["source_file"] not in done_dead]
+        if dead:
+            store.write_arrow("impressions_dead_letter",
+                              pa.Table.from_pylist(dead, schema=IMPRESSIONS_DEAD_LETTER.schema))
+        crash("impressions_after_dead_letter")
+        rows = [r for r in good if r["source_file"] not in done_imp]
+        if rows:
+            as_int = pa.schema([f.with_type(pa.int64()) if f.name == "ts" else f
+                                for f in IMPRESSIONS.schema])
+            table = pa.Table.from_pylist(rows, schema=as_int)
+            table = table.set_column(table.schema.get_field_index("ts"), "ts",
+                                     table.column("ts").cast(IMPRESSIONS.schema.field("ts").type))
+            store.write_arrow("impressions", table)
+        crash("impressions_after_table")
+        for seg in segments:
+            seg.unlink()
+        for d in dirs:
+            remove_if_abandoned(d)
+        report.update(segments=len(segments), impressions=len(rows), dead_letter=len(dead))
+        if rows or dead:
+            log.info("impressions: %s", report)
+        return report
+
