@@ -416,6 +416,11 @@ def test_bandit_reranker_explores_logs_propensities_and_learns_from_clicks(lane,
         assert logged[-1]["items"] == [it.item_id for it in reply.items]
         assert [round(p, 5) for p in logged[-1]["propensities"]] == \
             [round(it.propensity, 5) for it in reply.items]
+        # the candidates the policy chose from travel with the slate (off-policy learning needs
+        # them): every shown item is one of them, and there are rerank_candidates of them
+        cands = logged[-1]["candidates"]
+        assert len(cands) == 20 and set(logged[-1]["items"]) <= set(cands)
+        assert len(logged[-1]["candidate_scores"]) == 20
         b_before = server.reranker.policy.b.copy()
         client.record([{"user_id": raw, "item_id": reply.items[0].item_id, "event_type": "click"}])
         assert not np.allclose(server.reranker.policy.b, b_before)
