@@ -18,7 +18,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 DATE ?= $(shell date -u +%Y-%m-%d)
 RUN_AFTER = $(shell date -u -d "$(DATE) + 1 day" +%Y-%m-%d)
 
-.PHONY: help install proto system-deps run test test-fast lint bench clean
+.PHONY: help install proto system-deps jars run test test-fast lint bench clean
 
 help: install ## list the targets (creates .venv first when missing)
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,7 +35,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	@rm -f $(VENV)/.installed-*; touch $@
 
-install: system-deps $(STAMP) proto ## create .venv and install freshrec with its extras (skipped when done)
+install: system-deps $(STAMP) proto jars ## create .venv and install freshrec with its extras (skipped when done)
+
+jars: $(STAMP) ## fetch the Delta jars (delta-spark) into .jars/ once, when Maven is present
+	@if command -v mvn >/dev/null; then $(PY) -m freshrec.jars fetch \
+	  || echo "warning: Delta jars not fetched; Spark jobs keep delta-rs (delta.backend auto/rs)"; \
+	else echo "mvn not found: skipping the Delta jars; Spark jobs use delta-rs (apt-get install -y maven, then make jars)"; fi
 
 proto: $(STAMP) ## generate the gRPC stubs from serving/proto/freshrec/v1/*.proto
 	@$(PY) -c "from serving.proto import stubs; stubs()"
@@ -59,5 +64,5 @@ lint: install ## ruff on the project's own code
 bench: install ## time every batch stage and compare Spark ALS with the implicit library
 	$(PY) benchmarks/batch.py
 
-clean: ## remove local state (data, Airflow home); keeps .venv
+clean: ## remove local state (data, Airflow home); keeps .venv and .jars
 	rm -rf data .airflow spark-warehouse
