@@ -18,7 +18,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 DATE ?= $(shell date -u +%Y-%m-%d)
 RUN_AFTER = $(shell date -u -d "$(DATE) + 1 day" +%Y-%m-%d)
 
-.PHONY: help install proto system-deps jars run test test-fast lint bench clean
+.PHONY: help install proto system-deps jars cluster-up cluster-down cluster-status run test test-fast lint bench clean
 
 help: install ## list the targets (creates .venv first when missing)
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,15 @@ jars: $(STAMP) ## fetch the Delta jars (delta-spark) into .jars/ once, when Mave
 proto: $(STAMP) ## generate the gRPC stubs from serving/proto/freshrec/v1/*.proto
 	@$(PY) -c "from serving.proto import stubs; stubs()"
 
+cluster-up: install ## start a Spark standalone master + 2 one-core workers on 127.0.0.1:7077 (.cluster/)
+	$(PY) -m freshrec.cluster up
+
+cluster-down: ## stop the loopback Spark cluster
+	$(PY) -m freshrec.cluster down
+
+cluster-status: ## how many workers the loopback master has
+	$(PY) -m freshrec.cluster status
+
 run: install ## set up, make the embedded dataset once, run the batch DAG, report, one live gRPC request
 	$(PY) -m freshrec.cli.main data synth --if-missing
 	@mkdir -p .airflow && $(VENV)/bin/airflow db migrate > .airflow/migrate.log 2>&1 || { cat .airflow/migrate.log; exit 1; }
@@ -64,5 +73,5 @@ lint: install ## ruff on the project's own code
 bench: install ## time every batch stage and compare Spark ALS with the implicit library
 	$(PY) benchmarks/batch.py
 
-clean: ## remove local state (data, Airflow home); keeps .venv and .jars
-	rm -rf data .airflow spark-warehouse
+clean: ## remove local state (data, Airflow home, cluster logs); keeps .venv and .jars
+	rm -rf data .airflow spark-warehouse .cluster

@@ -57,9 +57,10 @@ def get_spark(settings: Settings) -> SparkSession:
         return active
     cfg = settings.spark
     submitted = under_spark_submit()
-    builder = SparkSession.builder.appName(cfg.app_name)
-    if not submitted:
-        builder = builder.master(cfg.master).config("spark.driver.memory", cfg.driver_memory)
+    builder = SparkSession.builder
+    if not submitted:  # spark-submit's --master, --name and --driver-memory stand
+        builder = builder.master(cfg.master).appName(cfg.app_name) \
+            .config("spark.driver.memory", cfg.driver_memory)
     builder = (builder
                .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
                .config("spark.default.parallelism", str(max(2, cfg.shuffle_partitions)))
