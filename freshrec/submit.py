@@ -86,7 +86,7 @@ def command(job: str, argv: list[str], settings: Settings) -> list[str]:
     jars = require_delta_jars() if backend == "spark" else (delta_jars() if backend == "auto" else [])
     conf = {"spark.pyspark.python": sys.executable, "spark.pyspark.driver.python": sys.executable,
             "spark.executor.memory": cfg.executor_memory,
-            "spark.executorEnv.OPENBLAS_NUM_THREADS": "1"}
+            "spark.executorEnv.OPENBLAS_NUM_THREADS": "1", "spark.log.level": "WARN"}
     if jars:
         conf.update({**DELTA_CONF, **delta_tuning(settings)})
     conf.update(cfg.extra_conf)
@@ -103,10 +103,15 @@ def command(job: str, argv: list[str], settings: Settings) -> list[str]:
 def submit(job: str, argv: list[str], settings: Settings, env: dict[str, str] | None = None,
            timeout: float | None = None) -> dict:
     """Run ``job`` under spark-submit and return its result; its log goes to stderr."""
+    from freshrec.jars import JarsMissing
+
     if job not in JOBS:
         raise SubmitError(f"{job!r} is not a Spark job; submit one of {sorted(JOBS)}")
+    try:
+        cmd = command(job, argv, settings)
+    except JarsMissing as e:
+        raise SubmitError(str(e)) from None
     check_master(settings.spark.master)
-    cmd = command(job, argv, settings)
     run_env = {**os.environ, **(env or {}), "FRESHREC_PROJECT_ROOT": str(PROJECT_ROOT),
                "PYSPARK_PYTHON": sys.executable}
     proc = subprocess.run(cmd, env=run_env, stdout=subprocess.PIPE, text=True, timeout=timeout)
