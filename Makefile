@@ -18,7 +18,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 DATE ?= $(shell date -u +%Y-%m-%d)
 RUN_AFTER = $(shell date -u -d "$(DATE) + 1 day" +%Y-%m-%d)
 
-.PHONY: help install proto system-deps jars cluster-up cluster-down cluster-status run test test-fast lint bench clean
+.PHONY: help install proto system-deps jars cluster-up cluster-down cluster-status airflow-up airflow-down run test test-fast lint bench clean
 
 help: install ## list the targets (creates .venv first when missing)
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,14 @@ cluster-down: ## stop the loopback Spark cluster
 
 cluster-status: ## how many workers the loopback master has
 	$(PY) -m freshrec.cluster status
+
+airflow-up: install ## Airflow scheduler + DAG processor + API server (127.0.0.1:8793) on PostgreSQL
+	@command -v pg_lsclusters >/dev/null || { echo "installing postgresql (Airflow's metadata database)"; \
+	  apt-get update -qq && apt-get install -y -qq postgresql; }
+	$(PY) -m freshrec.airflow_stack up
+
+airflow-down: ## stop the Airflow processes of airflow-up (PostgreSQL keeps running)
+	$(PY) -m freshrec.airflow_stack down
 
 run: install ## set up, make the embedded dataset once, run the batch DAG, report, one live gRPC request
 	$(PY) -m freshrec.cli.main data synth --if-missing
