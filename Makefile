@@ -18,7 +18,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 DATE ?= $(shell date -u +%Y-%m-%d)
 RUN_AFTER = $(shell date -u -d "$(DATE) + 1 day" +%Y-%m-%d)
 
-.PHONY: help install proto system-deps jars cluster-up cluster-down cluster-status airflow-up airflow-down run test test-fast lint bench clean
+.PHONY: help install proto system-deps jars cluster-up cluster-down cluster-status airflow-up airflow-down mlflow-up mlflow-down mlflow-ui run test test-fast lint bench clean
 
 help: install ## list the targets (creates .venv first when missing)
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,18 @@ airflow-up: install ## Airflow scheduler + DAG processor + API server (127.0.0.1
 
 airflow-down: ## stop the Airflow processes of airflow-up (PostgreSQL keeps running)
 	$(PY) -m freshrec.airflow_stack down
+
+mlflow-up: install ## MLflow tracking server on 127.0.0.1:5000: PostgreSQL store, proxied artifacts (cluster profile)
+	@command -v pg_lsclusters >/dev/null || { echo "installing postgresql (MLflow's backend store)"; \
+	  apt-get update -qq && apt-get install -y -qq postgresql; }
+	$(PY) -m freshrec.airflow_stack mlflow-up
+
+mlflow-down: ## stop the MLflow tracking server of mlflow-up
+	$(PY) -m freshrec.airflow_stack mlflow-down
+
+mlflow-ui: install ## MLflow UI on 127.0.0.1:5000 over the embedded default's SQLite store (data/mlflow)
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///$$($(PY) -c "from freshrec.settings import load_settings as l; print(l().data_dir)")/mlflow/mlflow.db
 
 run: install ## set up, make the embedded dataset once, run the batch DAG, report, one live gRPC request
 	$(PY) -m freshrec.cli.main data synth --if-missing

@@ -111,21 +111,66 @@ def postgres_up(s: Stack) -> None:
     if status != "online":
         _run(["pg_ctlcluster", version, name, "start"], f"starting PostgreSQL {version}/{name}")
 
-    def psql(sql: str) -> str:
-        return _run(["runuser", "-u", "postgres", "--", "psql", "-p", str(s.pg_port), "-tAc", sql],
-                    "psql as postgres (PostgreSQL's superuser; run as root)")
-
-    if psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{s.user}'").strip() != "1":
-        psql(f"CREATE ROLE {s.user} LOGIN PASSWORD '{s.password}'")
+    if _psql(s, f"SELECT 1 FROM pg_roles WHERE rolname = '{s.user}'").strip() != "1":
+        _psql(s, f"CREATE ROLE {s.user} LOGIN PASSWORD '{s.password}'")
     for db in (s.database, "mlflow"):
-        if psql(f"SELECT 1 FROM pg_database WHERE datname = '{db}'").strip() != "1":
-            psql(f"CREATE DATABASE {db} OWNER {s.user}")
+        ensure_database(s, db)
 
 
-def drop_database(s: Stack) -> None:
-    """Drop the stack's metadata database (tests use one of their own)."""
-    _run(["runuser", "-u", "postgres", "--", "psql", "-p", str(s.pg_port), "-tAc",
-          f"DROP DATABASE IF EXISTS {s.database} WITH (FORCE)"], "psql as postgres")
+def _psql(s: Stack, sql: str) -> str:
+    return _run(["runuser", "-u", "postgres", "--", "psql", "-p", str(s.pg_port), "-tAc", sql],
+                "psql as postgres (PostgreSQL's superuser; run as root)")
+
+
+def ensure_database(s: Stack, db: str) -> None:
+    if _psql(s, f"SELECT 1 FROM pg_database WHERE datname = '{db}'").strip() != "1":
+        _psql(s, f"CREATE DATABASE {db} OWNER {s.user}")
+
+
+def drop_database(s: Stack, db: str | None = None) -> None:
+    """Drop the stack's metadata database, or ``db`` (tests use databases of their own)."""
+    _psql(s, f"DROP DATABASE IF EXISTS {db or s.database} WITH (FORCE)")
+
+
+def mlflow_up(s: Stack, port: int = 5000, artifacts: Path | None = None,
+              database: str = "mlflow", wait_s: float = 90.0) -> str:
+    """Start an MLflow tracking server on 127.0.0.1:``port`` with its backend store in PostgreSQL
+    (``database``) and proxied artifacts under ``artifacts`` (default ``<home>/mlflow-artifacts``);
+    returns its URL. Clients need only the URL: artifacts go through the server."""
+    postgres_up(s)
+    ensure_database(s, database)
+    artifacts = artifacts or s.dir / "mlflow-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (s.dir / "pids").mkdir(parents=True, exist_ok=True)
+    (s.dir / "logs").mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{port}"
+    if not _alive(s, "mlflow"):
+        backend = (f"postgresql+psycopg2://{s.user}:{s.password}@127.0.0.1:{s.pg_port}/"
+                   f"{database}")
+        log = open(s.dir / "logs" / "mlflow.log", "ab")
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+             "--port", str(port), "--backend-store-uri", backend, "--serve-artifacts",
+             "--artifacts-destination", artifacts.as_uri(), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        _pid_file(s, "mlflow").write_text(str(proc.pid))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=3) as r:
+                if r.status == 200:
+                    return url
+        except OSError:
+            pass
+        if not _alive(s, "mlflow"):
+            raise StackError(f"mlflow server exited at start; see {s.dir / 'logs' / 'mlflow.log'}")
+        time.sleep(1)
+    raise StackError(f"MLflow server not up after {wait_s:.0f} s at {url}; see "
+                     f"{s.dir / 'logs' / 'mlflow.log'}")
+
+
+def mlflow_down(s: Stack) -> None:
+    _stop(s, "mlflow")
 
 
 def _pid_file(s: Stack, name: str) -> Path:
@@ -181,22 +226,26 @@ def up(s: Stack, wait_s: float = 180.0) -> str:
 def down(s: Stack) -> None:
     """Stop the Airflow processes this module started (each by its own process group)."""
     for name in reversed(PROCESSES):
-        pid = _alive(s, name)
-        if pid:
+        _stop(s, name)
+
+
+def _stop(s: Stack, name: str) -> None:
+    pid = _alive(s, name)
+    if pid:
+        try:
+            os.killpg(pid, signal.SIGTERM)  # the group this module started it in
+        except OSError:
+            pass
+        for _ in range(60):
+            if not _alive(s, name):
+                break
+            time.sleep(0.5)
+        else:
             try:
-                os.killpg(pid, signal.SIGTERM)
+                os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
-            for _ in range(60):
-                if not _alive(s, name):
-                    break
-                time.sleep(0.5)
-            else:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        _pid_file(s, name).unlink(missing_ok=True)
+    _pid_file(s, name).unlink(missing_ok=True)
 
 
 def api(s: Stack, method: str, path: str, body: dict | None = None) -> dict:
@@ -216,12 +265,19 @@ def api(s: Stack, method: str, path: str, body: dict | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Airflow (scheduler, DAG processor, API server) on "
                                  "PostgreSQL, on loopback")
-    ap.add_argument("action", choices=["up", "down", "status"])
+    ap.add_argument("action", choices=["up", "down", "status", "mlflow-up", "mlflow-down"])
     ap.add_argument("--api-port", type=int, default=int(os.environ.get("AIRFLOW_API_PORT", 8793)))
+    ap.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
     args = ap.parse_args(argv)
     s = Stack(api_port=args.api_port)
     try:
-        if args.action == "up":
+        if args.action == "mlflow-up":
+            print(f"MLflow tracking server {mlflow_up(s, args.mlflow_port)} (backend PostgreSQL "
+                  f"{s.pg_port}/mlflow, artifacts {s.dir / 'mlflow-artifacts'}, proxied)")
+        elif args.action == "mlflow-down":
+            mlflow_down(s)
+            print("MLflow server stopped")
+        elif args.action == "up":
             print(f"Airflow API server {up(s)} (scheduler, dag-processor; metadata on "
                   f"PostgreSQL 127.0.0.1:{s.pg_port}/{s.database}; logs {s.dir / 'logs'})")
         elif args.action == "down":
