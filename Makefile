@@ -18,7 +18,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 DATE ?= $(shell date -u +%Y-%m-%d)
 RUN_AFTER = $(shell date -u -d "$(DATE) + 1 day" +%Y-%m-%d)
 
-.PHONY: help install proto system-deps run test test-fast lint bench clean
+.PHONY: help install proto system-deps jars cluster-up cluster-down cluster-status airflow-up airflow-down mlflow-up mlflow-down mlflow-ui run test test-fast lint bench clean
 
 help: install ## list the targets (creates .venv first when missing)
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,10 +35,44 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	@rm -f $(VENV)/.installed-*; touch $@
 
-install: system-deps $(STAMP) proto ## create .venv and install freshrec with its extras (skipped when done)
+install: system-deps $(STAMP) proto jars ## create .venv and install freshrec with its extras (skipped when done)
+
+jars: $(STAMP) ## fetch the Delta jars (delta-spark) into .jars/ once, when Maven is present
+	@if command -v mvn >/dev/null; then $(PY) -m freshrec.jars fetch \
+	  || echo "warning: Delta jars not fetched; Spark jobs keep delta-rs (delta.backend auto/rs)"; \
+	else echo "mvn not found: skipping the Delta jars; Spark jobs use delta-rs (apt-get install -y maven, then make jars)"; fi
 
 proto: $(STAMP) ## generate the gRPC stubs from serving/proto/freshrec/v1/*.proto
 	@$(PY) -c "from serving.proto import stubs; stubs()"
+
+cluster-up: install ## start a Spark standalone master + 2 one-core workers on 127.0.0.1:7077 (.cluster/)
+	$(PY) -m freshrec.cluster up
+
+cluster-down: ## stop the loopback Spark cluster
+	$(PY) -m freshrec.cluster down
+
+cluster-status: ## how many workers the loopback master has
+	$(PY) -m freshrec.cluster status
+
+airflow-up: install ## Airflow scheduler + DAG processor + API server (127.0.0.1:8793) on PostgreSQL
+	@command -v pg_lsclusters >/dev/null || { echo "installing postgresql (Airflow's metadata database)"; \
+	  apt-get update -qq && apt-get install -y -qq postgresql; }
+	$(PY) -m freshrec.airflow_stack up
+
+airflow-down: ## stop the Airflow processes of airflow-up (PostgreSQL keeps running)
+	$(PY) -m freshrec.airflow_stack down
+
+mlflow-up: install ## MLflow tracking server on 127.0.0.1:5000: PostgreSQL store, proxied artifacts (cluster profile)
+	@command -v pg_lsclusters >/dev/null || { echo "installing postgresql (MLflow's backend store)"; \
+	  apt-get update -qq && apt-get install -y -qq postgresql; }
+	$(PY) -m freshrec.airflow_stack mlflow-up
+
+mlflow-down: ## stop the MLflow tracking server of mlflow-up
+	$(PY) -m freshrec.airflow_stack mlflow-down
+
+mlflow-ui: install ## MLflow UI on 127.0.0.1:5000 over the embedded default's SQLite store (data/mlflow)
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///$$($(PY) -c "from freshrec.settings import load_settings as l; print(l().data_dir)")/mlflow/mlflow.db
 
 run: install ## set up, make the embedded dataset once, run the batch DAG, report, one live gRPC request
 	$(PY) -m freshrec.cli.main data synth --if-missing
@@ -59,5 +93,5 @@ lint: install ## ruff on the project's own code
 bench: install ## time every batch stage and compare Spark ALS with the implicit library
 	$(PY) benchmarks/batch.py
 
-clean: ## remove local state (data, Airflow home); keeps .venv
-	rm -rf data .airflow spark-warehouse
+clean: ## remove local state (data, Airflow home, cluster logs); keeps .venv and .jars
+	rm -rf data .airflow spark-warehouse .cluster

@@ -15,7 +15,10 @@ Daily, per data interval `[data_interval_start, data_interval_end)`:
    one at a time and health-checked; a replica that fails fails the task, naming it
 
 Every task works on its interval only and is safe to re-run. Parsing this file imports no
-pyspark, torch or faiss: each task imports its lane's entry point when it runs.
+pyspark, torch or faiss: each task imports its lane's entry point when it runs. The Spark tasks
+(ingest, clean, features, evaluate) run in the worker's process on the embedded default and under
+`spark-submit` on `spark.master` when `spark.submit` is on (the cluster profile): see
+`freshrec/submit.py`.
 """
 
 from __future__ import annotations
@@ -48,27 +51,27 @@ def _interval_args() -> list[str]:
 def freshrec_batch() -> None:
     @task
     def ingest() -> dict:
-        from spark_jobs import ingest
+        from freshrec.submit import run_job
 
-        return ingest.main(_interval_args())
+        return run_job("ingest", _interval_args())
 
     @task
     def clean() -> dict:
-        from spark_jobs import clean
+        from freshrec.submit import run_job
 
-        return clean.main(_interval_args())
+        return run_job("clean", _interval_args())
 
     @task
     def features() -> dict:
-        from spark_jobs import features
+        from freshrec.submit import run_job
 
-        return features.main(_interval_args())
+        return run_job("features", _interval_args())
 
     @task
     def evaluate() -> dict:
-        from spark_jobs import evaluate
+        from freshrec.submit import run_job
 
-        return evaluate.main(_interval_args())
+        return run_job("evaluate", _interval_args())
 
     @task
     def gate() -> dict:

@@ -1,12 +1,17 @@
 """Delta Lake I/O for every lane: the one module that reads and writes freshrec's tables.
 
-Two engines, one behaviour. Where the Spark session can load the Delta jars (a cluster), Spark
-DataFrames are read and written with delta-spark. Otherwise (the embedded default: jars cannot be
-downloaded here) the same tables are read and written with delta-rs (``deltalake``), moving data
+Two engines, one behaviour. When the Spark session has loaded the Delta jars (``.jars/``, see
+:mod:`freshrec.jars`; by default on a cluster, or with ``delta.backend: spark``), Spark DataFrames
+are read and written with delta-spark on the executors: ``format("delta")``, ``replaceWhere`` for a
+batch's rows, and the "commit only when changed" comparison is a checksum aggregate computed on the
+executors, so no table passes through the driver. Otherwise (the embedded default, and wherever the
+jars are missing) the same tables are read and written with delta-rs (``deltalake``), moving data
 between Spark and Arrow: reads hand Spark the table's Parquet files, writes collect to Arrow and
-commit through delta-rs. Arrow data (importers, small tables) always goes through delta-rs, which
-any Delta reader can open. Every write is cast to the table's schema from :mod:`freshrec.tables`;
-a failed write leaves the table as it was (Delta commits are atomic).
+commit through delta-rs. Arrow data (importers, serving, the refresher, erasure) always goes through
+delta-rs. Both engines open the tables the other wrote (tests/test_delta_engines.py); delta-spark
+sessions keep deletion vectors and column mapping off, which delta-rs readers would need.
+Every write is cast to the table's schema from :mod:`freshrec.tables`; a failed write leaves the
+table as it was (Delta commits are atomic).
 """
 
 from __future__ import annotations
@@ -178,8 +183,9 @@ class DeltaStore:
             loadable = _delta_jars_loadable(spark)
             if wanted == "spark" and not loadable:
                 raise RuntimeError("delta.backend is 'spark' but this Spark session cannot load the "
-                                   "Delta jars (io.delta.tables.DeltaTable): add them to spark.jars "
-                                   "or set delta.backend to auto/rs")
+                                   "Delta jars (io.delta.tables.DeltaTable): run `make jars` (they "
+                                   "go to .jars/ and get_spark loads them), pass them to "
+                                   "spark-submit --jars, or set delta.backend to auto/rs")
             self._spark_backend = "spark" if (wanted == "spark" or (wanted == "auto" and loadable)) \
                 else "rs"
             log.info("Delta engine for Spark jobs: %s (delta.backend=%s, Delta jars loadable: %s)",
@@ -190,6 +196,7 @@ class DeltaStore:
     def read_spark(self, spark: SparkSession, name: str, version: int | None = None) -> DataFrame:
         spec = self.spec(name)
         if self.spark_backend(spark) == "spark":
+            self.ensure(name)
             reader = spark.read.format("delta")
             if version is not None:
                 reader = reader.option("versionAsOf", version)
@@ -202,20 +209,107 @@ class DeltaStore:
 
     def write_spark(self, name: str, df: DataFrame, mode: WriteMode = "append",
                     predicate: str | None = None) -> int:
+        """Append, overwrite, or replace the rows matching ``predicate``; returns the new version."""
         spark = df.sparkSession
         if self.spark_backend(spark) == "spark":
             self.ensure(name)
-            writer = df.write.format("delta").mode(mode)
+            writer = conform_spark(df, self.spec(name)).write.format("delta").mode(mode)
             if predicate is not None:
+                if mode != "overwrite":
+                    raise ValueError("a predicate needs mode='overwrite' (replace the matching rows)")
                 writer = writer.option("replaceWhere", predicate)
             writer.save(self.path(name))
             return DeltaTable(self.path(name)).version()
         return self.write_arrow(name, df.toArrow(), mode=mode, predicate=predicate)
 
+    def stage_spark(self, name: str, df: DataFrame) -> StagedWrite:
+        """Compute ``df`` once for a later :meth:`StagedWrite.commit_if_changed`: with delta-rs
+        it is collected to Arrow on the driver, with delta-spark persisted on the executors.
+        ``rows`` is known before anything is written (for checks that must pass first)."""
+        if self.spark_backend(df.sparkSession) == "spark":
+            staged = conform_spark(df, self.spec(name)).persist()
+            return StagedWrite(self, name, staged.count(), frame=staged)
+        data = conform(df.toArrow(), self.spec(name))
+        return StagedWrite(self, name, data.num_rows, table=data)
+
+    def write_spark_if_changed(self, name: str, df: DataFrame, predicate: str | None = None,
+                               where: Any = None) -> tuple[int | None, int]:
+        """:meth:`stage_spark` then :meth:`StagedWrite.commit_if_changed`; returns
+        (new version or None, rows)."""
+        staged = self.stage_spark(name, df)
+        return staged.commit_if_changed(predicate, where), staged.rows
+
+
+class StagedWrite:
+    """Rows computed for one table, not yet written (see :meth:`DeltaStore.stage_spark`)."""
+
+    def __init__(self, store: DeltaStore, name: str, rows: int, table: pa.Table | None = None,
+                 frame: DataFrame | None = None) -> None:
+        self.store, self.name, self.rows = store, name, rows
+        self.table, self.frame = table, frame
+
+    def commit_if_changed(self, predicate: str | None = None, where: Any = None) -> int | None:
+        """Replace the table's rows matching ``predicate`` (SQL; ``where`` is the same filter as a
+        pyarrow expression, used on the delta-rs path), or all rows, with the staged rows unless
+        they are already equal; returns the new version, or None when nothing changed.
+
+        On the delta-spark path "equal" means: the same row count and the same sums of two
+        independent hashes (64-bit xxhash64 and 32-bit murmur3) of every row's JSON form, computed
+        on the executors. Different rows pass as equal only if all three collide.
+        """
+        if self.frame is None:
+            assert self.table is not None
+            return self.store.write_if_changed(self.name, self.table, predicate, where)
+        from pyspark.sql import functions as F
+
+        store, name = self.store, self.name
+        try:
+            spark = self.frame.sparkSession
+            current = store.read_spark(spark, name)
+            if predicate is not None:
+                current = current.where(F.expr(predicate))
+            if fingerprint(current) == fingerprint(self.frame):
+                log.info("%s: unchanged (%d rows); no commit", name, self.rows)
+                return None
+            version = store.write_spark(name, self.frame, mode="overwrite", predicate=predicate)
+            log.info("%s: wrote %d rows with delta-spark (version %d)", name, self.rows, version)
+            return version
+        finally:
+            self.frame.unpersist()
+
+
+def conform_spark(df: DataFrame, spec: TableSpec) -> DataFrame:
+    """Select and cast ``df``'s columns to ``spec``'s schema, or say which column is missing."""
+    from pyspark.sql import functions as F
+
+    missing = [f.name for f in spec.schema if f.name not in df.columns]
+    if missing:
+        raise SchemaMismatch(f"table {spec.name}: data lacks column(s) {missing}; "
+                             f"expected {spec.schema.names}")
+    return df.select(*[F.col(f.name).cast(f.dataType).alias(f.name)
+                       for f in _spark_schema(spec.schema).fields])
+
+
+def fingerprint(df: DataFrame) -> tuple[int, int, int]:
+    """(rows, sum of xxhash64, sum of murmur3) over the rows' JSON form, computed on the executors;
+    independent of row order and of how the rows are partitioned."""
+    from pyspark.sql import functions as F
+
+    row = F.to_json(F.struct(*[F.col(c) for c in df.columns]),
+                    {"timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX"})  # to the microsecond
+    out = df.select(row.alias("_row")).agg(
+        F.count(F.lit(1)).alias("n"),
+        F.sum(F.xxhash64("_row").cast("decimal(38,0)")).alias("h64"),
+        F.sum(F.hash("_row").cast("decimal(38,0)")).alias("h32")).first()
+    return int(out["n"]), int(out["h64"] or 0), int(out["h32"] or 0)
+
 
 def _delta_jars_loadable(spark: SparkSession) -> bool:
     try:
-        spark._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")  # type: ignore[union-attr]
+        # spark.jars land in the context class loader, not the one Class.forName would use
+        jvm = spark._jvm  # type: ignore[attr-defined]
+        loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
+        loader.loadClass("io.delta.tables.DeltaTable")
         return True
     except Exception:
         return False

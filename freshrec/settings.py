@@ -41,12 +41,17 @@ class SparkSettings(_Section):
     driver_memory: str = "4g"
     shuffle_partitions: int = Field(8, ge=1, description="spark.sql.shuffle.partitions; few on 2 cores.")
     extra_conf: dict[str, str] = Field(default_factory=dict, description="Extra Spark conf pairs.")
+    submit: bool = Field(False, description="Run the Spark jobs (ingest, clean, features, evaluate) "
+                         "with spark-submit on `master` instead of in the calling process "
+                         "(freshrec/submit.py); the cluster profile turns it on.")
+    executor_memory: str = Field("1g", description="spark.executor.memory for submitted jobs.")
 
 
 class DeltaSettings(_Section):
     backend: Literal["auto", "spark", "rs"] = Field(
-        "auto", description="auto: delta-spark when the Spark session can load the Delta jars, "
-        "delta-rs otherwise; spark or rs force one.")
+        "auto", description="auto: delta-spark when the session has the Delta jars (a non-local "
+        "master with .jars/ present, or jars given to spark-submit), delta-rs otherwise (local "
+        "sessions do not load them); spark or rs force one.")
 
 
 class ValueRuleSettings(_Section):

@@ -1,8 +1,12 @@
 """The Spark session every Spark job uses, built once per process from settings.
 
 Timestamps are UTC (``spark.sql.session.timeZone``); Python workers run this interpreter
-(``PYSPARK_PYTHON``), so they find pyarrow; extra conf (e.g. the Delta jars on a cluster) comes from
-``spark.extra_conf``.
+(``PYSPARK_PYTHON``), so they find pyarrow; extra conf comes from ``spark.extra_conf``.
+
+The Delta jars (``.jars/``, see :mod:`freshrec.jars`) are loaded only when the Spark jobs are to use
+delta-spark (:func:`delta_spark_wanted`), so the embedded default's session pays nothing for them.
+Under ``spark-submit`` the submitter decides the master, the jars and their conf: this module then
+sets neither (see :mod:`freshrec.submit`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,29 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
+def under_spark_submit() -> bool:
+    """True in a driver that ``spark-submit`` started (its JVM is already up with its conf)."""
+    return bool(os.environ.get("PYSPARK_GATEWAY_PORT"))
+
+
+def delta_spark_wanted(settings: Settings) -> bool:
+    """Whether the Spark jobs should read and write Delta with delta-spark.
+
+    ``delta.backend``: ``spark`` always; ``rs`` never; ``auto`` under spark-submit (the session then
+    says whether the submitter loaded the jars) or, for a session built here, when the jars are in
+    ``.jars/`` and the master is not ``local``: locally delta-rs is faster (see README), on a
+    cluster only delta-spark keeps the tables off the driver.
+    """
+    from freshrec.jars import delta_jars
+
+    backend = settings.delta.backend
+    if backend != "auto":
+        return backend == "spark"
+    if under_spark_submit():
+        return True
+    return bool(delta_jars()) and not settings.spark.master.startswith("local")
+
+
 def get_spark(settings: Settings) -> SparkSession:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -29,8 +56,12 @@ def get_spark(settings: Settings) -> SparkSession:
     if active is not None:
         return active
     cfg = settings.spark
-    builder = (SparkSession.builder.master(cfg.master).appName(cfg.app_name)
-               .config("spark.driver.memory", cfg.driver_memory)
+    submitted = under_spark_submit()
+    builder = SparkSession.builder
+    if not submitted:  # spark-submit's --master, --name and --driver-memory stand
+        builder = builder.master(cfg.master).appName(cfg.app_name) \
+            .config("spark.driver.memory", cfg.driver_memory)
+    builder = (builder
                .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
                .config("spark.default.parallelism", str(max(2, cfg.shuffle_partitions)))
                .config("spark.sql.session.timeZone", "UTC")
@@ -40,6 +71,13 @@ def get_spark(settings: Settings) -> SparkSession:
                .config("spark.local.dir", str(settings.data_dir / "spark-tmp"))
                .config("spark.driver.extraJavaOptions", "-Dderby.system.home="
                        + str(settings.data_dir / "spark-tmp")))
+    if not submitted and delta_spark_wanted(settings):
+        from freshrec.jars import DELTA_CONF, require_delta_jars
+
+        jars = ",".join(str(f) for f in require_delta_jars())
+        builder = builder.config("spark.jars", jars)
+        for k, v in {**DELTA_CONF, **delta_tuning(settings)}.items():
+            builder = builder.config(k, v)
     for k, v in cfg.extra_conf.items():
         builder = builder.config(k, v)
     # Spark runs one task per core; a multi-threaded native BLAS inside each task (ALS) would
@@ -54,5 +92,12 @@ def get_spark(settings: Settings) -> SparkSession:
         else:
             os.environ["OPENBLAS_NUM_THREADS"] = previous
     spark.sparkContext.setLogLevel("WARN")
-    log.info("Spark %s session on %s", spark.version, cfg.master)
+    log.info("Spark %s session on %s", spark.version, spark.sparkContext.master)
     return spark
+
+
+def delta_tuning(settings: Settings) -> dict[str, str]:
+    """delta-spark conf sized like the rest of the session: Delta's log replay uses 50 partitions
+    by default, which costs seconds per table on a few cores."""
+    n = str(settings.spark.shuffle_partitions)
+    return {"spark.databricks.delta.snapshotPartitions": n}

@@ -98,21 +98,21 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
     raw = store.read_spark(spark, "events_raw").where(F.col("batch_date") == batch)
     validated = validate(raw, settings, interval).cache()
     others = store.read_spark(spark, "events").where(F.col("batch_date") != batch).select("event_id")
-    dead = dead_letter(validated).toArrow()
-    clean = clean_events(validated, others).toArrow()
-    n_raw = validated.count()
-    n_valid = n_raw - dead.num_rows
-    n_dup = n_valid - clean.num_rows
+    by_reason = {r["reason"]: r["count"] for r in validated.groupBy("reason").count().collect()}
+    n_raw = sum(by_reason.values())
+    n_valid = by_reason.pop(None, 0)
+    # staged: collected to Arrow (delta-rs) or persisted on the executors (delta-spark)
+    dead = store.stage_spark(EVENTS_DEAD_LETTER.name, dead_letter(validated))
+    clean = store.stage_spark(EVENTS.name, clean_events(validated, others))
     validated.unpersist()
-    if n_raw != clean.num_rows + dead.num_rows + n_dup or n_dup < 0:
-        raise CountMismatch(f"batch {batch}: raw {n_raw} != clean {clean.num_rows} + dead-letter "
-                            f"{dead.num_rows} + duplicates {n_dup}; nothing written")
+    n_dup = n_valid - clean.rows
+    if n_raw != clean.rows + dead.rows + n_dup or n_dup < 0 or dead.rows != sum(by_reason.values()):
+        raise CountMismatch(f"batch {batch}: raw {n_raw} != clean {clean.rows} + dead-letter "
+                            f"{dead.rows} + duplicates {n_dup}; nothing written")
     predicate, where = batch_filter(batch)
-    store.write_if_changed(EVENTS.name, clean, predicate, where)
-    store.write_if_changed(EVENTS_DEAD_LETTER.name, dead, predicate, where)
-    counts = {"raw": n_raw, "clean": clean.num_rows, "dead_letter": dead.num_rows,
-              "duplicates": n_dup}
-    by_reason = {r["values"]: r["counts"] for r in dead.column("reason").value_counts().to_pylist()}
+    clean.commit_if_changed(predicate, where)
+    dead.commit_if_changed(predicate, where)
+    counts = {"raw": n_raw, "clean": clean.rows, "dead_letter": dead.rows, "duplicates": n_dup}
     log.info("clean %s: %s; dead-letter by reason: %s", batch, counts,
              {r: by_reason[r] for r in REASONS if r in by_reason})
     return counts

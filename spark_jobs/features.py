@@ -9,7 +9,8 @@
   the self-join stays small), cosine-normalized, top-K per item.
 
 Only events of batches up to the interval count, so a re-run of the interval recomputes the same
-tables; they are replaced only when they differ.
+tables; they are replaced only when they differ (with delta-spark, compared by a checksum computed on
+the executors; see :meth:`freshrec.delta.StagedWrite.commit_if_changed`).
 """
 
 from __future__ import annotations
@@ -110,9 +111,7 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
     }
     counts = {}
     for name, df in out.items():
-        table = df.toArrow()
-        store.write_if_changed(name, table)
-        counts[name] = table.num_rows
+        _, counts[name] = store.write_spark_if_changed(name, df)
     events.unpersist()
     log.info("features %s: %s", interval.batch_date, counts)
     return counts

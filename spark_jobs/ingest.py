@@ -12,13 +12,13 @@ import logging
 from pathlib import Path
 
 import pyarrow.compute as pc
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from freshrec.delta import DeltaStore
 from freshrec.interval import DataInterval, run_job
 from freshrec.settings import Settings
-from freshrec.spark import get_spark
+from freshrec.spark import delta_spark_wanted, get_spark
 
 log = logging.getLogger(__name__)
 FILE_ID_LEN = 24
@@ -39,20 +39,32 @@ def to_bronze(landed: DataFrame, interval: DataInterval) -> DataFrame:
             .withColumn("ingested_at", F.lit(interval.end).cast("timestamp")))
 
 
+def files_in_bronze(store: DeltaStore, spark: SparkSession | None) -> set[str]:
+    """Ids of the landed files already in bronze: with delta-spark a distinct on the executors,
+    else from the ``raw_id`` column read with delta-rs."""
+    if spark is not None and store.spark_backend(spark) == "spark":
+        ids = store.read_spark(spark, "events_raw") \
+            .select(F.substring("raw_id", 1, FILE_ID_LEN).alias("f")).distinct().collect()
+        return {r["f"] for r in ids}
+    raw_ids = store.read_arrow("events_raw", columns=["raw_id"]).column("raw_id")
+    return set(pc.unique(pc.utf8_slice_codeunits(raw_ids, 0, FILE_ID_LEN)).to_pylist())
+
+
 def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
     store = DeltaStore(settings)
-    raw_ids = store.read_arrow("events_raw", columns=["raw_id"]).column("raw_id")
-    in_bronze = set(pc.unique(pc.utf8_slice_codeunits(raw_ids, 0, FILE_ID_LEN)).to_pylist())
-    files = [f for f in landed_files(settings.landing_dir / "events", interval)
-             if f.stem not in in_bronze]
+    landed = landed_files(settings.landing_dir / "events", interval)
+    # the delta-rs path needs no Spark session unless there is something new to ingest
+    spark = get_spark(settings) if landed and delta_spark_wanted(settings) else None
+    in_bronze = files_in_bronze(store, spark)
+    files = [f for f in landed if f.stem not in in_bronze]
     if not files:
         log.info("ingest %s: no new landed files", interval.batch_date)
         return {"files": 0, "rows": 0}
-    spark = get_spark(settings)
-    landed = spark.read.parquet(*[str(f) for f in files])
-    bronze = to_bronze(landed, interval)
+    before = store.count("events_raw")
+    spark = spark or get_spark(settings)
+    bronze = to_bronze(spark.read.parquet(*[str(f) for f in files]), interval)
     store.write_spark("events_raw", bronze, mode="append")
-    rows = store.count("events_raw") - len(raw_ids)
+    rows = store.count("events_raw") - before
     log.info("ingest %s: %d file(s), %d rows into events_raw", interval.batch_date, len(files), rows)
     return {"files": len(files), "rows": rows}
 

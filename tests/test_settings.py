@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from freshrec.settings import SettingsError, load_settings
+from freshrec.settings import PROJECT_ROOT, SettingsError, load_settings
 
 
 def test_local_profile_loads_with_defaults():
@@ -37,9 +37,21 @@ def test_bad_value_names_the_key():
         load_settings("local", env={"FRESHREC__ALS__RANK": "0"})
 
 
-def test_missing_variable_without_default_says_what_to_export():
+def test_missing_variable_without_default_says_what_to_export(tmp_path):
+    import shutil
+
+    shutil.copy(PROJECT_ROOT / "conf" / "base.yaml", tmp_path / "base.yaml")
+    (tmp_path / "shared.yaml").write_text("paths:\n  data_dir: ${FRESHREC_DATA_DIR}\n")
     with pytest.raises(SettingsError, match="export FRESHREC_DATA_DIR"):
-        load_settings("cluster", env={})
+        load_settings("shared", conf_dir=tmp_path, env={})
+
+
+def test_cluster_profile_submits_to_the_loopback_master_with_delta_spark():
+    s = load_settings("cluster", env={})
+    assert (s.spark.master, s.spark.submit, s.delta.backend) == \
+        ("spark://127.0.0.1:7077", True, "spark")
+    s = load_settings("cluster", env={"SPARK_MASTER": "spark://10.0.0.5:7077"})
+    assert s.spark.master == "spark://10.0.0.5:7077"
 
 
 def test_missing_profile_file_is_clear():

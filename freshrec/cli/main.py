@@ -4,7 +4,6 @@ recommend and report. Lanes are imported lazily inside each subcommand."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from datetime import datetime, timezone
@@ -82,9 +81,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     names = list(JOBS) if args.job == "all" else [args.job]
     argv = ["--date", args.date] + (["--profile", args.profile] if args.profile else [])
+    from freshrec.submit import SubmitError, run_job
+
     for name in names:
         print(f"== {name} {args.date}", flush=True)
-        result = importlib.import_module(JOBS[name]).main(argv)
+        try:  # under spark-submit with spark.submit (the cluster profile) or --submit
+            result = run_job(name, argv, True if args.submit else None)
+        except SubmitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"   {result if name != 'evaluate' else result['table']}")
     return 0
 
@@ -350,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one batch job (or all) for a day without Airflow")
     run.add_argument("job", choices=[*JOBS, "all"])
     run.add_argument("--date", default=today)
+    run.add_argument("--submit", action="store_true",
+                     help="run the Spark jobs under spark-submit on spark.master (default: the "
+                     "spark.submit setting, on in the cluster profile)")
     run.set_defaults(fn=cmd_run)
 
     ev = sub.add_parser("evaluate", help="compare models on the temporal split (one table)")
