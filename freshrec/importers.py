@@ -212,7 +212,8 @@ def land_events(settings: Settings, raw: pa.Table, source: str, file_id: str,
         users = pc.if_else(pc.equal(pc.utf8_trim(users, characters=WHITESPACE), ""),
                            pa.scalar(None, pa.string()), users)
         raw = raw.set_column(raw.schema.get_field_index("user_id"), "user_id",
-                             pseudonymize_array(users, settings.privacy.hmac_key))
+                             pseudonymize_array(users, settings.privacy.hmac_key,
+                                                settings.privacy.hmac_key_chain))
     rows = pa.array(range(raw.num_rows), pa.int64()).cast(pa.string())
     raw = raw.append_column("raw_id", pc.binary_join_element_wise(file_id, rows, ":"))
     raw = raw.append_column("source_file", pa.array([source] * raw.num_rows, pa.string()))
