@@ -208,6 +208,9 @@ def land_events(settings: Settings, raw: pa.Table, source: str, file_id: str,
     if raw.num_rows == 0:
         raise InputFileError(f"{source}: holds no event rows; nothing to import")
     if settings.privacy.pseudonymize_users and not pseudonymized:
+        from freshrec.rotation import check_keyring
+
+        check_keyring(settings)  # the keys the data is pseudonymized with
         users = raw.column("user_id")  # a blank id stays missing (its pseudonym would not be)
         users = pc.if_else(pc.equal(pc.utf8_trim(users, characters=WHITESPACE), ""),
                            pa.scalar(None, pa.string()), users)

@@ -49,10 +49,13 @@ def pseudonymize(user_id: str, key: str | SecretStr, chain: Sequence[str | Secre
 
 def pseudonymizer(settings) -> Callable[[str], str]:
     """raw id -> the id tables hold, per ``settings.privacy`` (identity when pseudonymization
-    is off)."""
+    is off). Raises SettingsError when the keys are not those the data was pseudonymized with."""
+    from freshrec.rotation import check_keyring
+
     p = settings.privacy
     if not p.pseudonymize_users:
         return lambda raw: raw
+    check_keyring(settings)  # the data's keys, no rotation half done
     key, chain = p.hmac_key, tuple(p.hmac_key_chain)
     return lambda raw: pseudonymize(raw, key, chain)
 

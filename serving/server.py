@@ -119,6 +119,18 @@ class RateLimits:
             return False
 
 
+def decode(deserializer, raw: bytes, context, name: str):
+    """The request message from its bytes; bytes that are not one are INVALID_ARGUMENT (gRPC's
+    own deserialization would answer INTERNAL)."""
+    if deserializer is None:
+        return raw
+    try:
+        return deserializer(raw)
+    except Exception:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"the request is not a valid {name} message (wrong type or corrupt bytes)")
+
+
 def peer_host(context) -> str:
     """The client's address without its port ("ipv4:1.2.3.4:5" -> "ipv4:1.2.3.4")."""
     peer = context.peer() or "?"
@@ -206,6 +218,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         m = self.server.metrics
+        deserialize = handler.request_deserializer
         if handler.stream_stream is not None:  # reflection
             inner = handler.stream_stream
 
@@ -213,23 +226,23 @@ class GuardInterceptor(grpc.ServerInterceptor):
                 self._peer_ok(name, context)
                 self._slot(name, context)
                 try:
-                    yield from inner(request_iterator, context)
+                    yield from inner((decode(deserialize, raw, context, name)
+                                      for raw in request_iterator), context)
                 finally:
                     self.slow_slots.release()
             return grpc.stream_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                stream, response_serializer=handler.response_serializer)
         if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
         latency = m.latency.labels(name)
         ok = m.requests.labels(name, "OK")
 
-        def timed(request, context):
+        def timed(raw, context):
             self._peer_ok(name, context)
             t0 = time.perf_counter()
             try:
-                reply = inner(request, context)
+                reply = inner(decode(deserialize, raw, context, name), context)
             except Exception:
                 code = context.code().name if context.code() else "UNKNOWN"
                 m.requests.labels(name, code).inc()
@@ -240,26 +253,24 @@ class GuardInterceptor(grpc.ServerInterceptor):
             return reply
 
         return grpc.unary_unary_rpc_method_handler(
-            timed, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            timed, response_serializer=handler.response_serializer)
 
     def _health_check(self, handler):
         """Health Check, open: reads its request only while holding a slow slot."""
-        inner = handler.unary_unary
+        inner, deserialize = handler.unary_unary, handler.request_deserializer
 
         def check(request_iterator, context):
             self._peer_ok("Check", context)
             self._slot("Check", context)
             try:
-                request = next(request_iterator, None)
-                if request is None:
+                raw = next(request_iterator, None)
+                if raw is None:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no HealthCheckRequest sent")
-                return inner(request, context)
+                return inner(decode(deserialize, raw, context, "HealthCheckRequest"), context)
             finally:
                 self.slow_slots.release()
         return grpc.stream_unary_rpc_method_handler(
-            check, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            check, response_serializer=handler.response_serializer)
 
     def _health_watch(self):
         """Health Watch, open: the status now, then each change, for at most
@@ -270,9 +281,11 @@ class GuardInterceptor(grpc.ServerInterceptor):
             self._peer_ok("Watch", context)
             self._slot("Watch", context)
             try:
-                request = next(request_iterator, None)
-                if request is None:
+                raw = next(request_iterator, None)
+                if raw is None:
                     return
+                request = decode(health_pb2.HealthCheckRequest.FromString, raw, context,
+                                 "HealthCheckRequest")
                 end = time.monotonic() + server.settings.serving.stream_idle_seconds
                 last = None
                 while context.is_active() and time.monotonic() < end:
@@ -284,8 +297,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
             finally:
                 self.slow_slots.release()
         return grpc.stream_stream_rpc_method_handler(
-            watch, request_deserializer=health_pb2.HealthCheckRequest.FromString,
-            response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
+            watch, response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
 
 
 # ---- metrics and cache ------------------------------------------------------------------------
