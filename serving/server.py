@@ -52,6 +52,11 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 # reflection needs a token (any role); health stays open (load balancers probe it without one)
 REFLECTION = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+KNOWN_METHODS = {f"/{d.services_by_name[n].full_name}/{m.name}"
+                 for d, n in ((rec_pb2.DESCRIPTOR, "Recommender"), (admin_pb2.DESCRIPTOR, "Admin"),
+                              (health_pb2.DESCRIPTOR, "Health"))
+                 for m in d.services_by_name[n].methods} | {
+                 f"/{s}/ServerReflectionInfo" for s in REFLECTION}
 MODEL_SPEC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 ROLE_SERVICES = {"client": {RECOMMENDER, *REFLECTION}, "admin": {RECOMMENDER, ADMIN, *REFLECTION}}
 
@@ -184,7 +189,8 @@ class GuardInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
         method = details.method  # /package.Service/Method
         service = method.split("/")[1] if method.count("/") >= 2 else ""
-        name = method.rsplit("/", 1)[-1]
+        # metric label: the method's name, or "other" (a caller must not mint label series)
+        name = method.rsplit("/", 1)[-1] if method in KNOWN_METHODS else "other"
         if method == HEALTH_CHECK:
             return self._cached(method, lambda: self._health_check(continuation(details)))
         if method == HEALTH_WATCH:

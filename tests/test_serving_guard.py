@@ -146,6 +146,15 @@ def test_every_method_refuses_missing_wrong_and_underprivileged_tokens(served):
             assert got == want, (path, meta, got)
             cases += 1
     assert cases == 3 * (len(_methods()) + 1) + 5  # 5 Admin methods also tried with a client token
+    # made-up methods are refused too, without minting a metric series per name
+    for n in range(20):
+        assert _code(lambda n=n: ch.unary_unary(f"/x.Y/Made{n}")(b"", timeout=5)) == \
+            grpc.StatusCode.UNAUTHENTICATED
+    reg = served[0].metrics.registry
+    assert reg.get_sample_value("freshrec_requests_total", {"method": "Made3",
+                                                            "code": "UNAUTHENTICATED"}) is None
+    assert reg.get_sample_value("freshrec_requests_total", {"method": "other",
+                                                            "code": "UNAUTHENTICATED"}) == 20
     ch.close()
 
 
