@@ -47,6 +47,7 @@ def _server_class(rev: str | None):
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("baseline_server", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_server"] = mod
     spec.loader.exec_module(mod)
     return mod.FreshrecServer
 
@@ -157,13 +158,23 @@ def main() -> None:
         q = ctx.Queue()
         p = ctx.Process(target=run, args=(rev, args.users, q))
         p.start()
-        results[name] = q.get()
+        while True:
+            try:
+                results[name] = q.get(timeout=5)
+                break
+            except Exception:
+                if not p.is_alive():
+                    raise SystemExit(f"the {name} run died (exit code {p.exitcode})") from None
         p.join()
     names = list(results)
     print(f"{'':38} " + "  ".join(f"{n:>22}" for n in names))
+    def show(v) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else json.dumps(v, default=str)[:22]
+
     for key in results[names[1]]:
-        print(f"{key:38} " + "  ".join(f"{json.dumps(results[n].get(key), default=str)[:22]:>22}"
-                                        for n in names))
+        print(f"{key:38} " + "  ".join(f"{show(results[n].get(key)):>22}" for n in names))
+    print("(RSS is the whole process: server and the in-process client; the ids are new users "
+          "recording one event each)")
 
 
 if __name__ == "__main__":
