@@ -216,11 +216,15 @@ def land_events(settings: Settings, raw: pa.Table, source: str, file_id: str,
     if raw.num_rows == 0:
         raise InputFileError(f"{source}: holds no event rows; nothing to import")
     if settings.privacy.pseudonymize_users and not pseudonymized:
+        from freshrec.rotation import check_keyring
+
+        check_keyring(settings)  # the keys the data is pseudonymized with
         users = raw.column("user_id")  # a blank id stays missing (its pseudonym would not be)
         users = pc.if_else(pc.equal(pc.utf8_trim(users, characters=WHITESPACE), ""),
                            pa.scalar(None, pa.string()), users)
         raw = raw.set_column(raw.schema.get_field_index("user_id"), "user_id",
-                             pseudonymize_array(users, settings.privacy.hmac_key))
+                             pseudonymize_array(users, settings.privacy.hmac_key,
+                                                settings.privacy.hmac_key_chain))
     rows = pa.array(range(raw.num_rows), pa.int64()).cast(pa.string())
     raw = raw.append_column("raw_id", pc.binary_join_element_wise(file_id, rows, ":"))
     raw = raw.append_column("source_file", pa.array([source] * raw.num_rows, pa.string()))

@@ -2,20 +2,27 @@
 
 Reads ``conf/base.yaml``, lays the profile file ``conf/<profile>.yaml`` over it (``FRESHREC_PROFILE``,
 default ``local``), expands ``${VAR}`` / ``${VAR:-default}`` from the environment, then applies
-overrides ``FRESHREC__SECTION__KEY=value`` (values parsed as YAML). Unknown keys are rejected with a
-message naming the key and the file. Writes nothing.
+overrides ``FRESHREC__SECTION__KEY=value`` (values parsed as YAML), then the secrets directory
+(``paths.secrets_dir`` / ``FRESHREC_SECRETS_DIR``: one file per secret, see :data:`SECRET_FILES`;
+a file readable by group or others is refused). Unknown keys are rejected with a message naming
+the key and the file. Secret values are :class:`pydantic.SecretStr` (``repr`` and dumps show
+``**********``). The development secrets (the dev HMAC key and tokens) are accepted only by the
+``local`` profile: any other profile refuses them, naming the setting. Writes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import stat
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "FRESHREC__"
@@ -26,6 +33,16 @@ class SettingsError(ValueError):
     """A settings file or override is wrong; the message says which key and what to do."""
 
 
+# The development secrets: accepted by the `local` profile only (conf/local.yaml sets them).
+DEV_HMAC_KEY = "freshrec-local-development-key"
+DEV_TOKENS = {"dev-client-token": "client", "dev-admin-token": "admin"}
+DEV_TOKEN_SHA256 = {hashlib.sha256(t.encode()).hexdigest(): t for t in DEV_TOKENS}
+# secrets-directory file -> (section, key, environment variable that also sets it)
+SECRET_FILES = {"hmac_key": ("privacy", "hmac_key", "FRESHREC_HMAC_KEY"),
+                "hmac_key_chain": ("privacy", "hmac_key_chain", "FRESHREC_HMAC_KEY_CHAIN"),
+                "admin_token": ("refresher", "token", "FRESHREC_ADMIN_TOKEN")}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -33,6 +50,15 @@ class _Section(BaseModel):
 class PathsSettings(_Section):
     data_dir: Path = Field(description="Root of all local state: Delta tables, landing files, "
                            "snapshots, MLflow. Relative paths are taken from the project root.")
+    secrets_dir: Path | None = Field(None, description="Directory with one file per secret "
+                                     "(hmac_key, hmac_key_chain, admin_token), mode 0600 or "
+                                     "stricter; a file there wins over the YAML value. Also "
+                                     "FRESHREC_SECRETS_DIR.")
+
+    @field_validator("secrets_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
 
 
 class SparkSettings(_Section):
@@ -138,8 +164,21 @@ class EventSettings(_Section):
 
 class PrivacySettings(_Section):
     pseudonymize_users: bool = Field(True, description="Replace user ids by a keyed HMAC at ingest.")
-    hmac_key: str = Field(min_length=8, description="HMAC key for user pseudonyms (keep secret; "
-                          "set FRESHREC_HMAC_KEY in production).")
+    hmac_key: SecretStr = Field(SecretStr(""), description="HMAC key for user pseudonyms (at least "
+                                "16 characters outside the local profile): the secrets directory's "
+                                "`hmac_key` file or FRESHREC_HMAC_KEY.")
+    hmac_key_chain: list[SecretStr] = Field(
+        default_factory=list, description="Keys of the rotations applied so far, oldest first "
+        "(`freshrec privacy rotate-key` appends one): pseudonym = HMAC(k_n, ... HMAC(k_1, "
+        "HMAC(hmac_key, user_id))). The secrets directory's `hmac_key_chain` file (one key a line) "
+        "or FRESHREC_HMAC_KEY_CHAIN (comma-separated).")
+
+    @field_validator("hmac_key_chain", mode="before")
+    @classmethod
+    def _chain_text(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [k.strip() for k in re.split(r"[,\n]", v) if k.strip()]
+        return v
 
 
 class FeatureSettings(_Section):
@@ -270,11 +309,33 @@ class ServingSettings(_Section):
     metrics_port: int = Field(9464, ge=-1, le=65535, description="Prometheus /metrics; -1: off, 0: any.")
     auth_enabled: bool = Field(True, description="Require bearer tokens (health/reflection excepted).")
     tokens: list[TokenSettings] = Field(default_factory=list)
-    tls_cert_file: str = Field("", description="PEM certificate; with tls_key_file turns TLS on.")
-    tls_key_file: str = ""
-    tls_client_ca_file: str = Field("", description="PEM CA; set to require client certificates.")
-    rate_limit_per_second: float = Field(2000.0, gt=0, description="Per-client sustained rate.")
+    tls_cert_file: str = Field("", description="PEM certificate; with tls_key_file turns TLS on "
+                               "(one without the other is refused).")
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = Field("", description="PEM CA; set to require client certificates "
+                                    "(needs tls_cert_file and tls_key_file).")
+    rate_limit_per_second: float = Field(2000.0, gt=0, description="Sustained calls per second "
+                                         "per token (every method of Recommender and Admin).")
     rate_limit_burst: int = Field(4000, ge=1)
+    peer_rate_limit_per_second: float = Field(
+        2000.0, gt=0, description="Sustained calls per second per client address (host, port "
+        "excluded), authenticated or not, every method including health and reflection.")
+    peer_rate_limit_burst: int = Field(4000, ge=1)
+    max_rate_limit_keys: int = Field(100_000, ge=1, description="Rate-limit buckets kept (the "
+                                     "least recently used are dropped beyond this).")
+    max_concurrent_rpcs: int = Field(256, ge=1, description="Calls in flight at once (streams "
+                                     "included); more are refused with RESOURCE_EXHAUSTED.")
+    max_message_bytes: int = Field(4 << 20, ge=1024, description="Largest request message.")
+    max_context_entries: int = Field(32, ge=0, description="Entries in a RecommendRequest.context "
+                                     "or an event's context.")
+    max_context_bytes: int = Field(4096, ge=0, description="Total bytes of a context's keys and "
+                                   "values.")
+    stream_idle_seconds: float = Field(10.0, gt=0, description="A streaming call (health Watch, "
+                                       "reflection) is ended after this long.")
+    max_recent_users: int = Field(100_000, ge=1, description="Users whose recent events serving "
+                                  "holds in memory (least recently active dropped first).")
+    max_vector_norm: float = Field(1e3, gt=0, description="ApplyDeltas refuses vectors with a "
+                                   "larger L2 norm.")
     wal_flush_seconds: float = Field(30.0, gt=0, description="How often a server moves its "
                                      "recorded events from its write-ahead log to the landing "
                                      "zone (every nearline round also lands every server's log).")
@@ -295,17 +356,39 @@ class ServingSettings(_Section):
                                            description="A/B experiment over registered models.")
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
+    @model_validator(mode="after")
+    def _tls_whole(self) -> "ServingSettings":
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            have, missing = (("tls_cert_file", "tls_key_file") if self.tls_cert_file
+                             else ("tls_key_file", "tls_cert_file"))
+            raise ValueError(f"serving.{have} is set but serving.{missing} is not: set both "
+                             "(FRESHREC_TLS_CERT and FRESHREC_TLS_KEY) or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("serving.tls_client_ca_file is set without serving.tls_cert_file and "
+                             "serving.tls_key_file: client certificates need TLS on")
+        return self
+
 
 class RefresherSettings(_Section):
     replicas: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051"],
                                 description="host:port of every serving replica to keep fresh.")
-    token: str = Field("dev-admin-token", description="Admin bearer token for ApplyDeltas.")
+    token: SecretStr = Field(SecretStr(""), description="Admin bearer token for ApplyDeltas: the "
+                             "secrets directory's `admin_token` file or FRESHREC_ADMIN_TOKEN.")
     ca_file: str = Field("", description="CA (PEM) when the replicas use TLS.")
     interval_seconds: float = Field(60.0, gt=0, description="`freshrec refresh --loop` period.")
     schedule_minutes: int = Field(5, ge=1, description="The nearline DAG's period.")
     batch_size: int = Field(5000, ge=1, description="Vectors per ApplyDeltas call.")
     retries: int = Field(4, ge=0, description="Tries per replica call beyond the first.")
     backoff_seconds: float = Field(0.5, ge=0, description="First retry delay; doubles each time.")
+
+    def bearer(self) -> str:
+        """The admin token, or a SettingsError saying how to set it."""
+        token = self.token.get_secret_value()
+        if not token:
+            raise SettingsError("refresher.token is not set: put the admin token in the secrets "
+                                "directory (file admin_token, mode 0600) or export "
+                                "FRESHREC_ADMIN_TOKEN")
+        return token
 
 
 class OnlineSettings(_Section):
@@ -487,9 +570,64 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     return tree
 
 
+def _read_secrets(tree: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """Lay the secrets directory's files over ``tree`` (a file wins over the YAML and the env)."""
+    raw = env.get("FRESHREC_SECRETS_DIR") or (tree.get("paths") or {}).get("secrets_dir")
+    if not raw:
+        return tree
+    root = Path(raw)
+    tree = _deep_merge(tree, {"paths": {"secrets_dir": str(root)}})
+    if not root.is_dir():
+        raise SettingsError(f"paths.secrets_dir {root} is not a directory: create it (mode 0700) "
+                            "or unset FRESHREC_SECRETS_DIR")
+    for name, (section, key, _var) in SECRET_FILES.items():
+        path = root / name
+        if not path.exists():
+            continue
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SettingsError(f"secret file {path} is readable by group or others (mode "
+                                f"{stat.S_IMODE(mode):o}): chmod 600 {path}")
+        try:
+            value = path.read_text().strip()
+        except OSError as e:
+            raise SettingsError(f"secret file {path} cannot be read ({e.strerror}): make it "
+                                "readable by the user running freshrec") from None
+        tree = _deep_merge(tree, {section: {key: value}})
+    return tree
+
+
+def _refuse_dev_secrets(s: Settings) -> None:
+    """Outside the local profile: no development secret, and the HMAC key set."""
+    how = ("put a real one in the secrets directory (paths.secrets_dir / FRESHREC_SECRETS_DIR, "
+           "file {file}, mode 0600) or export {var}")
+    key = s.privacy.hmac_key.get_secret_value()
+    if s.profile == "local":
+        return
+    if key == DEV_HMAC_KEY:
+        raise SettingsError(f"profile {s.profile!r} refuses the development value of "
+                            "privacy.hmac_key: " + how.format(file="hmac_key", var="FRESHREC_HMAC_KEY"))
+    if s.privacy.pseudonymize_users and len(key) < 16:
+        raise SettingsError(f"privacy.hmac_key is {'not set' if not key else 'shorter than 16 characters'} "
+                            f"(profile {s.profile!r}): " + how.format(file="hmac_key",
+                                                                      var="FRESHREC_HMAC_KEY"))
+    if s.refresher.token.get_secret_value() in DEV_TOKENS:
+        raise SettingsError(f"profile {s.profile!r} refuses the development value of "
+                            "refresher.token: " + how.format(file="admin_token",
+                                                             var="FRESHREC_ADMIN_TOKEN"))
+    for n, t in enumerate(s.serving.tokens):
+        if t.sha256 in DEV_TOKEN_SHA256:
+            raise SettingsError(
+                f"profile {s.profile!r} refuses serving.tokens[{n}] ({t.name}): it is the hash of "
+                f"the development token {DEV_TOKEN_SHA256[t.sha256]!r}; list the SHA-256 of a "
+                "token of your own (python -c 'import secrets; print(secrets.token_urlsafe(32))', "
+                "then sha256sum)")
+
+
 def load_settings(profile: str | None = None, conf_dir: Path | None = None,
                   env: dict[str, str] | None = None, **overrides: Any) -> Settings:
-    """Load base + profile + environment overrides (+ keyword overrides, for tests)."""
+    """Load base + profile + environment overrides (+ keyword overrides, for tests) + the
+    secrets directory; a profile other than ``local`` refuses the development secrets."""
     env = dict(os.environ if env is None else env)
     conf_dir = Path(conf_dir or env.get("FRESHREC_CONF_DIR") or PROJECT_ROOT / "conf")
     profile = profile or env.get("FRESHREC_PROFILE") or "local"
@@ -500,15 +638,21 @@ def load_settings(profile: str | None = None, conf_dir: Path | None = None,
     tree = _deep_merge(tree, overrides)
     tree["profile"] = profile
     tree = _expand_env(tree, env, "")
+    tree = _read_secrets(tree, env)
     try:
-        return Settings.model_validate(tree)
+        settings = Settings.model_validate(tree)
     except ValidationError as e:
-        lines = []
+        parts = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
-                lines.append(f"  {key}: unknown setting (typo? see conf/base.yaml for the known keys)")
+                parts.append(f"{key}: unknown setting (typo? see conf/base.yaml for the known keys)")
             else:
-                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
-        raise SettingsError(f"invalid settings (profile {profile!r}, conf dir {conf_dir}):\n"
-                            + "\n".join(lines)) from None
+                got = err.get("input")
+                secret = any(str(p) in ("hmac_key", "hmac_key_chain", "token") for p in err["loc"])
+                shown = "" if secret or isinstance(got, dict) else f" (got {got!r})"
+                parts.append(f"{key}: {err['msg']}{shown}")
+        raise SettingsError(f"invalid settings (profile {profile!r}, conf dir {conf_dir}): "
+                            + "; ".join(parts)) from None
+    _refuse_dev_secrets(settings)
+    return settings

@@ -178,6 +178,10 @@ class ItemIndex:
         items = list(items)
         if not items:
             return 0
+        ids = [i for i, _ in items]
+        if len(set(ids)) != len(ids):  # a second copy would stay searchable after a removal
+            dup = next(i for n, i in enumerate(ids) if i in ids[:n])
+            raise ValueError(f"item {dup!r} appears twice in one upsert")
         with self.lock.write():
             replaced = [self.position[i] for i, _ in items if i in self.position]
             self._remove_positions(replaced)
@@ -237,9 +241,11 @@ class ItemIndex:
         if self.tombstones and self.index_type == "hnsw":
             live = np.fromiter(self.position.values(), np.int64)
             old = faiss.downcast_index(self.index.index).hnsw
-            fresh = faiss.IndexHNSWFlat(self.dim, old.nb_neighbors(1) // 2,
+            # nb_neighbors(0) is 2*M (the base layer), nb_neighbors(1) is M: keep M as built
+            fresh = faiss.IndexHNSWFlat(self.dim, old.nb_neighbors(1),
                                         faiss.METRIC_INNER_PRODUCT)
             fresh.hnsw.efSearch = old.efSearch
+            fresh.hnsw.efConstruction = old.efConstruction
             idx = faiss.IndexIDMap2(fresh)
             idx.add_with_ids(self.vectors[live], live)
             self.index = idx

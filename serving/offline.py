@@ -14,7 +14,7 @@ import csv
 import logging
 from pathlib import Path
 
-from freshrec.privacy import pseudonymize
+from freshrec.privacy import pseudonymizer
 from freshrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,8 @@ def recommend_to_csv(settings: Settings, users_file: Path, k: int, output: Path,
     if k < 1:
         raise ValueError(f"--k must be at least 1, got {k}")
     raw_ids = read_user_file(users_file)
-    key = settings.privacy.hmac_key
-    pseudonyms = [pseudonymize(u, key) if settings.privacy.pseudonymize_users else u
-                  for u in raw_ids]
+    pseudonym = pseudonymizer(settings)
+    pseudonyms = [pseudonym(u) for u in raw_ids]
     from serving.logic import Filters, recommend
     from serving.state import load_state
 

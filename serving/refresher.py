@@ -239,7 +239,7 @@ class Replica:
 
         cfg = settings.refresher
         self.address = address
-        self.client = Client(address, cfg.token, ca_file=cfg.ca_file or None)
+        self.client = Client(address, cfg.bearer(), ca_file=cfg.ca_file or None)
         self.pb = self.client.admin_pb2
         self.retries, self.backoff = cfg.retries, cfg.backoff_seconds
 
@@ -264,7 +264,9 @@ class Replica:
         raise AssertionError("unreachable")
 
     def status(self):
-        return self.call("Status", self.pb.StatusRequest())
+        st = self.call("Status", self.pb.StatusRequest())
+        self.state_id = st.state_id  # the deltas of this round are computed against this state
+        return st
 
     def push(self, d: Deltas, batch: int, arm_items: list[tuple[str, Deltas]] = ()) -> None:
         """``arm_items``: (model_version, deltas with its item vectors) of the replica's other
@@ -292,6 +294,7 @@ class Replica:
         requests.append(pb.ApplyDeltasRequest(applied_versions=d.versions,
                                               newest_event_ts=d.newest_event_ts))
         for n, req in enumerate(requests):
+            req.expect_state_id = getattr(self, "state_id", 0)  # ABORTED if it loaded meanwhile
             self.call("ApplyDeltas", req)
             if n == len(requests) // 2:
                 _crash_point("mid_push")

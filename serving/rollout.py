@@ -32,7 +32,7 @@ def _client(address: str, settings: Settings):
     from serving.client import Client
 
     cfg = settings.refresher
-    return Client(address, cfg.token, ca_file=cfg.ca_file or None)
+    return Client(address, cfg.bearer(), ca_file=cfg.ca_file or None)
 
 
 def _roll_one(address: str, settings: Settings, ref: registry.ModelRef, timeout: float) -> str:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import hmac
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -30,8 +32,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from freshrec.device import resolve_device
 from freshrec.experiments import Assigner, ExperimentError
-from freshrec.privacy import pseudonymize
-from freshrec.settings import Settings
+from freshrec.privacy import pseudonymizer
+from freshrec.settings import Settings, SettingsError
 from serving.audit import AuditLog
 from serving.experiment import (STATS, ArmMonitor, ArmState, OnlineCollector, distinct_states,
                                 online_report_path, version_of)
@@ -48,12 +50,22 @@ admin_pb2, admin_grpc = pb["admin_pb2"], pb["admin_pb2_grpc"]
 
 RECOMMENDER = "freshrec.v1.Recommender"
 ADMIN = "freshrec.v1.Admin"
-OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                 "grpc.reflection.v1.ServerReflection")
-ROLE_SERVICES = {"client": {RECOMMENDER}, "admin": {RECOMMENDER, ADMIN}}
 
 
 # ---- auth and rate limits ---------------------------------------------------------------------
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+# reflection needs a token (any role); health stays open (load balancers probe it without one)
+REFLECTION = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+KNOWN_METHODS = {f"/{d.services_by_name[n].full_name}/{m.name}"
+                 for d, n in ((rec_pb2.DESCRIPTOR, "Recommender"), (admin_pb2.DESCRIPTOR, "Admin"),
+                              (health_pb2.DESCRIPTOR, "Health"))
+                 for m in d.services_by_name[n].methods} | {
+                 f"/{s}/ServerReflectionInfo" for s in REFLECTION}
+MODEL_SPEC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+ROLE_SERVICES = {"client": {RECOMMENDER, *REFLECTION}, "admin": {RECOMMENDER, ADMIN, *REFLECTION}}
+
+
 @dataclass(frozen=True)
 class Caller:
     name: str
@@ -64,10 +76,10 @@ def caller_from_metadata(settings: Settings, metadata) -> Caller | None:
     if not settings.serving.auth_enabled:
         return Caller("anonymous", "admin")
     for key, value in metadata or ():
-        if key == "authorization" and value.lower().startswith("bearer "):
+        if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
             digest = hashlib.sha256(value[7:].strip().encode()).hexdigest()
             for t in settings.serving.tokens:
-                if t.sha256 == digest:
+                if hmac.compare_digest(t.sha256, digest):
                     return Caller(t.name, t.role)
     return None
 
@@ -89,68 +101,159 @@ class TokenBucket:
             return False
 
 
-def _abort_handler(code: grpc.StatusCode, message: str):
-    def abort(request, context):
-        context.abort(code, message)
-    return grpc.unary_unary_rpc_method_handler(abort)
+class RateLimits:
+    """Token buckets by key (a token name, a client address), at most ``max_keys`` of them: the
+    least recently used bucket is dropped first (it comes back full, which only forgives a client
+    idle long enough to fall out)."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self.buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def take(self, key: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            b = self.buckets.get(key)
+            if b is None:
+                b = self.buckets[key] = [float(self.burst), now]
+                while len(self.buckets) > self.max_keys:
+                    self.buckets.popitem(last=False)
+            else:
+                self.buckets.move_to_end(key)
+                b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+                b[1] = now
+            if b[0] >= 1:
+                b[0] -= 1
+                return True
+            return False
+
+
+def decode(deserializer, raw: bytes, context, name: str):
+    """The request message from its bytes; bytes that are not one are INVALID_ARGUMENT (gRPC's
+    own deserialization would answer INTERNAL)."""
+    if deserializer is None:
+        return raw
+    try:
+        return deserializer(raw)
+    except Exception:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"the request is not a valid {name} message (wrong type or corrupt bytes)")
+
+
+def peer_host(context) -> str:
+    """The client's address without its port ("ipv4:1.2.3.4:5" -> "ipv4:1.2.3.4")."""
+    peer = context.peer() or "?"
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
 class GuardInterceptor(grpc.ServerInterceptor):
-    """Authenticates, authorizes by role, rate-limits per client, and counts every call."""
+    """Authenticates, authorizes by role, rate-limits per token and per client address, bounds
+    the calls that may wait on a client, and counts every call.
+
+    A worker thread of the sync server waits for a unary call's request before the handler runs,
+    so a refusal is answered by a request-streaming handler that never reads the request: the
+    call ends at once, whether or not its body ever comes. The open health calls and the
+    (authenticated) reflection streams may wait on the client: they run only while one of a few
+    ``slow slots`` (a quarter of the workers, at least 2) is free, else RESOURCE_EXHAUSTED, and a
+    health Watch ends after ``serving.stream_idle_seconds``. So idle streams never hold more than
+    the slow slots, whoever opens them."""
 
     def __init__(self, server: "FreshrecServer") -> None:
+        cfg = server.settings.serving
         self.server = server
-        self.buckets: dict[str, TokenBucket] = {}
+        self.tokens = RateLimits(cfg.rate_limit_per_second, cfg.rate_limit_burst,
+                                 cfg.max_rate_limit_keys)
+        self.peers = RateLimits(cfg.peer_rate_limit_per_second, cfg.peer_rate_limit_burst,
+                                cfg.max_rate_limit_keys)
+        self.slow_slots = threading.BoundedSemaphore(max(2, cfg.workers // 4))
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-        self.lock = threading.Lock()
+
+    def _peer_ok(self, name: str, context) -> None:
+        if not self.peers.take(peer_host(context)):
+            self.server.metrics.requests.labels(name, "RESOURCE_EXHAUSTED").inc()
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"rate limit of {self.server.settings.serving.peer_rate_limit_per_second}"
+                          "/s for this client address exceeded; retry with backoff")
+
+    def _refuse(self, name: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+        counter = self.server.metrics.requests.labels(name, code.name)
+
+        def refuse(_request_iterator, context):  # never reads the request: no wait on the client
+            self._peer_ok(name, context)
+            counter.inc()
+            context.abort(code, message)
+        return grpc.stream_unary_rpc_method_handler(refuse)
+
+    def _slot(self, name: str, context) -> None:
+        if not self.slow_slots.acquire(blocking=False):
+            self.server.metrics.requests.labels(name, "RESOURCE_EXHAUSTED").inc()
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open streaming or health "
+                          "calls; retry shortly")
 
     def intercept_service(self, continuation, details):
         method = details.method  # /package.Service/Method
         service = method.split("/")[1] if method.count("/") >= 2 else ""
-        if service in OPEN_SERVICES:
-            return continuation(details)
+        # metric label: the method's name, or "other" (a caller must not mint label series)
+        name = method.rsplit("/", 1)[-1] if method in KNOWN_METHODS else "other"
+        if method == HEALTH_CHECK:
+            return self._cached(method, lambda: self._health_check(continuation(details)))
+        if method == HEALTH_WATCH:
+            return self._cached(method, self._health_watch)
         settings = self.server.settings
         caller = caller_from_metadata(settings, details.invocation_metadata)
-        m = self.server.metrics
-        name = method.rsplit("/", 1)[-1]
         if caller is None:
-            m.requests.labels(name, "UNAUTHENTICATED").inc()
-            return _abort_handler(grpc.StatusCode.UNAUTHENTICATED,
-                                  "missing or unknown bearer token: send metadata "
-                                  "'authorization: Bearer <token>'")
+            return self._refuse(name, grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or unknown bearer token: send metadata "
+                                "'authorization: Bearer <token>'")
         if service not in ROLE_SERVICES.get(caller.role, ()):
-            m.requests.labels(name, "PERMISSION_DENIED").inc()
-            return _abort_handler(grpc.StatusCode.PERMISSION_DENIED,
-                                  f"role {caller.role!r} may not call {service}")
-        with self.lock:
-            bucket = self.buckets.get(caller.name)
-            if bucket is None:
-                bucket = self.buckets[caller.name] = TokenBucket(
-                    settings.serving.rate_limit_per_second, settings.serving.rate_limit_burst)
-        if not bucket.take():
-            m.requests.labels(name, "RESOURCE_EXHAUSTED").inc()
-            return _abort_handler(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"rate limit of {settings.serving.rate_limit_per_second}/s for "
-                                  f"{caller.name} exceeded; retry with backoff")
-        return self._timed_handler(method, name, continuation, details)
+            return self._refuse(name, grpc.StatusCode.PERMISSION_DENIED,
+                                f"role {caller.role!r} may not call {service or method!r}")
+        if not self.tokens.take(caller.name):
+            return self._refuse(name, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"rate limit of {settings.serving.rate_limit_per_second}/s for "
+                                f"{caller.name} exceeded; retry with backoff")
+        return self._cached(method, lambda: self._wrap(name, continuation(details)))
 
-    def _timed_handler(self, method: str, name: str, continuation, details):
-        """The service's handler wrapped to count and time calls; built once per method."""
+    def _cached(self, method: str, build):
         wrapped = self.handlers.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if wrapped is None:
+            wrapped = build()
+            if wrapped is not None:
+                self.handlers[method] = wrapped
+        return wrapped
+
+    def _wrap(self, name: str, handler):
+        """The service's handler with the per-address limit, counted and timed (unary), or held
+        to a slow slot (streams)."""
+        if handler is None:
+            return None
+        m = self.server.metrics
+        deserialize = handler.request_deserializer
+        if handler.stream_stream is not None:  # reflection
+            inner = handler.stream_stream
+
+            def stream(request_iterator, context):
+                self._peer_ok(name, context)
+                self._slot(name, context)
+                try:
+                    yield from inner((decode(deserialize, raw, context, name)
+                                      for raw in request_iterator), context)
+                finally:
+                    self.slow_slots.release()
+            return grpc.stream_stream_rpc_method_handler(
+                stream, response_serializer=handler.response_serializer)
+        if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
-        m = self.server.metrics
         latency = m.latency.labels(name)
         ok = m.requests.labels(name, "OK")
 
-        def timed(request, context):
+        def timed(raw, context):
+            self._peer_ok(name, context)
             t0 = time.perf_counter()
             try:
-                reply = inner(request, context)
+                reply = inner(decode(deserialize, raw, context, name), context)
             except Exception:
                 code = context.code().name if context.code() else "UNKNOWN"
                 m.requests.labels(name, code).inc()
@@ -160,11 +263,52 @@ class GuardInterceptor(grpc.ServerInterceptor):
             latency.observe(time.perf_counter() - t0)
             return reply
 
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            timed, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-        self.handlers[method] = wrapped
-        return wrapped
+        return grpc.unary_unary_rpc_method_handler(
+            timed, response_serializer=handler.response_serializer)
+
+    def _health_check(self, handler):
+        """Health Check, open: reads its request only while holding a slow slot."""
+        inner, deserialize = handler.unary_unary, handler.request_deserializer
+
+        def check(request_iterator, context):
+            self._peer_ok("Check", context)
+            self._slot("Check", context)
+            try:
+                raw = next(request_iterator, None)
+                if raw is None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no HealthCheckRequest sent")
+                return inner(decode(deserialize, raw, context, "HealthCheckRequest"), context)
+            finally:
+                self.slow_slots.release()
+        return grpc.stream_unary_rpc_method_handler(
+            check, response_serializer=handler.response_serializer)
+
+    def _health_watch(self):
+        """Health Watch, open: the status now, then each change, for at most
+        ``serving.stream_idle_seconds`` while holding a slow slot."""
+        server = self.server
+
+        def watch(request_iterator, context):
+            self._peer_ok("Watch", context)
+            self._slot("Watch", context)
+            try:
+                raw = next(request_iterator, None)
+                if raw is None:
+                    return
+                request = decode(health_pb2.HealthCheckRequest.FromString, raw, context,
+                                 "HealthCheckRequest")
+                end = time.monotonic() + server.settings.serving.stream_idle_seconds
+                last = None
+                while context.is_active() and time.monotonic() < end:
+                    status = server.health_status(request.service)
+                    if status != last:
+                        last = status
+                        yield health_pb2.HealthCheckResponse(status=status)
+                    time.sleep(0.1)
+            finally:
+                self.slow_slots.release()
+        return grpc.stream_stream_rpc_method_handler(
+            watch, response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
 
 
 # ---- metrics and cache ------------------------------------------------------------------------
@@ -207,6 +351,10 @@ class Metrics:
                                       arm, registry=r)
         self.monitor_samples = Gauge("freshrec_monitor_samples", "sampled slates in the drift "
                                      "window", arm, registry=r)
+        self.recent_users = Gauge("freshrec_recent_users", "users whose recent events are held "
+                                  "in memory (at most serving.max_recent_users)", registry=r)
+        self.recent_evictions = Counter("freshrec_recent_evictions", "users dropped from the "
+                                        "recent-event memory to keep it under its cap", registry=r)
 
 
 class UserCache:
@@ -217,7 +365,8 @@ class UserCache:
     def __init__(self, size: int, ttl: float) -> None:
         self.size, self.ttl = size, ttl
         self.data: OrderedDict[tuple, tuple[float, tuple[int, int], object]] = OrderedDict()
-        self.user_generation: dict[str, int] = {}
+        self.user_generation: dict[str, int] = {}  # bounded: cleared (with a generation bump)
+        self.max_users = max(1024, 2 * size)
         self.generation = 0
         self.lock = threading.Lock()
 
@@ -253,6 +402,10 @@ class UserCache:
         with self.lock:
             # stale entries fail the token check on get and age out of the LRU
             self.user_generation[user] = self.user_generation.get(user, 0) + 1
+            if len(self.user_generation) > self.max_users:  # bounded memory: start over
+                self.user_generation.clear()
+                self.generation += 1
+                self.data.clear()
 
     def invalidate_all(self) -> None:
         with self.lock:
@@ -298,10 +451,16 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"a filter value is longer than {limit} characters")
 
+    def _check_context(self, ctx, context) -> None:
+        problem = self.s.context_problem(ctx)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"context {problem}")
+
     def Recommend(self, request, context):
         self._check_id(request.user_id, "user_id", context)
         self._check_k(request.k, context)
         self._check_filters(request.filters, context)
+        self._check_context(request.context, context)
         if len(request.request_id) > self.s.settings.serving.max_id_length:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is longer than "
                           f"{self.s.settings.serving.max_id_length} characters")
@@ -419,76 +578,130 @@ class AdminServicer(admin_grpc.AdminServicer):
         return reply
 
     def LoadSnapshot(self, request, context):
+        path = self.s.snapshot_path(request.path, context) if request.path else None
+
         def do():
-            state = self.s.load(Path(request.path) if request.path else None)
+            state = self.s.load(path)
             return admin_pb2.LoadSnapshotResponse(model_version=state.model_version,
                                                   n_items=state.items.size,
                                                   n_users=len(state.user_rows))
-        return self._audited("LoadSnapshot", {"path": request.path}, context, do)
+        return self._audited("LoadSnapshot", {"path": request.path[:300]}, context, do)
 
     def LoadModel(self, request, context):
+        model = request.model.strip()
+        if model and not MODEL_SPEC.fullmatch(model):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"model {model[:80]!r} is neither a version number nor an alias of "
+                          "freshrec-retrieval (letters, digits, - and _, e.g. champion or 3)")
+
         def do():
             arm = self.s.find_arm(request.arm)
             before = arm.state.model_version if arm is not None else ""
-            state = self.s.load(model=request.model or None, arm=request.arm or None)
+            state = self.s.load(model=model or None, arm=request.arm or None)
             return admin_pb2.LoadModelResponse(model_version=state.model_version,
                                                n_items=state.items.size,
                                                n_users=len(state.user_rows),
                                                previous_model_version=before,
                                                arm=arm.name if arm is not None else "")
-        return self._audited("LoadModel", {"model": request.model, "arm": request.arm}, context,
+        return self._audited("LoadModel", {"model": model[:80], "arm": request.arm[:80]}, context,
                              do)
 
     def ApplyDeltas(self, request, context):
-        state = self.s.require_state(context)
+        self.s.require_state(context)
+        users = (lambda u: u) if request.users_pseudonymized else self.s.pseudonym
+        bound = self.s.settings.serving.max_vector_norm
 
-        def vec(v, st) -> np.ndarray:
+        def check_ids(ids, field: str, named=lambda i: repr(i[:80])) -> None:
+            seen: set[str] = set()
+            for n, i in enumerate(ids):
+                if not i:
+                    raise ValueError(f"{field}[{n}]: empty id")
+                if i in seen:
+                    raise ValueError(f"{field}[{n}]: {named(i)} appears twice in one call; send "
+                                     "each id once")
+                seen.add(i)
+
+        def vec(v, field: str, n: int, dim: int, who: str) -> np.ndarray:
             a = np.asarray(v.values, dtype=np.float32)
-            if a.shape != (st.items.dim,):
-                raise ValueError(f"vector for {v.id!r} has {a.size} values; the index of "
-                                 f"{st.model_version} has dimension {st.items.dim}")
+            if a.shape != (dim,):
+                raise ValueError(f"{field}[{n}] ({who}) has {a.size} values; the index has "
+                                 f"dimension {dim}")
             if not np.all(np.isfinite(a)):
-                raise ValueError(f"vector for {v.id!r} holds NaN or infinite values")
+                raise ValueError(f"{field}[{n}] ({who}) holds NaN or infinite values")
+            norm = float(np.linalg.norm(a.astype(np.float64)))
+            if norm > bound:
+                raise ValueError(f"{field}[{n}] ({who}) has norm {norm:.4g}, above "
+                                 f"serving.max_vector_norm {bound:g}")
             return a
 
         def do():
-            # Vectors belong to one model's space: they go to the states serving
-            # request.model_version (empty: the control arm's model); everything else to every
-            # arm's state (histories are model-independent; each state folds them in itself).
-            states = self.s.distinct_states()
-            target = request.model_version or state.model_version
-            targets = [st for st in states if st.model_version == target]
-            if (request.upsert_items or request.upsert_users) and not targets:
-                raise ValueError(f"no arm serves {target!r}: item/user vectors not applied "
-                                 f"(serving: {sorted({st.model_version for st in states})})")
-            users = (lambda u: u) if request.users_pseudonymized else self.s.pseudonym
-            for h in request.upsert_histories:
-                if len(h.item_ids) != len(h.weights):
-                    raise ValueError(f"history of {h.user_id!r}: {len(h.item_ids)} items but "
-                                     f"{len(h.weights)} weights")
-            n_up = u_up = 0
-            for st in targets:
-                items_up = [(v.id, vec(v, st)) for v in request.upsert_items]
-                users_up = {users(v.id): vec(v, st) for v in request.upsert_users}
-                n_up = st.items.upsert(items_up)
-                u_up = st.upsert_users(users_up)
-            n_rm = u_rm = h_up = 0
-            for n, st in enumerate(states):
-                removed = st.items.remove(list(request.remove_items))
-                for table, version in request.applied_versions.items():
-                    st.delta_versions[table] = version
-                if request.newest_event_ts:
-                    st.newest_event_ts = max(st.newest_event_ts or 0.0, request.newest_event_ts)
-                # a removed user (erased upstream) loses vector, history and recent events
-                gone = sum(st.forget_user(users(u)) for u in request.remove_users)
-                hist = sum(st.set_history(users(h.user_id), list(h.item_ids), list(h.weights))
-                           for h in request.upsert_histories)
-                if n == 0:
-                    n_rm, u_rm, h_up = removed, gone, hist
-            for u in request.remove_users:
-                self.s.forget_recent(users(u))
-            self.s.cache.invalidate_all()
-            self.s.update_gauges()
+            with self.s._load_lock:  # no load swaps the state under this delta
+                state = self.s.require_state(context)
+                if request.expect_state_id and request.expect_state_id != self.s.state_id:
+                    context.abort(grpc.StatusCode.ABORTED,
+                                  f"the replica loaded another state (state_id {self.s.state_id}, "
+                                  f"delta computed for {request.expect_state_id}): read Status "
+                                  "and compute the delta again")
+                # Vectors belong to one model's space: they go to the states serving
+                # request.model_version (empty: the control arm's model); everything else to every
+                # arm's state (histories are model-independent; each state folds them in itself).
+                states = self.s.distinct_states()
+                target = request.model_version or state.model_version
+                targets = [st for st in states if st.model_version == target]
+                if (request.upsert_items or request.upsert_users) and not targets:
+                    raise ValueError(f"no arm serves {target!r}: item/user vectors not applied "
+                                     f"(serving: {sorted({st.model_version for st in states})})")
+                # validate the whole call before changing anything
+                item_ids = [v.id for v in request.upsert_items]
+                check_ids(item_ids, "upsert_items")
+                check_ids(list(request.remove_items), "remove_items")
+                both = set(item_ids) & set(request.remove_items)
+                if both:
+                    raise ValueError(f"item {sorted(both)[0][:80]!r} is both upserted and removed "
+                                     "in one call")
+                user_ids = [users(v.id) for v in request.upsert_users]
+                check_ids(user_ids, "upsert_users", named=lambda u: f"user {u[:40]}")
+                removed_users = [users(u) for u in request.remove_users]
+                check_ids(removed_users, "remove_users", named=lambda u: f"user {u[:40]}")
+                check_ids([users(h.user_id) for h in request.upsert_histories],
+                          "upsert_histories", named=lambda u: f"user {u[:40]}")
+                vectors = []
+                for st in targets:
+                    dim = st.items.dim
+                    items_up = [(v.id, vec(v, "upsert_items", n, dim, f"item {v.id[:80]!r}"))
+                                for n, v in enumerate(request.upsert_items)]
+                    users_up = {u: vec(v, "upsert_users", n, dim, f"user {u[:40]}")
+                                for n, (u, v) in enumerate(zip(user_ids, request.upsert_users))}
+                    vectors.append((st, items_up, users_up))
+                for n, h in enumerate(request.upsert_histories):
+                    if len(h.item_ids) != len(h.weights):
+                        raise ValueError(f"upsert_histories[{n}]: {len(h.item_ids)} items but "
+                                         f"{len(h.weights)} weights")
+                    if not all(np.isfinite(h.weights)):
+                        raise ValueError(f"upsert_histories[{n}]: a weight is NaN or infinite")
+                n_up = u_up = 0
+                for st, items_up, users_up in vectors:
+                    n_up = st.items.upsert(items_up)
+                    u_up = st.upsert_users(users_up)
+                n_rm = u_rm = h_up = 0
+                for n, st in enumerate(states):
+                    removed = st.items.remove(list(request.remove_items))
+                    for table, version in request.applied_versions.items():
+                        st.delta_versions[table] = version
+                    if request.newest_event_ts:
+                        st.newest_event_ts = max(st.newest_event_ts or 0.0,
+                                                 request.newest_event_ts)
+                    # a removed user (erased upstream) loses vector, history and recent events
+                    gone = sum(st.forget_user(u) for u in removed_users)
+                    hist = sum(st.set_history(users(h.user_id), list(h.item_ids),
+                                              list(h.weights))
+                               for h in request.upsert_histories)
+                    if n == 0:
+                        n_rm, u_rm, h_up = removed, gone, hist
+                for u in removed_users:
+                    self.s.forget_recent(u)
+                self.s.cache.invalidate_all()
+                self.s.update_gauges()
             return admin_pb2.ApplyDeltasResponse(items_upserted=n_up, items_removed=n_rm,
                                                  users_upserted=u_up, users_removed=u_rm,
                                                  index_size=state.items.size,
@@ -501,6 +714,9 @@ class AdminServicer(admin_grpc.AdminServicer):
     def DeleteUser(self, request, context):
         if not request.user_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id is empty")
+        if len(request.user_id) > self.s.settings.serving.max_id_length:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"user_id is longer than "
+                          f"{self.s.settings.serving.max_id_length} characters")
 
         def do():
             removed, rows = self.s.delete_user(self.s.pseudonym(request.user_id))
@@ -517,7 +733,7 @@ class AdminServicer(admin_grpc.AdminServicer):
             refresh_lag_seconds=self.s.refresh_lag(), n_users=len(state.user_rows),
             device="cuda" if self.s.use_gpu else "cpu",
             experiment=self.s.settings.serving.experiment.name if self.s.assigner else "",
-            arms=[self._arm_status(a) for a in self.s.arms])
+            arms=[self._arm_status(a) for a in self.s.arms], state_id=self.s.state_id)
 
     @staticmethod
     def _arm_status(a: ArmState):
@@ -555,9 +771,15 @@ class FreshrecServer:
         self.impressions: ImpressionLog | None = None
         if settings.serving.log_impressions:
             self.impressions = ImpressionLog(settings)
-        self.recent: dict[str, deque] = {}
+        # user -> their newest events, least recently active first (an LRU under max_recent_users)
+        self.recent: OrderedDict[str, deque] = OrderedDict()
         self.recent_lock = threading.Lock()
-        self._load_lock = threading.Lock()
+        # Loads, deltas and deletions change the served state: one at a time, so a delta never
+        # lands on a state that a concurrent load is replacing, and erasures do not race.
+        self._load_lock = threading.RLock()
+        self.state_id = 0  # bumped by every load; ApplyDeltas may name the one it was computed for
+        self._pseudonym = pseudonymizer(settings)
+        self._health: dict[str, int] = {}
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self._metrics_http = None
@@ -571,8 +793,32 @@ class FreshrecServer:
 
     # helpers used by the servicers
     def pseudonym(self, raw: str) -> str:
-        p = self.settings.privacy
-        return pseudonymize(raw, p.hmac_key) if p.pseudonymize_users else raw
+        return self._pseudonym(raw)
+
+    def snapshot_path(self, raw: str, context) -> Path:
+        """A LoadSnapshot path, only inside the snapshots directory: relative paths are taken from
+        it; ``..``, symlinks and absolute paths that lead elsewhere are refused."""
+        root = self.settings.snapshots_dir.resolve()
+        if "\x00" in raw or len(raw) > 4096:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path is not a usable path")
+        p = Path(raw)
+        resolved = (p if p.is_absolute() else root / p).resolve()
+        if not resolved.is_relative_to(root) or resolved == root:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"path {raw[:200]!r} is outside the snapshots directory {root}: give a "
+                          "snapshot directory inside it (relative paths are taken from there)")
+        if not (resolved / "manifest.json").is_file():
+            context.abort(grpc.StatusCode.NOT_FOUND, f"path {raw[:200]!r}: no snapshot there "
+                          "(no manifest.json)")
+        return resolved
+
+    def set_health(self, status: int) -> None:
+        for service in ("", RECOMMENDER, ADMIN):
+            self._health[service] = status
+            self.health.set(service, status)
+
+    def health_status(self, service: str) -> int:
+        return self._health.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
 
     @property
     def state(self) -> ServingState | None:
@@ -636,8 +882,19 @@ class FreshrecServer:
             return rules.explain(reason, event_type=ev.event_type, value=value, ts=ev.ts)
         if max(len(ev.user_id), len(ev.item_id), len(ev.event_id)) > limit:
             return f"an id is longer than {limit} characters (serving.max_id_length)"
-        if len(ev.context) > 50:
-            return "context has more than 50 entries"
+        problem = self.context_problem(ev.context)
+        return f"context {problem}" if problem else None
+
+    def context_problem(self, ctx) -> str | None:
+        """None, or why a context map (request or event) is too large."""
+        cfg = self.settings.serving
+        if len(ctx) > cfg.max_context_entries:
+            return (f"has {len(ctx)} entries; at most {cfg.max_context_entries} "
+                    "(serving.max_context_entries)")
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in ctx.items())
+        if size > cfg.max_context_bytes:
+            return (f"holds {size} bytes of keys and values; at most {cfg.max_context_bytes} "
+                    "(serving.max_context_bytes)")
         return None
 
     def event_record(self, ev) -> dict:
@@ -657,13 +914,26 @@ class FreshrecServer:
         from freshrec.contracts.events import rules_for
 
         n = self.settings.serving.recent_events_per_user
+        cap = self.settings.serving.max_recent_users
         rules = rules_for(self.settings)  # the weight clean will write to silver events.weight
         now = time.time()
+        evicted = 0
         with self.recent_lock:
             for r in records:
                 w = rules.weight(r["event_type"], r["value"])
-                self.recent.setdefault(r["user_id"], deque(maxlen=n)).append(
-                    (r["item_id"], w, now))
+                q = self.recent.get(r["user_id"])
+                if q is None:
+                    q = self.recent[r["user_id"]] = deque(maxlen=n)
+                else:
+                    self.recent.move_to_end(r["user_id"])
+                q.append((r["item_id"], w, now))
+            while len(self.recent) > cap:  # the least recently active go first
+                self.recent.popitem(last=False)
+                evicted += 1
+            held = len(self.recent)
+        self.metrics.recent_users.set(held)
+        if evicted:
+            self.metrics.recent_evictions.inc(evicted)
         for user in {r["user_id"] for r in records}:
             self.cache.invalidate_user(user)
         self.metrics.events.inc(len(records))
@@ -675,15 +945,16 @@ class FreshrecServer:
     def delete_user(self, user: str) -> tuple[bool, int]:
         from freshrec.erasure import erase_user
 
-        removed = self.forget_user(user)
-        self.wal.land(everyone=True)  # every server's logged events reach landing, where erasure
-        # finds them; logged slates reach the impressions table for the same reason
-        if self.impressions is not None:
-            from serving.impressions import take_impressions
+        with self._load_lock:  # one erasure at a time: concurrent Delta deletes conflict
+            removed = self.forget_user(user)
+            self.wal.land(everyone=True)  # every server's logged events reach landing, where
+            # erasure finds them; logged slates reach the impressions table for the same reason
+            if self.impressions is not None:
+                from serving.impressions import take_impressions
 
-            self.impressions.flush()
-            take_impressions(self.settings)
-        rows = erase_user(self.settings, user)
+                self.impressions.flush()
+                take_impressions(self.settings)
+            rows = erase_user(self.settings, user)
         return removed, sum(rows.values())
 
     def forget_user(self, user: str) -> bool:
@@ -827,6 +1098,7 @@ class FreshrecServer:
             arms = self._load_arms(snapshot, model, arm)
             self.arms = arms
             self.state = state = arms[0].state
+            self.state_id += 1  # deltas computed for the old state are refused from now on
             if arm:
                 state = self.find_arm(arm).state
             gc.collect()
@@ -845,10 +1117,22 @@ class FreshrecServer:
             self.cache.invalidate_all()
             self.update_gauges()
             self.update_monitor()
-        for service in ("", RECOMMENDER, ADMIN):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s", ", ".join(f"{a.label}: {a.state.model_version}" for a in arms))
         return state
+
+    def swap(self, state: ServingState) -> None:
+        """Serve ``state`` as the one unnamed arm from now on (tests, benchmarks): under the load
+        lock, so no delta or erasure is half applied across the swap; a new ``state_id`` refuses
+        deltas computed for the old state."""
+        with self._load_lock:
+            self.state = state
+            self.state_id += 1
+            gc.collect()
+            gc.freeze()
+            self.cache.invalidate_all()
+            self.update_gauges()
+        self.set_health(health_pb2.HealthCheckResponse.SERVING)
 
     # lifecycle
     def start(self, port: int | None = None, load: bool = True) -> int:
@@ -856,14 +1140,18 @@ class FreshrecServer:
 
         cfg = self.settings.serving
         faiss.omp_set_num_threads(cfg.faiss_threads)
-        for service in ("", RECOMMENDER, ADMIN):
-            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        creds = self._credentials()  # a half-configured or unreadable TLS setup stops here
+        if cfg.auth_enabled and not cfg.tokens:
+            raise SettingsError("serving.tokens is empty with serving.auth_enabled on: list the "
+                                "SHA-256 of your client and admin tokens in the profile")
         if self.assigner is not None and load:
             self.check_experiment()  # refuse to start: an arm names a model that does not exist
         self.wal.land(everyone=True)  # whatever a crashed server left in the log
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                              interceptors=[GuardInterceptor(self)],
-                             options=[("grpc.max_receive_message_length", 64 << 20)])
+                             options=[("grpc.max_receive_message_length", cfg.max_message_bytes)],
+                             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         rec_grpc.add_RecommenderServicer_to_server(RecommenderServicer(self), server)
         admin_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -873,7 +1161,6 @@ class FreshrecServer:
                  reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         address = f"{cfg.host}:{cfg.port if port is None else port}"
-        creds = self._credentials()
         self.port = server.add_secure_port(address, creds) if creds else \
             server.add_insecure_port(address)
         server.start()
@@ -895,12 +1182,29 @@ class FreshrecServer:
         return self.port
 
     def _credentials(self):
+        """TLS credentials, None for plaintext. Settings refuse half a configuration; a file that
+        cannot be read or holds no PEM block stops start-up naming the setting (never a silent
+        fall-back to plaintext)."""
         cfg = self.settings.serving
-        if not (cfg.tls_cert_file and cfg.tls_key_file):
+        if not (cfg.tls_cert_file or cfg.tls_key_file or cfg.tls_client_ca_file):
             return None
-        key = Path(cfg.tls_key_file).read_bytes()
-        cert = Path(cfg.tls_cert_file).read_bytes()
-        ca = Path(cfg.tls_client_ca_file).read_bytes() if cfg.tls_client_ca_file else None
+
+        def pem(setting: str) -> bytes | None:
+            path = getattr(cfg, setting)
+            if not path:
+                return None
+            try:
+                data = Path(path).read_bytes()
+            except OSError as e:
+                raise SettingsError(f"serving.{setting} {path} cannot be read ({e.strerror}): "
+                                    "fix the path or its permissions") from None
+            if b"-----BEGIN" not in data:
+                raise SettingsError(f"serving.{setting} {path} holds no PEM block")
+            return data
+
+        key, cert, ca = pem("tls_key_file"), pem("tls_cert_file"), pem("tls_client_ca_file")
+        if key is None or cert is None:  # settings refuse this too
+            raise SettingsError("serving.tls_cert_file and serving.tls_key_file go together")
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                            require_client_auth=ca is not None)
 
@@ -922,8 +1226,7 @@ class FreshrecServer:
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let in-flight ones finish (grace), land the log."""
         self._stop.set()
-        for service in ("", RECOMMENDER, ADMIN):
-            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._server is not None:
             self._server.stop(self.settings.serving.grace_seconds if grace is None else grace).wait()
         if self._metrics_http is not None:

@@ -7,8 +7,10 @@ event types and bad or out-of-range values (per event type) go to the dead-lette
 reason. Valid rows are typed (UTC timestamps, numeric value, the rules' confidence weight), get an
 ``event_id`` (the given one, or a hash of the row), and are deduplicated by ``event_id`` within the
 batch and against other batches. raw = clean + dead-letter + duplicates is checked before anything
-is written. Both outputs replace the batch's own rows, and only when they differ, so a re-run of the
-interval commits nothing. The rules run on the executors, on Arrow batches (``mapInArrow``).
+is written, each term counted on its own (raw from bronze, clean and dead-letter from the rows to
+write, duplicates from the validated event ids), so a stage that loses a row fails the run. Both
+outputs replace the batch's own rows, and only when they differ, so a re-run of the interval
+commits nothing. The rules run on the executors, on Arrow batches (``mapInArrow``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from freshrec.tables import EVENTS, EVENTS_DEAD_LETTER
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REASONS", "CountMismatch", "validate", "dead_letter", "clean_events", "run", "main"]
+__all__ = ["REASONS", "CountMismatch", "validate", "dead_letter", "clean_events", "count_duplicates",
+           "run", "main"]
 
 # what the rules add to each raw row: (column, the rules' output column, Spark type)
 _CHECKED = (("ts_parsed", "ts", T.TimestampType()), ("value_num", "value", T.DoubleType()),
@@ -91,22 +94,37 @@ def clean_events(validated: DataFrame, other_event_ids: DataFrame) -> DataFrame:
         "raw_id", "batch_date")
 
 
+def count_duplicates(validated: DataFrame, other_event_ids: DataFrame) -> int:
+    """Valid rows that clean must drop, counted on their own from the validated frame: repeats of
+    an event id within the batch (valid rows minus distinct ids) plus the distinct ids that other
+    batches already hold."""
+    valid = validated.where(F.col("reason").isNull())
+    row = valid.agg(F.count(F.lit(1)).alias("n"),
+                    F.countDistinct("event_id_final").alias("distinct")).collect()[0]
+    ids = valid.select(F.col("event_id_final").alias("event_id")).distinct()
+    held = ids.join(other_event_ids.distinct(), on="event_id", how="left_semi").count()
+    return int(row["n"]) - int(row["distinct"]) + int(held)
+
+
 def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
     store = DeltaStore(settings)
     spark = get_spark(settings)
     batch = interval.batch_date
     raw = store.read_spark(spark, "events_raw").where(F.col("batch_date") == batch)
+    # Each stream is counted on its own, so a stage that drops or doubles rows is caught:
+    # raw from bronze, clean and dead-letter from what would be written, duplicates from the
+    # validated rows' event ids.
+    n_raw = raw.count()
     validated = validate(raw, settings, interval).cache()
     others = store.read_spark(spark, "events").where(F.col("batch_date") != batch).select("event_id")
-    by_reason = {r["reason"]: r["count"] for r in validated.groupBy("reason").count().collect()}
-    n_raw = sum(by_reason.values())
-    n_valid = by_reason.pop(None, 0)
+    by_reason = {r["reason"]: r["count"] for r in validated.where(F.col("reason").isNotNull())
+                 .groupBy("reason").count().collect()}
     # staged: collected to Arrow (delta-rs) or persisted on the executors (delta-spark)
     dead = store.stage_spark(EVENTS_DEAD_LETTER.name, dead_letter(validated))
     clean = store.stage_spark(EVENTS.name, clean_events(validated, others))
+    n_dup = count_duplicates(validated, others)
     validated.unpersist()
-    n_dup = n_valid - clean.rows
-    if n_raw != clean.rows + dead.rows + n_dup or n_dup < 0 or dead.rows != sum(by_reason.values()):
+    if n_raw != clean.rows + dead.rows + n_dup:
         raise CountMismatch(f"batch {batch}: raw {n_raw} != clean {clean.rows} + dead-letter "
                             f"{dead.rows} + duplicates {n_dup}; nothing written")
     predicate, where = batch_filter(batch)

@@ -40,10 +40,17 @@ def checksum(table: pa.Table, key: list[str]) -> tuple[int, int]:
     return len(rows), hash(repr(rows))
 
 
+# the cluster profile refuses the development secrets: a real key (the same for the local run,
+# so both sides hold the same pseudonyms) and an admin token
+KEY = "a-real-key-of-32-characters-xyz0"
+SECRETS = {"FRESHREC_HMAC_KEY": KEY, "FRESHREC_ADMIN_TOKEN": "a-real-admin-token"}
+
+
+@no_jars
 def test_an_unreachable_master_is_a_one_line_error_before_anything_runs(tmp_path):
     port = free_port()  # nothing listens there
     settings = load_settings("cluster", env={"SPARK_MASTER": f"spark://127.0.0.1:{port}",
-                                             "FRESHREC_DATA_DIR": str(tmp_path)})
+                                             "FRESHREC_DATA_DIR": str(tmp_path), **SECRETS})
     with pytest.raises(SubmitError, match=rf"spark://127.0.0.1:{port} is not reachable: start .*"
                                           r"`make cluster-up`"):
         submit("ingest", ["--date", "2026-11-27"], settings)
@@ -75,7 +82,7 @@ def test_a_submitted_interval_on_the_cluster_equals_the_local_run(cluster, tmp_p
     from spark_jobs import clean, features, ingest
 
     local_dir, cluster_dir = tmp_path / "local" / "data", tmp_path / "cluster" / "data"
-    local = small_settings(local_dir)
+    local = small_settings(local_dir, privacy={"hmac_key": KEY})
     end = datetime(2026, 11, 27, tzinfo=timezone.utc)
     synth = write_synth(local.synth, tmp_path / "raw", end=end)
     importers.import_events_file(local, synth.events_path, landed_at=end)
@@ -86,7 +93,7 @@ def test_a_submitted_interval_on_the_cluster_equals_the_local_run(cluster, tmp_p
     env = {"FRESHREC_DATA_DIR": str(cluster_dir), "SPARK_MASTER": cluster.url,
            "FRESHREC__SPARK__SHUFFLE_PARTITIONS": "2", "FRESHREC__SPARK__EXECUTOR_MEMORY": "768m",
            "FRESHREC__SPARK__DRIVER_MEMORY": "1g", "FRESHREC__FEATURES__NEIGHBORS_TOP_K": "10",
-           "FRESHREC__SYNTH__N_EVENTS": str(local.synth.n_events)}
+           "FRESHREC__SYNTH__N_EVENTS": str(local.synth.n_events), **SECRETS}
     on_cluster = load_settings("cluster", env=env)
     assert on_cluster.spark.master == cluster.url and on_cluster.delta.backend == "spark"
     remote = {job: submit(job, ["--date", DAY, "--profile", "cluster"], on_cluster, env=env,

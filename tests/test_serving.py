@@ -268,9 +268,13 @@ def test_reflection_lists_the_services(live):
 
     stub = reflection_pb2_grpc.ServerReflectionStub(live["client"].channel)
     replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-        list_services="")]))
+        list_services="")]), metadata=live["client"].metadata)  # reflection needs a token
     names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"freshrec.v1.Recommender", "freshrec.v1.Admin", "grpc.health.v1.Health"} <= names
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")])))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_delete_user_removes_vector_rows_and_cache(live):

@@ -62,3 +62,21 @@ def test_similar_never_crashes(client, item, k):
 def test_record_events_never_crashes(client, events):
     assert _code(lambda: client.record(events)) in ALLOWED
     assert client.recommend("still-alive", 1).items
+
+
+def test_1000_fuzzed_calls_over_every_method_get_clear_codes_and_the_server_stays_up(tmp_path):
+    """Random fields, huge strings, garbage bytes and messages of the wrong type, with missing,
+    wrong, client and admin tokens, over every method (benchmarks/fuzz.py runs 10,000)."""
+    from benchmarks.fuzz import CLEAR, fuzz
+    from tests.test_serving_guard import start
+
+    server, addr = start(tmp_path, rate_limit_per_second=1e9, rate_limit_burst=10**9,
+                         peer_rate_limit_per_second=1e9, peer_rate_limit_burst=10**9)
+    try:
+        codes, bad = fuzz(addr, 1000, seed=7)
+        assert not bad, bad
+        assert sum(codes.values()) == 1000 and set(codes) <= CLEAR
+        assert codes["INVALID_ARGUMENT"] > 50 and codes["UNAUTHENTICATED"] > 50 and codes["OK"] > 50
+        assert len(Client(addr, CLIENT).recommend("u1", 3).items) == 3
+    finally:
+        server.stop(grace=0)

@@ -16,9 +16,9 @@ def test_local_profile_loads_with_defaults():
 def test_env_expansion_and_default(tmp_path: Path):
     s = load_settings("local", env={"FRESHREC_DATA_DIR": str(tmp_path)})
     assert s.data_dir == tmp_path
-    assert s.privacy.hmac_key == "freshrec-local-development-key"
+    assert s.privacy.hmac_key.get_secret_value() == "freshrec-local-development-key"
     s2 = load_settings("local", env={"FRESHREC_HMAC_KEY": "a-much-better-key"})
-    assert s2.privacy.hmac_key == "a-much-better-key"
+    assert s2.privacy.hmac_key.get_secret_value() == "a-much-better-key"
 
 
 def test_environment_override_is_typed():
@@ -47,10 +47,10 @@ def test_missing_variable_without_default_says_what_to_export(tmp_path):
 
 
 def test_cluster_profile_submits_to_the_loopback_master_with_delta_spark():
-    s = load_settings("cluster", env={})
+    s = load_settings("cluster", env=REAL)
     assert (s.spark.master, s.spark.submit, s.delta.backend) == \
         ("spark://127.0.0.1:7077", True, "spark")
-    s = load_settings("cluster", env={"SPARK_MASTER": "spark://10.0.0.5:7077"})
+    s = load_settings("cluster", env={**REAL, "SPARK_MASTER": "spark://10.0.0.5:7077"})
     assert s.spark.master == "spark://10.0.0.5:7077"
 
 
@@ -83,3 +83,78 @@ def test_json_log_lines():
     out = json.loads(JsonFormatter().format(rec))
     assert out["message"] == "hello there" and out["method"] == "Recommend"
     assert out["level"] == "INFO"
+
+
+# ---- secrets ------------------------------------------------------------------------------
+REAL = {"FRESHREC_DATA_DIR": "/tmp/freshrec-x", "FRESHREC_HMAC_KEY": "a-real-key-of-32-characters-xyz0",
+        "FRESHREC_ADMIN_TOKEN": "a-real-admin-token"}
+
+
+def test_cluster_profile_starts_with_real_secrets_and_has_no_dev_tokens():
+    s = load_settings("cluster", env=REAL)
+    assert s.serving.tokens == [] and s.refresher.bearer() == "a-real-admin-token"
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"FRESHREC_HMAC_KEY": ""}, r"privacy\.hmac_key is not set.*FRESHREC_HMAC_KEY"),
+    ({"FRESHREC_HMAC_KEY": "freshrec-local-development-key"},
+     r"refuses the development value of privacy\.hmac_key.*file hmac_key"),
+    ({"FRESHREC_ADMIN_TOKEN": "dev-admin-token"}, r"development value of refresher\.token"),
+])
+def test_other_profiles_refuse_dev_or_missing_secrets_naming_the_setting(env, named):
+    with pytest.raises(SettingsError, match=named) as e:
+        load_settings("cluster", env={**REAL, **env})
+    assert "\n" not in str(e.value)  # the CLI prints it on one line
+
+
+def test_other_profiles_refuse_the_dev_token_hashes(tmp_path: Path):
+    from freshrec.settings import DEV_TOKEN_SHA256
+
+    dev = next(iter(DEV_TOKEN_SHA256))
+    with pytest.raises(SettingsError, match=r"serving\.tokens\[0\] \(ops\).*development token"):
+        load_settings("cluster", env=REAL,
+                      serving={"tokens": [{"name": "ops", "role": "admin", "sha256": dev}]})
+
+
+def test_secrets_dir_files_are_used_and_loose_modes_refused(tmp_path: Path):
+    d = tmp_path / "secrets"
+    d.mkdir(mode=0o700)
+    (d / "hmac_key").write_text("key-from-the-secrets-directory\n")
+    (d / "admin_token").write_text("token-from-file")
+    for f in d.iterdir():
+        f.chmod(0o600)
+    env = {"FRESHREC_DATA_DIR": "/tmp/x", "FRESHREC_SECRETS_DIR": str(d)}
+    s = load_settings("cluster", env=env)
+    assert s.privacy.hmac_key.get_secret_value() == "key-from-the-secrets-directory"
+    assert s.refresher.token.get_secret_value() == "token-from-file"
+    # never in repr, str or a dump
+    for text in (repr(s), str(s), repr(s.model_dump()), s.model_dump_json()):
+        assert "key-from-the-secrets-directory" not in text and "token-from-file" not in text
+    (d / "hmac_key").chmod(0o640)
+    with pytest.raises(SettingsError, match=r"hmac_key is readable by group or others.*chmod 600"):
+        load_settings("cluster", env=env)
+
+
+def test_a_bad_secret_value_is_not_echoed_in_the_error():
+    with pytest.raises(SettingsError) as e:
+        load_settings("local", env={}, refresher={"token": ["not", "a-string-secret-xyz"]})
+    assert "a-string-secret-xyz" not in str(e.value) and "refresher.token" in str(e.value)
+
+
+@pytest.mark.parametrize("tls, named", [
+    ({"tls_cert_file": "/x/cert.pem"}, r"serving\.tls_cert_file is set but serving\.tls_key_file"),
+    ({"tls_key_file": "/x/key.pem"}, r"serving\.tls_key_file is set but serving\.tls_cert_file"),
+    ({"tls_client_ca_file": "/x/ca.pem"}, r"tls_client_ca_file is set without"),
+])
+def test_half_configured_tls_is_refused(tls, named):
+    with pytest.raises(SettingsError, match=named):
+        load_settings("local", env={}, serving=tls)
+
+
+def test_pseudonym_chain_rekeys_without_raw_ids():
+    from freshrec.privacy import pseudonymize, rekey
+
+    old = pseudonymize("alice", "base-key-0123456789")
+    new = pseudonymize("alice", "base-key-0123456789", ["rotation-key-1"])
+    assert new == rekey(old, "rotation-key-1") and new != old
+    assert pseudonymize("bob", "base-key-0123456789", ["rotation-key-1"]) != new

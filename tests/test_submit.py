@@ -21,6 +21,10 @@ def fake_jars(tmp_path, monkeypatch):
     monkeypatch.setenv("FRESHREC_JARS_DIR", str(d))
     return d
 
+# the cluster profile refuses the development secrets
+SECRETS = {"FRESHREC_HMAC_KEY": "a-real-key-of-32-characters-xyz0",
+           "FRESHREC_ADMIN_TOKEN": "a-real-admin-token"}
+
 
 def test_the_embedded_default_keeps_delta_rs_even_with_the_jars_present(fake_jars):
     assert not delta_spark_wanted(load_settings("local", env={}))
@@ -35,7 +39,7 @@ def test_the_suite_session_has_no_delta_jars(spark):
 
 
 def test_the_cluster_command_names_master_jars_and_the_delta_conf(fake_jars):
-    settings = load_settings("cluster", env={"SPARK_MASTER": "spark://10.1.2.3:7077"})
+    settings = load_settings("cluster", env={**SECRETS, "SPARK_MASTER": "spark://10.1.2.3:7077"})
     cmd = command("clean", ["--date", "2026-11-27"], settings)
     assert cmd[cmd.index("--master") + 1] == "spark://10.1.2.3:7077"
     assert cmd[cmd.index("--jars") + 1] == ",".join(str(fake_jars / jar_name(c))
@@ -49,7 +53,7 @@ def test_the_cluster_command_names_master_jars_and_the_delta_conf(fake_jars):
 
 def test_missing_jars_for_the_cluster_profile_say_make_jars(tmp_path, monkeypatch):
     monkeypatch.setenv("FRESHREC_JARS_DIR", str(tmp_path / "empty"))
-    settings = load_settings("cluster", env={})
+    settings = load_settings("cluster", env=SECRETS)
     with pytest.raises(SubmitError, match=r"make jars"):
         submit("ingest", ["--date", "2026-11-27"], settings)
 
@@ -61,4 +65,4 @@ def test_fetching_jars_without_maven_says_how_to_install_it(tmp_path):
 
 def test_only_spark_jobs_are_submitted(fake_jars):
     with pytest.raises(SubmitError, match="'gate' is not a Spark job"):
-        submit("gate", ["--date", "2026-11-27"], load_settings("cluster", env={}))
+        submit("gate", ["--date", "2026-11-27"], load_settings("cluster", env=SECRETS))

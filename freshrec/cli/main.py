@@ -328,6 +328,20 @@ def promote_online(settings, arm: str | None, replicas: list[str] | None, reload
     return 0
 
 
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from freshrec.rotation import rotate_key
+
+    settings = load_settings(args.profile)
+    r = rotate_key(settings)
+    print(f"HMAC key rotated to {r['key']} (fingerprint; the key is in the secrets directory's "
+          f"hmac_key_chain): re-keyed {sum(r['tables'].values()):,} rows in "
+          f"{len(r['tables'])} table(s), {r['landing_files']} landing file(s), "
+          f"{r['snapshots']} snapshot(s); key chain now {' -> '.join(r['chain'])}")
+    print("older Delta versions keep the old pseudonyms until VACUUM; MLflow artifacts and the "
+          "audit log are not re-keyed (see README, Privacy and secrets)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="freshrec", description=__doc__)
     p.add_argument("--profile", help="settings profile (default: FRESHREC_PROFILE or local)")
@@ -433,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
         p_.add_argument("--replica", action="append", help="host:port (repeatable; default: "
                         "refresher.replicas)")
     mod.set_defaults(fn=cmd_model)
+
+    prv = sub.add_parser("privacy", help="privacy operations")
+    psub = prv.add_subparsers(dest="privacy_command", required=True)
+    psub.add_parser("rotate-key", help="add a new HMAC key to the chain and re-key every stored "
+                    "pseudonym (stop the server, refresher and DAG first; re-run to finish an "
+                    "interrupted rotation)")
+    prv.set_defaults(fn=cmd_privacy)
 
     rep = sub.add_parser("report", help="rows per table, dead letters, evaluation, samples; "
                          "--online: per-arm online metrics and drift")
