@@ -30,6 +30,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from freshrec.durable import fsync_path
 from freshrec.contracts.events import WHITESPACE, describe_refusals, rules_for
 from freshrec.delta import DeltaStore
 from freshrec.privacy import pseudonymize_array
@@ -198,14 +199,6 @@ def find_landed(settings: Settings, file_id: str) -> Path | None:
     return hits[0] if hits else None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def land_events(settings: Settings, raw: pa.Table, source: str, file_id: str,
                 landed_at: datetime | None = None, pseudonymized: bool = False) -> LandingResult:
     """Pseudonymize (unless the ids already are) and write normalized events to the landing
@@ -237,9 +230,9 @@ def land_events(settings: Settings, raw: pa.Table, source: str, file_id: str,
     final = out_dir / f"{file_id}.parquet"
     tmp = out_dir / f".{file_id}.parquet.tmp"
     pq.write_table(raw, tmp)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, final)  # atomic: the ingest job never sees half a file
-    _fsync(out_dir)  # the rename is durable before a write-ahead log segment is deleted
+    fsync_path(out_dir)  # the rename is durable before a write-ahead log segment is deleted
     result = LandingResult(source, file_id, raw.num_rows, final, refused)
     log.info("%s: landed %d rows as %s; %s by the event rules (clean dead-letters them)", source,
              raw.num_rows, final, result.refusal_summary)

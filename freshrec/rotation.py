@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from freshrec.durable import fsync_path
 from freshrec.privacy import key_fingerprint, rekey
 from freshrec.settings import Settings, SettingsError
 
@@ -82,11 +83,7 @@ def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_path(path.parent)
 
 
 def _write_ring(settings: Settings, ring: dict) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freshrec.durable import fsync_path
 from freshrec.policies import LinearPolicy, candidate_features
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,7 @@ class Reranker:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(d)
         self._saved_updates, self._saved_at = n, time.monotonic()
         return self.state_path
 

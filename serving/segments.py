@@ -30,15 +30,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from freshrec.durable import fsync_path
+
 OPEN = "open.jsonl"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -78,7 +72,7 @@ class SegmentWriter:
         self._owner_fd = os.open(staging / "owner.lock", os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours for life
         os.rename(staging, self.dir)
-        fsync_dir(root)
+        fsync_path(root)
         self._lock = threading.Lock()
         self._file = None
         self._ino = -1
@@ -95,7 +89,7 @@ class SegmentWriter:
             self._file = open(path, "ab")
             self._ino = os.fstat(self._file.fileno()).st_ino
             if ino != self._ino:  # a new directory entry: make it durable too
-                fsync_dir(self.dir)
+                fsync_path(self.dir)
 
     def append(self, payload: bytes) -> None:
         """Write ``payload`` (whole lines) and fsync before returning."""
@@ -133,7 +127,7 @@ def seal(proc_dir: Path) -> Path | None:
             if not target.exists():
                 break
         os.replace(path, target)
-        fsync_dir(proc_dir)
+        fsync_path(proc_dir)
         return target
 
 
@@ -162,7 +156,7 @@ def take_sealed(root: Path, take: Callable[[Path], None], seal_open: bool = True
                 take(seg)
                 seg.unlink()
             if segments:
-                fsync_dir(proc_dir)
+                fsync_path(proc_dir)
             taken += len(segments)
         remove_if_abandoned(proc_dir)
     return taken

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from freshrec.durable import fsync_path
 from freshrec.importers import land_events, normalize_events
 from freshrec.settings import Settings
 from freshrec.tables import RAW_EVENT_COLUMNS
-from serving.segments import SegmentWriter, fsync_dir, read_lines, take_sealed
+from serving.segments import SegmentWriter, read_lines, take_sealed
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ def _adopt_legacy(root: Path) -> None:
     legacy.mkdir(exist_ok=True)
     for n, path in enumerate(old):
         os.replace(path, legacy / f"sealed-{time.time_ns():020d}-{n:04d}.jsonl")
-    fsync_dir(legacy)
-    fsync_dir(root)
+    fsync_path(legacy)
+    fsync_path(root)
 
 
 class EventLog:

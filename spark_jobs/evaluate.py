@@ -106,14 +106,18 @@ class ContractScorer:
 _INTERACTIONS: dict[int, tuple[Split, Interactions]] = {}
 
 
+def interactions_of(events: pd.DataFrame, items: pd.DataFrame | None) -> Interactions:
+    """Events (the columns the models use) and the item metadata as the contract's Interactions."""
+    return Interactions.from_events(
+        events[[c for c in ("user_id", "item_id", "weight", "ts", "value") if c in events]], items)
+
+
 def training_interactions(split: Split, items: pd.DataFrame | None) -> Interactions:
     """The split's training part as Interactions, built once per split for every model."""
     hit = _INTERACTIONS.get(id(split))
     if hit is None or hit[0] is not split:
         _INTERACTIONS.clear()
-        data = Interactions.from_events(
-            split.train_events[[c for c in ("user_id", "item_id", "weight", "ts", "value")
-                                if c in split.train_events]], items)
+        data = interactions_of(split.train_events, items)
         hit = _INTERACTIONS[id(split)] = (split, data)
     return hit[1]
 
@@ -175,8 +179,7 @@ class Refit:
     what it chose on its own validation data (:meth:`recmodels.base.Recommender.refit`)."""
 
     def __init__(self, scorer: ContractScorer, events: pd.DataFrame, items: pd.DataFrame | None) -> None:
-        data = Interactions.from_events(
-            events[[c for c in ("user_id", "item_id", "weight", "ts", "value") if c in events]], items)
+        data = interactions_of(events, items)
         t0 = time.perf_counter()
         self.model = scorer.model.refit(data)
         self.fit_seconds = getattr(self.model, "fit_seconds", time.perf_counter() - t0)
