@@ -1,8 +1,12 @@
 """The one typed settings tree of freshrec.
 
-Reads ``conf/base.yaml``, lays the profile file ``conf/<profile>.yaml`` over it (``FRESHREC_PROFILE``,
-default ``local``), expands ``${VAR}`` / ``${VAR:-default}`` from the environment, then applies
-overrides ``FRESHREC__SECTION__KEY=value`` (values parsed as YAML), then the secrets directory
+Reads ``base.yaml`` from the settings folder (the first of ``FRESHREC_CONF_DIR``, ``./conf`` in the
+working directory, the user config folder ``$XDG_CONFIG_HOME/freshrec`` (``~/.config/freshrec``) that
+holds a ``base.yaml``, else the defaults shipped with the package), lays the profile file
+``<profile>.yaml`` over it (``FRESHREC_PROFILE``, default ``local``), expands ``${VAR}`` /
+``${VAR:-default}`` from the environment, then applies overrides ``FRESHREC__SECTION__KEY=value``
+(parsed as YAML, except that a setting typed as text keeps the text as written, and keys inside a
+map setting keep their case), then the secrets directory
 (``paths.secrets_dir`` / ``FRESHREC_SECRETS_DIR``: one file per secret, see :data:`SECRET_FILES`;
 a file readable by group or others is refused). Unknown keys are rejected with a message naming
 the key and the file. Secret values are :class:`pydantic.SecretStr` (``repr`` and dumps show
@@ -15,16 +19,23 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import stat
 import re
+import stat
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
                       model_validator)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# A source checkout (editable install, tests, make) keeps conf/ at its root; an installed wheel
+# carries the same files as package data in freshrec/_conf (setup.py copies them at build time).
+SOURCE_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "conf").is_dir()
+PACKAGE_CONF_DIR = PROJECT_ROOT / "conf" if SOURCE_CHECKOUT else Path(__file__).resolve().parent / "_conf"
 ENV_PREFIX = "FRESHREC__"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -48,12 +59,20 @@ class _Section(BaseModel):
 
 
 class PathsSettings(_Section):
-    data_dir: Path = Field(description="Root of all local state: Delta tables, landing files, "
-                           "snapshots, MLflow. Relative paths are taken from the project root.")
+    data_dir: str = Field(description="Root of all state: Delta tables, landing files, snapshots, "
+                          "MLflow. A local folder (relative: from the project root in a source "
+                          "checkout, from the working directory when installed) or a URI "
+                          "(file://...; s3://... is kept as written, and components that need a "
+                          "local folder refuse it, naming the setting).")
     secrets_dir: Path | None = Field(None, description="Directory with one file per secret "
                                      "(hmac_key, hmac_key_chain, admin_token), mode 0600 or "
                                      "stricter; a file there wins over the YAML value. Also "
                                      "FRESHREC_SECRETS_DIR.")
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _path_is_text(cls, v: Any) -> Any:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @field_validator("secrets_dir", mode="before")
     @classmethod
@@ -463,8 +482,20 @@ class SynthSettings(_Section):
     seed: int = 7
 
 
-class Settings(_Section):
-    """Everything freshrec reads from configuration. Build with :func:`load_settings`."""
+class Settings(BaseSettings):
+    """Everything freshrec reads from configuration. Build with :func:`load_settings`, which reads
+    the files, the environment and the secrets directory into one tree and validates it here."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   **_others: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings merges files, FRESHREC__ overrides (typed: see _env_overrides) and
+        # secrets itself; pydantic-settings' own env source lower-cases map keys.
+        return (init_settings,)
 
     profile: str = "local"
     paths: PathsSettings
@@ -487,9 +518,14 @@ class Settings(_Section):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @property
+    def data_uri(self) -> str:
+        """paths.data_dir as written: a local folder or a URI (s3://...)."""
+        return self.paths.data_dir
+
+    @property
     def data_dir(self) -> Path:
-        p = self.paths.data_dir
-        return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
+        """paths.data_dir as a local folder; a non-local URI is refused with the fix."""
+        return local_data_dir(self.paths.data_dir)
 
     @property
     def tables_dir(self) -> Path:
@@ -512,6 +548,46 @@ class Settings(_Section):
     @property
     def mlflow_artifact_location(self) -> str:
         return (self.data_dir / "mlflow" / "artifacts").as_uri()
+
+
+def local_data_dir(raw: str) -> Path:
+    """A local folder for paths.data_dir: ``file://`` URIs and plain paths (relative ones from
+    the project root in a source checkout, else the working directory); any other URI scheme
+    raises :class:`SettingsError` instead of becoming a folder named ``s3:``."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", raw)
+    if m and m.group(1).lower() != "file":
+        raise SettingsError(
+            f"paths.data_dir is {raw!r}, a {m.group(1)}:// URI, and this component works on a "
+            "local folder only: set paths.data_dir (FRESHREC_DATA_DIR) to a local folder or "
+            "a file:// URI")
+    if m:
+        from urllib.parse import unquote, urlparse
+
+        p = Path(unquote(urlparse(raw).path))
+    else:
+        p = Path(raw).expanduser()
+    return p if p.is_absolute() else ((PROJECT_ROOT if SOURCE_CHECKOUT else Path.cwd()) / p).resolve()
+
+
+def user_conf_dir(env: dict[str, str] | None = None) -> Path:
+    env = dict(os.environ if env is None else env)
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "freshrec"
+
+
+def find_conf_dir(env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[Path, str]:
+    """The settings folder and why it was picked: FRESHREC_CONF_DIR, else ./conf, else the user
+    config folder (each only when it holds a base.yaml), else the package defaults."""
+    env = dict(os.environ if env is None else env)
+    if env.get("FRESHREC_CONF_DIR"):
+        return Path(env["FRESHREC_CONF_DIR"]), "FRESHREC_CONF_DIR"
+    here = (cwd or Path.cwd()) / "conf"
+    if (here / "base.yaml").is_file():
+        return here, "the working directory"
+    user = user_conf_dir(env)
+    if (user / "base.yaml").is_file():
+        return user, "the user config folder"
+    return PACKAGE_CONF_DIR, "the package defaults"
 
 
 def _expand_env(value: Any, env: dict[str, str], where: str) -> Any:
@@ -557,16 +633,73 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` -> X (other unions stay as they are)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _is_text(annotation: Any) -> bool:
+    if annotation in (str, SecretStr, Path):
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(annotation))
+    return False
+
+
+def _env_path(parts: list[str]) -> tuple[list[str], Any]:
+    """Walk the settings model along an override's key parts: field names match case-insensitively
+    (lower-cased), keys inside a map setting keep their case. Returns the keys and the annotation
+    of the target (None when unknown: validation then names the bad key)."""
+    node: Any = Settings
+    keys: list[str] = []
+    for part in parts:
+        node = _unwrap(node) if node is not None else None
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            name = part.lower()
+            field = node.model_fields.get(name)
+            keys.append(name)
+            node = field.annotation if field else None
+        elif typing.get_origin(node) is dict:
+            keys.append(part)
+            node = typing.get_args(node)[1]
+        else:
+            keys.append(part.lower())
+            node = None
+    return keys, (_unwrap(node) if node is not None else None)
+
+
+def _env_value(raw: str, annotation: Any, key: str) -> Any:
+    """YAML, except that a setting typed as text keeps the text as written (``1234567890`` stays
+    a string; a quoted YAML string is unquoted)."""
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        if _is_text(annotation):
+            return raw
+        raise SettingsError(f"{key}={raw!r} is not valid YAML ({str(e).splitlines()[0]}): quote "
+                            "it or fix the value") from None
+    if annotation is not None and _is_text(annotation) and not isinstance(value, str):
+        return raw
+    return value
+
+
 def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for key, raw in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
-        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        parts, annotation = _env_path([p for p in key[len(ENV_PREFIX):].split("__") if p])
+        if not parts:
+            continue
         node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = _env_value(raw, annotation, key)
     return tree
 
 
@@ -629,7 +762,7 @@ def load_settings(profile: str | None = None, conf_dir: Path | None = None,
     """Load base + profile + environment overrides (+ keyword overrides, for tests) + the
     secrets directory; a profile other than ``local`` refuses the development secrets."""
     env = dict(os.environ if env is None else env)
-    conf_dir = Path(conf_dir or env.get("FRESHREC_CONF_DIR") or PROJECT_ROOT / "conf")
+    conf_dir = Path(conf_dir) if conf_dir else find_conf_dir(env)[0]
     profile = profile or env.get("FRESHREC_PROFILE") or "local"
     tree = _read_yaml(conf_dir / "base.yaml")
     if profile != "base":
@@ -646,7 +779,8 @@ def load_settings(profile: str | None = None, conf_dir: Path | None = None,
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
-                parts.append(f"{key}: unknown setting (typo? see conf/base.yaml for the known keys)")
+                parts.append(f"{key}: unknown setting (typo? see {conf_dir / 'base.yaml'} for the "
+                             "known keys)")
             else:
                 got = err.get("input")
                 secret = any(str(p) in ("hmac_key", "hmac_key_chain", "token") for p in err["loc"])

@@ -158,3 +158,63 @@ def test_pseudonym_chain_rekeys_without_raw_ids():
     new = pseudonymize("alice", "base-key-0123456789", ["rotation-key-1"])
     assert new == rekey(old, "rotation-key-1") and new != old
     assert pseudonymize("bob", "base-key-0123456789", ["rotation-key-1"]) != new
+
+
+# ---- environment overrides, settings folders, data_dir URIs (issue 15) ---------------------------
+
+def test_env_override_keeps_text_settings_as_text():
+    """Digits given to a text setting stay text (YAML would make them a number and be refused)."""
+    env = {"FRESHREC__PRIVACY__HMAC_KEY": "1234567890123456", "FRESHREC__MLFLOW__EXPERIMENT": "2026",
+           "FRESHREC__SERVING__MODEL": '"7"', "FRESHREC__SPARK__DRIVER_MEMORY": "2048",
+           "FRESHREC__SERVING__PORT": "50099", "FRESHREC__SERVING__JSON_LOGS": "false",
+           "FRESHREC__EVALUATION__MODELS": "[als, ease]"}
+    s = load_settings("local", env=env)
+    assert s.privacy.hmac_key.get_secret_value() == "1234567890123456"
+    assert s.mlflow.experiment == "2026" and s.spark.driver_memory == "2048"
+    assert s.serving.model == "7"  # a quoted YAML string is unquoted
+    # typed settings still parse: numbers, booleans, lists
+    assert s.serving.port == 50099 and s.serving.json_logs is False
+    assert s.evaluation.models == ["als", "ease"]
+
+
+def test_env_override_keeps_the_case_of_map_keys():
+    env = {"FRESHREC__SPARK__EXTRA_CONF__spark.sql.adaptive.coalescePartitions.enabled": "false",
+           "FRESHREC__Events__TYPES__AddToCart": "3.5"}
+    s = load_settings("local", env=env)
+    assert s.spark.extra_conf == {"spark.sql.adaptive.coalescePartitions.enabled": "false"}
+    assert s.events.types == {"AddToCart": 3.5}  # an env map replaces the map, key case kept
+
+
+def test_env_override_of_an_unknown_key_names_it():
+    with pytest.raises(SettingsError, match=r"serving\.no_such_key: unknown setting"):
+        load_settings("local", env={"FRESHREC__SERVING__NO_SUCH_KEY": "1"})
+
+
+def test_s3_data_dir_is_kept_as_a_uri_and_refused_where_a_folder_is_needed():
+    s = load_settings("local", env={"FRESHREC_DATA_DIR": "s3://bucket/x"})
+    assert s.data_uri == "s3://bucket/x"
+    with pytest.raises(SettingsError, match=r"paths\.data_dir is 's3://bucket/x'.*set paths\.data_dir "
+                                            r"\(FRESHREC_DATA_DIR\) to a local folder"):
+        s.data_dir  # noqa: B018
+    assert load_settings("local", env={"FRESHREC_DATA_DIR": "file:///tmp/fr%20data"}).data_dir == \
+        Path("/tmp/fr data")
+
+
+def test_settings_folder_is_found_in_conf_dir_env_then_cwd_then_user_config(tmp_path, monkeypatch):
+    from freshrec.settings import PACKAGE_CONF_DIR, find_conf_dir
+
+    base = (PACKAGE_CONF_DIR / "base.yaml").read_text()
+    work, home, explicit = tmp_path / "work", tmp_path / "home", tmp_path / "explicit"
+    for d in (work / "conf", home / ".config" / "freshrec", explicit):
+        d.mkdir(parents=True)
+        (d / "base.yaml").write_text(base.replace("experiment: freshrec-batch",
+                                                  f"experiment: from-{d.parent.name}"))
+        (d / "local.yaml").write_text("{}\n")
+    env = {"HOME": str(home)}
+    assert find_conf_dir(env, cwd=tmp_path) == (home / ".config" / "freshrec", "the user config folder")
+    assert find_conf_dir(env, cwd=work) == (work / "conf", "the working directory")
+    assert find_conf_dir({**env, "FRESHREC_CONF_DIR": str(explicit)}, cwd=work)[0] == explicit
+    assert find_conf_dir({"HOME": str(tmp_path)}, cwd=tmp_path) == (PACKAGE_CONF_DIR,
+                                                                    "the package defaults")
+    monkeypatch.chdir(work)
+    assert load_settings("local", env=env).mlflow.experiment == "from-work"
