@@ -74,12 +74,8 @@ mlflow-ui: install ## MLflow UI on 127.0.0.1:5000 over the embedded default's SQ
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$$($(PY) -c "from freshrec.settings import load_settings as l; print(l().data_dir)")/mlflow/mlflow.db
 
-run: install ## set up, make the embedded dataset once, run the batch DAG, report, one live gRPC request
-	$(PY) -m freshrec.cli.main data synth --if-missing
-	@mkdir -p .airflow && $(VENV)/bin/airflow db migrate > .airflow/migrate.log 2>&1 || { cat .airflow/migrate.log; exit 1; }
-	FRESHREC__REFRESHER__REPLICAS='[]' $(VENV)/bin/airflow dags test freshrec_batch $(RUN_AFTER)
-	$(PY) -m freshrec.cli.main report --date $(DATE)
-	FRESHREC__SERVING__PORT=0 FRESHREC__SERVING__METRICS_PORT=-1 $(PY) -m freshrec.cli.main serve --smoke u42
+run: install ## set up, make the embedded dataset once, run the batch DAG, report, one live gRPC request (logs to files)
+	$(PY) -m freshrec.cli.walkthrough --date $(DATE) --run-after $(RUN_AFTER)
 
 test: install ## set up and run the whole test suite (unit + integration)
 	$(PY) -m pytest -q

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from freshrec.evaluation import top_k
+from freshrec.progress import advance
 from recmodels.deep import SASRec, SASRecEncoder, TwoTower
 from recmodels.sequences import TOKEN_BUCKETS, SequenceData, _flat, pad_histories
 
@@ -232,8 +232,9 @@ def fit(kind: str, data: SequenceData, cfg, device: str, on_epoch=None,
             steps += 1
             n_seen += n if isinstance(n, int) else n.sum()
             if progress and step % max(1, len(batches) // 5) == 0:
-                print(f"\r  {kind} epoch {epoch}: {step}/{len(batches)} batches, "
-                      f"loss {float(total) / steps:.4f}", end="", file=sys.stderr, flush=True)
+                advance(log, f"{kind} epoch {epoch}", step, len(batches),
+                        "%s epoch %d: %d/%d batches, loss %.4f", kind, epoch, step, len(batches),
+                        float(total) / steps)
         total, n_seen = float(total), int(n_seen)
         if not math.isfinite(total):
             raise NanLoss(f"{kind}: loss is {total / max(steps, 1)} at epoch {epoch} (lr={cfg.lr}); "
@@ -250,8 +251,8 @@ def fit(kind: str, data: SequenceData, cfg, device: str, on_epoch=None,
         history.append(row)
         if progress:
             val = f", val NDCG@10 {row['val_ndcg_at_10']:.4f}" if validate else ""
-            print(f"\r  {kind} epoch {epoch}: loss {row['train_loss']:.4f}{val}, "
-                  f"{row['samples_per_second']:,.0f} samples/s", file=sys.stderr, flush=True)
+            advance(log, f"{kind} epochs", epoch, cfg.epochs, "%s epoch %d: loss %.4f%s, %s samples/s",
+                    kind, epoch, row["train_loss"], val, f"{row['samples_per_second']:,.0f}")
         if on_epoch:
             on_epoch(epoch, row)
         if not validate:

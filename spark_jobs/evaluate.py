@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from freshrec.delta import DeltaStore
 from freshrec.evaluation import Split, evaluate_scorer, temporal_split
 from freshrec.interval import DataInterval, run_job
+from freshrec.progress import advance
 from recmodels.base import Interactions
 from freshrec.settings import Settings
 from freshrec.spark import get_spark
@@ -224,7 +225,8 @@ def run(settings: Settings, interval: DataInterval,
                            "models": ",".join(names),
                            **{f"delta_version.{t}": v for t, v in versions.items()}})
         for n, name in enumerate(names, 1):
-            log.info("evaluate %s: [%d/%d] fitting %s", interval.batch_date, n, len(names), name)
+            advance(log, "evaluate", n - 1, len(names), "evaluate %s: [%d/%d] fitting %s",
+                    interval.batch_date, n, len(names), name)
             t0 = time.perf_counter()
             try:
                 model = ContractScorer(name, settings, split, items)
@@ -240,8 +242,8 @@ def run(settings: Settings, interval: DataInterval,
                 model_uris[name] = uri
             else:
                 skipped_registry[name] = why
-            log.info("evaluate %s: %s ndcg@%d=%.4f (%.1f s)", interval.batch_date, name, cfg.ks[0],
-                     results[name][f"ndcg_at_{cfg.ks[0]}"], fit)
+            advance(log, "evaluate", n, len(names), "evaluate %s: %s ndcg@%d=%.4f (%.1f s)",
+                    interval.batch_date, name, cfg.ks[0], results[name][f"ndcg_at_{cfg.ks[0]}"], fit)
             # keep the fit the gate would pick so far (the best eligible one), for the refit
             leaders = eligible(results, model_uris, cfg.gate_models, metric)
             if leaders and max(leaders, key=leaders.get) == name:

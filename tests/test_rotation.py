@@ -115,6 +115,6 @@ def test_rotate_key_command_needs_a_secrets_directory(tmp_path, monkeypatch, cap
 
     monkeypatch.setenv("FRESHREC_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("FRESHREC_SECRETS_DIR", raising=False)
-    assert main(["privacy", "rotate-key"]) == 2
+    assert main(["privacy", "rotate-key"]) == 1  # a runtime error (exit 2 is for usage errors)
     err = capsys.readouterr().err
     assert "paths.secrets_dir or FRESHREC_SECRETS_DIR" in err and err.count("\n") == 1
