@@ -43,7 +43,7 @@ jars: $(STAMP) ## fetch the Delta jars (delta-spark) into .jars/ once, when Mave
 	else echo "mvn not found: skipping the Delta jars; Spark jobs use delta-rs (apt-get install -y maven, then make jars)"; fi
 
 proto: $(STAMP) ## generate the gRPC stubs from serving/proto/freshrec/v1/*.proto
-	@$(PY) -c "from serving.proto import stubs; stubs()"
+	@$(PY) -c "from serving.proto import generate; generate()"
 
 cluster-up: install ## start a Spark standalone master + 2 one-core workers on 127.0.0.1:7077 (.cluster/)
 	$(PY) -m freshrec.cluster up
