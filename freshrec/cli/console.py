@@ -62,10 +62,15 @@ class ProgressView(logging.Handler):
             self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                      MofNCompleteColumn(), TimeElapsedColumn(),
                                      console=Console(stderr=True), transient=False)
+        self.started = False  # the live display starts with the first bar (not for `serve`)
+
+    def _start(self) -> None:
+        if self.progress is not None and not self.started:
             self.progress.start()
+            self.started = True
 
     def _line(self, text: str) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self.started:
             self.progress.console.print(text, markup=False, highlight=False)
         else:
             print(text, file=sys.stderr, flush=True)
@@ -97,6 +102,7 @@ class ProgressView(logging.Handler):
             self._line(f"[{done}/{total}] {msg}" if total else msg)
             return
         short = msg.splitlines()[0][:90] if msg else step
+        self._start()
         if step not in self.tasks:
             self.tasks[step] = self.progress.add_task(short, total=total)
         self.progress.update(self.tasks[step], completed=done, total=total, description=short)
@@ -104,12 +110,13 @@ class ProgressView(logging.Handler):
     def task(self, step: str, total: int | None) -> None:
         """Open a bar for ``step`` before its first record (so it shows while the first piece runs)."""
         if self.progress is not None and step not in self.tasks:
+            self._start()
             self.tasks[step] = self.progress.add_task(step, total=total)
 
     def close(self) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self.started:
             self.progress.stop()
-            self.progress = None
+        self.progress = None
         super().close()
 
 

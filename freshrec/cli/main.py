@@ -358,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     OUT.__init__()
     command = typer.main.get_command(app)
     debug = "--debug" in args
-    with view(verbosity=max((a.count("v") for a in args if a in ("-v", "-vv", "-vvv")), default=0)
-              + args.count("--verbose"),
-              quiet=("-q" in args or "--quiet" in args or "--json" in args) and "-v" not in args) as v:
+    verbosity = sum(len(a) - 1 for a in args if len(a) > 1 and a[0] == "-" and set(a[1:]) == {"v"}) \
+        + args.count("--verbose")
+    quiet = ("-q" in args or "--quiet" in args or "--json" in args) and verbosity == 0
+    with view(verbosity=verbosity, quiet=quiet) as v:
         try:
             rc = command.main(args=args, prog_name="freshrec", standalone_mode=False)
         except click_exc.UsageError as e:
