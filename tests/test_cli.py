@@ -207,3 +207,39 @@ def test_help_exits_0_and_shows_defaults_and_examples(argv, capsys):
     assert "Usage: freshrec" in out
     if argv == ["run", "--help"]:
         assert "Example: freshrec run all --date" in out and "build-index" in out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_make_run_walkthrough_is_short_and_says_where_everything_is(tmp_path):
+    """`make run`'s walkthrough on a small dataset: the terminal gets the report, the live answer and
+    the summary (champion, tables, MLflow, logs), not Airflow's or Spark's log lines, which are in
+    the log files it names."""
+    from datetime import datetime, timedelta, timezone
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow' / 'airflow.db'}",
+           "FRESHREC_DATA_DIR": str(tmp_path / "data"), "PYSPARK_PYTHON": sys.executable,
+           "FRESHREC__SYNTH__N_EVENTS": "8000", "FRESHREC__SYNTH__N_USERS": "400",
+           "FRESHREC__SYNTH__N_ITEMS": "150", "FRESHREC__ALS__RANK": "8",
+           "FRESHREC__ALS__ITERATIONS": "4", "FRESHREC__SPARK__SHUFFLE_PARTITIONS": "2",
+           "FRESHREC__SPARK__DRIVER_MEMORY": "1g"}
+    today = datetime.now(timezone.utc).date()
+    logs = tmp_path / "logs"
+    r = subprocess.run([sys.executable, "-m", "freshrec.cli.walkthrough", "--date", today.isoformat(),
+                        "--run-after", (today + timedelta(days=1)).isoformat(), "--logs", str(logs)],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "Served champion:  freshrec-retrieval@champion = freshrec-retrieval/" in out
+    assert f"Delta tables:     {tmp_path / 'data' / 'tables'}" in out
+    assert "make mlflow-ui" in out and f"Logs:             {logs}" in out
+    assert "live request: Recommend(user_id='u42', k=10)" in out
+    # Airflow's and Spark's output went to the log file, not to the terminal
+    dag_log = (logs / "airflow-dag.log").read_text()
+    assert "[DAG TEST] end task task_id=rollout" in dag_log
+    for chatty in ("[DAG TEST]", "WARN NativeCodeLoader", "INFO - "):
+        assert chatty not in out and chatty not in r.stderr
+    assert str(logs) in r.stderr  # the logs' folder is named first
