@@ -243,3 +243,11 @@ def test_make_run_walkthrough_is_short_and_says_where_everything_is(tmp_path):
     for chatty in ("[DAG TEST]", "WARN NativeCodeLoader", "INFO - "):
         assert chatty not in out and chatty not in r.stderr
     assert str(logs) in r.stderr  # the logs' folder is named first
+
+
+def test_an_unexpected_error_is_named_and_points_at_debug():
+    from freshrec.cli.console import error_line
+
+    assert error_line(ZeroDivisionError("division by zero")) == \
+        "ZeroDivisionError: division by zero (unexpected: rerun with --debug for the traceback)"
+    assert error_line(ValueError("give --date as YYYY-MM-DD")) == "give --date as YYYY-MM-DD"

@@ -185,5 +185,6 @@ def error_line(e: BaseException, target: str | None = None) -> str:
              "KeyError", "FloatingPointError", "SubmitError", "RolloutFailed", "PermissionError",
              "NanLoss", "OSError")
     if type(e).__name__ not in known and not isinstance(e, (ValueError, LookupError, RuntimeError)):
-        text = f"{type(e).__name__}: {text}"
+        # not one of freshrec's own errors (which say what to do): name it, point at --debug
+        text = f"{type(e).__name__}: {text} (unexpected: rerun with --debug for the traceback)"
     return text
