@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     py, console = sys.executable, Console(stderr=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cli = [py, "-m", "freshrec.cli.main"]
-    console.print(f"freshrec walkthrough for {args.date}: logs in [bold]{logs}[/]")
+    console.print(f"freshrec walkthrough for {args.date}: logs in [bold]{logs}[/]", soft_wrap=True)
     tasks = dag_tasks(PROJECT_ROOT / "dags" / "freshrec_batch.py")
     steps = [("dataset", 1), ("airflow db", 1), ("batch DAG", len(tasks)), ("report", 1),
              ("live request", 1)]
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]{step} failed[/]; the last lines of {log_file}:")
         for ln in tail:
             console.print("  " + ln, markup=False, highlight=False)
-        console.print(f"full log: {log_file}")
+        console.print(f"full log: {log_file}", soft_wrap=True)
         return 1
 
     with Progress(SpinnerColumn(), TextColumn("{task.description:<40}"), BarColumn(),
@@ -150,7 +150,7 @@ def summary(settings, logs: Path) -> str:
 
         mlflow_for(settings)
         c = registry.resolve(registry.ALIAS)
-        champion = f"{c.label} ({c.tags.get('gate_reason', '')})"
+        champion = f"{c.label} (gate: {c.tags.get('gate_reason', '') or 'no reason recorded'})"
     except Exception as e:  # noqa: BLE001 - the summary still says where things are
         champion = f"unknown ({' '.join(str(e).split())[:120]})"
     return "\n".join([
