@@ -251,3 +251,21 @@ def test_an_unexpected_error_is_named_and_points_at_debug():
     assert error_line(ZeroDivisionError("division by zero")) == \
         "ZeroDivisionError: division by zero (unexpected: rerun with --debug for the traceback)"
     assert error_line(ValueError("give --date as YYYY-MM-DD")) == "give --date as YYYY-MM-DD"
+
+
+def test_json_output_of_an_import_is_one_object_and_a_rerun_says_already_imported(tmp_path, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("FRESHREC_DATA_DIR", str(tmp_path / "data"))
+    f = tmp_path / "clicks.csv"
+    f.write_text("userId,item_id,event_type,ts\nu1,i1,click,2026-11-27T10:00:00+00:00\n"
+                 "u2,i2,view,2026-11-27T11:00:00+00:00\nu3,i3,teleport,2026-11-27T12:00:00+00:00\n")
+    assert main(["import", "events", str(f), "--map", "user_id=userId", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)  # stdout is the JSON object alone
+    assert first["rows"] == 3 and first["already_imported"] is False
+    assert "unknown_event_type" in first["refused"]
+    assert main(["--json", "import", "events", str(f), "--map", "user_id=userId"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["already_imported"] is True and again["file_id"] == first["file_id"]
+    # without --json: the sentence for people
+    assert main(["import", "events", str(f), "--map", "user_id=userId"]) == 0
+    assert "already imported 3 event rows" in capsys.readouterr().out
