@@ -26,6 +26,7 @@ from pyspark.sql import types as T
 from freshrec.contracts.events import REASONS, EventRules, rules_for
 from freshrec.delta import DeltaStore, batch_filter
 from freshrec.interval import DataInterval, run_job
+from freshrec.progress import advance
 from freshrec.settings import Settings
 from freshrec.spark import get_spark
 from freshrec.tables import EVENTS, EVENTS_DEAD_LETTER
@@ -115,6 +116,7 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
     # raw from bronze, clean and dead-letter from what would be written, duplicates from the
     # validated rows' event ids.
     n_raw = raw.count()
+    advance(log, "clean", 0, 2, "clean %s: validating %d raw rows", batch, n_raw)
     validated = validate(raw, settings, interval).cache()
     others = store.read_spark(spark, "events").where(F.col("batch_date") != batch).select("event_id")
     by_reason = {r["reason"]: r["count"] for r in validated.where(F.col("reason").isNotNull())
@@ -128,11 +130,13 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
         raise CountMismatch(f"batch {batch}: raw {n_raw} != clean {clean.rows} + dead-letter "
                             f"{dead.rows} + duplicates {n_dup}; nothing written")
     predicate, where = batch_filter(batch)
+    advance(log, "clean", 1, 2, "clean %s: writing %d clean and %d dead-letter rows", batch, clean.rows,
+            dead.rows)
     clean.commit_if_changed(predicate, where)
     dead.commit_if_changed(predicate, where)
     counts = {"raw": n_raw, "clean": clean.rows, "dead_letter": dead.rows, "duplicates": n_dup}
-    log.info("clean %s: %s; dead-letter by reason: %s", batch, counts,
-             {r: by_reason[r] for r in REASONS if r in by_reason})
+    advance(log, "clean", 2, 2, "clean %s: %s; dead-letter by reason: %s", batch, counts,
+            {r: by_reason[r] for r in REASONS if r in by_reason})
     return counts
 
 

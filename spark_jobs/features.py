@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from freshrec.delta import DeltaStore
 from freshrec.interval import DataInterval, run_job
+from freshrec.progress import advance
 from freshrec.settings import FeatureSettings, Settings
 from freshrec.spark import get_spark
 
@@ -110,10 +111,11 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
         "item_neighbors": item_neighbors(events, cfg),
     }
     counts = {}
-    for name, df in out.items():
+    for n, (name, df) in enumerate(out.items()):
+        advance(log, "features", n, len(out), "features %s: computing %s", interval.batch_date, name)
         _, counts[name] = store.write_spark_if_changed(name, df)
     events.unpersist()
-    log.info("features %s: %s", interval.batch_date, counts)
+    advance(log, "features", len(out), len(out), "features %s: %s", interval.batch_date, counts)
     return counts
 
 

@@ -17,6 +17,7 @@ from pyspark.sql import functions as F
 
 from freshrec.delta import DeltaStore
 from freshrec.interval import DataInterval, run_job
+from freshrec.progress import advance
 from freshrec.settings import Settings
 from freshrec.spark import delta_spark_wanted, get_spark
 
@@ -60,12 +61,14 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
     if not files:
         log.info("ingest %s: no new landed files", interval.batch_date)
         return {"files": 0, "rows": 0}
+    advance(log, "ingest", 0, 1, "ingest %s: reading %d landed file(s)", interval.batch_date, len(files))
     before = store.count("events_raw")
     spark = spark or get_spark(settings)
     bronze = to_bronze(spark.read.parquet(*[str(f) for f in files]), interval)
     store.write_spark("events_raw", bronze, mode="append")
     rows = store.count("events_raw") - before
-    log.info("ingest %s: %d file(s), %d rows into events_raw", interval.batch_date, len(files), rows)
+    advance(log, "ingest", 1, 1, "ingest %s: %d file(s), %d rows into events_raw", interval.batch_date,
+            len(files), rows)
     return {"files": len(files), "rows": rows}
 
 
