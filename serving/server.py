@@ -355,6 +355,8 @@ class Metrics:
                                   "in memory (at most serving.max_recent_users)", registry=r)
         self.recent_evictions = Counter("freshrec_recent_evictions", "users dropped from the "
                                         "recent-event memory to keep it under its cap", registry=r)
+        self.snapshots_skipped = Gauge("freshrec_snapshots_skipped", "newer snapshots start-up "
+                                       "found unusable and skipped for an older one", registry=r)
 
 
 class UserCache:
@@ -719,10 +721,10 @@ class AdminServicer(admin_grpc.AdminServicer):
                           f"{self.s.settings.serving.max_id_length} characters")
 
         def do():
-            removed, rows = self.s.delete_user(self.s.pseudonym(request.user_id))
+            removed, rows = self.s.delete_user(self.s.pseudonym(request.user_id), request.user_id)
             return admin_pb2.DeleteUserResponse(vector_removed=removed, rows_deleted=rows)
-        # The audit names the pseudonym, never the raw id.
-        return self._audited("DeleteUser", {"user": self.s.pseudonym(request.user_id)}, context, do)
+        # The audit names neither the raw id nor the pseudonym (the erasure log holds that).
+        return self._audited("DeleteUser", {"user": "(see privacy/erasures.jsonl)"}, context, do)
 
     def Status(self, request, context):
         state = self.s.require_state(context)
@@ -801,13 +803,19 @@ class FreshrecServer:
         root = self.settings.snapshots_dir.resolve()
         if "\x00" in raw or len(raw) > 4096:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path is not a usable path")
-        p = Path(raw)
-        resolved = (p if p.is_absolute() else root / p).resolve()
-        if not resolved.is_relative_to(root) or resolved == root:
+        try:
+            p = Path(raw)
+            resolved = (p if p.is_absolute() else root / p).resolve()
+            inside = resolved.is_relative_to(root) and resolved != root
+            has_manifest = inside and (resolved / "manifest.json").is_file()
+        except (OSError, ValueError, RuntimeError) as e:  # too long, a symlink loop, bad bytes
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"path {raw[:200]!r} is not a usable path ({type(e).__name__})")
+        if not inside:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"path {raw[:200]!r} is outside the snapshots directory {root}: give a "
                           "snapshot directory inside it (relative paths are taken from there)")
-        if not (resolved / "manifest.json").is_file():
+        if not has_manifest:
             context.abort(grpc.StatusCode.NOT_FOUND, f"path {raw[:200]!r}: no snapshot there "
                           "(no manifest.json)")
         return resolved
@@ -942,20 +950,20 @@ class FreshrecServer:
         with self.recent_lock:
             return [(i, w) for i, w, _ in self.recent.get(user, ())]
 
-    def delete_user(self, user: str) -> tuple[bool, int]:
-        from freshrec.erasure import erase_user
+    def delete_user(self, user: str, raw_id: str | None = None) -> tuple[bool, int]:
+        """Erase ``user`` (a pseudonym) from this replica's memory and everywhere on disk
+        (:func:`freshrec.erasure.erase_user`: tables and every earlier version, landing, logs,
+        snapshots, MLflow artifacts); other replicas drop them at the refresher's next round.
+        Returns (whether this replica held them, rows removed)."""
+        from freshrec.erasure import erase_user, rows_removed
 
-        with self._load_lock:  # one erasure at a time: concurrent Delta deletes conflict
+        with self._load_lock:  # one erasure at a time in this process (the file lock: across)
             removed = self.forget_user(user)
-            self.wal.land(everyone=True)  # every server's logged events reach landing, where
-            # erasure finds them; logged slates reach the impressions table for the same reason
             if self.impressions is not None:
-                from serving.impressions import take_impressions
-
-                self.impressions.flush()
-                take_impressions(self.settings)
-            rows = erase_user(self.settings, user)
-        return removed, sum(rows.values())
+                self.impressions.flush()  # this process's buffered slates reach the log first
+            report = erase_user(self.settings, user, raw_id)
+            removed = self.forget_user(user) or removed  # events recorded meanwhile
+        return removed, rows_removed(report)
 
     def forget_user(self, user: str) -> bool:
         """Drop a user's vector, history and recent events from this replica, every arm's state
@@ -1138,6 +1146,9 @@ class FreshrecServer:
     def start(self, port: int | None = None, load: bool = True) -> int:
         import faiss
 
+        from freshrec.crypto import private_umask
+
+        private_umask()  # logs, snapshots, landed files: the owner's only (0600 / 0700)
         cfg = self.settings.serving
         faiss.omp_set_num_threads(cfg.faiss_threads)
         self.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -1147,7 +1158,11 @@ class FreshrecServer:
                                 "SHA-256 of your client and admin tokens in the profile")
         if self.assigner is not None and load:
             self.check_experiment()  # refuse to start: an arm names a model that does not exist
-        self.wal.land(everyone=True)  # whatever a crashed server left in the log
+        try:
+            self.wal.land(everyone=True)  # whatever a crashed server left in the log
+        except Exception:  # noqa: BLE001 - a bad segment stays in the log; serve anyway
+            log.exception("landing the logs left by earlier servers failed; the segments stay "
+                          "in the log and the flush loop retries")
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                              interceptors=[GuardInterceptor(self)],
                              options=[("grpc.max_receive_message_length", cfg.max_message_bytes)],
@@ -1179,6 +1194,11 @@ class FreshrecServer:
                 self.load()
             except (FileNotFoundError, LookupError, ValueError) as e:
                 log.warning("%s; serving NOT_SERVING until Admin.LoadModel", e)
+            skipped = [w for st in self.distinct_states() for w in st.skipped_snapshots]
+            self.metrics.snapshots_skipped.set(len(skipped))
+            if skipped:
+                log.warning("start-up fell back to an older snapshot; skipped: %s",
+                            "; ".join(skipped))
         return self.port
 
     def _credentials(self):

@@ -39,10 +39,13 @@ def wal_root(settings: Settings) -> Path:
 
 
 def _lander(settings: Settings, counter: list[int]):
+    from freshrec.crypto import cipher_for
+
     schema = pa.schema([(c, pa.string()) for c in RAW_EVENT_COLUMNS])
+    cipher = cipher_for(settings)
 
     def land(seg: Path) -> None:
-        data, lines = read_lines(seg)
+        data, lines = read_lines(seg, cipher)
         rows = []
         for line in lines:
             try:
@@ -91,7 +94,9 @@ def _adopt_legacy(root: Path) -> None:
 class EventLog:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.writer = SegmentWriter(wal_root(settings))
+        from freshrec.crypto import cipher_for
+
+        self.writer = SegmentWriter(wal_root(settings), cipher=cipher_for(settings))
         self.dir = self.writer.dir
 
     def append(self, events: list[dict]) -> None:

@@ -4,6 +4,7 @@ recommend and report. Lanes are imported lazily inside each subcommand."""
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 from datetime import datetime, timezone
@@ -111,7 +112,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.smoke:
         from serving.client import Client
 
-        client = Client(f"{settings.serving.host}:{port}", "dev-client-token")
+        token = os.environ.get("FRESHREC_TOKEN") or (
+            "dev-client-token" if settings.profile == "local" else "")
+        if not token:
+            server.stop()
+            raise SettingsError(f"--smoke needs a client token in profile {settings.profile!r}: "
+                                "export FRESHREC_TOKEN (the dev token is for the local profile "
+                                "only)")
+        client = Client(f"{settings.serving.host}:{port}", token)
         user = args.smoke
         print(f"live request: Recommend(user_id={user!r}, k=10) over gRPC on loopback")
         t0 = time.perf_counter()
@@ -342,6 +350,34 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erase(args: argparse.Namespace) -> int:
+    from freshrec.erasure import erase_user, rows_removed, vacuum_user_tables
+    from freshrec.privacy import pseudonymizer
+
+    settings = load_settings(args.profile)
+    if args.vacuum:
+        gone = vacuum_user_tables(settings)
+        print(f"vacuumed the user tables (retention {settings.privacy.vacuum_retention_hours} h): "
+              f"{sum(gone.values())} file(s) removed")
+        if not args.user:
+            return 0
+    if not args.user:
+        raise ValueError("name the user: freshrec erase --user USER_ID (or --vacuum alone)")
+    raw = args.user.strip()
+    user = raw if args.pseudonymized else pseudonymizer(settings)(raw)
+    r = erase_user(settings, user, None if args.pseudonymized else raw)
+    print(f"erased the user: {rows_removed(r):,} row(s) removed ({r['tables']}; landing "
+          f"{r['landing_rows']}, log lines {r['log_lines']}, raw input {r['raw_rows']}); "
+          f"{r['snapshot_files']} snapshot file(s) and {r['mlflow_files']} MLflow artifact "
+          f"file(s) rewritten; {r['vacuumed_files']} old Delta file(s) vacuumed")
+    if r["unscrubbed"]:
+        print("files that still hold the user (not a format erasure rewrites): "
+              + ", ".join(r["unscrubbed"]), file=sys.stderr)
+        return 1
+    print("replicas drop the user at the refresher's next round (freshrec refresh)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="freshrec", description=__doc__)
     p.add_argument("--profile", help="settings profile (default: FRESHREC_PROFILE or local)")
@@ -455,6 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "interrupted rotation)")
     prv.set_defaults(fn=cmd_privacy)
 
+    er = sub.add_parser("erase", help="erase a user everywhere: tables and their earlier "
+                        "versions, landing, logs, snapshots, MLflow artifacts (what "
+                        "Admin.DeleteUser does; replicas follow at the next refresh)")
+    er.add_argument("--user", help="the raw user id (pseudonymized with the HMAC key)")
+    er.add_argument("--pseudonymized", action="store_true",
+                    help="--user is already the pseudonym the tables hold")
+    er.add_argument("--vacuum", action="store_true", help="VACUUM the user tables with "
+                    "privacy.vacuum_retention_hours (run it after that many hours when it is "
+                    "above 0, so erased rows leave the old versions)")
+    er.set_defaults(fn=cmd_erase)
+
     rep = sub.add_parser("report", help="rows per table, dead letters, evaluation, samples; "
                          "--online: per-arm online metrics and drift")
     rep.add_argument("--date", default=today)
@@ -469,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from freshrec.crypto import private_umask
+
+    private_umask()  # every file freshrec creates: the owner's only (0600 / 0700)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
