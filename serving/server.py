@@ -755,6 +755,9 @@ class AdminServicer(admin_grpc.AdminServicer):
 # ---- the server -------------------------------------------------------------------------------
 class FreshrecServer:
     def __init__(self, settings: Settings, use_gpu: bool | None = None) -> None:
+        from freshrec.crypto import private_umask
+
+        private_umask()  # logs, snapshots, landed files: the owner's only (0600 / 0700)
         self.settings = settings
         if use_gpu is None:
             use_gpu = resolve_device(settings.device, need=("faiss",)).faiss_gpu
@@ -1146,9 +1149,6 @@ class FreshrecServer:
     def start(self, port: int | None = None, load: bool = True) -> int:
         import faiss
 
-        from freshrec.crypto import private_umask
-
-        private_umask()  # logs, snapshots, landed files: the owner's only (0600 / 0700)
         cfg = self.settings.serving
         faiss.omp_set_num_threads(cfg.faiss_threads)
         self.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
