@@ -957,8 +957,8 @@ class FreshrecServer:
         """Erase ``user`` (a pseudonym) from this replica's memory and everywhere on disk
         (:func:`freshrec.erasure.erase_user`: tables and every earlier version, landing, logs,
         snapshots, MLflow artifacts); other replicas drop them at the refresher's next round.
-        Returns (whether this replica held them, rows removed)."""
-        from freshrec.erasure import erase_user, rows_removed
+        Returns (whether this replica held them, rows removed from the Delta tables)."""
+        from freshrec.erasure import erase_user
 
         with self._load_lock:  # one erasure at a time in this process (the file lock: across)
             removed = self.forget_user(user)
@@ -966,7 +966,7 @@ class FreshrecServer:
                 self.impressions.flush()  # this process's buffered slates reach the log first
             report = erase_user(self.settings, user, raw_id)
             removed = self.forget_user(user) or removed  # events recorded meanwhile
-        return removed, rows_removed(report)
+        return removed, sum(report["tables"].values())  # rows_deleted: the Delta tables' rows
 
     def forget_user(self, user: str) -> bool:
         """Drop a user's vector, history and recent events from this replica, every arm's state

@@ -483,3 +483,93 @@ def test_encrypted_logs_and_snapshot_users_hold_no_plaintext_and_still_serve(tmp
     wrong = _settings(tmp_path, privacy={"encrypt_at_rest": True, "data_key": "cd" * 32})
     with pytest.raises(DecryptError, match="sealed with data key"):
         load_npz(snap / "users.npz", cipher_for(wrong))
+
+
+# ---- end to end on the batch lane's data -----------------------------------------------------
+def relocate_mlflow(data: Path, old: Path) -> None:
+    """A copied data directory's tracking store names the copy's artifacts (not the original's)."""
+    con = sqlite3.connect(data / "mlflow" / "mlflow.db")
+    try:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for t in tables:
+            for _, col, typ, *_ in con.execute(f'PRAGMA table_info("{t}")').fetchall():
+                if "CHAR" in typ.upper() or "TEXT" in typ.upper():
+                    con.execute(f'UPDATE "{t}" SET "{col}" = REPLACE("{col}", ?, ?) '
+                                f'WHERE "{col}" LIKE ?', (str(old), str(data), f"%{old}%"))
+        con.commit()
+    finally:
+        con.close()
+
+
+@pytest.mark.integration
+def test_erasure_end_to_end_on_the_batch_lanes_data(lane, tmp_path):
+    """A copy of the batch lane's data (MLflow runs with user factors, snapshots, every table),
+    two replicas, the refresher: after DeleteUser and one round the user is in no file of the
+    data directory (Parquet values, npz arrays, JSON, text, the tracking DB), in no readable
+    Delta version and in neither replica's answers; the runs whose artifacts were rewritten say
+    so."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from freshrec.privacy import pseudonymize
+    from serving import refresher
+    from tests.conftest import register_fit
+
+    data = tmp_path / "data"
+    shutil.copytree(lane["settings"].data_dir, data)
+    relocate_mlflow(data, lane["settings"].data_dir)
+    shutil.copytree(lane["raw_dir"], data / "raw" / "synth")  # where `freshrec data synth` puts it
+    version = register_fit(small_settings(data), "als")
+    settings = small_settings(data, serving={"port": 0, "metrics_port": -1,
+                                             "wal_flush_seconds": 3600, "model": str(version)})
+    store = DeltaStore(settings)
+    counts = pc.value_counts(store.read_arrow("events", columns=["user_id"])
+                             .column("user_id")).to_pylist()
+    busiest = max(counts, key=lambda c: c["counts"])["values"]
+    raw = next(f"u{n}" for n in range(5000)
+               if pseudonymize(f"u{n}", settings.privacy.hmac_key) == busiest)
+    user = busiest
+    a, a_addr = start_server(settings)
+    b, b_addr = start_server(settings)
+    try:
+        assert not Client(a_addr, CLIENT).recommend(raw, 10).cold_start
+        assert not Client(b_addr, CLIENT).recommend(raw, 10).cold_start
+        Client(b_addr, CLIENT).record([{"user_id": raw, "item_id": "i1", "event_type": "view"}])
+        held = occurrences(data, user, raw)
+        assert any(h.startswith("mlflow/artifacts") and h.endswith(".npz") for h in held), held
+        assert any(h.startswith("snapshots") for h in held) and \
+            any(h.startswith("raw/") for h in held) and any(h.startswith("tables/events/")
+                                                            for h in held)
+        admin = Client(a_addr, ADMIN)
+        reply = admin.call_admin("DeleteUser", admin.admin_pb2.DeleteUserRequest(user_id=raw))
+        assert reply.vector_removed and reply.rows_deleted > 0
+        rs = settings.model_copy(update={"refresher": settings.refresher.model_copy(
+            update={"replicas": [a_addr, b_addr]})})
+        assert refresher.refresh_once(rs)["erased_users"] >= 1
+        assert not a.state.knows(user) and not b.state.knows(user)
+        assert not b.recent_events(user)
+        left = occurrences(data, user, raw)
+    finally:
+        a.stop(grace=0)
+        b.stop(grace=0)
+    assert left == []
+    from freshrec.erasure import user_tables
+
+    for name in user_tables():
+        if name == "impressions_dead_letter" or not store.exists(name):
+            continue
+        for v, t in readable_versions(store.path(name)).items():
+            assert user not in t.column("user_id").to_pylist(), (name, v)
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    tagged = [r.info.run_id for r in client.search_runs(exps) if "freshrec.erasure" in r.data.tags]
+    tagged += [m.model_id for m in client.search_logged_models(exps)
+               if "freshrec.erasure" in (m.tags or {})]
+    assert tagged
+    c, c_addr = start_server(settings)  # a restart: the user stays gone
+    try:
+        assert not c.state.knows(user)
+        assert Client(c_addr, CLIENT).recommend(raw, 10).cold_start
+    finally:
+        c.stop(grace=0)
