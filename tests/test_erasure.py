@@ -573,3 +573,20 @@ def test_erasure_end_to_end_on_the_batch_lanes_data(lane, tmp_path):
         assert Client(c_addr, CLIENT).recommend(raw, 10).cold_start
     finally:
         c.stop(grace=0)
+
+
+def test_serve_smoke_uses_the_client_token_from_the_environment(tmp_path):
+    """`freshrec serve --smoke` asks with FRESHREC_TOKEN (a wrong one is refused), not a token
+    written into the code."""
+    settings = _settings(tmp_path)
+    make_snapshot(settings, "snap")
+    env = {**os.environ, "FRESHREC_DATA_DIR": str(settings.data_dir), "PYTHONPATH": str(ROOT),
+           "FRESHREC__SERVING__METRICS_PORT": "-1", "FRESHREC__SERVING__JSON_LOGS": "false"}
+    cmd = [sys.executable, "-m", "freshrec.cli.main", "serve", "--port", "0", "--smoke", "u1"]
+    wrong = subprocess.run(cmd, env={**env, "FRESHREC_TOKEN": "not-a-token"}, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0 and "UNAUTHENTICATED" in wrong.stderr
+    right = subprocess.run(cmd, env={**env, "FRESHREC_TOKEN": CLIENT}, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert right.returncode == 0, right.stderr[-2000:]
+    assert "answered in" in right.stdout
