@@ -590,3 +590,26 @@ def test_serve_smoke_uses_the_client_token_from_the_environment(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert right.returncode == 0, right.stderr[-2000:]
     assert "answered in" in right.stdout
+
+
+@pytest.mark.integration
+def test_the_delta_spark_writers_filter_matches_the_arrow_one(spark, tmp_path):
+    """drop_erased_spark (the delta-spark write path) keeps and drops the same rows as
+    drop_erased: an erased user's rows at or before the erasure go, later ones and other users
+    stay, a text ts is read as a time."""
+    from freshrec.erasure import Erasures, drop_erased, drop_erased_spark
+
+    when = datetime(2026, 11, 10, tzinfo=timezone.utc)
+    erased = Erasures([("p_a", when.timestamp())])
+    rows = pa.table({"user_id": ["p_a", "p_a", "p_b", "p_a"],
+                     "ts": pa.array([when - timedelta(days=1), when + timedelta(hours=1),
+                                     when - timedelta(days=1), when], pa.timestamp("us", "UTC")),
+                     "n": [1, 2, 3, 4]})
+    want = drop_erased("events", rows, erased).column("n").to_pylist()
+    assert want == [2, 3]
+    got = drop_erased_spark("events", spark.createDataFrame(rows.to_pandas()), erased)
+    assert sorted(r["n"] for r in got.collect()) == want
+    text = rows.set_column(1, "ts", pc.strftime(rows.column("ts"), "%Y-%m-%dT%H:%M:%S+00:00"))
+    assert drop_erased("events_raw", text, erased).column("n").to_pylist() == want
+    got = drop_erased_spark("events_raw", spark.createDataFrame(text.to_pandas()), erased)
+    assert sorted(r["n"] for r in got.collect()) == want
