@@ -118,9 +118,12 @@ def exclusive(settings: Settings) -> Iterator[None]:
 
 @dataclass
 class Erasures:
-    """The erasure log: (pseudonym, erased_at epoch seconds) in log order."""
+    """The erasure log: (pseudonym, erased_at epoch seconds) in log order (read-only: shared
+    between readers of the same file version)."""
 
     entries: list[tuple[str, float]] = field(default_factory=list)
+    _by_user: dict[str, float] | None = field(default=None, repr=False, compare=False)
+    _users: pa.Array | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -128,21 +131,48 @@ class Erasures:
     @property
     def by_user(self) -> dict[str, float]:
         """Each erased user's newest erasure time."""
-        out: dict[str, float] = {}
-        for u, t in self.entries:
-            out[u] = max(t, out.get(u, t))
-        return out
+        if self._by_user is None:
+            out: dict[str, float] = {}
+            for u, t in self.entries:
+                out[u] = max(t, out.get(u, t))
+            self._by_user = out
+        return self._by_user
+
+    @property
+    def users(self) -> pa.Array:
+        if self._users is None:
+            self._users = pa.array(list(self.by_user), pa.string())
+        return self._users
 
     def since(self, n: int | None) -> list[str]:
         """Users erased at log positions >= ``n`` (all for None)."""
         return sorted({u for u, _ in self.entries[(n or 0):]})
 
 
+_cache: dict[str, tuple[tuple, Erasures]] = {}
+_cache_lock = threading.Lock()
+
+
 def read_log(settings: Settings) -> Erasures:
-    """The erasure log (a torn last line, cut by a crash before its fsync, is left out)."""
+    """The erasure log (a torn last line, cut by a crash before its fsync, is left out); parsed
+    once per change of the file (inode, size, mtime)."""
     path = log_path(settings)
-    if not path.exists():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         return Erasures()
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    with _cache_lock:
+        hit = _cache.get(str(path))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = _parse_log(path)
+    with _cache_lock:
+        _cache[str(path)] = (key, out)
+    return out
+
+
+def _parse_log(path: Path) -> Erasures:
     out = Erasures()
     data = path.read_bytes()
     lines = data.split(b"\n")
@@ -187,8 +217,7 @@ def drop_erased(name: str, table: pa.Table, erasures: Erasures) -> pa.Table:
     if not len(erasures) or table.num_rows == 0 or "user_id" not in table.column_names:
         return table
     when = erasures.by_user
-    hit = pc.fill_null(pc.is_in(table.column("user_id"),
-                                value_set=pa.array(list(when), pa.string())), False)
+    hit = pc.fill_null(pc.is_in(table.column("user_id"), value_set=erasures.users), False)
     rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
     if not len(rows):
         return table
