@@ -296,18 +296,30 @@ def test_a_batch_that_read_before_the_erasure_and_commits_after_cannot_bring_row
 
 
 def test_two_concurrent_cli_erasures_of_one_user_both_succeed(tmp_path):
+    """`freshrec erase --user U` twice at once: both succeed, the data is gone, and the running
+    replica named was told to forget the user."""
     settings = _settings(tmp_path)
     from freshrec.privacy import pseudonymizer
 
     user = pseudonymizer(settings)("carol")
     store = populate(settings, [user, "p_other"])
-    env = {**os.environ, "FRESHREC_DATA_DIR": str(settings.data_dir), "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-m", "freshrec.cli.main", "erase", "--user",
-                               "carol"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    assert sum("erased the user" in o[0] for o in outs) == 2
+    make_snapshot(settings, "snap", users=[user, "p_other"])
+    server, addr = start_server(settings)
+    try:
+        assert server.state.knows(user)
+        env = {**os.environ, "FRESHREC_DATA_DIR": str(settings.data_dir),
+               "PYTHONPATH": str(ROOT)}
+        procs = [subprocess.Popen([sys.executable, "-m", "freshrec.cli.main", "erase", "--user",
+                                   "carol", "--replica", addr], env=env, cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+        assert sum("erased the user" in o[0] for o in outs) == 2
+        assert sum(f"replica {addr}: forgot the user" in o[0] for o in outs) == 2
+        assert not server.state.knows(user) and server.state.knows("p_other")
+    finally:
+        server.stop(grace=0)
     for name in ("events", "events_raw", "impressions"):
         assert user not in store.read_arrow(name).column("user_id").to_pylist()
     assert occurrences(settings.data_dir, user) == []

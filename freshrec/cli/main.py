@@ -370,12 +370,36 @@ def cmd_erase(args: argparse.Namespace) -> int:
           f"{r['landing_rows']}, log lines {r['log_lines']}, raw input {r['raw_rows']}); "
           f"{r['snapshot_files']} snapshot file(s) and {r['mlflow_files']} MLflow artifact "
           f"file(s) rewritten; {r['vacuumed_files']} old Delta file(s) vacuumed")
+    for address in ([] if args.no_push else (args.replica or settings.refresher.replicas)):
+        print(f"replica {address}: {_push_removal(settings, address, user)}")
     if r["unscrubbed"]:
         print("files that still hold the user (not a format erasure rewrites): "
               + ", ".join(r["unscrubbed"]), file=sys.stderr)
         return 1
-    print("replicas drop the user at the refresher's next round (freshrec refresh)")
     return 0
+
+
+def _push_removal(settings, address: str, user: str) -> str:
+    """Ask one replica to forget the user now (ApplyDeltas remove_users, one try)."""
+    import grpc
+
+    from serving.client import Client
+
+    try:
+        client = Client(address, settings.refresher.bearer(),
+                        ca_file=settings.refresher.ca_file or None)
+    except SettingsError as e:
+        return f"not told ({e}); it drops the user at the refresher's next round"
+    try:
+        pb = client.admin_pb2
+        reply = client.call_admin("ApplyDeltas", pb.ApplyDeltasRequest(
+            remove_users=[user], users_pseudonymized=True), timeout=10)
+        return f"forgot the user ({reply.users_removed} vector removed)"
+    except grpc.RpcError as e:
+        return (f"not reached ({e.code().name}); it drops the user at the refresher's next "
+                "round")
+    finally:
+        client.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--vacuum", action="store_true", help="VACUUM the user tables with "
                     "privacy.vacuum_retention_hours (run it after that many hours when it is "
                     "above 0, so erased rows leave the old versions)")
+    er.add_argument("--replica", action="append", help="host:port told to forget the user now "
+                    "(repeatable; default: refresher.replicas)")
+    er.add_argument("--no-push", action="store_true", help="tell no replica (they drop the user "
+                    "at the refresher's next round)")
     er.set_defaults(fn=cmd_erase)
 
     rep = sub.add_parser("report", help="rows per table, dead letters, evaluation, samples; "
