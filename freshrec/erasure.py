@@ -67,8 +67,9 @@ from freshrec.settings import Settings
 log = logging.getLogger(__name__)
 
 # the time of a row, per table: rows of an erased user at or before the erasure are dropped
-TIME_COLUMNS = {"events": "ts", "events_raw": "ts", "events_dead_letter": "ts",
-                "impressions": "ts", "feedback": "impression_ts", "user_features": "last_ts"}
+TIME_COLUMNS = {"events": ("ts",), "events_raw": ("ts",), "events_dead_letter": ("ts",),
+                "impressions": ("ts",), "feedback": ("impression_ts", "event_ts"),
+                "user_features": ("last_ts",)}
 ERASED_ID = ""  # what an erased user's id becomes inside arrays whose shape must stay
 _held = threading.local()
 
@@ -212,8 +213,8 @@ def _row_seconds(value) -> float | None:
 
 
 def drop_erased(name: str, table: pa.Table, erasures: Erasures) -> pa.Table:
-    """``table`` without the rows of erased users whose time (:data:`TIME_COLUMNS`; a row
-    without one counts as old) is not after their erasure."""
+    """``table`` without the rows of erased users whose time (the first non-null column of
+    :data:`TIME_COLUMNS`; a row without one counts as old) is not after their erasure."""
     if not len(erasures) or table.num_rows == 0 or "user_id" not in table.column_names:
         return table
     when = erasures.by_user
@@ -221,13 +222,12 @@ def drop_erased(name: str, table: pa.Table, erasures: Erasures) -> pa.Table:
     rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
     if not len(rows):
         return table
-    col = TIME_COLUMNS.get(name)
+    cols = [c for c in TIME_COLUMNS.get(name, ()) if c in table.column_names]
     users = table.column("user_id").take(rows).to_pylist()
-    times = table.column(col).take(rows).to_pylist() if col in table.column_names else \
-        [None] * len(rows)
+    times = [table.column(c).take(rows).to_pylist() for c in cols]
     keep = np.ones(table.num_rows, bool)
-    for r, u, t in zip(rows, users, times):
-        s = _row_seconds(t)
+    for n, (r, u) in enumerate(zip(rows, users)):
+        s = next((x for x in (_row_seconds(t[n]) for t in times) if x is not None), None)
         keep[r] = s is not None and s > when[u]
     dropped = int((~keep).sum())
     if dropped:
@@ -244,9 +244,9 @@ def drop_erased_spark(name: str, df, erasures: Erasures):
     spark = df.sparkSession
     er = spark.createDataFrame([(u, float(t)) for u, t in erasures.by_user.items()],
                                "_erased_user string, _erased_at double")
-    col = TIME_COLUMNS.get(name)
-    t = F.lit(None).cast("double") if col not in df.columns else \
-        F.to_timestamp(F.col(col)).cast("double")
+    cols = [c for c in TIME_COLUMNS.get(name, ()) if c in df.columns]
+    t = F.coalesce(*[F.to_timestamp(F.col(c)).cast("double") for c in cols]) if cols else \
+        F.lit(None).cast("double")
     cond = (F.col("user_id") == F.col("_erased_user")) & (t.isNull() | (t <= F.col("_erased_at")))
     return df.join(F.broadcast(er), cond, "left_anti")
 

@@ -625,3 +625,20 @@ def test_the_delta_spark_writers_filter_matches_the_arrow_one(spark, tmp_path):
     assert drop_erased("events_raw", text, erased).column("n").to_pylist() == want
     got = drop_erased_spark("events_raw", spark.createDataFrame(text.to_pandas()), erased)
     assert sorted(r["n"] for r in got.collect()) == want
+
+
+def test_the_writers_filter_takes_a_rows_first_known_time():
+    """feedback rows of events nobody was shown have no impression time: their event time
+    decides; a row with no time at all counts as old; other users are never touched."""
+    from freshrec.erasure import Erasures, drop_erased
+
+    when = datetime(2026, 11, 10, tzinfo=timezone.utc)
+    ts = pa.timestamp("us", "UTC")
+    rows = pa.table({"user_id": ["p_a", "p_a", "p_a", "p_b"],
+                     "impression_ts": pa.array([None, when - timedelta(1), None, None], ts),
+                     "event_ts": pa.array([when + timedelta(1), when + timedelta(2), None, None],
+                                          ts),
+                     "n": [1, 2, 3, 4]})
+    kept = drop_erased("feedback", rows, Erasures([("p_a", when.timestamp())]))
+    assert kept.column("n").to_pylist() == [1, 4]
+    assert drop_erased("feedback", rows, Erasures()).num_rows == 4
