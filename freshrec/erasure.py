@@ -284,8 +284,10 @@ def _delete_rows(settings: Settings, pseudonym: str) -> dict[str, int]:
     for name in user_tables():
         if not store.exists(name):
             continue
-        cond = f"user_id = {sql_literal(pseudonym)}" if name != "impressions_dead_letter" else \
-            f"raw LIKE {sql_literal('%' + pseudonym + '%')}"
+        like = sql_literal("%" + pseudonym + "%")
+        cond = {"impressions_dead_letter": f"raw LIKE {like}",  # the raw record names them
+                "events_dead_letter": f"user_id = {sql_literal(pseudonym)} OR context LIKE {like}"
+                }.get(name, f"user_id = {sql_literal(pseudonym)}")
         metrics = DeltaTable(store.path(name)).delete(cond)
         removed[name] = int(metrics.get("num_deleted_rows", 0) or 0)
     return removed

@@ -391,7 +391,7 @@ def test_start_up_with_no_usable_snapshot_says_why_and_stays_not_serving(tmp_pat
         server.stop(grace=0)
 
 
-def test_start_up_survives_a_log_segment_with_a_torn_line(tmp_path):
+def test_start_up_survives_torn_and_damaged_log_lines(tmp_path):
     from serving.wal import wal_root
 
     settings = _settings(tmp_path)
@@ -412,8 +412,13 @@ def test_start_up_survives_a_log_segment_with_a_torn_line(tmp_path):
         server.stop(grace=0)
     landed = pa.concat_tables([pq.read_table(f) for f in
                                settings.landing_dir.glob("events/*/*.parquet")])
-    assert landed.column("event_id").to_pylist() == ["e1"]  # the torn last line left out
-    assert bad.exists()  # kept for a person to look at: nothing acknowledged is dropped
+    # the torn last line (never acknowledged) left out; the damaged line dead-lettered with its
+    # reason and text, the rest of its segment landed
+    assert sorted(landed.column("event_id").to_pylist()) == ["e1", "e3"]
+    assert not bad.exists()
+    dead = DeltaStore(settings).read_arrow("events_dead_letter").to_pylist()
+    assert [(d["reason"].split(":")[0], d["context"]) for d in dead] == \
+        [("wal_not_json", '{"user_id": "p_')]
 
 
 def test_load_snapshot_with_an_unusable_path_is_invalid_argument(tmp_path):
