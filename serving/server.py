@@ -1055,7 +1055,7 @@ class FreshrecServer:
         return out
 
     def _load_arms(self, snapshot: Path | None, model: str | int | None,
-                   arm: str | None) -> tuple[ArmState, ...]:
+                   arm: str | None, fallback: bool = False) -> tuple[ArmState, ...]:
         """The new arms tuple: every arm (first load, or LoadModel with neither model nor arm:
         aliases re-resolved), or one arm (``arm``, default the control) replaced by ``model`` /
         ``snapshot``. States are shared between arms serving the same version."""
@@ -1063,7 +1063,8 @@ class FreshrecServer:
         monitors = {id(a.state): a.monitor for a in old}
         if self.assigner is None:
             self.find_arm(arm)  # no arm but the unnamed one: ValueError for any name
-            state = load_state(self.settings, snapshot, use_gpu=self.use_gpu, model=model)
+            state = load_state(self.settings, snapshot, use_gpu=self.use_gpu, model=model,
+                               fallback=fallback)
             spec = str(snapshot or model or self.settings.serving.model)
             return (self._arm("", spec, 1.0, version_of(state.model_version), state, monitors),)
         if not old or (snapshot is None and model is None and arm is None):
@@ -1075,7 +1076,7 @@ class FreshrecServer:
                 state = by_version.get(v)
                 if state is None:
                     state = by_version[v] = load_state(self.settings, use_gpu=self.use_gpu,
-                                                       model=v)
+                                                       model=v, fallback=fallback)
                 arms.append(self._arm(a.name, a.model, a.share, v, state, monitors))
             return tuple(arms)
         target = self.find_arm(arm)
@@ -1096,7 +1097,7 @@ class FreshrecServer:
                      if a is target else a for a in old)
 
     def load(self, snapshot: Path | None = None, model: str | int | None = None,
-             arm: str | None = None) -> ServingState:
+             arm: str | None = None, fallback: bool = False) -> ServingState:
         """Load a snapshot (a path, or the snapshot of registered ``model``: alias or version,
         default ``serving.model``) and swap it in atomically: requests see the old or the new
         model. A failed load raises and leaves the old model serving.
@@ -1104,9 +1105,10 @@ class FreshrecServer:
         With ``serving.experiment``: the first load loads every arm; later loads replace the
         model of ``arm`` (default: the control arm), or, with neither ``model`` nor ``arm`` nor
         ``snapshot``, reload every arm from the settings (aliases re-resolved). Returns the state
-        of the arm loaded (the control's when all were)."""
+        of the arm loaded (the control's when all were). ``fallback`` (start-up): an unusable
+        snapshot is skipped for an older one (:func:`serving.state.load_state`)."""
         with self._load_lock:
-            arms = self._load_arms(snapshot, model, arm)
+            arms = self._load_arms(snapshot, model, arm, fallback)
             self.arms = arms
             self.state = state = arms[0].state
             self.state_id += 1  # deltas computed for the old state are refused from now on
@@ -1191,7 +1193,7 @@ class FreshrecServer:
                  self.metrics_port or "off")
         if load:
             try:
-                self.load()
+                self.load(fallback=True)
             except (FileNotFoundError, LookupError, ValueError) as e:
                 log.warning("%s; serving NOT_SERVING until Admin.LoadModel", e)
             skipped = [w for st in self.distinct_states() for w in st.skipped_snapshots]

@@ -261,13 +261,14 @@ def snapshot_candidates(settings: Settings, model: str | int | None = None) -> l
 
 
 def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bool = False,
-               model: str | int | None = None) -> ServingState:
+               model: str | int | None = None, fallback: bool = False) -> ServingState:
     """Load a snapshot: ``snapshot_dir`` if given, else the snapshot of ``model`` (an alias or a
-    version; default ``serving.model``). Without ``snapshot_dir`` an unusable snapshot (a 0-byte
-    ``index.faiss``, a corrupt ``users.npz``...) is logged and skipped for the next one of
-    :func:`snapshot_candidates`; the state's ``skipped_snapshots`` names what was skipped and
-    why. Raises FileNotFoundError / LookupError / ArtifactError naming what is wrong; nothing is
-    swapped in by this function. Users erased after the snapshot was built are left out."""
+    version; default ``serving.model``). With ``fallback`` (start-up) and no ``snapshot_dir``,
+    an unusable snapshot (a 0-byte ``index.faiss``, a corrupt ``users.npz``...) is logged and
+    skipped for the next one of :func:`snapshot_candidates`; the state's ``skipped_snapshots``
+    names what was skipped and why. Raises FileNotFoundError / LookupError / ArtifactError
+    naming what is wrong; nothing is swapped in by this function. Users erased after the
+    snapshot was built are left out."""
     if snapshot_dir is not None:
         return _load_one(settings, Path(snapshot_dir), use_gpu)
     candidates = snapshot_candidates(settings, model)
@@ -275,6 +276,8 @@ def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bo
         raise FileNotFoundError(
             f"no snapshot in {settings.snapshots_dir} and no registered champion: run the "
             "batch DAG (make run) or `freshrec run all --date D` first")
+    if not fallback:  # an admin's load names the broken file instead
+        return _load_one(settings, candidates[0], use_gpu)
     skipped: list[str] = []
     for path in candidates:
         try:
