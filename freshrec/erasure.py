@@ -4,7 +4,7 @@ leave the current tables AND every place a copy of them lies on disk.
 What :func:`erase_user` does, in this order:
 
 1. drains the live logs into the tables (every server's write-ahead log landed, every impression
-   log taken), best effort: whatever stays in a log is scrubbed in step 3;
+   log taken), best effort: whatever stays in a log is scrubbed in step 2;
 2. under the **exclusive erasure lock** (``<data>/privacy/erasure.lock``, ``flock``):
 
    * appends ``{"user_id": <pseudonym>, "erased_at": <time>}`` to the erasure log
