@@ -11,7 +11,9 @@ commit through delta-rs. Arrow data (importers, serving, the refresher, erasure)
 delta-rs. Both engines open the tables the other wrote (tests/test_delta_engines.py); delta-spark
 sessions keep deletion vectors and column mapping off, which delta-rs readers would need.
 Every write is cast to the table's schema from :mod:`freshrec.tables`; a failed write leaves the
-table as it was (Delta commits are atomic).
+table as it was (Delta commits are atomic). Every write leaves out the rows of erased users and
+commits under the shared erasure lock (:func:`freshrec.erasure.guarded`), so a job that read
+before an erasure cannot bring the user back.
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ class DeltaStore:
     def write_arrow(self, name: str, data: pa.Table, mode: WriteMode = "append",
                     predicate: str | None = None) -> int:
         """Append, overwrite, or replace the rows matching ``predicate``; returns the new version."""
+        from freshrec.erasure import drop_erased, guarded
+
         spec = self.spec(name)
         self.ensure(name)
         data = conform(data, spec)
@@ -132,7 +136,8 @@ class DeltaStore:
             if mode != "overwrite":
                 raise ValueError("a predicate needs mode='overwrite' (replace the matching rows)")
             kwargs["predicate"] = predicate
-        write_deltalake(self.path(name), data, **kwargs)
+        with guarded(self.settings) as erased:  # no erased user's rows come back
+            write_deltalake(self.path(name), drop_erased(name, data, erased), **kwargs)
         return DeltaTable(self.path(name)).version()
 
     def write_if_changed(self, name: str, data: pa.Table, predicate: str | None = None,
@@ -160,18 +165,25 @@ class DeltaStore:
 
         Rows equal to what is stored are left alone, so re-applying the same data changes nothing.
         """
+        from freshrec.erasure import drop_erased, guarded
+
         spec = self.spec(name)
-        dt = self.ensure(name)
+        self.ensure(name)
         data = conform(data, spec)
         if data.num_rows == 0:
             return {"inserted": 0, "updated": 0}
         on = " AND ".join(f"t.{k} = s.{k}" for k in spec.key)
         others = [c for c in spec.schema.names if c not in spec.key]
         changed = " OR ".join(f"NOT (t.{c} <=> s.{c})" for c in others) or "false"
-        metrics = (dt.merge(data, predicate=on, source_alias="s", target_alias="t")
-                   .when_matched_update_all(predicate=changed)
-                   .when_not_matched_insert_all()
-                   .execute())
+        with guarded(self.settings) as erased:
+            data = drop_erased(name, data, erased)
+            if data.num_rows == 0:
+                return {"inserted": 0, "updated": 0}
+            metrics = (DeltaTable(self.path(name))
+                       .merge(data, predicate=on, source_alias="s", target_alias="t")
+                       .when_matched_update_all(predicate=changed)
+                       .when_not_matched_insert_all()
+                       .execute())
         return {"inserted": int(metrics.get("num_target_rows_inserted", 0)),
                 "updated": int(metrics.get("num_target_rows_updated", 0))}
 
@@ -212,13 +224,17 @@ class DeltaStore:
         """Append, overwrite, or replace the rows matching ``predicate``; returns the new version."""
         spark = df.sparkSession
         if self.spark_backend(spark) == "spark":
+            from freshrec.erasure import drop_erased_spark, guarded
+
             self.ensure(name)
-            writer = conform_spark(df, self.spec(name)).write.format("delta").mode(mode)
-            if predicate is not None:
-                if mode != "overwrite":
-                    raise ValueError("a predicate needs mode='overwrite' (replace the matching rows)")
-                writer = writer.option("replaceWhere", predicate)
-            writer.save(self.path(name))
+            if predicate is not None and mode != "overwrite":
+                raise ValueError("a predicate needs mode='overwrite' (replace the matching rows)")
+            with guarded(self.settings) as erased:  # no erased user's rows come back
+                df = drop_erased_spark(name, conform_spark(df, self.spec(name)), erased)
+                writer = df.write.format("delta").mode(mode)
+                if predicate is not None:
+                    writer = writer.option("replaceWhere", predicate)
+                writer.save(self.path(name))
             return DeltaTable(self.path(name)).version()
         return self.write_arrow(name, df.toArrow(), mode=mode, predicate=predicate)
 

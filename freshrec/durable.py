@@ -14,3 +14,13 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (and ``root``): a directory about to be
+    published by a rename is whole on disk first."""
+    root = Path(root)
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        for f in files:
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))

@@ -229,10 +229,14 @@ def land_events(settings: Settings, raw: pa.Table, source: str, file_id: str,
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{file_id}.parquet"
     tmp = out_dir / f".{file_id}.parquet.tmp"
-    pq.write_table(raw, tmp)
-    fsync_path(tmp)
-    os.replace(tmp, final)  # atomic: the ingest job never sees half a file
-    fsync_path(out_dir)  # the rename is durable before a write-ahead log segment is deleted
+    from freshrec.erasure import drop_erased, guarded
+
+    with guarded(settings) as erased:  # an erasure meanwhile: its user's rows stay out
+        kept = drop_erased("events_raw", raw, erased)
+        pq.write_table(kept, tmp)
+        fsync_path(tmp)
+        os.replace(tmp, final)  # atomic: the ingest job never sees half a file
+        fsync_path(out_dir)  # the rename is durable before a write-ahead log segment is deleted
     result = LandingResult(source, file_id, raw.num_rows, final, refused)
     log.info("%s: landed %d rows as %s; %s by the event rules (clean dead-letters them)", source,
              raw.num_rows, final, result.refusal_summary)

@@ -68,6 +68,10 @@ def parse_job_args(description: str, argv: list[str] | None,
 
 
 def run_job(run: "callable", description: str, argv: list[str] | None) -> dict:
-    """The ``main`` of a batch job: parse the shared arguments, then ``run(settings, interval)``."""
+    """The ``main`` of a batch job: parse the shared arguments, then ``run(settings, interval)``
+    (files it creates: the owner's only)."""
+    from freshrec.crypto import private_umask
+
+    private_umask()
     _, settings, interval = parse_job_args(description, argv)
     return run(settings, interval)

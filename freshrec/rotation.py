@@ -7,7 +7,8 @@ the same new pseudonym. After a rotation a leaked earlier key alone re-identifie
 
 What :func:`rotate_key` rewrites (stop the server, the refresher and the batch DAG first):
 every Delta table with a ``user_id`` column (one overwrite commit per table, tagged with the new
-key's fingerprint), the landing zone's Parquet files and every snapshot's ``users.npz``. It does
+key's fingerprint), the landing zone's Parquet files, every snapshot's ``users.npz`` and the
+erasure log (so erased users stay out after the rotation). It does
 not rewrite older Delta versions (they keep the old pseudonyms until VACUUM), MLflow artifacts,
 the audit log or logs: they stay under the old chain.
 
@@ -144,21 +145,39 @@ def _rekey_landing(settings: Settings, key: str, fp: str) -> int:
 def _rekey_snapshots(settings: Settings, key: str, fp: str) -> int:
     from freshrec.snapshot import USERS_FILE
 
+    from freshrec.crypto import cipher_for, is_sealed, load_npz, save_npz
+
+    cipher = cipher_for(settings)
     n = 0
     for f in sorted(settings.snapshots_dir.glob(f"*/{USERS_FILE}")):
-        with np.load(f, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = load_npz(f, cipher)
         if str(arrays.get("rekey_fingerprint", np.array(""))) == fp:
             continue
         users = arrays["user_ids"]
         arrays["user_ids"] = np.asarray([rekey(str(u), key) for u in users.tolist()],
                                         dtype=users.dtype if users.size else "<U34")
         arrays["rekey_fingerprint"] = np.array(fp)
-        tmp = f.with_name(f".{f.stem}.rekey.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, f)
+        save_npz(f, arrays, cipher if is_sealed(f) else None)
         n += 1
     return n
+
+
+def _rekey_erasure_log(settings: Settings, key: str, fp: str) -> int:
+    """The erasure log's pseudonyms under the new key (its first line records the key it was
+    re-keyed to, so a re-run after a crash does not re-key twice)."""
+    from freshrec.erasure import exclusive, log_path
+
+    path = log_path(settings)
+    if not path.exists():
+        return 0
+    with exclusive(settings):
+        lines = [json.loads(x) for x in path.read_bytes().split(b"\n")[:-1] if x.strip()]
+        if any(r.get("rekey") == fp for r in lines):
+            return 0
+        out = [{"rekey": fp}] + [{**r, "user_id": rekey(r["user_id"], key)} for r in lines
+                                 if "user_id" in r]
+        _atomic_write(path, b"".join(json.dumps(r).encode() + b"\n" for r in out))
+        return len(out) - 1
 
 
 def rotate_key(settings: Settings) -> dict:
@@ -192,7 +211,8 @@ def rotate_key(settings: Settings) -> dict:
         _write_ring(settings, ring)
     report = {"key": fp, "tables": _rekey_tables(settings, key, fp),
               "landing_files": _rekey_landing(settings, key, fp),
-              "snapshots": _rekey_snapshots(settings, key, fp)}
+              "snapshots": _rekey_snapshots(settings, key, fp),
+              "erasures": _rekey_erasure_log(settings, key, fp)}
     chain_file = Path(root) / CHAIN_FILE
     keys = [k.get_secret_value() for k in settings.privacy.hmac_key_chain]
     if chain_file.exists():  # the file is the source of truth for what it already lists

@@ -51,7 +51,8 @@ DEV_TOKEN_SHA256 = {hashlib.sha256(t.encode()).hexdigest(): t for t in DEV_TOKEN
 # secrets-directory file -> (section, key, environment variable that also sets it)
 SECRET_FILES = {"hmac_key": ("privacy", "hmac_key", "FRESHREC_HMAC_KEY"),
                 "hmac_key_chain": ("privacy", "hmac_key_chain", "FRESHREC_HMAC_KEY_CHAIN"),
-                "admin_token": ("refresher", "token", "FRESHREC_ADMIN_TOKEN")}
+                "admin_token": ("refresher", "token", "FRESHREC_ADMIN_TOKEN"),
+                "data_key": ("privacy", "data_key", "FRESHREC_DATA_KEY")}
 
 
 class _Section(BaseModel):
@@ -191,6 +192,17 @@ class PrivacySettings(_Section):
         "(`freshrec privacy rotate-key` appends one): pseudonym = HMAC(k_n, ... HMAC(k_1, "
         "HMAC(hmac_key, user_id))). The secrets directory's `hmac_key_chain` file (one key a line) "
         "or FRESHREC_HMAC_KEY_CHAIN (comma-separated).")
+    vacuum_retention_hours: float = Field(
+        0.0, ge=0, description="Erasure: Delta VACUUM (and log clean-up) retention of the tables "
+        "holding user rows. 0 removes the erased rows from every earlier version at once (and "
+        "with them time travel to those versions); above 0 they stay readable in old versions "
+        "until `freshrec erase --vacuum` runs after that many hours.")
+    encrypt_at_rest: bool = Field(False, description="Seal the event and impression logs and the "
+                                  "snapshots' users.npz with AES-256-GCM under data_key (see "
+                                  "freshrec/crypto.py).")
+    data_key: SecretStr = Field(SecretStr(""), description="32-byte key (64 hex digits or urlsafe "
+                                "base64) for encrypt_at_rest: the secrets directory's `data_key` "
+                                "file or FRESHREC_DATA_KEY.")
 
     @field_validator("hmac_key_chain", mode="before")
     @classmethod
@@ -198,6 +210,18 @@ class PrivacySettings(_Section):
         if isinstance(v, str):
             return [k.strip() for k in re.split(r"[,\n]", v) if k.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _data_key(self) -> "PrivacySettings":
+        if self.encrypt_at_rest:
+            from freshrec.crypto import parse_key
+
+            if not self.data_key.get_secret_value():
+                raise ValueError("privacy.encrypt_at_rest is on but privacy.data_key is not set: "
+                                 "put a key in the secrets directory (file data_key, mode 0600) "
+                                 "or export FRESHREC_DATA_KEY")
+            parse_key(self.data_key.get_secret_value())
+        return self
 
 
 class FeatureSettings(_Section):
@@ -783,7 +807,8 @@ def load_settings(profile: str | None = None, conf_dir: Path | None = None,
                              "known keys)")
             else:
                 got = err.get("input")
-                secret = any(str(p) in ("hmac_key", "hmac_key_chain", "token") for p in err["loc"])
+                secret = any(str(p) in ("hmac_key", "hmac_key_chain", "token", "data_key")
+                             for p in err["loc"])
                 shown = "" if secret or isinstance(got, dict) else f" (got {got!r})"
                 parts.append(f"{key}: {err['msg']}{shown}")
         raise SettingsError(f"invalid settings (profile {profile!r}, conf dir {conf_dir}): "

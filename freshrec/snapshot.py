@@ -85,6 +85,10 @@ def find_snapshot(snapshots_dir: Path, registry_version: int) -> Path | None:
 
 
 def publish(snapshots_dir: Path, name: str) -> None:
+    from freshrec.durable import fsync_path
+
     tmp = snapshots_dir / f".{LATEST}.tmp"
     tmp.write_text(name + "\n")
+    fsync_path(tmp)
     os.replace(tmp, snapshots_dir / LATEST)
+    fsync_path(snapshots_dir)

@@ -69,6 +69,8 @@ def get_spark(settings: Settings) -> SparkSession:
                .config("spark.ui.enabled", os.environ.get("FRESHREC_SPARK_UI", "false"))
                .config("spark.ui.showConsoleProgress", "true")
                .config("spark.local.dir", str(settings.data_dir / "spark-tmp"))
+               # files Spark and delta-spark write: the owner's only, like the rest (umask 077)
+               .config("spark.hadoop.fs.permissions.umask-mode", "077")
                .config("spark.driver.extraJavaOptions", "-Dderby.system.home="
                        + str(settings.data_dir / "spark-tmp")))
     if not submitted and delta_spark_wanted(settings):

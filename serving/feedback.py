@@ -177,10 +177,14 @@ def run_feedback(settings: Settings, now: datetime | None = None) -> dict:
                                   filter=(pc.field("ts") >= lo) & (pc.field("ts") < hi))
         rows = label(explode(imps), events, window, old, new, new - window)
         if rows.num_rows:
+            from freshrec.erasure import drop_erased, guarded
+
             store.ensure("feedback")
-            write_deltalake(store.path("feedback"), rows, mode="append",
-                            commit_properties=CommitProperties(
-                                custom_metadata={WATERMARK_KEY: new.isoformat()}))
+            with guarded(settings) as erased:  # an erased user's rows do not come back
+                rows = drop_erased("feedback", rows, erased)
+                write_deltalake(store.path("feedback"), rows, mode="append",
+                                commit_properties=CommitProperties(
+                                    custom_metadata={WATERMARK_KEY: new.isoformat()}))
         organic = int(pc.sum(rows.column("organic").cast(pa.int64())).as_py() or 0)
         clicked = int(pc.sum(rows.column("clicked").cast(pa.int64())).as_py() or 0)
         report.update(rows=rows.num_rows, clicked=clicked, organic=organic,

@@ -55,7 +55,9 @@ class ImpressionLog:
 
     def __init__(self, settings: Settings) -> None:
         cfg = settings.serving
-        self.writer = SegmentWriter(log_root(settings))
+        from freshrec.crypto import cipher_for
+
+        self.writer = SegmentWriter(log_root(settings), cipher=cipher_for(settings))
         self.server = self.writer.name
         self.flush_seconds = cfg.impressions_flush_ms / 1000.0
         self.flush_records = cfg.impressions_flush_records
@@ -214,8 +216,11 @@ def take_impressions(settings: Settings, crash=None) -> dict:
                 remove_if_abandoned(d)
             return report
         sources = {}
+        from freshrec.crypto import cipher_for
+
+        cipher = cipher_for(settings)
         for seg in segments:
-            data, lines = read_lines(seg)
+            data, lines = read_lines(seg, cipher)
             sources[seg] = ("imp" + hashlib.sha256(data).hexdigest()[:21], lines)
         ids = [sid for sid, _ in sources.values()]
         done_imp = set(store.read_arrow("impressions", columns=["source_file"], filter=pc.field(

@@ -22,7 +22,10 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 
+from freshrec.crypto import cipher_for, save_npz
 from freshrec.delta import DeltaStore
+from freshrec.durable import fsync_path, fsync_tree
+from freshrec.erasure import guarded, scrub_arrays, scrub_tree
 from freshrec.interval import DataInterval, run_job
 from freshrec.settings import IndexSettings, Settings
 from freshrec.snapshot import (IDS_FILE, INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, MODEL_DIR,
@@ -91,7 +94,9 @@ def build_snapshot(settings: Settings, spec: str | int | None = None, interval: 
     mlflow_for(settings)
     ref = registry.resolve(spec if spec is not None else settings.serving.model)
     store = DeltaStore(settings)
-    versions = {t: store.version(t) for t in ("events", "items")}
+    with guarded(settings) as erasures:  # the erasure log position these versions reflect
+        versions = {t: store.version(t) for t in ("events", "items")}
+    erased_at_build = len(erasures)
     root = settings.snapshots_dir
     name = f"v{ref.version}-{ref.model}-events{versions['events']}-items{versions['items']}"
     final = root / name
@@ -143,7 +148,6 @@ def build_snapshot(settings: Settings, spec: str | int | None = None, interval: 
         idx = ItemIndex(index, item_ids, vectors, index_type)
         idx.remove([i for i, a in zip(item_ids, active) if not a])
         faiss.write_index(idx.index, str(tmp / INDEX_FILE))
-    np.savez(tmp / USERS_FILE, **arrays)
     if store.exists("item_neighbors"):  # gold co-occurrence neighbours: SimilarItems for models
         nb = store.read_arrow("item_neighbors", columns=["item_id", "neighbor_id", "score"])  # that
         a = [position.get(i) for i in nb.column("item_id").to_pylist()]  # have no item similarity
@@ -158,13 +162,21 @@ def build_snapshot(settings: Settings, spec: str | int | None = None, interval: 
         "inactive": [i for i, a in zip(item_ids, active) if not a], "categories": categories,
         "popular": order, "newest_event_ts": newest}))
     manifest = Manifest(model_version=ref.label, index_type=index_type, metric="inner_product",
-                        dim=dim, n_items=len(item_ids), delta_versions=versions,
+                        dim=dim, n_items=len(item_ids),
+                        delta_versions={**versions, "erasures": erased_at_build},
                         built_for_interval=interval, params=params,
                         registered_model=ref.registered_model, registry_version=ref.version,
                         model_name=ref.model, kind=kind)
     manifest.write(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with guarded(settings) as erasures:  # users erased while this was built stay out of it
+        for user in erasures.since(erased_at_build):
+            scrub_arrays(arrays, user)
+            scrub_tree(tmp / MODEL_DIR, user)
+        save_npz(tmp / USERS_FILE, arrays, cipher_for(settings))
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        fsync_path(root)
     if publish_latest:
         publish(root, name)
     log.info("build_index: snapshot of %s (%s, %s index, %d items, %d users) -> %s", ref.label,

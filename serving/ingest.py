@@ -168,13 +168,20 @@ def ingest_landed(settings: Settings, now: datetime | None = None, crash=None) -
         crash("ingest_after_dead_letter")
         # 2. silver: one commit (append, or MERGE when a stored row gets replaced)
         if replace.num_rows:
+            from deltalake import DeltaTable
+
+            from freshrec.erasure import drop_erased, guarded
+
             rows = conform(pa.concat_tables([insert, replace]), EVENTS)
-            dt = store.ensure("events")
-            (dt.merge(rows, predicate="t.event_id = s.event_id", source_alias="s",
-                      target_alias="t")
-             .when_matched_update_all(predicate="t.batch_date = s.batch_date AND "
-                                                "s.raw_id < t.raw_id")
-             .when_not_matched_insert_all().execute())
+            store.ensure("events")
+            with guarded(settings) as erased:  # an erased user's rows do not come back
+                rows = drop_erased("events", rows, erased)
+                (DeltaTable(store.path("events"))
+                 .merge(rows, predicate="t.event_id = s.event_id", source_alias="s",
+                        target_alias="t")
+                 .when_matched_update_all(predicate="t.batch_date = s.batch_date AND "
+                                                    "s.raw_id < t.raw_id")
+                 .when_not_matched_insert_all().execute())
         elif insert.num_rows:
             store.write_arrow("events", insert)
         crash("ingest_after_silver")

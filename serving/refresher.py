@@ -18,8 +18,10 @@ current versions, and sends ``Admin.ApplyDeltas`` in batches:
   for two-tower/SASRec, nothing more for models scored over the history (kNN, EASE, content, the
   hybrid). Sending the full history, not increments, is what makes a repeated or resumed round
   harmless: the same versions always give the same state. So the refresher needs no model of its
-  own and follows a retrain or a rollout without a restart. Users with no events left (erased) are
-  sent as ``remove_users``: the replica drops their vector, history and recent events;
+  own and follows a retrain or a rollout without a restart. Users with no events left, and users
+  erased since the replica's position in the erasure log (``delta_versions["erasures"]``, see
+  :mod:`freshrec.erasure`), are sent as ``remove_users``: the replica drops their vector, history
+  and recent events;
 * items that were deactivated or deleted are removed; for embedding models new or changed active
   items get a vector: the model's own when it has one, else the mean vector of the items sharing
   their categories (content mapped into the model's space), else of the whole catalog.
@@ -175,8 +177,16 @@ def compute_deltas(settings: Settings, store: DeltaStore, factors: ModelFactors 
             hit = per_user.setdefault(u, ([], []))
             hit[0].append(items)
             hit[1].append(float(weights))
-    d.remove_users = sorted(u for u, (items, _) in per_user.items() if not items)
     d.users = sorted(u for u, (items, _) in per_user.items() if items)
+    # no events left (deleted), or erased since the replica's erasure-log position (a full
+    # refresh after VACUUM does not see the deletes): the replica forgets them. A user with
+    # events newer than their erasure keeps that new history.
+    from freshrec.erasure import read_log
+
+    erasures = read_log(settings)
+    d.versions["erasures"] = len(erasures)
+    erased = set(erasures.since(start.get("erasures"))) - set(d.users)
+    d.remove_users = sorted({u for u, (items, _) in per_user.items() if not items} | erased)
     d.histories = [per_user[u] for u in d.users]
     _item_changes(store, factors, it_start, end["items"], d)
     return d
@@ -344,7 +354,7 @@ def refresh_once(settings: Settings, ingest: bool = True) -> dict:
             continue
         others = tuple(sorted({a.model_version for a in st.arms} - {st.model_version}))
         key = (st.model_version, st.delta_versions.get("events"), st.delta_versions.get("items"),
-               others)
+               others, st.delta_versions.get("erasures"))
         groups.setdefault(key, []).append(r)
     _crash_point("after_status")
     report: dict = {"replicas": len(replicas),
@@ -352,11 +362,12 @@ def refresh_once(settings: Settings, ingest: bool = True) -> dict:
                     "users": 0, "items": 0, "removed": 0, "events": 0, "full": False,
                     "erased_users": 0, "ingest": taken}
     factors_of: dict[str, ModelFactors | None] = {}
-    for (model_version, ev, it, others), members in groups.items():
+    for (model_version, ev, it, others, er), members in groups.items():
         for m in (model_version, *others):
             if m not in factors_of:
                 factors_of[m] = ModelFactors.for_replica(settings, m)
-        d = compute_deltas(settings, store, factors_of[model_version], {"events": ev, "items": it})
+        d = compute_deltas(settings, store, factors_of[model_version],
+                           {"events": ev, "items": it, "erasures": er})
         arm_items = []
         for m in others:  # the other arms' embedding models: their own item vectors
             if factors_of[m] is not None:

@@ -16,12 +16,15 @@ files used with ``flock``:
   takers (the owner's timer and the nearline round) never take the same segment at once.
 
 ``flock`` locks hold between processes on one host (and on local file systems); a data directory
-shared between hosts needs a file system whose ``flock`` works across them.
+shared between hosts needs a file system whose ``flock`` works across them. With
+``privacy.encrypt_at_rest`` each line is sealed on its own (AES-GCM, :mod:`freshrec.crypto`), so
+torn-line handling and sealing work the same on ciphertext.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import threading
@@ -33,6 +36,7 @@ from pathlib import Path
 from freshrec.durable import fsync_path
 
 OPEN = "open.jsonl"
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -61,8 +65,9 @@ def process_id() -> str:
 class SegmentWriter:
     """The appending side: one per process and log root."""
 
-    def __init__(self, root: Path, name: str | None = None) -> None:
+    def __init__(self, root: Path, name: str | None = None, cipher=None) -> None:
         self.root = root
+        self.cipher = cipher  # freshrec.crypto.DataCipher: each line sealed (encrypt_at_rest)
         self.name = name or process_id()
         self.dir = root / self.name
         # The directory appears under its name with its owner lock already held, so a sealer
@@ -95,6 +100,9 @@ class SegmentWriter:
         """Write ``payload`` (whole lines) and fsync before returning."""
         if not payload:
             return
+        if self.cipher is not None:
+            payload = b"".join(self.cipher.seal_line(line) + b"\n"
+                               for line in payload.split(b"\n")[:-1])
         with self._lock, flocked(self.dir / "seal.lock"):
             self._reopen_if_sealed()
             self._file.write(payload)
@@ -162,12 +170,19 @@ def take_sealed(root: Path, take: Callable[[Path], None], seal_open: bool = True
     return taken
 
 
-def read_lines(seg: Path) -> tuple[bytes, list[bytes]]:
-    """A segment's bytes and its complete lines. A last line without its newline is a write that
-    a crash cut before its fsync returned, so it was never acknowledged: it is left out."""
+def read_lines(seg: Path, cipher=None) -> tuple[bytes, list[bytes]]:
+    """A segment's bytes and its complete lines (sealed lines opened with ``cipher``). A last
+    line without its newline is a write that a crash cut before its fsync returned, so it was
+    never acknowledged: it is left out, with a warning."""
+    from freshrec.crypto import open_line
+
     data = seg.read_bytes()
     lines = data.split(b"\n")
-    return data, [line for line in lines[:-1] if line.strip()]
+    if lines[-1].strip():
+        log.warning("%s: skipping a torn last line of %d bytes (a write cut by a crash before "
+                    "it was acknowledged)", seg, len(lines[-1]))
+    return data, [open_line(line, cipher, f"{seg}: a line") for line in lines[:-1]
+                  if line.strip()]
 
 
 def remove_if_abandoned(proc_dir: Path) -> None:

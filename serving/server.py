@@ -355,6 +355,8 @@ class Metrics:
                                   "in memory (at most serving.max_recent_users)", registry=r)
         self.recent_evictions = Counter("freshrec_recent_evictions", "users dropped from the "
                                         "recent-event memory to keep it under its cap", registry=r)
+        self.snapshots_skipped = Gauge("freshrec_snapshots_skipped", "newer snapshots start-up "
+                                       "found unusable and skipped for an older one", registry=r)
 
 
 class UserCache:
@@ -719,10 +721,10 @@ class AdminServicer(admin_grpc.AdminServicer):
                           f"{self.s.settings.serving.max_id_length} characters")
 
         def do():
-            removed, rows = self.s.delete_user(self.s.pseudonym(request.user_id))
+            removed, rows = self.s.delete_user(self.s.pseudonym(request.user_id), request.user_id)
             return admin_pb2.DeleteUserResponse(vector_removed=removed, rows_deleted=rows)
-        # The audit names the pseudonym, never the raw id.
-        return self._audited("DeleteUser", {"user": self.s.pseudonym(request.user_id)}, context, do)
+        # The audit names neither the raw id nor the pseudonym (the erasure log holds that).
+        return self._audited("DeleteUser", {"user": "(see privacy/erasures.jsonl)"}, context, do)
 
     def Status(self, request, context):
         state = self.s.require_state(context)
@@ -753,6 +755,9 @@ class AdminServicer(admin_grpc.AdminServicer):
 # ---- the server -------------------------------------------------------------------------------
 class FreshrecServer:
     def __init__(self, settings: Settings, use_gpu: bool | None = None) -> None:
+        from freshrec.crypto import private_umask
+
+        private_umask()  # logs, snapshots, landed files: the owner's only (0600 / 0700)
         self.settings = settings
         if use_gpu is None:
             use_gpu = resolve_device(settings.device, need=("faiss",)).faiss_gpu
@@ -801,13 +806,19 @@ class FreshrecServer:
         root = self.settings.snapshots_dir.resolve()
         if "\x00" in raw or len(raw) > 4096:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path is not a usable path")
-        p = Path(raw)
-        resolved = (p if p.is_absolute() else root / p).resolve()
-        if not resolved.is_relative_to(root) or resolved == root:
+        try:
+            p = Path(raw)
+            resolved = (p if p.is_absolute() else root / p).resolve()
+            inside = resolved.is_relative_to(root) and resolved != root
+            has_manifest = inside and (resolved / "manifest.json").is_file()
+        except (OSError, ValueError, RuntimeError) as e:  # too long, a symlink loop, bad bytes
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"path {raw[:200]!r} is not a usable path ({type(e).__name__})")
+        if not inside:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"path {raw[:200]!r} is outside the snapshots directory {root}: give a "
                           "snapshot directory inside it (relative paths are taken from there)")
-        if not (resolved / "manifest.json").is_file():
+        if not has_manifest:
             context.abort(grpc.StatusCode.NOT_FOUND, f"path {raw[:200]!r}: no snapshot there "
                           "(no manifest.json)")
         return resolved
@@ -942,20 +953,20 @@ class FreshrecServer:
         with self.recent_lock:
             return [(i, w) for i, w, _ in self.recent.get(user, ())]
 
-    def delete_user(self, user: str) -> tuple[bool, int]:
+    def delete_user(self, user: str, raw_id: str | None = None) -> tuple[bool, int]:
+        """Erase ``user`` (a pseudonym) from this replica's memory and everywhere on disk
+        (:func:`freshrec.erasure.erase_user`: tables and every earlier version, landing, logs,
+        snapshots, MLflow artifacts); other replicas drop them at the refresher's next round.
+        Returns (whether this replica held them, rows removed from the Delta tables)."""
         from freshrec.erasure import erase_user
 
-        with self._load_lock:  # one erasure at a time: concurrent Delta deletes conflict
+        with self._load_lock:  # one erasure at a time in this process (the file lock: across)
             removed = self.forget_user(user)
-            self.wal.land(everyone=True)  # every server's logged events reach landing, where
-            # erasure finds them; logged slates reach the impressions table for the same reason
             if self.impressions is not None:
-                from serving.impressions import take_impressions
-
-                self.impressions.flush()
-                take_impressions(self.settings)
-            rows = erase_user(self.settings, user)
-        return removed, sum(rows.values())
+                self.impressions.flush()  # this process's buffered slates reach the log first
+            report = erase_user(self.settings, user, raw_id)
+            removed = self.forget_user(user) or removed  # events recorded meanwhile
+        return removed, sum(report["tables"].values())  # rows_deleted: the Delta tables' rows
 
     def forget_user(self, user: str) -> bool:
         """Drop a user's vector, history and recent events from this replica, every arm's state
@@ -1044,7 +1055,7 @@ class FreshrecServer:
         return out
 
     def _load_arms(self, snapshot: Path | None, model: str | int | None,
-                   arm: str | None) -> tuple[ArmState, ...]:
+                   arm: str | None, fallback: bool = False) -> tuple[ArmState, ...]:
         """The new arms tuple: every arm (first load, or LoadModel with neither model nor arm:
         aliases re-resolved), or one arm (``arm``, default the control) replaced by ``model`` /
         ``snapshot``. States are shared between arms serving the same version."""
@@ -1052,7 +1063,8 @@ class FreshrecServer:
         monitors = {id(a.state): a.monitor for a in old}
         if self.assigner is None:
             self.find_arm(arm)  # no arm but the unnamed one: ValueError for any name
-            state = load_state(self.settings, snapshot, use_gpu=self.use_gpu, model=model)
+            state = load_state(self.settings, snapshot, use_gpu=self.use_gpu, model=model,
+                               fallback=fallback)
             spec = str(snapshot or model or self.settings.serving.model)
             return (self._arm("", spec, 1.0, version_of(state.model_version), state, monitors),)
         if not old or (snapshot is None and model is None and arm is None):
@@ -1064,7 +1076,7 @@ class FreshrecServer:
                 state = by_version.get(v)
                 if state is None:
                     state = by_version[v] = load_state(self.settings, use_gpu=self.use_gpu,
-                                                       model=v)
+                                                       model=v, fallback=fallback)
                 arms.append(self._arm(a.name, a.model, a.share, v, state, monitors))
             return tuple(arms)
         target = self.find_arm(arm)
@@ -1085,7 +1097,7 @@ class FreshrecServer:
                      if a is target else a for a in old)
 
     def load(self, snapshot: Path | None = None, model: str | int | None = None,
-             arm: str | None = None) -> ServingState:
+             arm: str | None = None, fallback: bool = False) -> ServingState:
         """Load a snapshot (a path, or the snapshot of registered ``model``: alias or version,
         default ``serving.model``) and swap it in atomically: requests see the old or the new
         model. A failed load raises and leaves the old model serving.
@@ -1093,9 +1105,10 @@ class FreshrecServer:
         With ``serving.experiment``: the first load loads every arm; later loads replace the
         model of ``arm`` (default: the control arm), or, with neither ``model`` nor ``arm`` nor
         ``snapshot``, reload every arm from the settings (aliases re-resolved). Returns the state
-        of the arm loaded (the control's when all were)."""
+        of the arm loaded (the control's when all were). ``fallback`` (start-up): an unusable
+        snapshot is skipped for an older one (:func:`serving.state.load_state`)."""
         with self._load_lock:
-            arms = self._load_arms(snapshot, model, arm)
+            arms = self._load_arms(snapshot, model, arm, fallback)
             self.arms = arms
             self.state = state = arms[0].state
             self.state_id += 1  # deltas computed for the old state are refused from now on
@@ -1147,7 +1160,11 @@ class FreshrecServer:
                                 "SHA-256 of your client and admin tokens in the profile")
         if self.assigner is not None and load:
             self.check_experiment()  # refuse to start: an arm names a model that does not exist
-        self.wal.land(everyone=True)  # whatever a crashed server left in the log
+        try:
+            self.wal.land(everyone=True)  # whatever a crashed server left in the log
+        except Exception:  # noqa: BLE001 - a bad segment stays in the log; serve anyway
+            log.exception("landing the logs left by earlier servers failed; the segments stay "
+                          "in the log and the flush loop retries")
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                              interceptors=[GuardInterceptor(self)],
                              options=[("grpc.max_receive_message_length", cfg.max_message_bytes)],
@@ -1176,9 +1193,14 @@ class FreshrecServer:
                  self.metrics_port or "off")
         if load:
             try:
-                self.load()
+                self.load(fallback=True)
             except (FileNotFoundError, LookupError, ValueError) as e:
                 log.warning("%s; serving NOT_SERVING until Admin.LoadModel", e)
+            skipped = [w for st in self.distinct_states() for w in st.skipped_snapshots]
+            self.metrics.snapshots_skipped.set(len(skipped))
+            if skipped:
+                log.warning("start-up fell back to an older snapshot; skipped: %s",
+                            "; ".join(skipped))
         return self.port
 
     def _credentials(self):

@@ -70,6 +70,7 @@ class ServingState:
     users_lock: threading.Lock = field(default_factory=threading.Lock)
     # histories the refresher replaced since the snapshot: user -> (items, weights, recent)
     overrides: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    skipped_snapshots: list[str] = field(default_factory=list)  # newer ones start-up could not use
 
     def __post_init__(self) -> None:
         self.seen = SeenItems(self)
@@ -222,27 +223,85 @@ def resolve_snapshot(settings: Settings, spec: str | int | None = None,
     return path
 
 
+def snapshot_candidates(settings: Settings, model: str | int | None = None) -> list[Path]:
+    """The snapshots start-up may serve, best first: the one :func:`resolve_snapshot` picks for
+    ``model`` (an alias or a version; default ``serving.model``), the older ones of the same
+    registered version, and for the default model (no version asked for) every other complete
+    snapshot, newest first (an older model beats not serving at all)."""
+    from freshrec.snapshot import MANIFEST_FILE
+
+    root = settings.snapshots_dir
+    first: Path | None = None
+    version = None
+    try:
+        first = resolve_snapshot(settings, model)
+        version = Manifest.read(first).registry_version
+    except LookupError:
+        if model is not None:
+            raise
+        first = latest_snapshot(root)
+        if first is not None:
+            log.warning("no registered model %r: serving the latest snapshot %s",
+                        settings.serving.model, first)
+    except ValueError as e:  # the manifest of the chosen one is unreadable: try the others
+        log.error("snapshot %s: unreadable manifest (%s)", first, e)
+    others = []
+    if root.exists():
+        for d in root.iterdir():
+            if d.name.startswith(".") or d == first or not (d / MANIFEST_FILE).exists():
+                continue
+            try:
+                v = json.loads((d / MANIFEST_FILE).read_text()).get("registry_version")
+            except (ValueError, OSError):
+                continue
+            same = version is not None and v == version
+            if same or model is None:
+                others.append((not same, -d.stat().st_mtime, d))
+    return ([first] if first is not None else []) + [d for *_, d in sorted(others)]
+
+
 def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bool = False,
-               model: str | int | None = None) -> ServingState:
+               model: str | int | None = None, fallback: bool = False) -> ServingState:
     """Load a snapshot: ``snapshot_dir`` if given, else the snapshot of ``model`` (an alias or a
-    version; default ``serving.model``). Raises FileNotFoundError / LookupError /
-    ArtifactError naming what is wrong; nothing is swapped in by this function."""
+    version; default ``serving.model``). With ``fallback`` (start-up) and no ``snapshot_dir``,
+    an unusable snapshot (a 0-byte ``index.faiss``, a corrupt ``users.npz``...) is logged and
+    skipped for the next one of :func:`snapshot_candidates`; the state's ``skipped_snapshots``
+    names what was skipped and why. Raises FileNotFoundError / LookupError / ArtifactError
+    naming what is wrong; nothing is swapped in by this function. Users erased after the
+    snapshot was built are left out."""
+    if snapshot_dir is not None:
+        return _load_one(settings, Path(snapshot_dir), use_gpu)
+    candidates = snapshot_candidates(settings, model)
+    if not candidates:
+        raise FileNotFoundError(
+            f"no snapshot in {settings.snapshots_dir} and no registered champion: run the "
+            "batch DAG (make run) or `freshrec run all --date D` first")
+    if not fallback:  # an admin's load names the broken file instead
+        return _load_one(settings, candidates[0], use_gpu)
+    skipped: list[str] = []
+    for path in candidates:
+        try:
+            state = _load_one(settings, path, use_gpu)
+        except Exception as e:  # noqa: BLE001 - any unusable snapshot: try the next older one
+            why = f"{path.name}: {type(e).__name__}: {str(e)[:300]}"
+            log.error("snapshot %s is unusable (%s); trying the next older one", path, why)
+            skipped.append(why)
+            continue
+        if skipped:
+            log.warning("serving the older snapshot %s: %d newer one(s) unusable (%s)", path,
+                        len(skipped), "; ".join(skipped))
+        state.skipped_snapshots = skipped
+        return state
+    raise FileNotFoundError(f"no usable snapshot in {settings.snapshots_dir}: "
+                            + "; ".join(skipped))
+
+
+def _load_one(settings: Settings, snapshot_dir: Path, use_gpu: bool) -> ServingState:
+    from freshrec.crypto import cipher_for, load_npz
+    from freshrec.erasure import read_log
     from recmodels.servable import load
     from serving.index_snapshot import load_snapshot
 
-    if snapshot_dir is None:
-        try:
-            snapshot_dir = resolve_snapshot(settings, model)
-        except LookupError:
-            if model is not None:
-                raise
-            snapshot_dir = latest_snapshot(settings.snapshots_dir)
-            if snapshot_dir is None:
-                raise FileNotFoundError(
-                    f"no snapshot in {settings.snapshots_dir} and no registered champion: run the "
-                    "batch DAG (make run) or `freshrec run all --date D` first") from None
-            log.warning("no registered model %r: serving the latest snapshot %s", settings.serving.model,
-                        snapshot_dir)
     path = Path(snapshot_dir)
     if not (path / "manifest.json").exists():
         raise FileNotFoundError(f"{path}: not a snapshot (no manifest.json)")
@@ -255,8 +314,7 @@ def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bo
         raise ArtifactError(f"{path / MODEL_DIR}: the model's item ids do not match the snapshot's "
                             f"catalog ({path / 'item_ids.json'}); rebuild the snapshot")
     meta = json.loads((path / ITEMS_FILE).read_text())
-    with np.load(path / USERS_FILE, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = load_npz(path / USERS_FILE, cipher_for(settings))
     users = arrays.pop("user_ids").tolist()
     vecs = arrays.pop("user_vectors", None)
     if manifest.kind == "embedding":
@@ -285,6 +343,13 @@ def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bo
         categories={i: frozenset(c) for i, c in meta["categories"].items()},
         popular=list(meta["popular"]), path=path, delta_versions=dict(manifest.delta_versions),
         newest_event_ts=meta.get("newest_event_ts"))
-    log.info("loaded %s from %s: %d items (%s, %s), %d users, in %.1fs", state.model_version, path,
-             items.size, manifest.kind, manifest.index_type, len(users), time.perf_counter() - t0)
+    erasures = read_log(settings)
+    gone = [u for u in erasures.since(manifest.delta_versions.get("erasures"))
+            if u in state.user_rows or u in state.user_vectors]
+    for u in gone:  # erased after this snapshot was built
+        state.forget_user(u)
+    state.delta_versions["erasures"] = len(erasures)
+    log.info("loaded %s from %s: %d items (%s, %s), %d users (%d erased since it was built), "
+             "in %.1fs", state.model_version, path, items.size, manifest.kind,
+             manifest.index_type, len(users), len(gone), time.perf_counter() - t0)
     return state

@@ -39,26 +39,60 @@ def wal_root(settings: Settings) -> Path:
 
 
 def _lander(settings: Settings, counter: list[int]):
+    from freshrec.crypto import cipher_for
+
     schema = pa.schema([(c, pa.string()) for c in RAW_EVENT_COLUMNS])
+    cipher = cipher_for(settings)
 
     def land(seg: Path) -> None:
-        data, lines = read_lines(seg)
-        rows = []
-        for line in lines:
+        data, lines = read_lines(seg, cipher)
+        file_id = "wal" + hashlib.sha256(data).hexdigest()[:21]
+        rows, bad = [], []
+        for n, line in enumerate(lines):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # cannot happen for lines we wrote whole; never drop
-                raise ValueError(f"{seg}: a line is not JSON ({line[:80]!r}); the segment stays "
-                                 "in the log, fix or move it by hand") from None
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                rec = None
+            if isinstance(rec, dict):
+                rows.append(rec)
+            else:  # a line damaged on disk (we write whole lines): dead-lettered, never dropped
+                bad.append((n, line))
+        if bad:
+            _dead_letter(settings, seg, file_id, bad)
         if not rows:
             return
         table = normalize_events(pa.Table.from_pylist(rows, schema=schema), seg.name)
-        file_id = "wal" + hashlib.sha256(data).hexdigest()[:21]
         land_events(settings, table, f"grpc:{seg.parent.name}/{seg.name}", file_id,
                     pseudonymized=True)
         counter[0] += len(rows)
 
     return land
+
+
+def _dead_letter(settings: Settings, seg: Path, file_id: str,
+                 bad: list[tuple[int, bytes]]) -> None:
+    """Lines of a segment that are not a JSON object -> ``events_dead_letter`` (reason
+    ``wal_not_json``, the line's text in ``context``), once per line (raw_id = segment hash +
+    line number)."""
+    import pyarrow.compute as pc
+
+    from freshrec.delta import DeltaStore
+    from freshrec.tables import EVENTS_DEAD_LETTER
+
+    store = DeltaStore(settings)
+    ids = [f"{file_id}:bad{n}" for n, _ in bad]
+    have = set(store.read_arrow("events_dead_letter", columns=["raw_id"],
+                                filter=pc.field("raw_id").isin(ids)).column("raw_id").to_pylist())
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    rows = [{"context": line.decode("utf-8", "replace")[:10_000], "raw_id": rid,
+             "reason": "wal_not_json: a write-ahead log line that is not a JSON object "
+                       f"({seg.parent.name}/{seg.name} line {n + 1})", "batch_date": day}
+            for (n, line), rid in zip(bad, ids) if rid not in have]
+    if rows:
+        store.write_arrow("events_dead_letter", pa.Table.from_pylist(
+            [{**{c: None for c in RAW_EVENT_COLUMNS}, **r} for r in rows],
+            schema=EVENTS_DEAD_LETTER.schema))
+    log.error("%s: %d damaged line(s) went to events_dead_letter (wal_not_json)", seg, len(bad))
 
 
 def land_all(settings: Settings, only: str | None = None) -> int:
@@ -91,7 +125,9 @@ def _adopt_legacy(root: Path) -> None:
 class EventLog:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.writer = SegmentWriter(wal_root(settings))
+        from freshrec.crypto import cipher_for
+
+        self.writer = SegmentWriter(wal_root(settings), cipher=cipher_for(settings))
         self.dir = self.writer.dir
 
     def append(self, events: list[dict]) -> None:

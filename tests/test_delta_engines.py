@@ -133,8 +133,11 @@ def test_delta_spark_reads_what_delta_rs_wrote_after_it(engines):
     changed = items.set_column(items.schema.get_field_index("title"), "title",
                                pa.array(["renamed"] * 3))
     assert store.upsert_arrow("items", changed) == {"inserted": 0, "updated": 3}  # delta-rs MERGE
-    removed = erase_user(settings, user)  # delta-rs DELETE on the delta-spark tables
-    assert removed["events"] == n_user > 0
+    # delta-rs DELETE on the delta-spark tables; a retention that keeps the CDF readable
+    keep_cdf = settings.model_copy(update={"privacy": settings.privacy.model_copy(
+        update={"vacuum_retention_hours": 168})})
+    removed = erase_user(keep_cdf, user)
+    assert removed["tables"]["events"] == n_user > 0
     out = run_worker({"tree": tree(engines["spark_dir"], "spark"), "day": DAY,
                       "read": ["events", "items"]})
     assert out["engine"] == "spark"

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from freshrec.cli.console import Output
 from freshrec.progress import advance
-from freshrec.settings import load_settings
+from freshrec.settings import SettingsError, load_settings
 
 log = logging.getLogger("freshrec.cli")
 
@@ -144,7 +145,14 @@ def serve(out: Output, profile: str | None, port: int | None, smoke: str | None)
 
         address = f"{settings.serving.host}:{bound}"
         current_target[:] = [address]
-        client = Client(address, "dev-client-token")
+        token = os.environ.get("FRESHREC_TOKEN") or (
+            "dev-client-token" if settings.profile == "local" else "")
+        if not token:
+            server.stop()
+            raise SettingsError(f"--smoke needs a client token in profile {settings.profile!r}: "
+                                "export FRESHREC_TOKEN (the dev token is for the local profile "
+                                "only)")
+        client = Client(address, token)
         try:
             out.say(f"live request: Recommend(user_id={smoke!r}, k=10) over gRPC on loopback")
             t0 = time.perf_counter()
@@ -378,6 +386,64 @@ def rotate_key(out: Output, profile: str | None) -> None:
     out.say("older Delta versions keep the old pseudonyms until VACUUM; MLflow artifacts and the "
             "audit log are not re-keyed (see README, Privacy and secrets)")
     out.result(**r)
+
+
+def erase(out: Output, profile: str | None, user: str | None, pseudonymized: bool, vacuum: bool,
+          replicas: list[str] | None, no_push: bool) -> int:
+    from freshrec.erasure import erase_user, rows_removed, vacuum_user_tables
+    from freshrec.privacy import pseudonymizer
+
+    settings = load_settings(profile)
+    if vacuum:
+        gone = vacuum_user_tables(settings)
+        out.say(f"vacuumed the user tables (retention {settings.privacy.vacuum_retention_hours} h): "
+                f"{sum(gone.values())} file(s) removed")
+        if not user:
+            out.result(vacuumed_files=sum(gone.values()))
+            return 0
+    if not user:
+        raise ValueError("name the user: freshrec erase --user USER_ID (or --vacuum alone)")
+    raw = user.strip()
+    pseudonym = raw if pseudonymized else pseudonymizer(settings)(raw)
+    r = erase_user(settings, pseudonym, None if pseudonymized else raw)
+    out.say(f"erased the user: {rows_removed(r):,} row(s) removed ({r['tables']}; landing "
+            f"{r['landing_rows']}, log lines {r['log_lines']}, raw input {r['raw_rows']}); "
+            f"{r['snapshot_files']} snapshot file(s) and {r['mlflow_files']} MLflow artifact "
+            f"file(s) rewritten; {r['vacuumed_files']} old Delta file(s) vacuumed")
+    told = {}
+    for address in ([] if no_push else (replicas or settings.refresher.replicas)):
+        told[address] = _push_removal(settings, address, pseudonym)
+        out.say(f"replica {address}: {told[address]}")
+    out.result(rows_removed=rows_removed(r), replicas=told,
+               **{k: v for k, v in r.items() if k != "unscrubbed"}, unscrubbed=r["unscrubbed"])
+    if r["unscrubbed"]:
+        print("files that still hold the user (not a format erasure rewrites): "
+              + ", ".join(r["unscrubbed"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _push_removal(settings, address: str, user: str) -> str:
+    """Ask one replica to forget the user now (ApplyDeltas remove_users, one try)."""
+    import grpc
+
+    from serving.client import Client
+
+    try:
+        client = Client(address, settings.refresher.bearer(),
+                        ca_file=settings.refresher.ca_file or None)
+    except SettingsError as e:
+        return f"not told ({e}); it drops the user at the refresher's next round"
+    try:
+        pb = client.admin_pb2
+        reply = client.call_admin("ApplyDeltas", pb.ApplyDeltasRequest(
+            remove_users=[user], users_pseudonymized=True), timeout=10)
+        return f"forgot the user ({reply.users_removed} vector removed)"
+    except grpc.RpcError as e:
+        return (f"not reached ({e.code().name}); it drops the user at the refresher's next "
+                "round")
+    finally:
+        client.close()
 
 
 def report(out: Output, profile: str | None, date: str, online: bool, no_mlflow: bool,

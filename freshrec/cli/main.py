@@ -302,6 +302,28 @@ def privacy_rotate_key() -> None:
     commands.rotate_key(OUT, G.profile)
 
 
+@app.command("erase", epilog="Example: freshrec erase --user u42; freshrec erase --vacuum")
+def erase(
+    user: Optional[str] = typer.Option(None, "--user", help="The raw user id (pseudonymized with "
+                                       "the HMAC key)."),
+    pseudonymized: bool = typer.Option(False, "--pseudonymized", help="--user is already the "
+                                       "pseudonym the tables hold."),
+    vacuum: bool = typer.Option(False, "--vacuum", help="VACUUM the user tables with "
+                                "privacy.vacuum_retention_hours (run it after that many hours when "
+                                "it is above 0, so erased rows leave the old versions)."),
+    replica: Optional[list[str]] = typer.Option(None, "--replica", help="host:port told to forget "
+                                                "the user now (repeatable; default: "
+                                                "refresher.replicas)."),
+    no_push: bool = typer.Option(False, "--no-push", help="Tell no replica (they drop the user at "
+                                 "the refresher's next round)."),
+) -> None:
+    """Erase a user everywhere: tables and their earlier versions, landing, logs, snapshots, MLflow
+    artifacts (what Admin.DeleteUser does); exits 1 when a file still holds the user."""
+    rc = commands.erase(OUT, G.profile, user, pseudonymized, vacuum, replica, no_push)
+    if rc:
+        raise typer.Exit(rc)
+
+
 @app.command("report", epilog="Examples: freshrec report --date 2026-11-28; freshrec report --online")
 def report(
     date: str = DATE,
@@ -353,6 +375,9 @@ def hoist_globals(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    from freshrec.crypto import private_umask
+
+    private_umask()  # every file freshrec creates: the owner's only (0600 / 0700)
     args = hoist_globals(list(sys.argv[1:] if argv is None else argv))
     G.__init__()
     OUT.__init__()
