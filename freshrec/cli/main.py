@@ -174,6 +174,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """Thin wrapper over recmodels.experiment.run_experiment (the fixed protocol, in memory)."""
+    from recmodels.experiment import run_experiment
+
+    settings = load_settings(args.profile)
+    result = run_experiment(
+        Path(args.events), [m.strip() for m in args.models.split(",")], settings=settings,
+        ks=[int(k) for k in args.ks.split(",")] if args.ks else None, max_users=args.max_users,
+        progress=lambda name, n, total: print(f"[{n}/{total}] fitting {name}", file=sys.stderr))
+    print(f"{args.events}: {result.sizes}")
+    print(result.summary().to_string(float_format=lambda v: f"{v:.4f}"))
+    for name, why in result.skipped.items():
+        print(f"{name}: skipped: {why}")
+    if args.plot:
+        result.plot(args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from training import run as training
 
@@ -378,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--date", default=today)
     ev.add_argument("--models", help="comma-separated model names, or all (default: settings)")
     ev.set_defaults(fn=cmd_evaluate)
+
+    exp = sub.add_parser("experiment", help="evaluate models on an events file in memory (the "
+                         "evaluate protocol: temporal validation and test splits, paired p-values; "
+                         "no Airflow, Spark or Delta)")
+    exp.add_argument("--events", required=True, help="CSV or Parquet with user_id, item_id, "
+                     "timestamp (epoch seconds or ISO-8601) [, value, weight]")
+    exp.add_argument("--models", default="most_popular,item_knn",
+                     help="comma-separated model names, or all (every model that needs neither "
+                     "Spark nor torch)")
+    exp.add_argument("--ks", help="cut-offs, e.g. 10,20 (default: evaluation.ks)")
+    exp.add_argument("--max-users", type=int, help="test a seeded sample of this many users")
+    exp.add_argument("--plot", help="write a PNG of the metrics per model here")
+    exp.set_defaults(fn=cmd_experiment)
 
     tr = sub.add_parser("train", help="train a deep retrieval model or an RL re-ranking policy "
                         "(tracked in MLflow, gated into the registry)")
