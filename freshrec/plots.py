@@ -7,9 +7,12 @@ from pathlib import Path
 
 
 def _plt():
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "ipykernel" not in sys.modules:  # a notebook keeps its inline backend
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -44,12 +47,21 @@ def quality_bars(tables: Mapping[str, object], k: int, metrics: Sequence[str] = 
 
 def freshness_timeline(rows: Sequence[tuple[str, float, float]], title: str = ""):
     """Horizontal bars ``(label, start_s, end_s)``: when each step of a freshness run began and
-    ended, in seconds from the first event. Returns the figure."""
+    ended, in seconds from the change. Spans over more than two orders of magnitude get a log
+    axis (milliseconds next to a minute). Returns the figure."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    spans = [max(end - start, 1e-4) for _, start, end in rows]
+    log = bool(rows) and max(spans) / min(spans) > 100
+    floor = min(spans) / 2 if log else 0.0
     for y, (_label, start, end) in enumerate(rows):
-        ax.barh(y, max(end - start, 0.02), left=start, color="tab:blue" if end > start else "tab:red")
-        ax.text(end, y, f" {end - start:.2f} s", va="center", fontsize=8)
+        left = max(start, floor)
+        ax.barh(y, max(end, left * 1.01) - left, left=left, color="tab:blue")
+        took = end - start
+        ax.text(max(end, left), y, f" {took * 1e3:.1f} ms" if took < 1 else f" {took:.1f} s",
+                va="center", fontsize=8)
+    if log:
+        ax.set_xscale("log")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r[0] for r in rows], fontsize=8)
     ax.invert_yaxis()

@@ -232,7 +232,7 @@ def test_gate_promotes_the_best_model_and_keeps_a_loser_visible(lane, tmp_path):
     from tests.conftest import small_settings
 
     first = lane["results"]["gate"]
-    results = lane["results"]["evaluate"]["results"]
+    results = lane["results"]["evaluate"]["validation"]  # the gate decides on validation
     best = max(results, key=lambda m: results[m]["ndcg_at_10"])
     assert first["candidate"] == best and first["promoted"] and first["reason"] == "no champion yet"
     shutil.copytree(lane["settings"].data_dir, tmp_path / "data")

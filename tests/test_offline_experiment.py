@@ -138,3 +138,27 @@ def test_a_package_adds_a_model_by_entry_point(tmp_path):
                          env={"PYTHONPATH": f"{ROOT}:{pkg}", "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_the_command_prints_the_table_and_names_a_bad_file_in_one_line(tmp_path):
+    good, bad = tmp_path / "events.csv", tmp_path / "bad.csv"
+    clustered_events(120).to_csv(good, index=False)
+    bad.write_text("user_id,item,timestamp\n1,2,3\n")
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "FRESHREC_DATA_DIR": str(tmp_path),
+           "FRESHREC__EVALUATION__BOOTSTRAP_RESAMPLES": "200"}
+    run = [sys.executable, "-m", "freshrec.cli.main", "experiment", "--models",
+           "most_popular,item_knn", "--plot", str(tmp_path / "cmp.png"), "--events"]
+    ok = subprocess.run(run + [str(good)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    lines = ok.stdout.splitlines()
+    order = [ln.split()[0] for ln in lines if ln.startswith(("item_knn", "most_popular"))]
+    assert order == ["item_knn", "most_popular"]  # best on validation first
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    err = subprocess.run(run + [str(bad)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert err.returncode != 0 and "Traceback" not in err.stderr
+    assert err.stderr.strip().splitlines() == [
+        f"freshrec: error: {bad}: missing column(s) ['item_id']; the file has ['user_id', 'item', "
+        "'timestamp']. An events file needs user_id, item_id, timestamp (and optionally value, "
+        "weight); rename the columns"]
