@@ -143,6 +143,17 @@ def run(name: str, events: pd.DataFrame, items: pd.DataFrame | None, work: Path,
             "gate_table": ev["table"], "evaluation": ev["results"]}
 
 
+def plot_results(results: list[dict], png_dir: Path) -> None:
+    from freshrec.plots import quality_bars, save
+
+    for r in results:
+        fig = quality_bars({f"{r['dataset']}: evaluate (test split)": r["evaluation"],
+                            "as served vs EASE": {f"served ({r['served_model'].split()[-1]})":
+                                                  r["served"], "EASE": r["ease"]}}, 10)
+        name = r["dataset"]
+        print(f"plot: {save(fig, png_dir / f'served-quality-{name}.png')}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="ml-100k,embedded")
@@ -183,14 +194,7 @@ def main() -> None:
               f"{r['ease']['ndcg_at_10']:>9.4f}{r['ratio_ndcg']:>7.2f}x"
               f"{r['served']['recall_at_10']:>11.4f}{r['ease']['recall_at_10']:>9.4f}")
     print("target: served >= 1.05x EASE on the same split")
-    from freshrec.plots import quality_bars, save
-
-    for r in results:
-        fig = quality_bars({f"{r['dataset']}: evaluate (test split)": r["evaluation"],
-                            "as served vs EASE": {f"served ({r['served_model'].split()[-1]})":
-                                                  r["served"], "EASE": r["ease"]}}, 10)
-        name = r["dataset"]
-        print(f"plot: {save(fig, args.png_dir / f'served-quality-{name}.png')}")
+    plot_results(results, args.png_dir)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -76,6 +76,6 @@ def freshness_timeline(rows: Sequence[tuple[str, float, float]], title: str = ""
 def save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     _plt().close(fig)
     return path

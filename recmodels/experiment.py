@@ -194,7 +194,7 @@ class ExperimentResult:
         fig = quality_bars({"validation": self.validation, "test": self.test}, k,
                            title=f"{self.sizes.get('test_users', '?')} test users, temporal split")
         if path is not None:
-            fig.savefig(path, dpi=90)
+            fig.savefig(path, dpi=90, bbox_inches="tight")
         return fig
 
 
