@@ -99,7 +99,9 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
         return GateResult(name, str(same.version), candidate, metric_name, float(metric),
                           t.get("gate_champion"), None, "recorded", t.get("gate") == "promoted",
                           f"already registered as version {same.version} for this interval and "
-                          f"data: {t.get('gate_reason', '')}")
+                          f"data: {t.get('gate_reason', '')}",
+                          float(t["gate_p_value"]) if "gate_p_value" in t else None,
+                          significance if p_value is not None else None)
     source = model_uri or f"runs:/{run_id}/{artifact_path}"
     kwargs = {"model_id": model_uri.split("/")[-1]} if model_uri and model_uri.startswith("models:/m-") \
         else {}

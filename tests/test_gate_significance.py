@@ -85,6 +85,12 @@ def test_only_a_significant_gain_on_validation_is_promoted(settings):
     assert run.data.tags["gate"] == "rejected"
     parent = mlflow.get_run(ev3["evaluation_run"])
     assert parent.data.metrics["p_value.item_knn.over.ease"] == pytest.approx(g3["p_value"])
+    # a re-run of the interval's gate registers nothing and reports the recorded decision
+    from spark_jobs import gate
+
+    again = gate.run(settings, DataInterval.for_day("2026-11-22"))
+    assert again["version"] == g3["version"] and not again["promoted"]
+    assert again["p_value"] == pytest.approx(g3["p_value"], abs=1e-6)
 
 
 def test_the_gate_never_reads_the_test_split(settings):
