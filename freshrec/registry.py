@@ -70,7 +70,7 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
          tags: dict | None = None, model_uri: str | None = None,
          rivals: dict[str, float] | None = None, identity: dict | None = None,
          alias: str = ALIAS, p_value: Callable[[str], float | None] | None = None,
-         significance: float = 0.05) -> GateResult:
+         significance: float = 0.05, untestable: str | None = None) -> GateResult:
     """Register the candidate (``model_uri``, else ``run_id``'s ``artifact_path``) as a new version
     of ``name`` and promote it to ``@champion`` when ``metric`` beats the champion by more than
     ``min_gain`` and no model of ``rivals`` (metrics measured on the same split) beats it.
@@ -80,7 +80,8 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
     given, is the one-sided paired p-value of "the candidate beats that method" on the same
     validation users (None when it cannot be measured): then a promotion over a champion also
     needs ``p < significance``, and a champion that cannot be tested on this split is not
-    replaced. ``identity``: tags that make a
+    replaced; ``untestable`` (why no test can be trusted here, e.g. too few users) keeps the
+    champion too. ``identity``: tags that make a
     version the same candidate (interval, data versions, model); a re-run that finds one registers
     nothing and returns that version's recorded outcome.
 
@@ -133,6 +134,10 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
         promoted = False
         reason = (f"{metric_name} {metric:.4f} does not beat champion v{champ.version} "
                   f"({champ_model}) {champ_metric:.4f} ({source})")
+    elif p_value is not None and untestable:
+        promoted = False
+        reason = (f"{metric_name} {metric:.4f} vs champion v{champ.version} ({champ_model}) "
+                  f"{champ_metric:.4f} ({source}): {untestable}")
     elif p_value is not None and p is None:
         promoted = False
         reason = (f"{metric_name} {metric:.4f} vs champion v{champ.version} ({champ_model}) "

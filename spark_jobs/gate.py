@@ -6,9 +6,11 @@ test split) among ``evaluation.gate_models`` (empty: every evaluated model), reg
 pyfunc model, and moves ``@champion`` to it only when no model evaluated on the same split beats it
 and it beats the current champion's method on this validation split with a one-sided paired
 per-user bootstrap p-value below ``evaluation.significance`` (0.05). A champion whose method was not
-evaluated in the same run cannot be tested and is kept (the reason says so); the first model is
-promoted when there is no champion. A re-run of the interval finds the version registered for
-the same interval, model and data versions and registers nothing.
+evaluated in the same run cannot be tested and is kept (the reason says so), and so is the
+champion when fewer than ``MIN_PAIRED_USERS`` users were validated (a bootstrap over a handful of
+users is overconfident); the first model is promoted when there is no champion. A re-run of
+the interval finds the version registered for the same interval, model and data versions and
+registers nothing.
 With ``registry.require_online_win`` a winner becomes ``@challenger`` (served as an A/B arm)
 and ``@champion`` moves only when ``freshrec model promote-online`` finds it wins online.
 The outcome goes to ``<data>/reports/gate-<batch_date>.json``.
@@ -25,6 +27,7 @@ from freshrec.settings import Settings
 from freshrec.tracking import mlflow_for
 
 log = logging.getLogger(__name__)
+MIN_PAIRED_USERS = 30
 
 
 def eligible(results: dict[str, dict[str, float]], uris: dict[str, str], gate_models: list[str],
@@ -68,6 +71,9 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
         """One-sided paired p of "best beats the champion's method" on the validation users."""
         return summary["p_values"].get(best, {}).get(champion_model)
 
+    n_users = int(summary.get("n_validation_users", 0))
+    untestable = (f"only {n_users} validation users, too few for a paired test (at least "
+                  f"{MIN_PAIRED_USERS}); evaluate on more users") if n_users < MIN_PAIRED_USERS else None
     # every model evaluated on this split is a rival: the gate never promotes a loser
     rivals = {m: float(r[metric]) for m, r in validation.items()}
     identity = {"interval": interval.batch_date, "model": best,
@@ -75,7 +81,8 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
     result = gate(mlflow, run_id, best, metric, candidates[best], rescore, name=RETRIEVAL,
                   model_uri=uris[best], rivals=rivals, identity=identity,
                   alias=settings.registry.challenger_alias if settings.registry.require_online_win
-                  else "champion", p_value=p_value, significance=settings.evaluation.significance)
+                  else "champion", p_value=p_value, significance=settings.evaluation.significance,
+                  untestable=untestable)
     log.info("gate %s: %s v%s %s: %s", interval.batch_date, best, result.version,
              "PROMOTED to @champion" if result.promoted else "not promoted", result.reason)
     payload = {**result.as_dict(), "candidates": candidates, "run_id": run_id,

@@ -106,3 +106,16 @@ def test_the_gate_never_reads_the_test_split(settings):
     out = gate.run(settings, DataInterval.for_day("2026-11-23"))
     val = summary["validation"]
     assert out["candidate"] == max(val, key=lambda m: val[m]["ndcg_at_10"]) != "most_popular"
+
+
+def test_too_few_validation_users_keep_the_champion(settings):
+    """A bootstrap over a handful of users is overconfident: with 10 validation users the gate
+    keeps the champion even where the candidate's p-value is small."""
+    _, g1 = _evaluate_and_gate(settings, "2026-11-20", ["most_popular"])
+    assert g1["promoted"]
+    few = settings.model_copy(update={"evaluation": settings.evaluation.model_copy(
+        update={"max_users": 10})})
+    ev, g2 = _evaluate_and_gate(few, "2026-11-21", ["most_popular", "ease"])
+    assert ev["n_validation_users"] == 10 and g2["candidate"] == "ease"
+    assert ev["validation"]["ease"]["ndcg_at_10"] > ev["validation"]["most_popular"]["ndcg_at_10"]
+    assert not g2["promoted"] and "too few for a paired test" in g2["reason"]
