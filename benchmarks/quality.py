@@ -12,7 +12,10 @@ The embedded dataset is read from the silver tables (run `make run` first). Movi
 from the recbole 1.2.1 wheel on PyPI, downloaded once into data/cache (never committed). Usage:
 
     .venv/bin/python benchmarks/quality.py [--datasets embedded,ml-100k] [--max-users 2000]
-        [--models all|a,b] [--json out.json]
+        [--models all|a,b] [--json out.json] [--png-dir DIR]
+
+Also writes ``quality-<dataset>.png`` (NDCG@10 and Recall@10 per model) into --png-dir (default
+data/benchmarks; the README's pictures come from ``--png-dir docs/img``).
 """
 
 from __future__ import annotations
@@ -34,8 +37,7 @@ from freshrec import datasets  # noqa: E402
 from freshrec.evaluation import evaluate_scorer, temporal_split  # noqa: E402
 from recmodels.base import Interactions  # noqa: E402
 from freshrec.settings import load_settings  # noqa: E402
-from spark_jobs.evaluate import model_params  # noqa: E402
-from recmodels import MODELS, make_model  # noqa: E402
+from recmodels import MODELS, make_model, model_params  # noqa: E402
 
 ORDER = ["most_popular", "trending", "content", "item_knn", "spark_item_knn", "user_knn",
          "spark_user_knn", "pure_svd", "als", "als_explicit", "ease", "hybrid"]
@@ -124,6 +126,8 @@ def main() -> None:
     ap.add_argument("--max-users", type=int, default=2000, help="embedded: test users sampled")
     ap.add_argument("--models", default="all")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--png-dir", type=Path, default=ROOT / "data" / "benchmarks",
+                    help="where quality-<dataset>.png go")
     args = ap.parse_args()
     settings = load_settings()
     names = [m for m in ORDER if m in MODELS] if args.models == "all" else args.models.split(",")
@@ -138,8 +142,15 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown dataset {which!r}: embedded or ml-100k")
         results[ds.name] = run_dataset(ds, names, max_users, settings)
+    from freshrec.plots import quality_bars, save
+
     for name, res in results.items():
         print(table(name, res))
+        scored = {m: r for m, r in res.items() if "ndcg_at_10" in r}
+        if scored:
+            fig = quality_bars({name: scored}, 10, title="temporal split, full ranking; "
+                               "implicit_als: outside reference")
+            print(f"plot: {save(fig, args.png_dir / f'quality-{name}.png')}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
 

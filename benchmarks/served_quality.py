@@ -11,6 +11,10 @@ Printed: NDCG@10 / Recall@10 of the served list and of EASE, the ratio (target >
 served registry version. Each dataset runs in a fresh data directory under --workdir.
 
     .venv/bin/python benchmarks/served_quality.py [--datasets ml-100k,embedded] [--workdir DIR]
+        [--png-dir DIR]
+
+Also writes ``served-quality-<dataset>.png``: the pipeline's evaluation per model (test split) next
+to the served list and EASE, into --png-dir (default data/benchmarks).
 """
 
 from __future__ import annotations
@@ -136,7 +140,18 @@ def run(name: str, events: pd.DataFrame, items: pd.DataFrame | None, work: Path,
     return {"dataset": name, "served_model": version, "served": a, "ease": b,
             "ratio_ndcg": a["ndcg_at_10"] / max(b["ndcg_at_10"], 1e-12), "test_users": len(users),
             "ease_fit_seconds": round(ease_s, 1),
-            "gate_table": ev["table"]}
+            "gate_table": ev["table"], "evaluation": ev["results"]}
+
+
+def plot_results(results: list[dict], png_dir: Path) -> None:
+    from freshrec.plots import quality_bars, save
+
+    for r in results:
+        fig = quality_bars({f"{r['dataset']}: evaluate (test split)": r["evaluation"],
+                            "as served vs EASE": {f"served ({r['served_model'].split()[-1]})":
+                                                  r["served"], "EASE": r["ease"]}}, 10)
+        name = r["dataset"]
+        print(f"plot: {save(fig, png_dir / f'served-quality-{name}.png')}")
 
 
 def main() -> None:
@@ -145,6 +160,7 @@ def main() -> None:
     p.add_argument("--workdir", help="where the data directories go (default: a temp dir)")
     p.add_argument("--max-users", type=int, default=5000, help="test users scored (0: all)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--png-dir", type=Path, default=ROOT / "data" / "benchmarks")
     args = p.parse_args()
     settings = load_settings("local", env={})
     work = Path(args.workdir or tempfile.mkdtemp(prefix="served-quality-"))
@@ -178,6 +194,7 @@ def main() -> None:
               f"{r['ease']['ndcg_at_10']:>9.4f}{r['ratio_ndcg']:>7.2f}x"
               f"{r['served']['recall_at_10']:>11.4f}{r['ease']['recall_at_10']:>9.4f}")
     print("target: served >= 1.05x EASE on the same split")
+    plot_results(results, args.png_dir)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -52,7 +52,7 @@ def _dataset(settings, name: str):
 
 def quality(settings, names: list[str], max_users: int, device: str) -> dict:
     from recmodels.base import Interactions
-    from spark_jobs.evaluate import model_params
+    from recmodels import model_params
     from recmodels import make_model
     from training import data as td
     from training import trainer

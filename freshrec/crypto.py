@@ -5,7 +5,7 @@ With ``privacy.encrypt_at_rest`` on, these are sealed with AES-256-GCM under ``p
 urlsafe base64); every sealed unit names the key it needs (``key_id``: the first 16 hex digits of
 the key's SHA-256), so a reader with another key fails naming both ids instead of returning noise:
 
-* the event write-ahead log and the impression log (:mod:`serving.segments`): each JSON line
+* the event write-ahead log and the impression log (:mod:`freshrec.segments`): each JSON line
   becomes ``enc1:<key_id>:<base64(nonce + ciphertext)>``; a reader takes plaintext and sealed
   lines alike, so the setting can be turned on without draining the logs first;
 * the snapshots' ``users.npz`` (histories and user vectors): the file becomes

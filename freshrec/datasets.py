@@ -108,3 +108,83 @@ def movielens_100k(cache_dir: Path) -> Dataset:
         "categories": [[g for g in gs if g] for gs in genres],
         "text": item["release_year"].fillna("").astype(str)})
     return Dataset("ml-100k", events, items, {"source": RECBOLE})
+
+
+class EventsFileError(ValueError):
+    """An events file for an experiment cannot be used; the message names the file and the fix."""
+
+
+EVENT_FILE_COLUMNS = ("user_id", "item_id", "timestamp")
+
+
+def from_file(path: str | Path, name: str | None = None) -> Dataset:
+    """Events from a CSV or Parquet file with columns user_id, item_id, timestamp (epoch seconds
+    or an ISO-8601 instant; ``ts`` is accepted too) and optionally value (e.g. a rating) and
+    weight (default 1: every row one implicit interaction), as a :class:`Dataset` without items.
+    Nothing is written anywhere."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        raise EventsFileError(f"{path}: file does not exist; check the path")
+    if path.is_dir():
+        raise EventsFileError(f"{path}: is a directory; give one CSV or Parquet file")
+    suffix = "".join(path.suffixes[-2:]).lower()
+    try:
+        if suffix.endswith((".parquet", ".pq")):
+            df = pd.read_parquet(path)
+        elif suffix.endswith((".csv", ".csv.gz", ".tsv")):
+            df = pd.read_csv(path, sep="\t" if ".tsv" in suffix else ",", dtype=str)
+        else:
+            raise EventsFileError(f"{path}: cannot tell the format from the suffix "
+                                  f"{path.suffix!r}; use .csv or .parquet")
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        if isinstance(e, EventsFileError):
+            raise
+        raise EventsFileError(f"{path}: could not be read ({e}); it must be a CSV with a header "
+                              "row or a Parquet file") from None
+    if "timestamp" not in df and "ts" in df:
+        df = df.rename(columns={"ts": "timestamp"})
+    missing = [c for c in EVENT_FILE_COLUMNS if c not in df]
+    if missing:
+        raise EventsFileError(f"{path}: missing column(s) {missing}; the file has {list(df.columns)}. "
+                              "An events file needs user_id, item_id, timestamp (and optionally "
+                              "value, weight); rename the columns")
+    if df.empty:
+        raise EventsFileError(f"{path}: holds no rows; nothing to evaluate")
+    for col in ("user_id", "item_id"):
+        bad = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        if bad.any():
+            raise EventsFileError(f"{path}: {int(bad.sum())} row(s) have no {col} (first: row "
+                                  f"{int(np.flatnonzero(bad)[0]) + 1}); fill or drop them")
+    raw = df["timestamp"]
+    num = pd.to_numeric(raw, errors="coerce")
+    ts = pd.to_datetime(num, unit="s", utc=True, errors="coerce")
+    text = num.isna() & raw.notna()
+    if text.any():  # ISO-8601 instants where the value is not a number
+        ts[text] = pd.to_datetime(raw[text].astype(str), utc=True, errors="coerce", format="mixed")
+    bad = ts.isna()
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise EventsFileError(f"{path}: {int(bad.sum())} row(s) have a timestamp that is neither "
+                              f"epoch seconds nor ISO-8601 (first: row {first + 1}, "
+                              f"{raw.iloc[first]!r}); fix or drop them")
+    events = pd.DataFrame({"user_id": df["user_id"].astype(str).str.strip(),
+                           "item_id": df["item_id"].astype(str).str.strip(), "ts": ts})
+    for col in ("weight", "value"):
+        if col in df:
+            v = pd.to_numeric(df[col], errors="coerce")
+            if v.isna().any() and col == "weight":
+                first = int(np.flatnonzero(v.isna())[0])
+                raise EventsFileError(f"{path}: column 'weight' has {int(v.isna().sum())} "
+                                      f"non-numeric value(s) (first: row {first + 1}); fix them "
+                                      "or drop the column")
+            events[col] = v.astype(np.float64)
+    if "weight" not in events:
+        events["weight"] = 1.0
+    if (events["weight"] < 0).any():
+        raise EventsFileError(f"{path}: column 'weight' has negative values; weights are "
+                              "interaction strengths >= 0")
+    events["raw_id"] = pd.Series(np.arange(len(events))).astype(str).str.zfill(12).to_numpy()
+    items = pd.DataFrame(columns=["item_id", "title", "categories", "text"])
+    return Dataset(name or path.name, events, items, {"file": str(path)})

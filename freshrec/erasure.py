@@ -3,9 +3,7 @@ leave the current tables AND every place a copy of them lies on disk.
 
 What :func:`erase_user` does, in this order:
 
-1. drains the live logs into the tables (every server's write-ahead log landed, every impression
-   log taken), best effort: whatever stays in a log is scrubbed in step 2;
-2. under the **exclusive erasure lock** (``<data>/privacy/erasure.lock``, ``flock``):
+1. under the **exclusive erasure lock** (``<data>/privacy/erasure.lock``, ``flock``):
 
    * appends ``{"user_id": <pseudonym>, "erased_at": <time>}`` to the erasure log
      ``<data>/privacy/erasures.jsonl`` (fsynced; the pseudonym and the time, nothing else);
@@ -18,7 +16,7 @@ What :func:`erase_user` does, in this order:
    * Delta VACUUM (``privacy.vacuum_retention_hours``, retention check off, ``_change_data``
      included) of those tables, then a checkpoint and a clean-up of the transaction log older
      than the same retention (the log's file statistics hold min/max user ids);
-3. rewrites the MLflow artifacts under every ``file:`` artifact location of the tracking store
+2. rewrites the MLflow artifacts under every ``file:`` artifact location of the tracking store
    (user factors, user id arrays, input examples) and tags each affected run or logged model
    ``freshrec.erasure``; appends the counts (no id) to ``<data>/privacy/erasure-reports.jsonl``.
 
@@ -349,14 +347,12 @@ def _scrub_segments(settings: Settings, pseudonym: str) -> int:
     """Drop the user's lines from every segment of the event and impression logs (the open ones
     under their seal lock: an append never interleaves, and the writer reopens the new file)."""
     from freshrec.crypto import cipher_for, open_line
-    from serving.impressions import log_root
-    from serving.segments import OPEN, flocked, process_dirs
-    from serving.wal import wal_root
+    from freshrec.segments import OPEN, flocked, impressions_root, process_dirs, wal_root
 
     cipher = cipher_for(settings)
     needle = pseudonym.encode()
     removed = 0
-    for root in (wal_root(settings), log_root(settings)):
+    for root in (wal_root(settings), impressions_root(settings)):
         if not root.exists():
             continue
         for proc_dir in process_dirs(root):
@@ -566,18 +562,6 @@ def _tag_artifacts(settings: Settings, files: list[Path], roots: list[Path], sta
     return tagged
 
 
-def _drain_logs(settings: Settings) -> None:
-    from serving.impressions import take_impressions
-    from serving.wal import land_all
-
-    try:
-        land_all(settings)
-        take_impressions(settings)
-    except Exception as e:  # noqa: BLE001 - what stays in a log is scrubbed there
-        log.warning("erasure: draining the logs failed (%s); their segments are scrubbed instead",
-                    e)
-
-
 def erase_user(settings: Settings, pseudonym: str, raw_id: str | None = None) -> dict:
     """Erase one user everywhere (see the module docstring); returns what was removed:
     ``tables`` (rows per table), ``landing_rows``, ``log_lines``, ``snapshot_files``,
@@ -586,7 +570,6 @@ def erase_user(settings: Settings, pseudonym: str, raw_id: str | None = None) ->
 
     if not pseudonym:
         raise ValueError("user id is empty: name the user to erase")
-    _drain_logs(settings)
     cipher = cipher_for(settings)
     t0 = time.perf_counter()
     with exclusive(settings):

@@ -7,6 +7,11 @@ left out of the test. A user's relevant items are the test items they had not me
 over a full ranking of the training catalog: Recall@K = hits / |relevant|; NDCG@K with binary
 relevance and the ideal DCG over min(|relevant|, K); HR@K (any hit); coverage@K = distinct
 recommended items / catalog size.
+
+Model selection never looks at the test period: :func:`validation_split` holds out each user's
+newest events *before* the test period (a temporal split of the test split's training part), and
+the promotion gate compares models there with a paired test over users
+(:func:`paired_bootstrap` on :func:`per_user_metric`).
 """
 
 from __future__ import annotations
@@ -86,6 +91,14 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
+def validation_split(split: Split, validation_fraction: float, max_users: int = 0,
+                     seed: int = 0) -> Split:
+    """The validation split of ``split``: the same temporal protocol applied to ``split``'s
+    training events only, so each user's validation events are their newest *training* events and
+    no test-period event is in it (training or relevant items)."""
+    return temporal_split(split.train_events, validation_fraction, max_users, seed)
+
+
 def ranking_metrics(recs: np.ndarray, relevant: list[np.ndarray], ks: list[int],
                     n_items: int) -> dict[str, float]:
     """Recall/NDCG/HR/coverage at each K from ranked item indices (rows) and relevant sets."""
@@ -106,15 +119,78 @@ def ranking_metrics(recs: np.ndarray, relevant: list[np.ndarray], ks: list[int],
     return out
 
 
-def evaluate_scorer(split: Split, scorer: Scorer, ks: list[int],
-                    batch_size: int = 2048) -> dict[str, float]:
-    """Full ranking for every evaluated user, training items excluded, then the metrics."""
-    kmax = max(ks)
-    recs = np.empty((len(split.test_users), min(kmax, split.train.shape[1])), dtype=np.int64)
+def per_user_metric(recs: np.ndarray, relevant: list[np.ndarray], metric: str) -> np.ndarray:
+    """One user's value of ``metric`` (``ndcg_at_K``, ``recall_at_K`` or ``hr_at_K``) per row, the
+    values whose mean :func:`ranking_metrics` reports: the input of a paired test."""
+    name, _, k = metric.rpartition("_at_")
+    if name not in ("ndcg", "recall", "hr") or not k.isdigit():
+        raise ValueError(f"metric {metric!r}: a per-user metric is ndcg_at_K, recall_at_K or hr_at_K")
+    k = int(k)
+    h = np.zeros((recs.shape[0], min(k, recs.shape[1])), dtype=bool)
+    for row, rel in enumerate(relevant):
+        h[row] = np.isin(recs[row, :k], rel[rel >= 0])
+    n_rel = np.array([len(r) for r in relevant], dtype=np.float64)
+    if name == "recall":
+        return h.sum(axis=1) / n_rel
+    if name == "hr":
+        return h.any(axis=1).astype(np.float64)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.array([discounts[:min(int(n), k)].sum() for n in n_rel])
+    return (h * discounts[:h.shape[1]]).sum(axis=1) / ideal
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A over B on the same users: mean per-user difference, its bootstrap 95% interval, and the
+    one-sided p-value of "A is no better than B"."""
+
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n_users: int
+    resamples: int
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 2000,
+                     seed: int = 0) -> PairedTest:
+    """Paired per-user bootstrap: resample users with replacement ``resamples`` times and count
+    how often A's mean is not above B's. p = (count + 1) / (resamples + 1), so it is never 0 and
+    identical models get p = 1. ``a`` and ``b`` hold one value per user, in the same user order."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"a paired test needs one value per user for both models in the same "
+                         f"order; got shapes {a.shape} and {b.shape}")
+    if len(a) == 0:
+        raise ValueError("a paired test needs at least one user")
+    d = a - b
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 4_000_000 // len(d))
+    for lo in range(0, resamples, chunk):
+        n = min(chunk, resamples - lo)
+        means[lo:lo + n] = d[rng.integers(0, len(d), (n, len(d)))].mean(axis=1)
+    not_better = int(np.count_nonzero(means <= 0.0))
+    lo_q, hi_q = np.quantile(means, [0.025, 0.975])
+    return PairedTest(float(d.mean()), float(lo_q), float(hi_q),
+                      (not_better + 1) / (resamples + 1), len(d), resamples)
+
+
+def rank_split(split: Split, scorer: Scorer, k: int, batch_size: int = 2048) -> np.ndarray:
+    """Top-``k`` item indices for every evaluated user of ``split`` (training items excluded)."""
+    recs = np.empty((len(split.test_users), min(k, split.train.shape[1])), dtype=np.int64)
     for start in range(0, len(split.test_users), batch_size):
         rows = split.test_users[start:start + batch_size]
         scores = np.asarray(scorer(rows), dtype=np.float32)
         seen = split.train[rows]
         scores[np.repeat(np.arange(len(rows)), np.diff(seen.indptr)), seen.indices] = -np.inf
-        recs[start:start + len(rows)] = top_k(scores, kmax)
+        recs[start:start + len(rows)] = top_k(scores, k)
+    return recs
+
+
+def evaluate_scorer(split: Split, scorer: Scorer, ks: list[int],
+                    batch_size: int = 2048) -> dict[str, float]:
+    """Full ranking for every evaluated user, training items excluded, then the metrics."""
+    recs = rank_split(split, scorer, max(ks), batch_size)
     return ranking_metrics(recs, split.test_items, ks, split.train.shape[1])
+

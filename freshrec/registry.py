@@ -31,6 +31,8 @@ class GateResult:
     champion_metric_source: str
     promoted: bool
     reason: str
+    p_value: float | None = None  # paired p-value of "candidate beats the champion's method"
+    significance: float | None = None  # the level it had to be under (None: no test asked)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,13 +69,19 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
          name: str = RETRIEVAL, artifact_path: str = "model", min_gain: float = 0.0,
          tags: dict | None = None, model_uri: str | None = None,
          rivals: dict[str, float] | None = None, identity: dict | None = None,
-         alias: str = ALIAS) -> GateResult:
+         alias: str = ALIAS, p_value: Callable[[str], float | None] | None = None,
+         significance: float = 0.05, untestable: str | None = None) -> GateResult:
     """Register the candidate (``model_uri``, else ``run_id``'s ``artifact_path``) as a new version
     of ``name`` and promote it to ``@champion`` when ``metric`` beats the champion by more than
     ``min_gain`` and no model of ``rivals`` (metrics measured on the same split) beats it.
 
     ``rescore_champion(champion_model_name)`` returns the champion method's metric on this
-    validation split (or None when it cannot be measured here). ``identity``: tags that make a
+    validation split (or None when it cannot be measured here). ``p_value(champion_model)``, when
+    given, is the one-sided paired p-value of "the candidate beats that method" on the same
+    validation users (None when it cannot be measured): then a promotion over a champion also
+    needs ``p < significance``, and a champion that cannot be tested on this split is not
+    replaced; ``untestable`` (why no test can be trusted here, e.g. too few users) keeps the
+    champion too. ``identity``: tags that make a
     version the same candidate (interval, data versions, model); a re-run that finds one registers
     nothing and returns that version's recorded outcome.
 
@@ -92,7 +100,9 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
         return GateResult(name, str(same.version), candidate, metric_name, float(metric),
                           t.get("gate_champion"), None, "recorded", t.get("gate") == "promoted",
                           f"already registered as version {same.version} for this interval and "
-                          f"data: {t.get('gate_reason', '')}")
+                          f"data: {t.get('gate_reason', '')}",
+                          float(t["gate_p_value"]) if "gate_p_value" in t else None,
+                          significance if p_value is not None else None)
     source = model_uri or f"runs:/{run_id}/{artifact_path}"
     kwargs = {"model_id": model_uri.split("/")[-1]} if model_uri and model_uri.startswith("models:/m-") \
         else {}
@@ -110,6 +120,7 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
         if champ_metric is None and metric_name in champ.tags:
             champ_metric, source = float(champ.tags[metric_name]), "recorded at its promotion"
     better = {m: v for m, v in (rivals or {}).items() if m != candidate and v > metric}
+    p = p_value(champ_model) if p_value is not None and champ_model else None
     if better:
         best = max(better, key=better.get)
         promoted = False
@@ -119,14 +130,29 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
         promoted, reason = True, "no champion yet"
     elif champ_metric is None:
         promoted, reason = False, f"champion v{champ.version} has no {metric_name} to compare with"
-    elif metric > champ_metric + min_gain:
-        promoted = True
-        reason = (f"{metric_name} {metric:.4f} beats champion v{champ.version} ({champ_model}) "
-                  f"{champ_metric:.4f} ({source})")
-    else:
+    elif metric <= champ_metric + min_gain:
         promoted = False
         reason = (f"{metric_name} {metric:.4f} does not beat champion v{champ.version} "
                   f"({champ_model}) {champ_metric:.4f} ({source})")
+    elif p_value is not None and untestable:
+        promoted = False
+        reason = (f"{metric_name} {metric:.4f} vs champion v{champ.version} ({champ_model}) "
+                  f"{champ_metric:.4f} ({source}): {untestable}")
+    elif p_value is not None and p is None:
+        promoted = False
+        reason = (f"{metric_name} {metric:.4f} vs champion v{champ.version} ({champ_model}) "
+                  f"{champ_metric:.4f} ({source}): no paired test is possible, as {champ_model} "
+                  "was not evaluated on this validation split; add it to evaluation.models")
+    elif p is not None and p >= significance:
+        promoted = False
+        reason = (f"{metric_name} {metric:.4f} vs champion v{champ.version} ({champ_model}) "
+                  f"{champ_metric:.4f} ({source}): gain not significant (paired p = {p:.4f}, "
+                  f"needs < {significance:g})")
+    else:
+        promoted = True
+        reason = (f"{metric_name} {metric:.4f} beats champion v{champ.version} ({champ_model}) "
+                  f"{champ_metric:.4f} ({source})" + (f", paired p = {p:.4f} < {significance:g}"
+                                                      if p is not None else ""))
     outcome = "promoted" if promoted else "rejected"
     if promoted and alias != ALIAS and champ is not None:
         outcome = alias  # an offline winner that must still win online
@@ -142,11 +168,16 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
     client.set_model_version_tag(name, version.version, "gate_reason", reason)
     if champ_model:
         client.set_model_version_tag(name, version.version, "gate_champion", champ_model)
+    if p is not None:
+        client.set_model_version_tag(name, version.version, "gate_p_value", f"{p:.6f}")
     result = GateResult(name, str(version.version), candidate, metric_name, float(metric), champ_model,
-                        None if champ_metric is None else float(champ_metric), source, promoted, reason)
+                        None if champ_metric is None else float(champ_metric), source, promoted, reason,
+                        p, significance if p_value is not None else None)
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags({"gate": outcome, "gate_reason": reason,
                          "registered_version": f"{name}/{version.version}"})
+        if p is not None:
+            mlflow.log_metric("gate_p_value", p)
         mlflow.log_dict(result.as_dict(), "gate.json")
     return result
 

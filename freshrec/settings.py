@@ -246,17 +246,20 @@ class EvaluationSettings(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Each user's last share of events.")
     ks: list[int] = Field(default_factory=lambda: [10, 20], description="Cut-offs for the metrics.")
     max_users: int = Field(0, ge=0, description="Evaluate a seeded sample of this many users; 0: all.")
-    knn_neighbors: int = Field(100, ge=1, description="Neighbours per item for the item-kNN baseline.")
-    ease_max_items: int = Field(30_000, ge=1, description="EASE is dense in the catalog (8 n² "
-                                "bytes, an n³ inverse): larger catalogs are refused.")
-    hybrid_ease_top_items: int = Field(5_000, ge=0, description="The hybrid's EASE source fits only "
-                                       "this many most popular items (an n³ inverse in it, whatever "
-                                       "the catalog; the rest score 0 there); 0: every item.")
     models: list[str] = Field(default_factory=lambda: ["most_popular", "trending", "item_knn", "als",
                                                        "hybrid"],
                               description="Models the batch DAG fits and compares (`all`: every one).")
     gate_models: list[str] = Field(default_factory=list, description="Models that may become "
                                    "@champion (empty: any evaluated model).")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Each user's newest share of *training* events (before the "
+        "test period) held out as the validation split: models are fitted on the rest, the gate "
+        "chooses and tests significance there, and the test split only reports.")
+    significance: float = Field(0.05, gt=0, lt=1, description="The gate promotes a model only "
+                                "when its gain over the champion's method has a paired p-value "
+                                "below this on the validation split.")
+    bootstrap_resamples: int = Field(2000, ge=100, description="Resamples of the paired per-user "
+                                     "bootstrap (p-values resolve to 1/(n+1)).")
     refit: bool = Field(True, description="Refit the gate's candidate on every event of the "
                         "interval (the split's held-out newest events included) before it is "
                         "registered, keeping what it chose on validation (the hybrid's blender). "
@@ -540,6 +543,10 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     online: OnlineSettings = Field(default_factory=OnlineSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Parameters per model, models.<name>.<param> (the "
+        "model's constructor arguments; recmodels.model_params reads them). `als` and "
+        "`als_explicit` lay theirs over the `als` section.")
 
     @property
     def data_uri(self) -> str:
@@ -673,12 +680,18 @@ def _is_text(annotation: Any) -> bool:
     return False
 
 
+# Map settings whose keys are Python names (models.<name>.<param>: a model's constructor
+# arguments), lower-cased from env like field names; other maps keep their keys' case.
+IDENTIFIER_MAPS = {"models"}
+
+
 def _env_path(parts: list[str]) -> tuple[list[str], Any]:
     """Walk the settings model along an override's key parts: field names match case-insensitively
     (lower-cased), keys inside a map setting keep their case. Returns the keys and the annotation
     of the target (None when unknown: validation then names the bad key)."""
     node: Any = Settings
     keys: list[str] = []
+    identifiers = bool(parts) and parts[0].lower() in IDENTIFIER_MAPS
     for part in parts:
         node = _unwrap(node) if node is not None else None
         if isinstance(node, type) and issubclass(node, BaseModel):
@@ -687,7 +700,7 @@ def _env_path(parts: list[str]) -> tuple[list[str], Any]:
             keys.append(name)
             node = field.annotation if field else None
         elif typing.get_origin(node) is dict:
-            keys.append(part)
+            keys.append(part.lower() if identifiers else part)
             node = typing.get_args(node)[1]
         else:
             keys.append(part.lower())

@@ -34,7 +34,7 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from freshrec.delta import DeltaStore, conform
 from freshrec.settings import Settings
 from freshrec.tables import FEEDBACK, TS
-from serving.segments import flocked
+from freshrec.segments import flocked
 
 log = logging.getLogger(__name__)
 WATERMARK_KEY = "freshrec.feedback_watermark"

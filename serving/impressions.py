@@ -3,7 +3,7 @@
 The request path only appends a tuple to an in-memory buffer (:meth:`ImpressionLog.record`, about
 a microsecond). A background thread turns the buffer into JSON lines and appends them to the
 process's own segment directory ``<data>/impressions/log/<host>-<pid>-<start_ns>/`` (the same
-per-process, seal-by-rename segments as the event write-ahead log, :mod:`serving.segments`) with
+per-process, seal-by-rename segments as the event write-ahead log, :mod:`freshrec.segments`) with
 one fsync per flush: every ``serving.impressions_flush_ms`` or as soon as
 ``serving.impressions_flush_records`` slates are waiting, and at shutdown. Impressions are
 analytics, not acknowledged writes: a crash (kill -9, power loss) loses the slates of at most the
@@ -28,7 +28,6 @@ import math
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,7 +36,8 @@ from freshrec.contracts.events import parse_ts
 from freshrec.delta import DeltaStore
 from freshrec.settings import Settings
 from freshrec.tables import IMPRESSIONS, IMPRESSIONS_DEAD_LETTER
-from serving.segments import SegmentWriter, flocked, process_dirs, remove_if_abandoned, seal
+from freshrec.segments import (SegmentWriter, flocked, impressions_root, process_dirs,
+                               remove_if_abandoned, seal)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ REASONS = ("not_json", "missing_field", "bad_items", "length_mismatch", "bad_sco
 REQUIRED = ("request_id", "user_id", "model_version", "items", "ts")
 
 
-def log_root(settings: Settings) -> Path:
-    return settings.data_dir / "impressions" / "log"
+log_root = impressions_root
 
 
 class ImpressionLog:
@@ -196,7 +195,7 @@ def _day(us: int) -> str:
 def take_impressions(settings: Settings, crash=None) -> dict:
     """Seal every server's impression log and take the sealed segments into the tables (see the
     module docstring); returns counts."""
-    from serving.segments import read_lines
+    from freshrec.segments import read_lines
 
     crash = crash or (lambda name: None)
     root = log_root(settings)

@@ -41,7 +41,7 @@ from freshrec.contracts.events import rules_for
 from freshrec.delta import DeltaStore, conform
 from freshrec.settings import Settings
 from freshrec.tables import EVENTS, EVENTS_DEAD_LETTER, EVENTS_RAW
-from serving.segments import flocked
+from freshrec.segments import flocked
 
 log = logging.getLogger(__name__)
 FILE_ID_LEN = 24  # spark_jobs.ingest.FILE_ID_LEN: raw_id = <file id>:<row>

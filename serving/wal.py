@@ -1,7 +1,7 @@
 """Write-ahead log of events accepted by ``RecordEvents``: durable before the reply, then landed.
 
 Each server process appends to its own segment directory ``<data>/wal/<host>-<pid>-<start_ns>/``
-(:mod:`serving.segments`), so several ``freshrec serve`` processes may share one data directory.
+(:mod:`freshrec.segments`), so several ``freshrec serve`` processes may share one data directory.
 ``append`` writes the events as JSON lines and fsyncs before returning, so an acknowledged event
 survives a crash. Landing seals a directory's open segment (a rename under a lock any process can
 take, then an fsync of the directory) and moves every sealed segment into the landing zone (one
@@ -29,13 +29,9 @@ from freshrec.durable import fsync_path
 from freshrec.importers import land_events, normalize_events
 from freshrec.settings import Settings
 from freshrec.tables import RAW_EVENT_COLUMNS
-from serving.segments import SegmentWriter, read_lines, take_sealed
+from freshrec.segments import SegmentWriter, read_lines, take_sealed, wal_root
 
 log = logging.getLogger(__name__)
-
-
-def wal_root(settings: Settings) -> Path:
-    return settings.data_dir / "wal"
 
 
 def _lander(settings: Settings, counter: list[int]):

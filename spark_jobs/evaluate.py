@@ -1,15 +1,20 @@
 """Evaluate: silver ``events`` -> every configured model fitted, scored and logged to MLflow.
 
-Splits each user's events in time (see :mod:`freshrec.evaluation`), fits each model of
-``evaluation.models`` (Spark ALS with the settings' parameters, and every method under the model
-contract) on the training part only, and scores them in one harness (full ranking, training items
-excluded). Each fit is its own MLflow run, nested under the evaluation run: parameters, metrics per
-K, fit time, the data's Delta versions and the exported model (``model/``). The parent run holds the
-comparison table and figure; ``<data>/reports/evaluation-<batch_date>.json`` holds the summary with
-the run id of each model, which the promotion gate (:mod:`spark_jobs.gate`) reads. With
-``evaluation.refit`` (default on) the model the gate will pick is then fitted again on every event of
-the interval, keeping what it chose on validation, and logged as its own run (``refit-<model>``): the
-gate registers that one, so what is served has learnt from the newest events too.
+Runs the fixed protocol of :mod:`recmodels.experiment` (the one ``freshrec experiment`` runs on a
+file): each user's newest events are the test period, the newest events before it the validation
+period; each model of ``evaluation.models`` (parameters from ``models.<name>``; Spark ALS from the
+``als`` section) is fitted once on the events before both and scored on both (full ranking,
+training items excluded). Validation metrics, the per-user paired bootstrap p-values between every
+pair of models (``p_value.<a>.over.<b>`` on the parent run) and the test metrics are logged. Each
+fit is its own MLflow run, nested under the evaluation run: parameters, test metrics per K and
+validation metrics (``val_*``), fit time, the data's Delta versions and the exported model
+(``model/``). The parent run holds the comparison table and figure;
+``<data>/reports/evaluation-<batch_date>.json`` holds the summary (``results``: test,
+``validation``, ``p_values``) with the run id of each model, which the promotion gate
+(:mod:`spark_jobs.gate`) reads: it decides on the validation split only. With ``evaluation.refit``
+(default on) the model the gate will pick is then fitted again on every event of the interval,
+keeping what it chose on validation, and logged as its own run (``refit-<model>``): the gate
+registers that one, so what is served has learnt from the newest events too.
 """
 
 from __future__ import annotations
@@ -20,20 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from freshrec.delta import DeltaStore
-from freshrec.evaluation import Split, evaluate_scorer, temporal_split
 from freshrec.interval import DataInterval, run_job
 from freshrec.progress import advance
-from recmodels.base import Interactions
 from freshrec.settings import Settings
 from freshrec.spark import get_spark
 from freshrec.tracking import mlflow_for
-from recmodels import MODELS, SPARK_MODELS, make_model
+from recmodels import SPARK_MODELS, model_params
+from recmodels.experiment import Protocol, expand_models, interactions_of, p_value_matrix
 from spark_jobs.gate import eligible
 
 log = logging.getLogger(__name__)
@@ -83,59 +86,19 @@ def comparison_figure(results: dict[str, dict[str, float]], k: int):
 
 
 class ContractScorer:
-    """A model under the contract, fitted on the split's training events, scoring in the split's
-    user and item indices."""
+    """A model under the contract fitted once under the protocol (on the events before the
+    validation and test periods), with what log_model_run needs."""
 
-    def __init__(self, name: str, settings: Settings, split: Split, items: pd.DataFrame) -> None:
+    def __init__(self, name: str, settings: Settings, protocol: Protocol) -> None:
         if name in SPARK_MODELS:
             get_spark(settings)  # the job's session (its settings), which the model then uses
-        data = training_interactions(split, items)
-        self.model = make_model(name, **model_params(name, settings)).fit(data)
+        self.fitted = protocol.fit(name, model_params(name, settings))
+        self.model = self.fitted.model
         self.params = self.model.params()
-        if hasattr(self.model, "fit_seconds"):  # Spark's own fit time, without the data hand-over
-            self.fit_seconds = self.model.fit_seconds
-        self.rows = np.searchsorted(data.user_ids, split.user_ids)
-        self.cols = np.searchsorted(data.item_ids, split.item_ids)
-
-    def score(self, rows: np.ndarray) -> np.ndarray:
-        return self.model.score(self.rows[rows])[:, self.cols]
+        self.fit_seconds = self.fitted.fit_seconds
 
     def export(self, directory: Path) -> None:
         self.model.export(directory)
-
-
-_INTERACTIONS: dict[int, tuple[Split, Interactions]] = {}
-
-
-def interactions_of(events: pd.DataFrame, items: pd.DataFrame | None) -> Interactions:
-    """Events (the columns the models use) and the item metadata as the contract's Interactions."""
-    return Interactions.from_events(
-        events[[c for c in ("user_id", "item_id", "weight", "ts", "value") if c in events]], items)
-
-
-def training_interactions(split: Split, items: pd.DataFrame | None) -> Interactions:
-    """The split's training part as Interactions, built once per split for every model."""
-    hit = _INTERACTIONS.get(id(split))
-    if hit is None or hit[0] is not split:
-        _INTERACTIONS.clear()
-        data = interactions_of(split.train_events, items)
-        hit = _INTERACTIONS[id(split)] = (split, data)
-    return hit[1]
-
-
-def model_params(name: str, settings: Settings) -> dict:
-    """Settings-driven parameters of a model (the rest are the model's defaults)."""
-    als = settings.als.model_dump()
-    return {"item_knn": {"n_neighbors": settings.evaluation.knn_neighbors},
-            "pure_svd": {"rank": settings.als.rank},
-            "ease": {"max_items": settings.evaluation.ease_max_items},
-            "hybrid": {"ease_max_items": settings.evaluation.ease_max_items,
-                       "ease_top_items": settings.evaluation.hybrid_ease_top_items,
-                       "source_params": {"item_knn": {"n_neighbors": settings.evaluation.knn_neighbors},
-                                         "pure_svd": {"rank": settings.als.rank}}},
-            "als": als,
-            "als_explicit": {k: als[k] for k in ("iterations", "reg_param", "num_blocks", "seed")},
-            }.get(name, {})
 
 
 def log_model_run(mlflow, name: str, model, metrics: dict[str, float], versions: dict,
@@ -191,11 +154,23 @@ class Refit:
 
 
 def model_names(requested: list[str]) -> list[str]:
-    names = [*MODELS, "als"] if requested == ["all"] else requested
-    unknown = [n for n in names if n not in MODELS and n != "als"]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; known: {sorted([*MODELS, 'als'])} or all")
-    return names
+    """Model names, each once (``all``: every available model, so ALS is fitted once)."""
+    return expand_models(requested)
+
+
+def validation_table(validation: dict[str, dict[str, float]], p_values: dict, metric: str,
+                     alpha: float) -> str:
+    """The gate's view: each model's validation metric and the paired p-value of the best over it."""
+    if not validation:
+        return ""
+    best = max(validation, key=lambda m: validation[m][metric])
+    lines = [f"validation (the gate decides here; p: one-sided paired bootstrap, {best} better):",
+             f"{'model':<14}{metric:>13}{'p':>9}"]
+    for m in sorted(validation, key=lambda m: -validation[m][metric]):
+        p = p_values.get(best, {}).get(m)
+        mark = "" if p is None else f"{p:>9.4f}" + (" *" if p < alpha else "")
+        lines.append(f"{m:<14}{validation[m][metric]:>13.4f}{mark}")
+    return "\n".join(lines)
 
 
 def run(settings: Settings, interval: DataInterval,
@@ -205,16 +180,19 @@ def run(settings: Settings, interval: DataInterval,
     store = DeltaStore(settings)
     table, ev_version = load_events(store, interval)
     events = table.to_pandas()
-    split = temporal_split(events, cfg.test_fraction, cfg.max_users, cfg.seed)
-    log.info("evaluate %s: %d users in test, %d training users, %d catalog items",
-             interval.batch_date, len(split.test_users), len(split.user_ids), len(split.item_ids))
-    results: dict[str, dict[str, float]] = {}
+    items = store.read_arrow("items", columns=["item_id", "title", "categories", "text"]) \
+        .to_pandas() if store.exists("items") else None
+    protocol = Protocol(events, items, cfg.ks, cfg.test_fraction, cfg.validation_fraction,
+                        cfg.max_users, cfg.seed)
+    sizes = protocol.describe()
+    log.info("evaluate %s: %s", interval.batch_date, sizes)
+    results: dict[str, dict[str, float]] = {}  # test split (reported)
+    validation: dict[str, dict[str, float]] = {}  # validation split (the gate's)
+    per_user: dict = {}
     skipped: dict[str, str] = {}
     runs: dict[str, str] = {}
     model_uris: dict[str, str] = {}
     skipped_registry: dict[str, str] = {}
-    items = store.read_arrow("items", columns=["item_id", "title", "categories", "text"]) \
-        .to_pandas() if store.exists("items") else None
     versions = {"events": ev_version, "items": store.version("items") if items is not None else None}
     mlflow = mlflow_for(settings)
     metric = f"ndcg_at_{cfg.ks[0]}"
@@ -222,33 +200,37 @@ def run(settings: Settings, interval: DataInterval,
     with mlflow.start_run(run_name=f"evaluate-{interval.batch_date}") as parent:
         mlflow.set_tags({"stage": "evaluate", "interval": interval.batch_date})
         mlflow.log_params({"test_fraction": cfg.test_fraction, "max_users": cfg.max_users,
-                           "models": ",".join(names),
+                           "validation_fraction": cfg.validation_fraction,
+                           "significance": cfg.significance, "models": ",".join(names),
                            **{f"delta_version.{t}": v for t, v in versions.items()}})
         for n, name in enumerate(names, 1):
             advance(log, "evaluate", n - 1, len(names), "evaluate %s: [%d/%d] fitting %s",
                     interval.batch_date, n, len(names), name)
-            t0 = time.perf_counter()
             try:
-                model = ContractScorer(name, settings, split, items)
+                model = ContractScorer(name, settings, protocol)
             except ValueError as e:  # e.g. EASE above its catalog size: say so, go on
                 skipped[name] = str(e)
                 log.warning("evaluate %s: %s skipped: %s", interval.batch_date, name, e)
                 continue
-            fit = getattr(model, "fit_seconds", time.perf_counter() - t0)
-            results[name] = {**evaluate_scorer(split, model.score, cfg.ks), "fit_seconds": fit}
-            runs[name], uri, why = log_model_run(mlflow, name, model, results[name], versions,
-                                                 interval)
+            scores = protocol.score(model.fitted)
+            results[name] = {**scores.test, "fit_seconds": model.fit_seconds}
+            validation[name] = scores.validation
+            per_user[name] = scores.per_user
+            logged = {**results[name], **{f"val_{k}": v for k, v in scores.validation.items()}}
+            runs[name], uri, why = log_model_run(mlflow, name, model, logged, versions, interval)
             if uri:
                 model_uris[name] = uri
             else:
                 skipped_registry[name] = why
-            advance(log, "evaluate", n, len(names), "evaluate %s: %s ndcg@%d=%.4f (%.1f s)",
-                    interval.batch_date, name, cfg.ks[0], results[name][f"ndcg_at_{cfg.ks[0]}"], fit)
-            # keep the fit the gate would pick so far (the best eligible one), for the refit
-            leaders = eligible(results, model_uris, cfg.gate_models, metric)
+            advance(log, "evaluate", n, len(names), "evaluate %s: %s validation %s=%.4f, test "
+                    "%.4f (%.1f s)", interval.batch_date, name, metric, validation[name][metric],
+                    results[name][metric], model.fit_seconds)
+            # keep the fit the gate would pick so far (the best eligible one on validation)
+            leaders = eligible(validation, model_uris, cfg.gate_models, metric)
             if leaders and max(leaders, key=leaders.get) == name:
                 leader = (name, model)
             del model
+        p_values = p_value_matrix(per_user, cfg.bootstrap_resamples, cfg.seed)
         refit: dict[str, dict] = {}
         if cfg.refit and leader is not None:
             name, scorer = leader
@@ -269,16 +251,23 @@ def run(settings: Settings, interval: DataInterval,
                     model_uris[name] = uri
                 del model
         leader = scorer = None
-        table_text = format_table(results, cfg.ks) + "".join(
-            f"\n{name:<14}skipped: {why}" for name, why in skipped.items())
+        table_text = "test (held out, reported only):\n" + format_table(results, cfg.ks) + "".join(
+            f"\n{name:<14}skipped: {why}" for name, why in skipped.items()) + "\n" + \
+            validation_table(validation, p_values, metric, cfg.significance)
         summary = {"batch_date": interval.batch_date, "events_delta_version": ev_version,
-                   "delta_versions": versions, "n_test_users": int(len(split.test_users)),
-                   "n_train_users": int(len(split.user_ids)), "n_items": int(len(split.item_ids)),
-                   "metric": metric, "results": results, "skipped": skipped,
+                   "delta_versions": versions, "n_test_users": sizes["test_users"],
+                   "n_validation_users": sizes["validation_users"],
+                   "n_train_users": sizes["fit_users"], "n_items": sizes["fit_items"],
+                   "metric": metric, "results": results, "validation": validation,
+                   "p_values": p_values, "significance": cfg.significance,
+                   "bootstrap_resamples": cfg.bootstrap_resamples, "skipped": skipped,
                    "runs": runs, "model_uris": model_uris, "not_servable": skipped_registry,
                    "refit": refit,
                    "evaluation_run": parent.info.run_id, "table": table_text}
         mlflow.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()})
+        mlflow.log_metrics({f"{m}.val_{k}": v for m, r in validation.items() for k, v in r.items()})
+        mlflow.log_metrics({f"p_value.{a}.over.{b}": p for a, row in p_values.items()
+                            for b, p in row.items()})
         mlflow.log_text(table_text, "evaluation_table.txt")
         if results:
             mlflow.log_figure(comparison_figure(results, cfg.ks[0]), "evaluation.png")

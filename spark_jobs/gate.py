@@ -1,13 +1,16 @@
 """Gate: the interval's evaluation -> a new ``freshrec-retrieval`` version, ``@champion`` if it wins.
 
 Reads ``<data>/reports/evaluation-<batch_date>.json`` (written by :mod:`spark_jobs.evaluate`), takes
-the servable model with the best validation metric (NDCG at the first K) among
-``evaluation.gate_models`` (empty: every evaluated model), registers its logged pyfunc model, and
-moves ``@champion`` to it only when it beats the current champion and no model evaluated on the same
-split beats it. When the champion's method was evaluated in the same
-run, the comparison uses its metric on this same split; otherwise the metric recorded at its
-promotion. A re-run of the interval finds the version registered for the same interval, model and data
-versions and registers nothing.
+the servable model with the best metric (NDCG at the first K) on the *validation* split (never the
+test split) among ``evaluation.gate_models`` (empty: every evaluated model), registers its logged
+pyfunc model, and moves ``@champion`` to it only when no model evaluated on the same split beats it
+and it beats the current champion's method on this validation split with a one-sided paired
+per-user bootstrap p-value below ``evaluation.significance`` (0.05). A champion whose method was not
+evaluated in the same run cannot be tested and is kept (the reason says so), and so is the
+champion when fewer than ``MIN_PAIRED_USERS`` users were validated (a bootstrap over a handful of
+users is overconfident); the first model is promoted when there is no champion. A re-run of
+the interval finds the version registered for the same interval, model and data versions and
+registers nothing.
 With ``registry.require_online_win`` a winner becomes ``@challenger`` (served as an A/B arm)
 and ``@champion`` moves only when ``freshrec model promote-online`` finds it wins online.
 The outcome goes to ``<data>/reports/gate-<batch_date>.json``.
@@ -24,6 +27,7 @@ from freshrec.settings import Settings
 from freshrec.tracking import mlflow_for
 
 log = logging.getLogger(__name__)
+MIN_PAIRED_USERS = 30
 
 
 def eligible(results: dict[str, dict[str, float]], uris: dict[str, str], gate_models: list[str],
@@ -41,10 +45,14 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
         raise FileNotFoundError(f"{path}: no evaluation for {interval.batch_date}; run the "
                                 "evaluate job (or task) for this interval first")
     summary = json.loads(path.read_text())
+    if "validation" not in summary or "p_values" not in summary:
+        raise ValueError(f"{path}: has no validation split or p-values (written by an older "
+                         f"evaluate); re-run the evaluate job for {interval.batch_date}")
     metric = summary.get("metric", f"ndcg_at_{settings.evaluation.ks[0]}")
-    allowed = settings.evaluation.gate_models or list(summary["results"])
+    validation = summary["validation"]
+    allowed = settings.evaluation.gate_models or list(validation)
     uris = summary.get("model_uris", {})
-    candidates = eligible(summary["results"], uris, settings.evaluation.gate_models, metric)
+    candidates = eligible(validation, uris, settings.evaluation.gate_models, metric)
     if not candidates:
         raise ValueError(f"{path}: none of the gate's models {allowed} was evaluated and servable "
                          f"(evaluated: {sorted(summary['results'])}; not servable: "
@@ -56,20 +64,29 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
     out = reports / f"gate-{interval.batch_date}.json"
 
     def rescore(champion_model: str) -> float | None:
-        r = summary["results"].get(champion_model)
+        r = validation.get(champion_model)
         return None if r is None else float(r[metric])
 
+    def p_value(champion_model: str) -> float | None:
+        """One-sided paired p of "best beats the champion's method" on the validation users."""
+        return summary["p_values"].get(best, {}).get(champion_model)
+
+    n_users = int(summary.get("n_validation_users", 0))
+    untestable = (f"only {n_users} validation users, too few for a paired test (at least "
+                  f"{MIN_PAIRED_USERS}); evaluate on more users") if n_users < MIN_PAIRED_USERS else None
     # every model evaluated on this split is a rival: the gate never promotes a loser
-    rivals = {m: float(r[metric]) for m, r in summary["results"].items()}
+    rivals = {m: float(r[metric]) for m, r in validation.items()}
     identity = {"interval": interval.batch_date, "model": best,
                 **{f"delta_version.{t}": str(v) for t, v in summary.get("delta_versions", {}).items()}}
     result = gate(mlflow, run_id, best, metric, candidates[best], rescore, name=RETRIEVAL,
                   model_uri=uris[best], rivals=rivals, identity=identity,
                   alias=settings.registry.challenger_alias if settings.registry.require_online_win
-                  else "champion")
+                  else "champion", p_value=p_value, significance=settings.evaluation.significance,
+                  untestable=untestable)
     log.info("gate %s: %s v%s %s: %s", interval.batch_date, best, result.version,
              "PROMOTED to @champion" if result.promoted else "not promoted", result.reason)
-    payload = {**result.as_dict(), "candidates": candidates, "run_id": run_id}
+    payload = {**result.as_dict(), "candidates": candidates, "run_id": run_id,
+               "p_values": summary["p_values"].get(best, {})}
     out.write_text(json.dumps(payload, indent=2))
     return payload
 

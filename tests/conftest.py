@@ -16,6 +16,7 @@ SMALL = {
     "synth": {"n_events": 20000, "n_users": 800, "n_items": 300, "n_clusters": 6, "days": 20,
               "malformed_fraction": 0.01, "duplicate_fraction": 0.01},
     "als": {"rank": 16, "iterations": 6, "num_blocks": 2},
+    "models": {"pure_svd": {"rank": 16}},  # 300 items: a small rank, like ALS
     "features": {"neighbors_top_k": 10},
     "spark": {"shuffle_partitions": 2, "driver_memory": "2g"},
     # every model kind the registry can serve: popularity, history (kNN, EASE, content),

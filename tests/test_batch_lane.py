@@ -232,7 +232,7 @@ def test_gate_promotes_the_best_model_and_keeps_a_loser_visible(lane, tmp_path):
     from tests.conftest import small_settings
 
     first = lane["results"]["gate"]
-    results = lane["results"]["evaluate"]["results"]
+    results = lane["results"]["evaluate"]["validation"]  # the gate decides on validation
     best = max(results, key=lambda m: results[m]["ndcg_at_10"])
     assert first["candidate"] == best and first["promoted"] and first["reason"] == "no champion yet"
     shutil.copytree(lane["settings"].data_dir, tmp_path / "data")
@@ -355,7 +355,7 @@ def test_evaluate_compares_any_set_of_models_in_one_table(lane, tmp_path):
     assert all(name in out["table"] for name in out["results"])
     with pytest.raises(ValueError, match="unknown model"):
         evaluate.run(settings, lane["interval"], ["nope"])
-    tiny = small_settings(tmp_path / "data", evaluation={"ks": [10, 20], "ease_max_items": 10})
+    tiny = small_settings(tmp_path / "data", evaluation={"ks": [10, 20]}, models={"ease": {"max_items": 10}})
     out = evaluate.run(tiny, lane["interval"], ["ease", "trending"])
     assert "ease" in out["skipped"] and "max_items" in out["skipped"]["ease"]
     assert "skipped" in out["table"]

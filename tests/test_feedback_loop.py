@@ -251,7 +251,7 @@ def _impression_line(rid: str, user: str, items: list[str], at: datetime, **over
 
 def test_impressions_are_taken_once_and_bad_ones_dead_lettered(settings):
     from serving.impressions import take_impressions
-    from serving.segments import SegmentWriter
+    from freshrec.segments import SegmentWriter
 
     writer = SegmentWriter(settings.data_dir / "impressions" / "log")
     good = [_impression_line(f"r{n}", "u1", ["a", "b"], T0) for n in range(3)]
@@ -284,7 +284,7 @@ def test_impressions_are_taken_once_and_bad_ones_dead_lettered(settings):
 def test_feedback_labels_clicks_in_the_window_no_clicks_late_clicks_and_organic(settings):
     from serving.feedback import run_feedback
     from serving.impressions import take_impressions
-    from serving.segments import SegmentWriter
+    from freshrec.segments import SegmentWriter
 
     writer = SegmentWriter(settings.data_dir / "impressions" / "log")
     writer.append(_impression_line("req1", "u1", ["a", "b", "c"], T0)

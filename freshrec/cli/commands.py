@@ -388,6 +388,31 @@ def rotate_key(out: Output, profile: str | None) -> None:
     out.result(**r)
 
 
+def experiment(out: Output, profile: str | None, events: str, models: str, ks: str | None,
+               max_users: int | None, plot: str | None) -> None:
+    """The evaluate protocol in memory on an events file (recmodels.experiment.run_experiment)."""
+    from recmodels.experiment import run_experiment
+
+    settings = load_settings(profile)
+    current_target[:] = [events]
+    names = [m.strip() for m in models.split(",")]
+    result = run_experiment(
+        Path(events), names, settings=settings,
+        ks=[int(k) for k in ks.split(",")] if ks else None, max_users=max_users,
+        progress=lambda name, n, total: advance(log, "experiment", n - 1, total,
+                                                "experiment: [%d/%d] fitting %s", n, total, name))
+    summary = result.summary()
+    out.say(f"{events}: {result.sizes}")
+    out.say(summary.to_string(float_format=lambda v: f"{v:.4f}"))
+    for name, why in result.skipped.items():
+        out.say(f"{name}: skipped: {why}")
+    if plot:
+        result.plot(plot)
+        out.say(f"plot: {plot}")
+    out.result(events=events, sizes=result.sizes, skipped=result.skipped, plot=plot,
+               summary=summary.reset_index().to_dict(orient="records"))
+
+
 def erase(out: Output, profile: str | None, user: str | None, pseudonymized: bool, vacuum: bool,
           replicas: list[str] | None, no_push: bool) -> int:
     from freshrec.erasure import erase_user, rows_removed, vacuum_user_tables

@@ -180,6 +180,25 @@ def evaluate(
     commands.evaluate(OUT, G.profile, date, models)
 
 
+@app.command("experiment", epilog="Example: freshrec experiment --events ratings.csv --models "
+             "most_popular,item_knn,ease --plot quality.png")
+def experiment(
+    events: str = typer.Option(..., "--events", help="CSV or Parquet with user_id, item_id, "
+                               "timestamp (epoch seconds or ISO-8601) [, value, weight]."),
+    models: str = typer.Option("most_popular,item_knn", "--models", help="Comma-separated model "
+                               "names, or all (every model that needs neither Spark nor torch)."),
+    ks: Optional[str] = typer.Option(None, "--ks", help="Cut-offs, e.g. 10,20 (default: "
+                                     "evaluation.ks)."),
+    max_users: Optional[int] = typer.Option(None, "--max-users", help="Test a seeded sample of "
+                                            "this many users."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of the metrics per model "
+                                       "here."),
+) -> None:
+    """Evaluate models on an events file in memory: the evaluate protocol (temporal validation and
+    test splits, paired p-values) without Airflow, Spark or Delta."""
+    commands.experiment(OUT, G.profile, events, models, ks, max_users, plot)
+
+
 @app.command("train", epilog="Example: freshrec train --model two_tower --epochs 5 --device cpu")
 def train(
     model: Literal["two_tower", "sasrec", "bandit", "reinforce", "dqn"] = typer.Option(..., "--model"),

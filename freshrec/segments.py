@@ -32,11 +32,25 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from freshrec.durable import fsync_path
 
+if TYPE_CHECKING:
+    from freshrec.settings import Settings
+
 OPEN = "open.jsonl"
 log = logging.getLogger(__name__)
+
+
+def wal_root(settings: Settings) -> Path:
+    """The servers' write-ahead logs of acknowledged events (one folder per process)."""
+    return settings.data_dir / "wal"
+
+
+def impressions_root(settings: Settings) -> Path:
+    """The servers' impression logs (one folder per process)."""
+    return settings.data_dir / "impressions" / "log"
 
 
 @contextmanager
