@@ -222,6 +222,12 @@ def resolve_snapshot(settings: Settings, spec: str | int | None = None,
     return path
 
 
+def mmap_index(settings: Settings, use_gpu: bool = False) -> bool:
+    """Whether the snapshot's index is memory-mapped read-only (``serving.mmap_index`` on; the
+    supervisor of several processes turns auto on for its children). Never with a GPU replica."""
+    return not use_gpu and settings.serving.mmap_index == "on"
+
+
 def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bool = False,
                model: str | int | None = None) -> ServingState:
     """Load a snapshot: ``snapshot_dir`` if given, else the snapshot of ``model`` (an alias or a
@@ -247,7 +253,8 @@ def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bo
     if not (path / "manifest.json").exists():
         raise FileNotFoundError(f"{path}: not a snapshot (no manifest.json)")
     t0 = time.perf_counter()
-    index, item_ids, manifest = load_snapshot(path)
+    mmap = mmap_index(settings, use_gpu)
+    index, item_ids, manifest = load_snapshot(path, mmap=mmap)
     model_obj = load(path / MODEL_DIR, device="cuda" if use_gpu else "cpu")
     if [str(i) for i in model_obj.item_ids] != list(item_ids):
         from recmodels.servable import ArtifactError
@@ -262,7 +269,7 @@ def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bo
     if manifest.kind == "embedding":
         vectors = model_obj.item_vectors()
         items: ItemIndex | Catalog = ItemIndex(index, item_ids, vectors, manifest.index_type,
-                                               use_gpu=use_gpu)
+                                               use_gpu=use_gpu, read_only=mmap)
         for i in meta["inactive"]:  # removed from the index already; not served
             items.position.pop(i, None)
         user_vectors = dict(zip(users, vecs)) if vecs is not None else {}

@@ -105,6 +105,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.profile)
     configure(json_lines=settings.serving.json_logs and not args.smoke)
+    if not args.smoke:
+        from serving.host import Supervisor, process_count
+
+        if process_count(settings) > 1:  # serving.processes: children share the port
+            sup = Supervisor(settings, port=args.port)
+            port = sup.start()
+            print(f"freshrec serving on {settings.serving.host}:{port} ({sup.n} processes, "
+                  f"pids {sup.pids()})", flush=True)
+            done = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: done.set())
+            done.wait()
+            print("shutting down: letting in-flight calls finish", flush=True)
+            sup.stop()
+            return 0
     server = FreshrecServer(settings)
     port = server.start(port=args.port)
     print(f"freshrec serving on {settings.serving.host}:{port}", flush=True)
