@@ -353,10 +353,11 @@ class ServingSettings(_Section):
     processes: int = Field(0, ge=0, description="Server processes on this host, sharing "
                            "serving.port (SO_REUSEPORT) under a supervisor that restarts any that "
                            "dies (serving/host.py); 0: one per core; 1: one process, no supervisor.")
-    mmap_index: Literal["auto", "on", "off"] = Field(
+    mmap_index: Literal["auto"] | bool = Field(
         "auto", description="Load the snapshot's FAISS index memory-mapped read-only, so the "
-        "processes of a host share its pages (deltas go to a small in-memory overlay); auto: on "
-        "in the processes a supervisor starts (serving.processes other than 1), off otherwise.")
+        "processes of a host share its pages (deltas go to a small in-memory overlay): true, "
+        "false, or auto: true in the processes a supervisor starts (serving.processes other "
+        "than 1), false otherwise.")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads per FAISS search; 1 lets "
                                "concurrent requests use the cores instead of spinning threads.")
     experiment: ExperimentSettings = Field(default_factory=ExperimentSettings,

@@ -166,7 +166,7 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
     if parent is not None and os.getppid() != parent:  # the supervisor died before prctl
         return 1
     cfg = settings.serving
-    update = {"mmap_index": "on" if cfg.mmap_index == "auto" else cfg.mmap_index}
+    update = {"mmap_index": True if cfg.mmap_index == "auto" else cfg.mmap_index}
     if cfg.metrics_port > 0:  # one /metrics per process: port + index
         update["metrics_port"] = cfg.metrics_port + index
     settings = settings.model_copy(update={"serving": cfg.model_copy(update=update)})

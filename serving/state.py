@@ -223,9 +223,10 @@ def resolve_snapshot(settings: Settings, spec: str | int | None = None,
 
 
 def mmap_index(settings: Settings, use_gpu: bool = False) -> bool:
-    """Whether the snapshot's index is memory-mapped read-only (``serving.mmap_index`` on; the
-    supervisor of several processes turns auto on for its children). Never with a GPU replica."""
-    return not use_gpu and settings.serving.mmap_index == "on"
+    """Whether the snapshot's index is memory-mapped read-only (``serving.mmap_index`` true; the
+    supervisor of several processes turns auto into true for its children). Never with a GPU
+    replica."""
+    return not use_gpu and settings.serving.mmap_index is True
 
 
 def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bool = False,

@@ -328,10 +328,11 @@ def promote_online(settings, arm: str | None, replicas: list[str] | None, reload
           + decision["reason"])
     if decision["promoted"] and reload:
         from serving.client import Client
+        from serving.host import expand_replicas
 
         cfg = settings.refresher
-        for address in replicas or cfg.replicas:
-            client = Client(address, cfg.token, ca_file=cfg.ca_file or None)
+        for address in expand_replicas(replicas or cfg.replicas, settings):  # every process
+            client = Client(address, cfg.bearer(), ca_file=cfg.ca_file or None)
             try:
                 r = client.call_admin("LoadModel", client.admin_pb2.LoadModelRequest(), timeout=600)
                 print(f"  {address}: arms reloaded (control now {r.model_version})")
@@ -421,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--users", help="file with one raw user id per line")
     rec.add_argument("--k", type=int, default=10)
     rec.add_argument("--output", help="CSV to write: user_id, rank, item_id, score")
-    rec.add_argument("--server", help="host:port of a freshrec server (default: from settings)")
+    rec.add_argument("--server", help="host:port of a freshrec server, or several (a:1,b:2) or "
+                     "dns:///name:port: round-robin with retries (default: from settings)")
     rec.add_argument("--token", help="bearer token (default: FRESHREC_TOKEN or the dev token)")
     rec.add_argument("--ca", help="CA certificate (PEM) when the server uses TLS")
     rec.add_argument("--model", help="offline: the registered version or alias to answer with "
