@@ -207,3 +207,50 @@ def test_replica_lists_split_and_resolve(data):
     assert "127.0.0.1:9" in split_addresses(["dns:///localhost:9"])
     with pytest.raises(ValueError, match="cannot resolve"):
         split_addresses(["dns:///no-such-host.invalid:9"])
+
+
+def test_a_process_that_cannot_take_deltas_is_reported_then_caught_up(data, tmp_path):
+    from serving.refresher import Deltas, Replica, ReplicaDown
+
+    port = _free_port()
+    addr = f"127.0.0.1:{port}"
+    sup = _serve(data, port, 2, tmp_path / "serve.log")
+    try:
+        st = _wait(addr, 2)
+        settings = load_settings("local", env=_env(data, 2),
+                                 refresher={"retries": 1, "backoff_seconds": 0.1})
+        victim = next(p for p in st.processes if p.index == 1)
+        os.kill(victim.pid, signal.SIGKILL)
+        time.sleep(0.3)
+        # the host says which process is down ...
+        st = _status(addr)
+        down = next(p for p in st.processes if p.index == 1)
+        assert not down.serving and "UNAVAILABLE" in down.error
+        # ... and a push reaches the live one and fails for the dead one, naming it
+        d = Deltas(items=["pushed"], item_vectors=np.ones((1, 16), np.float32),
+                   versions={"events": 5, "items": 3})
+        targets = expand_replicas([addr], settings)
+        assert victim.address in targets and len(targets) == 2
+        failed = []
+        for t in targets:
+            r = Replica(t, settings)
+            try:
+                r.status()
+                r.push(d, 100)
+            except ReplicaDown as e:
+                failed.append(str(e))
+        assert len(failed) == 1 and victim.address in failed[0]
+        # the supervisor restarted it from the snapshot: older versions, so the next round
+        # (re-expanded) sends it the deltas again; then every process reflects them
+        st = _wait(addr, 2, pids=(victim.pid,), timeout=60)
+        back = next(p for p in st.processes if p.index == 1)
+        assert back.address != victim.address and dict(back.delta_versions).get("events") is None
+        for t in expand_replicas([addr], settings):
+            r = Replica(t, settings)
+            if dict(r.status().delta_versions).get("events") != 5:
+                r.push(d, 100)
+        st = _status(addr)
+        assert [dict(p.delta_versions) for p in st.processes] == [{"events": 5, "items": 3}] * 2
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        sup.wait(timeout=60)
