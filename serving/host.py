@@ -176,7 +176,8 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    server.start(port=port)
+    server.start(port=port, load=False)
+    _load_like_siblings(server, slot)
     admin = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
                         interceptors=[GuardInterceptor(server)],
                         options=[("grpc.max_receive_message_length", cfg.max_message_bytes)])
@@ -192,6 +193,52 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
     admin.stop(1)
     server.stop()
     return 0
+
+
+def _load_like_siblings(server, slot: ProcessSlot) -> None:
+    """Load what a live sibling serves (a process restarted after a rollout must not go back to
+    ``serving.model``), else what the settings name. Any A/B experiment reloads from the settings
+    (its arms name aliases)."""
+    from pathlib import Path as _Path
+
+    spec = None
+    if server.assigner is None:
+        token = _admin_token(slot.settings)
+        for p in slot.siblings():
+            if p["index"] == slot.index:
+                continue
+            st, _ = _local_status(slot.settings, p["address"], f"Bearer {token}" if token else "")
+            if st is not None and len(st.arms) == 1 and st.arms[0].model:
+                spec = st.arms[0].model
+                break
+    if spec == str(slot.settings.serving.model):
+        spec = None  # what the settings name (with its fall-back to the latest snapshot)
+    if server.assigner is not None:
+        server.check_experiment()  # an arm naming a model that does not exist stops start-up
+    try:
+        if spec is None:
+            server.load()
+        else:
+            try:
+                if _Path(spec).is_dir():
+                    server.load(snapshot=_Path(spec))
+                else:
+                    server.load(model=spec)
+                log.info("process %d loaded %s, as its siblings serve", slot.index, spec)
+            except (FileNotFoundError, LookupError, ValueError) as e:
+                log.error("process %d: loading %s as its siblings serve failed (%s); loading "
+                          "what the settings name", slot.index, spec, e)
+                server.load()
+    except (FileNotFoundError, LookupError, ValueError) as e:
+        log.warning("%s; serving NOT_SERVING until Admin.LoadModel", e)
+
+
+def _admin_token(settings: Settings) -> str:
+    """The admin token a process uses to ask its siblings (the refresher's), or "" without auth
+    or without one (then it cannot ask, and loads what the settings name)."""
+    if not settings.serving.auth_enabled:
+        return ""
+    return settings.refresher.token.get_secret_value()
 
 
 # ---- the supervisor ---------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def _env(data: Path, processes: int) -> dict:
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("procs")
     key = load_settings("local", env={}).privacy.hmac_key
+    write_snapshot(root / "snapshots", key, n_items=3000, dim=16, n_users=200, nlist=32,
+                   name="second", seed=1)
     write_snapshot(root / "snapshots", key, n_items=5000, dim=16, n_users=200, nlist=32)
     return root
 
@@ -219,6 +221,13 @@ def test_a_process_that_cannot_take_deltas_is_reported_then_caught_up(data, tmp_
         st = _wait(addr, 2)
         settings = load_settings("local", env=_env(data, 2),
                                  refresher={"retries": 1, "backoff_seconds": 0.1})
+        # a rollout to every process first: the second snapshot (not the one the settings name)
+        for t in expand_replicas([addr], settings):
+            c = Client(t, ADMIN)
+            c.call_admin("LoadSnapshot", c.admin_pb2.LoadSnapshotRequest(path="second"))
+            c.close()
+        st = _status(addr)
+        assert {p.model_version for p in st.processes} == {"second als"}
         victim = next(p for p in st.processes if p.index == 1)
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(0.3)
@@ -245,6 +254,7 @@ def test_a_process_that_cannot_take_deltas_is_reported_then_caught_up(data, tmp_
         st = _wait(addr, 2, pids=(victim.pid,), timeout=60)
         back = next(p for p in st.processes if p.index == 1)
         assert back.address != victim.address and dict(back.delta_versions).get("events") is None
+        assert back.model_version == "second als"  # what its sibling serves, not the settings'
         for t in expand_replicas([addr], settings):
             r = Replica(t, settings)
             if dict(r.status().delta_versions).get("events") != 5:
