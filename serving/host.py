@@ -6,8 +6,11 @@ port 0 resolves once for every child) and starts N children (``python -m serving
 each a whole :class:`~serving.server.FreshrecServer` listening on the shared port: gRPC sets
 ``SO_REUSEPORT`` on its listeners, so the kernel spreads new connections over the children. A
 child that exits without being asked is started again (backoff doubling from 0.5 s to 30 s while it
-keeps dying within a minute of its start); the others keep answering meanwhile. Children die with
-the supervisor (``PR_SET_PDEATHSIG``), so a killed supervisor never leaves orphans on the port.
+keeps dying within a minute of its start); the others keep answering meanwhile. A supervisor that
+is stopped (SIGTERM) stops its children gracefully; one that dies (kill -9) takes them with it at
+once (``PR_SET_PDEATHSIG`` = SIGKILL), as a single server killed would go: no orphans on the port,
+and no old process still answering next to a restarted host's (acknowledged events are already
+fsynced in each process's write-ahead log).
 
 Each child also listens on its own **admin address** (``serving.host``, an ephemeral port; same TLS
 and tokens) and records it in ``<data_dir>/serving/hosts/<hostname>-<port>/process-<i>.json``.
@@ -148,7 +151,7 @@ def _admin_client(settings: Settings, address: str, token: str | None = None):
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # not Linux: the supervisor's stop() still ends its children
         pass
 
@@ -173,9 +176,9 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
     cfg = settings.serving
     server = FreshrecServer(settings)
     server.host = slot = ProcessSlot(settings, index, directory)
-    done = threading.Event()
+    stopping = []  # a signal handler only appends: Event.set there deadlocks on a second signal
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, lambda *_: stopping.append(1))
     server.start(port=port, load=False)
     _load_like_siblings(server, slot)
     admin = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
@@ -189,7 +192,8 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
     admin.start()
     slot.publish(f"{_advertised(cfg.host)}:{admin_port}")
     log.info("process %d (pid %d) serving on :%d, admin %s", index, os.getpid(), port, slot.address)
-    done.wait()
+    while not stopping:
+        time.sleep(0.2)
     admin.stop(1)
     server.stop()
     return 0
@@ -243,7 +247,8 @@ def _admin_token(settings: Settings) -> str:
 
 # ---- the supervisor ---------------------------------------------------------------------------
 class Supervisor:
-    """Starts ``n`` children on one port and keeps them running (see the module doc)."""
+    """Starts ``n`` children on one port (the first alone, then the others once it has loaded)
+    and keeps them running (see the module doc)."""
 
     def __init__(self, settings: Settings, port: int | None = None, n: int | None = None,
                  env: dict | None = None) -> None:
@@ -277,12 +282,17 @@ class Supervisor:
         for f in self.dir.glob("process-*.json"):  # a previous supervisor's
             f.unlink()
         self._prebuild()
-        for i in range(self.n):
-            self._spawn(i)
+        # the first process alone (it serves as soon as a single process would: N loading side by
+        # side would take N times as long on N cores), then the others (they load what it serves)
+        self._spawn(0)
         end = time.monotonic() + wait
         while time.monotonic() < end:
             missing = [i for i in range(self.n) if not (self.dir / f"process-{i}.json").exists()]
-            dead = [i for i in range(self.n) if self.children[i].poll() is not None]
+            if 0 not in missing and self.children[-1] is None:
+                for i in range(1, self.n):
+                    self._spawn(i)
+            dead = [i for i in range(self.n)
+                    if self.children[i] is not None and self.children[i].poll() is not None]
             if dead:
                 self.stop()
                 raise RuntimeError(f"serving process(es) {dead} exited at start-up (exit codes "

@@ -113,10 +113,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port = sup.start()
             print(f"freshrec serving on {settings.serving.host}:{port} ({sup.n} processes, "
                   f"pids {sup.pids()})", flush=True)
-            done = threading.Event()
+            stopping: list[int] = []  # appended by the handler (no lock a 2nd signal could hit)
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: done.set())
-            done.wait()
+                signal.signal(sig, lambda *_: stopping.append(1))
+            while not stopping:
+                time.sleep(0.2)
             print("shutting down: letting in-flight calls finish", flush=True)
             sup.stop()
             return 0
