@@ -396,6 +396,14 @@ class ServingSettings(_Section):
                                         "beyond, new ones are dropped and counted (never blocks).")
     recent_events_per_user: int = Field(50, ge=1)
     json_logs: bool = Field(True, description="`freshrec serve` logs one JSON object per line.")
+    processes: int = Field(0, ge=0, description="Server processes on this host, sharing "
+                           "serving.port (SO_REUSEPORT) under a supervisor that restarts any that "
+                           "dies (serving/host.py); 0: one per core; 1: one process, no supervisor.")
+    mmap_index: Literal["auto"] | bool = Field(
+        "auto", description="Load the snapshot's FAISS index memory-mapped read-only, so the "
+        "processes of a host share its pages (deltas go to a small in-memory overlay): true, "
+        "false, or auto: true in the processes a supervisor starts (serving.processes other "
+        "than 1), false otherwise.")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads per FAISS search; 1 lets "
                                "concurrent requests use the cores instead of spinning threads.")
     experiment: ExperimentSettings = Field(default_factory=ExperimentSettings,

@@ -8,6 +8,14 @@ master (FAISS GPU indexes cannot remove vectors): removed positions are tombston
 and filtered from its results until the replica is re-copied from the master. Removed items
 therefore never come back in a result, whatever the index. Concurrency: searches share a read
 lock, deltas take the write lock.
+
+A **read-only** index (``read_only=True``: the snapshot's index memory-mapped with
+``IO_FLAG_MMAP_IFC | IO_FLAG_READ_ONLY``, its pages shared by every process of a host) is never
+written: FAISS aborts the process on an add or remove there. Removals become tombstones filtered at
+search with an ``IDSelectorNot`` (flat, IVF and HNSW alike), upserts go to a small in-memory overlay
+(an exact inner-product index) searched next to it and merged by score. When tombstones and overlay
+together pass a share of the index, the index is copied into this process's memory with them
+applied, and is an ordinary writable index from then on (its pages are no longer shared).
 """
 
 from __future__ import annotations
@@ -82,8 +90,14 @@ class ItemIndex:
     """Item vectors by string id over a FAISS index (flat, ivf or hnsw)."""
 
     def __init__(self, index: faiss.Index, item_ids: list[str], vectors: np.ndarray,
-                 index_type: str, use_gpu: bool = False) -> None:
+                 index_type: str, use_gpu: bool = False, read_only: bool = False) -> None:
+        if read_only and use_gpu:
+            raise ValueError("a read-only (memory-mapped) index has no GPU replica: load it "
+                             "into memory (serving.mmap_index: off) to search on the GPU")
         self.index = index
+        self.read_only = read_only
+        self.overlay: faiss.Index | None = None  # upserts of a read-only index
+        self._selector = None  # (tombstone count, IDSelectorNot, its id array) of a read-only index
         self.index_type = index_type
         self.item_ids: list[str | None] = list(item_ids)
         self.position = {item: i for i, item in enumerate(item_ids)}
@@ -154,6 +168,8 @@ class ItemIndex:
             fetch = min(n + len(self._gpu_tombstones), self.index.ntotal)
             scores, ids = self._gpu.search(q, fetch)
             skip = self._gpu_tombstones | self.tombstones
+        elif self.read_only:
+            return self._search_read_only(q, n)
         elif self.tombstones and self.index_type == "hnsw":
             sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64)))
             hnsw = faiss.downcast_index(self.index.index).hnsw
@@ -170,6 +186,40 @@ class ItemIndex:
             item = self.item_ids[int(i)]
             if item is not None:
                 out.append((item, float(s)))
+        return out[:n]
+
+    def _search_params(self):
+        """Search parameters excluding the tombstones (read-only index), or None without any."""
+        if not self.tombstones:
+            return None
+        if self._selector is None or self._selector[0] != len(self.tombstones):
+            arr = np.fromiter(self.tombstones, np.int64)
+            self._selector = (len(self.tombstones),
+                              faiss.IDSelectorNot(faiss.IDSelectorBatch(arr)), arr)
+        sel = self._selector[1]
+        if self.index_type == "ivf":
+            return faiss.SearchParametersIVF(sel=sel, nprobe=faiss.downcast_index(self.index).nprobe)
+        if self.index_type == "hnsw":
+            hnsw = faiss.downcast_index(self.index.index).hnsw
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=hnsw.efSearch)
+        return faiss.SearchParameters(sel=sel)
+
+    def _search_read_only(self, q: np.ndarray, n: int) -> list[tuple[str, float]]:
+        params = self._search_params()
+        if params is not None and self.index_type == "hnsw":
+            params.efSearch = max(params.efSearch, n)
+        scores, ids = self.index.search(q, n, params=params) if params is not None else \
+            self.index.search(q, n)
+        hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        if self.overlay is not None and self.overlay.ntotal:
+            s2, i2 = self.overlay.search(q, min(n, self.overlay.ntotal))
+            hits += [(float(s), int(i)) for s, i in zip(s2[0], i2[0]) if i >= 0]
+            hits.sort(key=lambda h: -h[0])
+        out = []
+        for s, i in hits:
+            item = self.item_ids[i] if i not in self.tombstones else None
+            if item is not None:
+                out.append((item, s))
         return out[:n]
 
     # ---- writes ---------------------------------------------------------------------------
@@ -196,7 +246,12 @@ class ItemIndex:
                 self.item_ids.append(item)
                 self.position[item] = int(pos)
             self.n_vectors += len(items)
-            self.index.add_with_ids(vecs, ids)
+            if self.read_only:
+                if self.overlay is None:
+                    self.overlay = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+                self.overlay.add_with_ids(vecs, ids)
+            else:
+                self.index.add_with_ids(vecs, ids)
             if self._gpu is not None:
                 self._gpu.add_with_ids(vecs, ids)
             self._maybe_compact()
@@ -218,7 +273,13 @@ class ItemIndex:
                 del self.position[item]
             self.item_ids[p] = None
         arr = np.asarray(positions, dtype=np.int64)
-        if self.index_type == "hnsw":
+        if self.read_only:
+            base = self.index.ntotal  # positions below are in the mapped index: tombstones
+            self.tombstones.update(p for p in positions if p < base)
+            over = arr[arr >= base]
+            if len(over):
+                self.overlay.remove_ids(faiss.IDSelectorArray(len(over), faiss.swig_ptr(over)))
+        elif self.index_type == "hnsw":
             self.tombstones.update(positions)
         else:
             self.index.remove_ids(faiss.IDSelectorArray(len(arr), faiss.swig_ptr(arr)))
@@ -233,11 +294,30 @@ class ItemIndex:
 
     def _maybe_compact(self) -> None:
         dead = len(self.tombstones) + len(self._gpu_tombstones)
+        if self.read_only and self.overlay is not None:
+            dead += self.overlay.ntotal
         if dead and dead > REBUILD_TOMBSTONE_SHARE * max(1, self.size):
             self._compact()
 
+    def _to_memory(self) -> None:
+        """The read-only index copied into this process's memory with its tombstones removed and
+        its overlay added: writable from now on."""
+        index = faiss.deserialize_index(faiss.serialize_index(self.index))  # owned, not mapped
+        if self.index_type != "hnsw" and self.tombstones:
+            dead = np.fromiter(self.tombstones, np.int64)
+            index.remove_ids(faiss.IDSelectorArray(len(dead), faiss.swig_ptr(dead)))
+            self.tombstones.clear()
+        if self.overlay is not None and self.overlay.ntotal:
+            ids = faiss.vector_to_array(faiss.downcast_index(self.overlay).id_map).astype(np.int64)
+            index.add_with_ids(self.vectors[ids], ids)
+        self.index, self.overlay, self.read_only, self._selector = index, None, False, None
+        log.info("index: the memory-mapped index was copied into memory to take its deltas "
+                 "(%d live items); its pages are no longer shared", self.size)
+
     def _compact(self) -> None:
         """Rebuild without tombstones (HNSW) and re-copy the GPU replica."""
+        if self.read_only:
+            self._to_memory()
         if self.tombstones and self.index_type == "hnsw":
             live = np.fromiter(self.position.values(), np.int64)
             old = faiss.downcast_index(self.index.index).hnsw

@@ -189,9 +189,13 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
     return build_snapshot(settings, None, interval.batch_date)
 
 
-def load_snapshot(path: Path) -> tuple[faiss.Index | None, list[str], Manifest]:
+def load_snapshot(path: Path, mmap: bool = False) -> tuple[faiss.Index | None, list[str], Manifest]:
+    """The snapshot's FAISS index (``mmap``: memory-mapped read-only, ``IO_FLAG_MMAP_IFC``: the
+    page cache is shared by every process mapping the file; such an index must never be written,
+    see :class:`serving.index.ItemIndex`), its item ids and manifest."""
     index = path / INDEX_FILE
-    return (faiss.read_index(str(index)) if index.exists() else None,
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    return (faiss.read_index(str(index), flags) if index.exists() else None,
             json.loads((path / IDS_FILE).read_text()), Manifest.read(path))
 
 

@@ -33,7 +33,11 @@ embedding model, each addressed to its model (``ApplyDeltasRequest.model_version
 The last batch to a replica carries the versions it now reflects and the newest event time (for
 its lag): those per-replica versions are the refresher's checkpoint (there is no local checkpoint
 file): a replica that missed a round, restarted from its snapshot or is new reports older
-versions and is sent everything since. A replica that is down is retried with backoff and
+versions and is sent everything since. A ``refresher.replicas`` entry may list several addresses
+(``a:1,b:2``) or a ``dns:///name:port`` (every address of the name); a host running several
+serving processes (``serving.processes``) is expanded into its processes, each its own replica
+(:func:`serving.host.expand_replicas`), so a restarted process is caught up like a restarted host.
+A replica that is down is retried with backoff and
 reported; the round raises :class:`ReplicaDown` and the next round resends. If the versions a
 replica needs are gone from the Change Data Feed (VACUUM), the round says so and sends a full
 refresh of every user instead of skipping data. ``freshrec refresh [--once|--loop]`` runs it.
@@ -342,8 +346,11 @@ def refresh_once(settings: Settings, ingest: bool = True) -> dict:
         except Exception as e:  # noqa: BLE001 - what silver holds is still pushed; raised below
             log.exception("refresher: taking the live data failed; pushing what silver holds")
             live_error = e
+    from serving.host import expand_replicas
+
     store = DeltaStore(settings)
-    replicas = [Replica(a, settings) for a in settings.refresher.replicas]
+    # a host running several processes is one replica per process (its own state and versions)
+    replicas = [Replica(a, settings) for a in expand_replicas(settings.refresher.replicas, settings)]
     failures: list[str] = []
     groups: dict[tuple, list[Replica]] = {}
     for r in replicas:

@@ -2,7 +2,8 @@
 
 ``rollout(settings, spec)`` resolves ``spec`` (an alias such as ``champion``, or a version number)
 to one version, builds its snapshot once (shared by every replica on this data directory) and then,
-replica by replica in ``refresher.replicas``: ``Admin.LoadModel(<version>)`` (by number, so an alias
+replica by replica in ``refresher.replicas`` (a host running several processes: process by process,
+through each one's admin address): ``Admin.LoadModel(<version>)`` (by number, so an alias
 moved mid-rollout cannot split the fleet), then the gRPC health check must say SERVING and
 ``Admin.Status`` must name the new version. The first replica that fails stops the rollout with
 :class:`RolloutFailed` naming it and why; the replicas before it keep the new version, it and the
@@ -75,7 +76,11 @@ def rollout(settings: Settings, spec: str | int = "champion", replicas: list[str
     ref = registry.resolve(spec)
     t0 = time.perf_counter()
     snap = build_snapshot(settings, ref.version)
-    replicas = list(settings.refresher.replicas if replicas is None else replicas)
+    from serving.host import expand_replicas
+
+    # every process of a multi-process host loads it (serving/host.py)
+    replicas = expand_replicas(list(settings.refresher.replicas if replicas is None else replicas),
+                               settings)
     done: list[dict] = []
     for address in replicas:
         try:

@@ -728,7 +728,7 @@ class AdminServicer(admin_grpc.AdminServicer):
 
     def Status(self, request, context):
         state = self.s.require_state(context)
-        return admin_pb2.StatusResponse(
+        reply = admin_pb2.StatusResponse(
             model_version=state.model_version, index_size=state.items.size,
             index_type=state.items.index_type,
             delta_versions={k: v for k, v in state.delta_versions.items() if v is not None},
@@ -736,6 +736,9 @@ class AdminServicer(admin_grpc.AdminServicer):
             device="cuda" if self.s.use_gpu else "cpu",
             experiment=self.s.settings.serving.experiment.name if self.s.assigner else "",
             arms=[self._arm_status(a) for a in self.s.arms], state_id=self.s.state_id)
+        if self.s.host is not None:  # one of several processes on this host: serving/host.py
+            self.s.host.describe(reply, context)
+        return reply
 
     @staticmethod
     def _arm_status(a: ArmState):
@@ -762,6 +765,7 @@ class FreshrecServer:
         if use_gpu is None:
             use_gpu = resolve_device(settings.device, need=("faiss",)).faiss_gpu
         self.use_gpu = use_gpu
+        self.host = None  # serving.host.ProcessSlot when a supervisor started this process
         self.arms: tuple[ArmState, ...] = ()  # swapped whole; arms[0] is the control
         self._state: ServingState | None = None
         self.metrics = Metrics()

@@ -260,6 +260,13 @@ def snapshot_candidates(settings: Settings, model: str | int | None = None) -> l
     return ([first] if first is not None else []) + [d for *_, d in sorted(others)]
 
 
+def mmap_index(settings: Settings, use_gpu: bool = False) -> bool:
+    """Whether the snapshot's index is memory-mapped read-only (``serving.mmap_index`` true; the
+    supervisor of several processes turns auto into true for its children). Never with a GPU
+    replica."""
+    return not use_gpu and settings.serving.mmap_index is True
+
+
 def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bool = False,
                model: str | int | None = None, fallback: bool = False) -> ServingState:
     """Load a snapshot: ``snapshot_dir`` if given, else the snapshot of ``model`` (an alias or a
@@ -306,7 +313,8 @@ def _load_one(settings: Settings, snapshot_dir: Path, use_gpu: bool) -> ServingS
     if not (path / "manifest.json").exists():
         raise FileNotFoundError(f"{path}: not a snapshot (no manifest.json)")
     t0 = time.perf_counter()
-    index, item_ids, manifest = load_snapshot(path)
+    mmap = mmap_index(settings, use_gpu)
+    index, item_ids, manifest = load_snapshot(path, mmap=mmap)
     model_obj = load(path / MODEL_DIR, device="cuda" if use_gpu else "cpu")
     if [str(i) for i in model_obj.item_ids] != list(item_ids):
         from recmodels.servable import ArtifactError
@@ -320,7 +328,7 @@ def _load_one(settings: Settings, snapshot_dir: Path, use_gpu: bool) -> ServingS
     if manifest.kind == "embedding":
         vectors = model_obj.item_vectors()
         items: ItemIndex | Catalog = ItemIndex(index, item_ids, vectors, manifest.index_type,
-                                               use_gpu=use_gpu)
+                                               use_gpu=use_gpu, read_only=mmap)
         for i in meta["inactive"]:  # removed from the index already; not served
             items.position.pop(i, None)
         user_vectors = dict(zip(users, vecs)) if vecs is not None else {}

@@ -137,6 +137,23 @@ def serve(out: Output, profile: str | None, port: int | None, smoke: str | None)
 
     settings = load_settings(profile)
     configure(json_lines=settings.serving.json_logs and not smoke)
+    if not smoke:
+        from serving.host import Supervisor, process_count
+
+        if process_count(settings) > 1:  # serving.processes: children share the port
+            sup = Supervisor(settings, port=port)
+            bound = sup.start()
+            out.say(f"freshrec serving on {settings.serving.host}:{bound} ({sup.n} processes, "
+                    f"pids {sup.pids()})")
+            stopping: list[int] = []  # appended by the handler (no lock a 2nd signal could hit)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stopping.append(1))
+            while not stopping:
+                time.sleep(0.2)
+            out.say("shutting down: letting in-flight calls finish")
+            sup.stop()
+            out.result(address=f"{settings.serving.host}:{bound}", processes=sup.n, stopped=True)
+            return
     server = FreshrecServer(settings)
     bound = server.start(port=port)
     out.say(f"freshrec serving on {settings.serving.host}:{bound}")
@@ -357,11 +374,12 @@ def promote_online(out: Output, profile: str | None, arm: str | None, replicas: 
             + decision["reason"])
     if decision["promoted"] and reload:
         from serving.client import Client
+        from serving.host import expand_replicas
 
         cfg = settings.refresher
         reloaded = {}
-        for address in replicas or cfg.replicas:
-            client = Client(address, cfg.token, ca_file=cfg.ca_file or None)
+        for address in expand_replicas(replicas or cfg.replicas, settings):  # every process
+            client = Client(address, cfg.bearer(), ca_file=cfg.ca_file or None)
             try:
                 r = client.call_admin("LoadModel", client.admin_pb2.LoadModelRequest(), timeout=600)
                 out.say(f"  {address}: arms reloaded (control now {r.model_version})")
