@@ -260,7 +260,8 @@ def test_a_process_that_cannot_take_deltas_is_reported_then_caught_up(data, tmp_
             if dict(r.status().delta_versions).get("events") != 5:
                 r.push(d, 100)
         st = _status(addr)
-        assert [dict(p.delta_versions) for p in st.processes] == [{"events": 5, "items": 3}] * 2
+        assert [dict(p.delta_versions) for p in st.processes] == \
+            [{"events": 5, "items": 3, "erasures": 0}] * 2
     finally:
         sup.send_signal(signal.SIGTERM)
         sup.wait(timeout=60)
