@@ -78,6 +78,7 @@ run: install ## set up, make the embedded dataset once, run the batch DAG, repor
 	$(PY) -m freshrec.cli.main data synth --if-missing
 	@mkdir -p .airflow && $(VENV)/bin/airflow db migrate > .airflow/migrate.log 2>&1 || { cat .airflow/migrate.log; exit 1; }
 	FRESHREC__REFRESHER__REPLICAS='[]' $(VENV)/bin/airflow dags test freshrec_batch $(RUN_AFTER)
+	FRESHREC__REFRESHER__REPLICAS='[]' $(VENV)/bin/airflow dags test freshrec_rollout
 	$(PY) -m freshrec.cli.main report --date $(DATE)
 	FRESHREC__SERVING__PORT=0 FRESHREC__SERVING__METRICS_PORT=-1 $(PY) -m freshrec.cli.main serve --smoke u42
 

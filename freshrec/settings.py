@@ -447,6 +447,12 @@ class TrainingSettings(_Section):
     experiment: str = "freshrec-training"
 
 
+class AirflowSettings(_Section):
+    failure_log: str = Field("", description="File the DAGs' failure notifier appends one JSON line "
+                             "per failed task to (freshrec/dag_support.py); empty: "
+                             "<data_dir>/alerts/task_failures.jsonl. A local path.")
+
+
 class MlflowSettings(_Section):
     tracking_uri: str = Field("", description="Empty: SQLite under data_dir/mlflow.")
     experiment: str = "freshrec-batch"
@@ -485,6 +491,12 @@ class Settings(_Section):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     online: OnlineSettings = Field(default_factory=OnlineSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+
+    @property
+    def failure_log(self) -> Path:
+        return Path(self.airflow.failure_log) if self.airflow.failure_log else (
+            self.data_dir / "alerts" / "task_failures.jsonl")
 
     @property
     def data_dir(self) -> Path:
