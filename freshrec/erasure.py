@@ -12,7 +12,6 @@ import os
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import DeltaTable
 
 from freshrec.delta import DeltaStore, sql_literal
 from freshrec.settings import Settings
@@ -27,7 +26,7 @@ def erase_user(settings: Settings, pseudonym: str) -> dict[str, int]:
     for name, spec in TABLES.items():
         if "user_id" not in spec.schema.names or not store.exists(name):
             continue
-        metrics = DeltaTable(store.path(name)).delete(f"user_id = {sql_literal(pseudonym)}")
+        metrics = store.table(name).delete(f"user_id = {sql_literal(pseudonym)}")
         removed[name] = int(metrics.get("num_deleted_rows", 0) or 0)
     landing = 0
     for f in (settings.landing_dir / "events").glob("landed_date=*/*.parquet"):

@@ -48,8 +48,37 @@ class _Section(BaseModel):
 
 
 class PathsSettings(_Section):
-    data_dir: Path = Field(description="Root of all local state: Delta tables, landing files, "
-                           "snapshots, MLflow. Relative paths are taken from the project root.")
+    data_dir: str = Field(description="Root of all state: Delta tables, landing files, "
+                          "snapshots, MLflow. Relative paths are taken from the project root. "
+                          "s3://bucket/prefix puts the Delta tables in object storage "
+                          "(freshrec/storage.py); then `local_dir` holds the rest.")
+    local_dir: Path | None = Field(None, description="With an object-store data_dir: the local "
+                                   "directory for landing files, write-ahead and impression logs, "
+                                   "snapshots, reports, MLflow's SQLite store and Spark scratch "
+                                   "(unused for a local data_dir).")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="Object-store options over the AWS_* environment "
+        "(AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP, ...); keep credentials in the environment.")
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _uri_or_path(cls, v: Any) -> Any:
+        from freshrec.storage import check_uri, is_uri
+
+        if isinstance(v, Path):
+            return str(v)
+        return check_uri(v) if is_uri(v) else v
+
+    @field_validator("local_dir", mode="before")
+    @classmethod
+    def _local_only(cls, v: Any) -> Any:
+        from freshrec.storage import is_uri
+
+        if v == "":
+            return None
+        if is_uri(v):
+            raise ValueError(f"paths.local_dir {v!r} must be a local directory, not a URI")
+        return v
     secrets_dir: Path | None = Field(None, description="Directory with one file per secret "
                                      "(hmac_key, hmac_key_chain, admin_token), mode 0600 or "
                                      "stricter; a file there wins over the YAML value. Also "
@@ -499,12 +528,41 @@ class Settings(_Section):
             self.data_dir / "alerts" / "task_failures.jsonl")
 
     @property
+    def data_is_uri(self) -> bool:
+        """Whether ``paths.data_dir`` is an object-store URI (see freshrec/storage.py)."""
+        from freshrec.storage import is_uri
+
+        return is_uri(self.paths.data_dir)
+
+    @property
     def data_dir(self) -> Path:
-        p = self.paths.data_dir
+        """The local root: ``paths.data_dir``, or ``paths.local_dir`` when data_dir is a URI
+        (refused, naming the setting, when local_dir is unset)."""
+        if self.data_is_uri:
+            if self.paths.local_dir is None:
+                raise SettingsError(
+                    f"paths.data_dir is the object-store URI {self.paths.data_dir}, but landing "
+                    "files, write-ahead and impression logs, snapshots, reports and MLflow's "
+                    "SQLite store need a local directory: set paths.local_dir "
+                    "(FRESHREC__PATHS__LOCAL_DIR) to one")
+            p = self.paths.local_dir
+        else:
+            p = Path(self.paths.data_dir)
         return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
 
     @property
+    def tables_uri(self) -> str:
+        """Where the Delta tables live: ``<data_dir>/tables``, a path or an s3:// URI."""
+        if self.data_is_uri:
+            return f"{self.paths.data_dir}/tables"
+        return str(self.data_dir / "tables")
+
+    @property
     def tables_dir(self) -> Path:
+        """The tables' local directory; refused for an object-store data_dir (use tables_uri)."""
+        if self.data_is_uri:
+            raise SettingsError(f"the tables are in object storage ({self.tables_uri}), not a local "
+                                "directory: this component needs a local paths.data_dir")
         return self.data_dir / "tables"
 
     @property
