@@ -37,9 +37,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: system-deps $(STAMP) proto jars ## create .venv and install freshrec with its extras (skipped when done)
 
-jars: $(STAMP) ## fetch the Delta jars (delta-spark) into .jars/ once, when Maven is present
+jars: $(STAMP) ## fetch the Delta jars (delta-spark) and hadoop-aws (s3://) into .jars/ once, when Maven is present
 	@if command -v mvn >/dev/null; then $(PY) -m freshrec.jars fetch \
 	  || echo "warning: Delta jars not fetched; Spark jobs keep delta-rs (delta.backend auto/rs)"; \
+	  $(PY) -m freshrec.jars fetch-s3 \
+	  || echo "warning: hadoop-aws not fetched; Spark cannot reach an s3:// paths.data_dir"; \
 	else echo "mvn not found: skipping the Delta jars; Spark jobs use delta-rs (apt-get install -y maven, then make jars)"; fi
 
 proto: $(STAMP) ## generate the gRPC stubs from serving/proto/freshrec/v1/*.proto

@@ -3,9 +3,12 @@
 Runs in its own data dir (``data/bench`` unless FRESHREC_DATA_DIR is set): synth + import, then
 ingest, clean, features, als, evaluate, build_index for today's interval, each timed; then fits
 Spark ALS and the `implicit` library's ALS (CPU, same rank, iterations, regularization and alpha)
-on the same interactions in the same process and prints the ratio. Usage:
+on the same interactions in the same process and prints the ratio. The driver's peak memory (this
+process and its Spark JVM, resident set sampled every 0.2 s) is printed per stage and overall;
+``--delta-backend spark`` runs the stages with delta-spark (the jars from ``make jars``), so the
+tables are read and written on the executors instead of passing through the driver. Usage:
 
-    .venv/bin/python benchmarks/batch.py [--events N] [--skip-stages]
+    .venv/bin/python benchmarks/batch.py [--events N] [--skip-stages] [--delta-backend spark]
 """
 
 from __future__ import annotations
@@ -22,11 +25,56 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+class PeakMemory:
+    """Samples the resident set of this process and its children (the Spark JVM) every 0.2 s."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        import threading
+
+        import psutil
+
+        self.proc, self.peak, self.py_peak, self.every = psutil.Process(), 0, 0, every
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            try:
+                self.py_peak = max(self.py_peak, self.proc.memory_info().rss)
+                for p in [self.proc, *self.proc.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.every)
+
+    def gb(self) -> float:
+        return self.peak / 1e9
+
+    def py_gb(self) -> float:
+        return self.py_peak / 1e9
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=0, help="override synth.n_events")
     ap.add_argument("--skip-stages", action="store_true", help="only the ALS comparison")
+    ap.add_argument("--skip-als", action="store_true", help="only the stages")
+    ap.add_argument("--delta-backend", choices=["auto", "spark", "rs"], default=None,
+                    help="override delta.backend (spark: delta-spark on the executors)")
     args = ap.parse_args()
+    if args.delta_backend:
+        os.environ["FRESHREC__DELTA__BACKEND"] = args.delta_backend
+    peak = PeakMemory()
     os.environ.setdefault("FRESHREC_DATA_DIR", str(ROOT / "data" / "bench"))
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
@@ -53,7 +101,8 @@ def main() -> None:
         t0 = time.perf_counter()
         out = fn()
         timings[name] = time.perf_counter() - t0
-        print(f"  {name:<12}{timings[name]:>8.1f} s", flush=True)
+        print(f"  {name:<12}{timings[name]:>8.1f} s   driver peak so far {peak.gb():.2f} GB "
+              f"(python {peak.py_gb():.2f} GB)", flush=True)
         return out
 
     if not args.skip_stages:
@@ -68,6 +117,16 @@ def main() -> None:
         timed("gate", lambda: gate.run(settings, interval))
         timed("build_index", lambda: index_snapshot.run(settings, interval))
         print(f"  {'total':<12}{sum(timings.values()):>8.1f} s  (target: whole make run <= 300 s)")
+        from freshrec.delta import DeltaStore as _Store
+        from freshrec.spark import get_spark as _get
+
+        print(f"  Delta engine of the Spark jobs: "
+              f"{_Store(settings).spark_backend(_get(settings))}; driver peak memory "
+              f"(python + JVM RSS) {peak.gb():.2f} GB, python alone {peak.py_gb():.2f} GB "
+              "(on local[*] the executors run inside the driver's JVM)", flush=True)
+    if args.skip_als:
+        peak.stop()
+        return
 
     # Spark ALS vs implicit on the same interactions.
     from freshrec.spark import get_spark

@@ -64,11 +64,15 @@ def conform(table: pa.Table, spec: TableSpec) -> pa.Table:
 
 
 class DeltaStore:
-    """Reads and writes the named freshrec tables under ``settings.tables_dir``."""
+    """Reads and writes the named freshrec tables under ``settings.tables_uri`` (a local
+    directory, or ``s3://...`` reached with ``storage_options``, see :mod:`freshrec.storage`)."""
 
     def __init__(self, settings: Settings) -> None:
+        from freshrec.storage import delta_options
+
         self.settings = settings
-        self.root = settings.tables_dir
+        self.root = settings.tables_uri
+        self.options = delta_options(settings)  # delta-rs storage_options; None when local
         self._spark_backend: str | None = None
 
     # ---- paths and metadata -------------------------------------------------------------
@@ -79,27 +83,39 @@ class DeltaStore:
             raise KeyError(f"unknown table {name!r}; known tables: {sorted(TABLES)}") from None
 
     def path(self, name: str) -> str:
-        return str(self.root / self.spec(name).name)
+        return f"{self.root}/{self.spec(name).name}"
+
+    def table(self, name: str, version: int | None = None) -> DeltaTable:
+        """The table as delta-rs opens it (at ``version`` when given)."""
+        return DeltaTable(self.path(name), version=version, storage_options=self.options)
 
     def exists(self, name: str) -> bool:
-        return DeltaTable.is_deltatable(self.path(name))
+        if self.options is None:
+            return DeltaTable.is_deltatable(self.path(name))
+        try:
+            return DeltaTable.is_deltatable(self.path(name), storage_options=self.options)
+        except OSError as e:
+            from freshrec.storage import unreachable
+
+            raise unreachable(self.path(name), e) from None
 
     def ensure(self, name: str) -> DeltaTable:
         """Open the table, creating it empty (with its schema and CDF setting) when missing."""
         spec = self.spec(name)
         if not self.exists(name):
-            Path(self.path(name)).mkdir(parents=True, exist_ok=True)
+            if self.options is None:
+                Path(self.path(name)).mkdir(parents=True, exist_ok=True)
             config = {"delta.enableChangeDataFeed": "true"} if spec.change_data_feed else None
             DeltaTable.create(self.path(name), spec.schema, mode="ignore", configuration=config,
-                              name=spec.name, description=spec.doc)
-        return DeltaTable(self.path(name))
+                              name=spec.name, description=spec.doc, storage_options=self.options)
+        return self.table(name)
 
     def ensure_all(self) -> None:
         for name in TABLES:
             self.ensure(name)
 
     def version(self, name: str) -> int | None:
-        return DeltaTable(self.path(name)).version() if self.exists(name) else None
+        return self.table(name).version() if self.exists(name) else None
 
     def versions(self, names: list[str] | None = None) -> dict[str, int | None]:
         return {n: self.version(n) for n in (names or list(TABLES))}
@@ -107,7 +123,7 @@ class DeltaStore:
     # ---- Arrow ---------------------------------------------------------------------------
     def read_arrow(self, name: str, version: int | None = None, columns: list[str] | None = None,
                    filter: Any = None) -> pa.Table:
-        dt = self.ensure(name) if version is None else DeltaTable(self.path(name), version=version)
+        dt = self.ensure(name) if version is None else self.table(name, version)
         schema = self.spec(name).schema
         ds = dt.to_pyarrow_dataset(schema=schema)
         try:
@@ -137,8 +153,9 @@ class DeltaStore:
                 raise ValueError("a predicate needs mode='overwrite' (replace the matching rows)")
             kwargs["predicate"] = predicate
         with guarded(self.settings) as erased:  # no erased user's rows come back
-            write_deltalake(self.path(name), drop_erased(name, data, erased), **kwargs)
-        return DeltaTable(self.path(name)).version()
+            write_deltalake(self.path(name), drop_erased(name, data, erased),
+                            storage_options=self.options, **kwargs)
+        return self.table(name).version()
 
     def write_if_changed(self, name: str, data: pa.Table, predicate: str | None = None,
                          where: Any = None) -> int | None:
@@ -179,7 +196,7 @@ class DeltaStore:
             data = drop_erased(name, data, erased)
             if data.num_rows == 0:
                 return {"inserted": 0, "updated": 0}
-            metrics = (DeltaTable(self.path(name))
+            metrics = (self.table(name)
                        .merge(data, predicate=on, source_alias="s", target_alias="t")
                        .when_matched_update_all(predicate=changed)
                        .when_not_matched_insert_all()
@@ -213,7 +230,7 @@ class DeltaStore:
             if version is not None:
                 reader = reader.option("versionAsOf", version)
             return reader.load(self.path(name))
-        dt = self.ensure(name) if version is None else DeltaTable(self.path(name), version=version)
+        dt = self.ensure(name) if version is None else self.table(name, version)
         files = dt.file_uris()
         if not files:
             return spark.createDataFrame([], _spark_schema(spec.schema))
@@ -235,7 +252,7 @@ class DeltaStore:
                 if predicate is not None:
                     writer = writer.option("replaceWhere", predicate)
                 writer.save(self.path(name))
-            return DeltaTable(self.path(name)).version()
+            return self.table(name).version()
         return self.write_arrow(name, df.toArrow(), mode=mode, predicate=predicate)
 
     def stage_spark(self, name: str, df: DataFrame) -> StagedWrite:

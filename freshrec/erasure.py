@@ -273,7 +273,6 @@ def user_tables() -> list[str]:
 
 
 def _delete_rows(settings: Settings, pseudonym: str) -> dict[str, int]:
-    from deltalake import DeltaTable
 
     from freshrec.delta import DeltaStore, sql_literal
 
@@ -286,7 +285,7 @@ def _delete_rows(settings: Settings, pseudonym: str) -> dict[str, int]:
         cond = {"impressions_dead_letter": f"raw LIKE {like}",  # the raw record names them
                 "events_dead_letter": f"user_id = {sql_literal(pseudonym)} OR context LIKE {like}"
                 }.get(name, f"user_id = {sql_literal(pseudonym)}")
-        metrics = DeltaTable(store.path(name)).delete(cond)
+        metrics = store.table(name).delete(cond)
         removed[name] = int(metrics.get("num_deleted_rows", 0) or 0)
     return removed
 
@@ -295,7 +294,6 @@ def vacuum_user_tables(settings: Settings) -> dict[str, int]:
     """VACUUM every table that can hold user rows (``privacy.vacuum_retention_hours``, retention
     check off, ``_change_data`` included), then checkpoint and drop transaction-log entries older
     than the same retention (their file statistics name user ids). Returns files removed."""
-    from deltalake import DeltaTable
 
     from freshrec.delta import DeltaStore
 
@@ -306,7 +304,7 @@ def vacuum_user_tables(settings: Settings) -> dict[str, int]:
         for name in user_tables():
             if not store.exists(name):
                 continue
-            dt = DeltaTable(store.path(name))
+            dt = store.table(name)
             gone = dt.vacuum(retention_hours=math.ceil(hours), dry_run=False,
                              enforce_retention_duration=False, full=True)
             out[name] = len(gone)
@@ -314,10 +312,10 @@ def vacuum_user_tables(settings: Settings) -> dict[str, int]:
             dt.alter.set_table_properties(
                 {"delta.logRetentionDuration": f"interval {int(hours * 3600)} seconds"},
                 raise_if_not_exists=False)
-            dt = DeltaTable(store.path(name))
+            dt = store.table(name)
             dt.create_checkpoint()
             dt.cleanup_metadata()
-            DeltaTable(store.path(name)).alter.set_table_properties(
+            store.table(name).alter.set_table_properties(
                 {"delta.logRetentionDuration": before or "interval 30 days"},
                 raise_if_not_exists=False)
     return out

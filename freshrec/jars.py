@@ -6,6 +6,13 @@ from Maven Central into ``.jars/`` (ignored by git; ``FRESHREC_JARS_DIR`` moves 
 runtime dependencies Maven lists for delta-spark (Delta Kernel, the Unity Catalog client, older
 copies of jars pyspark already ships) are not needed for path-based tables and are not fetched.
 
+``python -m freshrec.jars fetch-s3`` (also run by ``make jars``) copies ``org.apache.hadoop:hadoop-aws``
+at the Hadoop version pyspark ships (``hadoop-client-api-<v>.jar``) with the AWS SDK v2 modules it
+uses (``s3``, ``s3-transfer-manager``, ``sts`` at the SDK version Hadoop's own pom pins, instead of the
+~600 MB ``bundle``) into ``.jars/s3/``, leaving out what pyspark already ships (netty, Apache HTTP
+client, commons, slf4j). Spark needs them for an ``s3://`` ``paths.data_dir``
+(:mod:`freshrec.storage`).
+
 The pinned ``delta-spark`` wheel is 4.4.1, but Maven Central serves Delta jars for Spark 4.2 only up
 to 4.4.0 (checked 2026-11-28): the wheel's Python API is a thin py4j layer over the same classes, so
 the 4.4.0 jars back it.
@@ -100,6 +107,83 @@ def fetch(directory: Path | None = None, mvn: str = "mvn") -> list[Path]:
     return require_delta_jars(d)
 
 
+S3_DIR = "s3"
+S3_DONE = ".complete"
+# what pyspark's jars/ already holds in a newer version
+S3_EXCLUDE_GROUPS = "io.netty,org.slf4j,commons-logging,commons-codec,org.apache.httpcomponents"
+
+
+def hadoop_version() -> str:
+    """The Hadoop version of pyspark's bundled client (``hadoop-client-api-<v>.jar``)."""
+    import pyspark
+
+    jars = Path(pyspark.__file__).parent / "jars"
+    found = sorted(jars.glob("hadoop-client-api-*.jar"))
+    if not found:
+        raise JarsMissing(f"no hadoop-client-api jar in {jars}: cannot tell which hadoop-aws fits")
+    return found[-1].name[len("hadoop-client-api-"):-len(".jar")]
+
+
+def s3_jars(directory: Path | None = None) -> list[Path]:
+    """hadoop-aws and its AWS SDK jars when fetched completely, else an empty list."""
+    d = (directory or jars_dir()) / S3_DIR
+    return sorted(d.glob("*.jar")) if (d / S3_DONE).is_file() else []
+
+
+def require_s3_jars(directory: Path | None = None) -> list[Path]:
+    files = s3_jars(directory)
+    if not files:
+        d = (directory or jars_dir()) / S3_DIR
+        raise JarsMissing(f"hadoop-aws and the AWS SDK jars are not in {d}, and Spark needs them "
+                          "for an s3:// paths.data_dir: run `make jars` (needs Maven)")
+    return files
+
+
+def _mvn(mvn: str, args: list[str], cwd: str, what: str) -> None:
+    proc = subprocess.run([mvn, "-q", "-B", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        raise JarsMissing(f"Maven could not fetch {what} (mvn {' '.join(args)}):\n{tail}")
+
+
+def fetch_s3(directory: Path | None = None, mvn: str = "mvn") -> list[Path]:
+    """Copy hadoop-aws and the AWS SDK modules it needs into ``<directory>/s3`` once."""
+    import re
+
+    if s3_jars(directory):
+        return s3_jars(directory)
+    if shutil.which(mvn) is None:
+        raise JarsMissing(f"{mvn} is not on the PATH: install Maven (apt-get install -y maven) "
+                          "to fetch hadoop-aws for an s3:// data_dir")
+    d = (directory or jars_dir()) / S3_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    hv = hadoop_version()
+    with tempfile.TemporaryDirectory() as tmp:
+        parent = f"org.apache.hadoop:hadoop-project:{hv}:pom"
+        _mvn(mvn, ["dependency:copy", f"-Dartifact={parent}", f"-DoutputDirectory={tmp}"], tmp,
+             parent)
+        pom = (Path(tmp) / f"hadoop-project-{hv}.pom").read_text()
+        m = re.search(r"<aws-java-sdk-v2.version>([^<]+)</aws-java-sdk-v2.version>", pom)
+        if not m:
+            raise JarsMissing(f"{parent} names no aws-java-sdk-v2.version")
+        sdk = m.group(1)
+        sdk_deps = "".join(
+            f"<dependency><groupId>software.amazon.awssdk</groupId><artifactId>{a}</artifactId>"
+            f"<version>{sdk}</version></dependency>" for a in ("s3", "s3-transfer-manager", "sts"))
+        (Path(tmp) / "pom.xml").write_text(
+            '<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>'
+            "<groupId>freshrec</groupId><artifactId>s3-jars</artifactId><version>1</version>"
+            "<dependencies><dependency><groupId>org.apache.hadoop</groupId>"
+            f"<artifactId>hadoop-aws</artifactId><version>{hv}</version><exclusions><exclusion>"
+            "<groupId>software.amazon.awssdk</groupId><artifactId>bundle</artifactId>"
+            f"</exclusion></exclusions></dependency>{sdk_deps}</dependencies></project>")
+        _mvn(mvn, ["dependency:copy-dependencies", "-DincludeScope=runtime",
+                   f"-DexcludeGroupIds={S3_EXCLUDE_GROUPS}", f"-DoutputDirectory={d}"], tmp,
+             f"org.apache.hadoop:hadoop-aws:{hv} with AWS SDK {sdk}")
+    (d / S3_DONE).write_text(f"hadoop-aws {hv}, AWS SDK {sdk}\n")
+    return require_s3_jars(directory)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     cmd = args[0] if args else "fetch"
@@ -111,10 +195,18 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("Delta jars in " + str(jars_dir()) + ": " + ", ".join(f.name for f in files))
         return 0
+    if cmd == "fetch-s3":
+        try:
+            files = fetch_s3()
+        except JarsMissing as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"hadoop-aws and the AWS SDK ({len(files)} jars) in {jars_dir() / S3_DIR}")
+        return 0
     if cmd == "path":  # comma-separated, for spark-submit --jars
         print(",".join(str(f) for f in require_delta_jars()))
         return 0
-    print("usage: python -m freshrec.jars [fetch|path]", file=sys.stderr)
+    print("usage: python -m freshrec.jars [fetch|fetch-s3|path]", file=sys.stderr)
     return 2
 
 

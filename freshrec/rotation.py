@@ -101,7 +101,7 @@ def _rekey_array(arr: pa.Array | pa.ChunkedArray, key: str) -> pa.Array:
 
 
 def _rekey_tables(settings: Settings, key: str, fp: str) -> dict[str, int]:
-    from deltalake import CommitProperties, DeltaTable, write_deltalake
+    from deltalake import CommitProperties, write_deltalake
 
     from freshrec.delta import DeltaStore
     from freshrec.tables import TABLES
@@ -111,7 +111,7 @@ def _rekey_tables(settings: Settings, key: str, fp: str) -> dict[str, int]:
     for name, spec in TABLES.items():
         if "user_id" not in spec.schema.names or not store.exists(name):
             continue
-        dt = DeltaTable(store.path(name))
+        dt = store.table(name)
         if any(h.get(MARK) == fp for h in dt.history(50)):
             log.info("%s: already re-keyed", name)
             continue
@@ -119,6 +119,7 @@ def _rekey_tables(settings: Settings, key: str, fp: str) -> dict[str, int]:
         col = table.schema.get_field_index("user_id")
         table = table.set_column(col, table.schema.field(col), _rekey_array(table.column(col), key))
         write_deltalake(store.path(name), table, mode="overwrite", schema_mode=None,
+                        storage_options=store.options,
                         commit_properties=CommitProperties(custom_metadata={MARK: fp}))
         done[name] = table.num_rows
         log.info("%s: %d rows re-keyed", name, table.num_rows)

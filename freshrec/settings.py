@@ -62,9 +62,38 @@ class _Section(BaseModel):
 class PathsSettings(_Section):
     data_dir: str = Field(description="Root of all state: Delta tables, landing files, snapshots, "
                           "MLflow. A local folder (relative: from the project root in a source "
-                          "checkout, from the working directory when installed) or a URI "
-                          "(file://...; s3://... is kept as written, and components that need a "
-                          "local folder refuse it, naming the setting).")
+                          "checkout, from the working directory when installed), a file:// URI, or "
+                          "s3://bucket/prefix: the Delta tables in object storage "
+                          "(freshrec/storage.py), and `local_dir` holds the rest.")
+    local_dir: Path | None = Field(None, description="With an object-store data_dir: the local "
+                                   "directory for landing files, write-ahead and impression logs, "
+                                   "snapshots, reports, MLflow's SQLite store and Spark scratch "
+                                   "(unused for a local data_dir).")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="Object-store options over the AWS_* environment "
+        "(AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP, ...); keep credentials in the environment.")
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _uri_or_path(cls, v: Any) -> Any:
+        from freshrec.storage import check_uri, is_uri
+
+        if isinstance(v, Path):
+            return str(v)
+        if is_uri(v) and not v.lower().startswith("file://"):
+            return check_uri(v)
+        return v
+
+    @field_validator("local_dir", mode="before")
+    @classmethod
+    def _local_only(cls, v: Any) -> Any:
+        from freshrec.storage import is_uri
+
+        if v == "":
+            return None
+        if is_uri(v):
+            raise ValueError(f"paths.local_dir {v!r} must be a local directory, not a URI")
+        return v
     secrets_dir: Path | None = Field(None, description="Directory with one file per secret "
                                      "(hmac_key, hmac_key_chain, admin_token), mode 0600 or "
                                      "stricter; a file there wins over the YAML value. Also "
@@ -501,6 +530,12 @@ class TrainingSettings(_Section):
     experiment: str = "freshrec-training"
 
 
+class AirflowSettings(_Section):
+    failure_log: str = Field("", description="File the DAGs' failure notifier appends one JSON line "
+                             "per failed task to (freshrec/dag_support.py); empty: "
+                             "<data_dir>/alerts/task_failures.jsonl. A local path.")
+
+
 class MlflowSettings(_Section):
     tracking_uri: str = Field("", description="Empty: SQLite under data_dir/mlflow.")
     experiment: str = "freshrec-batch"
@@ -555,6 +590,33 @@ class Settings(BaseSettings):
         default_factory=dict, description="Parameters per model, models.<name>.<param> (the "
         "model's constructor arguments; recmodels.model_params reads them). `als` and "
         "`als_explicit` lay theirs over the `als` section.")
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+
+    @property
+    def failure_log(self) -> Path:
+        return Path(self.airflow.failure_log) if self.airflow.failure_log else (
+            self.data_dir / "alerts" / "task_failures.jsonl")
+
+    @property
+    def data_is_uri(self) -> bool:
+        """Whether ``paths.data_dir`` is an object-store URI (see freshrec/storage.py)."""
+        from freshrec.storage import is_uri
+
+        return is_uri(self.paths.data_dir) and not self.paths.data_dir.lower().startswith("file://")
+
+    @property
+    def data_dir(self) -> Path:
+        """The local root: ``paths.data_dir``, or ``paths.local_dir`` when data_dir is a URI
+        (refused, naming the setting, when local_dir is unset)."""
+        if self.data_is_uri:
+            if self.paths.local_dir is None:
+                raise SettingsError(
+                    f"paths.data_dir is the object-store URI {self.paths.data_dir}, but landing "
+                    "files, write-ahead and impression logs, snapshots, reports and MLflow's "
+                    "SQLite store need a local directory: set paths.local_dir "
+                    "(FRESHREC__PATHS__LOCAL_DIR) to one")
+            return local_data_dir(str(self.paths.local_dir))
+        return local_data_dir(self.paths.data_dir)
 
     @property
     def data_uri(self) -> str:
@@ -562,12 +624,18 @@ class Settings(BaseSettings):
         return self.paths.data_dir
 
     @property
-    def data_dir(self) -> Path:
-        """paths.data_dir as a local folder; a non-local URI is refused with the fix."""
-        return local_data_dir(self.paths.data_dir)
+    def tables_uri(self) -> str:
+        """Where the Delta tables live: ``<data_dir>/tables``, a path or an s3:// URI."""
+        if self.data_is_uri:
+            return f"{self.paths.data_dir}/tables"
+        return str(self.data_dir / "tables")
 
     @property
     def tables_dir(self) -> Path:
+        """The tables' local directory; refused for an object-store data_dir (use tables_uri)."""
+        if self.data_is_uri:
+            raise SettingsError(f"the tables are in object storage ({self.tables_uri}), not a local "
+                                "directory: this component needs a local paths.data_dir")
         return self.data_dir / "tables"
 
     @property

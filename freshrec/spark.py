@@ -80,6 +80,14 @@ def get_spark(settings: Settings) -> SparkSession:
         builder = builder.config("spark.jars", jars)
         for k, v in {**DELTA_CONF, **delta_tuning(settings)}.items():
             builder = builder.config(k, v)
+    if not submitted and settings.data_is_uri:  # s3:// tables: hadoop-aws (freshrec/storage.py)
+        from freshrec.jars import require_delta_jars, require_s3_jars
+        from freshrec.storage import spark_conf
+
+        jars = [*(require_delta_jars() if delta_spark_wanted(settings) else []), *require_s3_jars()]
+        builder = builder.config("spark.jars", ",".join(str(f) for f in jars))
+        for k, v in spark_conf(settings).items():
+            builder = builder.config(k, v)
     for k, v in cfg.extra_conf.items():
         builder = builder.config(k, v)
     # Spark runs one task per core; a multi-threaded native BLAS inside each task (ALS) would

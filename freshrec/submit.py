@@ -76,6 +76,18 @@ def source_zip(out_dir: Path | None = None) -> Path:
     return target
 
 
+def _secret_properties(conf: dict[str, str], settings: Settings) -> Path:
+    """Write ``conf`` to a properties file of mode 0600 under the local data directory."""
+    d = settings.data_dir / "spark-tmp"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "s3-credentials.properties"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"{k} {v}\n" for k, v in conf.items())
+    os.chmod(path, 0o600)
+    return path
+
+
 def command(job: str, argv: list[str], settings: Settings) -> list[str]:
     """The spark-submit command line for ``job`` with the job's own arguments ``argv``."""
     from freshrec.jars import DELTA_CONF, delta_jars, require_delta_jars
@@ -89,7 +101,16 @@ def command(job: str, argv: list[str], settings: Settings) -> list[str]:
             "spark.executorEnv.OPENBLAS_NUM_THREADS": "1", "spark.log.level": "WARN"}
     if jars:
         conf.update({**DELTA_CONF, **delta_tuning(settings)})
+    if settings.data_is_uri:  # s3:// tables: hadoop-aws and S3A's conf (freshrec/storage.py)
+        from freshrec.jars import require_s3_jars
+        from freshrec.storage import spark_conf
+
+        jars = [*jars, *require_s3_jars()]
+        conf.update(spark_conf(settings))
     conf.update(cfg.extra_conf)
+    # credentials go in a file only the user can read, not on the command line (ps shows it)
+    secret = {k: conf.pop(k) for k in list(conf) if k.startswith("spark.hadoop.fs.s3a.")
+              and k.rsplit(".", 1)[-1] in ("key", "token")}
     cmd = [str(spark_submit()), "--master", cfg.master, "--deploy-mode", "client",
            "--name", f"{cfg.app_name}-{job}", "--driver-memory", cfg.driver_memory,
            "--py-files", str(source_zip())]
@@ -97,6 +118,8 @@ def command(job: str, argv: list[str], settings: Settings) -> list[str]:
         cmd += ["--jars", ",".join(str(j) for j in jars)]
     for k, v in conf.items():
         cmd += ["--conf", f"{k}={v}"]
+    if secret:
+        cmd += ["--properties-file", str(_secret_properties(secret, settings))]
     return cmd + [str(PROJECT_ROOT / "spark_jobs" / "submit_driver.py"), job, *argv]
 
 

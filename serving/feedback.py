@@ -29,7 +29,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, write_deltalake
 
 from freshrec.delta import DeltaStore, conform
 from freshrec.settings import Settings
@@ -44,7 +44,7 @@ def watermark(store: DeltaStore) -> datetime | None:
     """The newest watermark committed with feedback rows (None before the first run)."""
     if not store.exists("feedback"):
         return None
-    table = DeltaTable(store.path("feedback"))
+    table = store.table("feedback")
     for limit in (50, None):  # the newest commits first; the whole log only when they lack it
         for commit in table.history(limit):
             value = commit.get(WATERMARK_KEY)
@@ -183,6 +183,7 @@ def run_feedback(settings: Settings, now: datetime | None = None) -> dict:
             with guarded(settings) as erased:  # an erased user's rows do not come back
                 rows = drop_erased("feedback", rows, erased)
                 write_deltalake(store.path("feedback"), rows, mode="append",
+                                storage_options=store.options,
                                 commit_properties=CommitProperties(
                                     custom_metadata={WATERMARK_KEY: new.isoformat()}))
         organic = int(pc.sum(rows.column("organic").cast(pa.int64())).as_py() or 0)

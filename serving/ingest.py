@@ -168,7 +168,6 @@ def ingest_landed(settings: Settings, now: datetime | None = None, crash=None) -
         crash("ingest_after_dead_letter")
         # 2. silver: one commit (append, or MERGE when a stored row gets replaced)
         if replace.num_rows:
-            from deltalake import DeltaTable
 
             from freshrec.erasure import drop_erased, guarded
 
@@ -176,7 +175,7 @@ def ingest_landed(settings: Settings, now: datetime | None = None, crash=None) -
             store.ensure("events")
             with guarded(settings) as erased:  # an erased user's rows do not come back
                 rows = drop_erased("events", rows, erased)
-                (DeltaTable(store.path("events"))
+                (store.table("events")
                  .merge(rows, predicate="t.event_id = s.event_id", source_alias="s",
                         target_alias="t")
                  .when_matched_update_all(predicate="t.batch_date = s.batch_date AND "

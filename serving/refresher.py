@@ -125,12 +125,14 @@ class Deltas:
     full: bool = False
 
 
-def read_changes(path: str, start: int, end: int) -> pa.Table:
+def read_changes(path: str, start: int, end: int,
+                 storage_options: dict[str, str] | None = None) -> pa.Table:
     """CDF rows of versions (start, end]; raises :class:`CdfGap` when they are gone."""
     if end <= start:
         return pa.table({})
     try:
-        reader = DeltaTable(path).load_cdf(starting_version=start + 1, ending_version=end)
+        reader = DeltaTable(path, storage_options=storage_options).load_cdf(
+            starting_version=start + 1, ending_version=end)
         table = pa.RecordBatchReader.from_stream(reader).read_all()
     except Exception as e:  # delta-rs raises generic errors for missing versions or files
         raise CdfGap(f"{path}: Change Data Feed of versions {start + 1}..{end} is not readable "
@@ -157,7 +159,7 @@ def compute_deltas(settings: Settings, store: DeltaStore, factors: ModelFactors 
     try:
         if ev_start is None:
             raise CdfGap("the replica reports no events version")
-        changes = read_changes(store.path("events"), ev_start, end["events"])
+        changes = read_changes(store.path("events"), ev_start, end["events"], store.options)
         changed = pc.unique(changes.column("user_id")).to_pylist() if changes.num_rows else []
         users_filter = pc.field("user_id").isin(pa.array(changed, pa.string()))
         d.events_read = changes.num_rows
@@ -201,7 +203,7 @@ def _item_changes(store: DeltaStore, factors: ModelFactors | None, start: int | 
     try:
         if start is None:
             raise CdfGap("the replica reports no items version")
-        changes = read_changes(store.path("items"), start, end)
+        changes = read_changes(store.path("items"), start, end, store.options)
     except CdfGap as gap:
         log.warning("refresher: %s; re-sending every item's state", gap)
         changes = store.read_arrow("items").append_column(

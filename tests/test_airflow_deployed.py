@@ -76,6 +76,26 @@ def test_a_run_triggered_through_the_rest_api_succeeds(tmp_path):
         states = {t["task_id"]: t["state"] for t in tis["task_instances"]}
         assert state == "success", (state, states, f"logs under {stack.dir / 'logs'}")
         assert set(states.values()) == {"success"}, states
+        # the batch outputs are Assets: each event names its table's Delta version, and the gate's
+        # promotion is the Asset the rollout DAG is scheduled on
+        events = api(stack, "GET", "/assets/events?source_dag_id=freshrec_batch&limit=100")
+        by_name = {e["name"]: e for e in events["asset_events"]}
+        assert {"freshrec.bronze.events_raw", "freshrec.silver.events", "freshrec.gold.features",
+                "freshrec.registry.retrieval"} <= set(by_name), sorted(by_name)
+        assert isinstance(by_name["freshrec.silver.events"]["extra"]["version"], int)
+        promoted = by_name["freshrec.registry.retrieval"]["extra"]["version"]
+        # the scheduler is off here (no cron runs): start the rollout as it would, and follow it
+        api(stack, "PATCH", "/dags/freshrec_rollout", {"is_paused": False})
+        api(stack, "POST", "/dags/freshrec_rollout/dagRuns",
+            {"dag_run_id": "rest-rollout", "logical_date": None})
+        state = "queued"
+        while state not in ("success", "failed") and time.monotonic() < deadline + 300:
+            time.sleep(3)
+            state = api(stack, "GET", "/dags/freshrec_rollout/dagRuns/rest-rollout")["state"]
+        assert state == "success", (state, f"logs under {stack.dir / 'logs'}")
+        xcom = api(stack, "GET", "/dags/freshrec_rollout/dagRuns/rest-rollout/taskInstances/"
+                   "rollout/xcomEntries/return_value")
+        assert f"freshrec-retrieval/{promoted} " in str(xcom["value"]), (promoted, xcom)
     finally:
         down(stack)
         drop_database(stack)

@@ -65,6 +65,8 @@ def test_airflow_dags_test_runs_the_whole_batch_lane(tmp_path):
     try:
         # a manual run at day+1 covers the interval [day, day+1)
         sh(str(BIN / "airflow"), "dags", "test", "freshrec_batch", run_after)
+        # a scheduler starts the rollout DAG on the gate's Asset; `dags test` does not
+        sh(str(BIN / "airflow"), "dags", "test", "freshrec_rollout")
         from serving.client import Client
 
         admin = Client(f"127.0.0.1:{port}", "dev-admin-token")

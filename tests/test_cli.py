@@ -73,11 +73,12 @@ def test_runtime_errors_exit_1_with_one_line_and_debug_shows_the_traceback(tmp_p
     assert r.stderr.strip().splitlines()[-1] == line
 
 
-def test_s3_data_dir_is_refused_with_the_fix(capsys, monkeypatch):
+def test_s3_data_dir_without_a_local_dir_is_refused_with_the_fix(capsys, monkeypatch):
     monkeypatch.setenv("FRESHREC_DATA_DIR", "s3://bucket/freshrec")
-    assert main(["report", "--date", "2026-11-27"]) == 1
+    monkeypatch.delenv("FRESHREC__PATHS__LOCAL_DIR", raising=False)
+    assert main(["erase", "--user", "u1", "--no-push"]) == 1  # the erasure log is local
     line = one_line(capsys.readouterr().err)
-    assert "paths.data_dir is 's3://bucket/freshrec'" in line and "to a local folder" in line
+    assert "object-store URI s3://bucket/freshrec" in line and "set paths.local_dir" in line
 
 
 def test_profile_and_json_work_after_the_subcommand(tmp_path, capsys, monkeypatch):

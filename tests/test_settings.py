@@ -193,9 +193,12 @@ def test_env_override_of_an_unknown_key_names_it():
 def test_s3_data_dir_is_kept_as_a_uri_and_refused_where_a_folder_is_needed():
     s = load_settings("local", env={"FRESHREC_DATA_DIR": "s3://bucket/x"})
     assert s.data_uri == "s3://bucket/x"
-    with pytest.raises(SettingsError, match=r"paths\.data_dir is 's3://bucket/x'.*set paths\.data_dir "
-                                            r"\(FRESHREC_DATA_DIR\) to a local folder"):
+    with pytest.raises(SettingsError, match=r"paths\.data_dir is the object-store URI s3://bucket/x"
+                                            r".*set paths\.local_dir \(FRESHREC__PATHS__LOCAL_DIR\)"):
         s.data_dir  # noqa: B018
+    assert s.tables_uri == "s3://bucket/x/tables"
+    with pytest.raises(ValueError, match="gs:// scheme is not supported"):
+        load_settings("local", env={"FRESHREC_DATA_DIR": "gs://bucket/x"})
     assert load_settings("local", env={"FRESHREC_DATA_DIR": "file:///tmp/fr%20data"}).data_dir == \
         Path("/tmp/fr data")
 

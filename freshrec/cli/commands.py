@@ -282,8 +282,10 @@ def recommend(out: Output, profile: str | None, user: str | None, users: str | N
 
         address = server or f"{settings.serving.host}:{settings.serving.port}"
         current_target[:] = [address]
+        # a person waits for an answer: a server that is not there is UNAVAILABLE at once (after
+        # the channel's retries), not DEADLINE_EXCEEDED 5 s later
         client = Client(address, token or os.environ.get("FRESHREC_TOKEN", "dev-client-token"),
-                        ca_file=ca)
+                        ca_file=ca, wait_for_ready=False)
         try:
             who = [user] if user else read_user_file(Path(users))
             rows, replies = [], []

@@ -183,7 +183,7 @@ def error_line(e: BaseException, target: str | None = None) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     known = ("SettingsError", "ValueError", "FileNotFoundError", "RuntimeError", "LookupError",
              "KeyError", "FloatingPointError", "SubmitError", "RolloutFailed", "PermissionError",
-             "NanLoss", "OSError")
+             "NanLoss", "OSError", "StorageUnreachable", "EventsFileError")
     if type(e).__name__ not in known and not isinstance(e, (ValueError, LookupError, RuntimeError)):
         # not one of freshrec's own errors (which say what to do): name it, point at --debug
         text = f"{type(e).__name__}: {text} (unexpected: rerun with --debug for the traceback)"

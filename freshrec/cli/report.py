@@ -72,7 +72,7 @@ def render(settings: Settings, batch_date: str) -> str:
     snap = latest_snapshot(settings.snapshots_dir)
     out += ["", f"Served model:   {served}  (serving.model = {settings.serving.model})",
             f"Index snapshot: {snap or '(none)'}",
-            f"Tables:         {settings.tables_dir}",
+            f"Tables:         {settings.tables_uri}",
             f"MLflow:         {settings.mlflow_tracking_uri}",
             f"  UI: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} "
             "--port 5000"]
