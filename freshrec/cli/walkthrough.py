@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     cli = [py, "-m", "freshrec.cli.main"]
     console.print(f"freshrec walkthrough for {args.date}: logs in [bold]{logs}[/]", soft_wrap=True)
     tasks = dag_tasks(PROJECT_ROOT / "dags" / "freshrec_batch.py")
-    steps = [("dataset", 1), ("airflow db", 1), ("batch DAG", len(tasks)), ("report", 1),
-             ("live request", 1)]
+    steps = [("dataset", 1), ("airflow db", 1), ("batch DAG", len(tasks)), ("rollout DAG", 1),
+             ("report", 1), ("live request", 1)]
 
     def fail(step: str, log_file: Path) -> int:
         tail = log_file.read_text().splitlines()[-15:] if log_file.exists() else []
@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                 "airflow-dag.log", {"FRESHREC__REFRESHER__REPLICAS": "[]"}, dag_line):
             bar.stop()
             return fail("the batch DAG", logs / "airflow-dag.log")
+        # the rollout DAG is scheduled on the gate's promotion (an Asset); `dags test` does not
+        # follow Assets, so it runs here after the batch DAG
+        if step("rollout DAG", [_bin("airflow"), "dags", "test", "freshrec_rollout"],
+                "airflow-rollout.log", {"FRESHREC__REFRESHER__REPLICAS": "[]"}):
+            bar.stop()
+            return fail("the rollout DAG", logs / "airflow-rollout.log")
         report_file = logs / "report.txt"
         if step("report", [*cli, "report", "--date", args.date], "report.txt"):
             bar.stop()
