@@ -194,7 +194,7 @@ def test_walkthrough_follows_the_dag_tasks():
     from freshrec.cli.walkthrough import dag_tasks, task_events
 
     assert dag_tasks(ROOT / "dags" / "freshrec_batch.py") == ["ingest", "clean", "features",
-                                                               "evaluate", "gate", "rollout"]
+                                                               "evaluate", "gate"]
     assert task_events("[2026-11-28T10:00:00] INFO - [DAG TEST] starting task_id=clean "
                        "map_index=-1") == ("clean", "running")
     assert task_events("INFO - [DAG TEST] end task task_id=clean map_index=-1") == ("clean", "done")
@@ -240,7 +240,8 @@ def test_make_run_walkthrough_is_short_and_says_where_everything_is(tmp_path):
     assert "live request: Recommend(user_id='u42', k=10)" in out
     # Airflow's and Spark's output went to the log file, not to the terminal
     dag_log = (logs / "airflow-dag.log").read_text()
-    assert "[DAG TEST] end task task_id=rollout" in dag_log
+    assert "[DAG TEST] end task task_id=gate" in dag_log
+    assert "[DAG TEST] end task task_id=rollout" in (logs / "airflow-rollout.log").read_text()
     for chatty in ("[DAG TEST]", "WARN NativeCodeLoader", "INFO - "):
         assert chatty not in out and chatty not in r.stderr
     assert str(logs) in r.stderr  # the logs' folder is named first
