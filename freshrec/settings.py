@@ -352,6 +352,10 @@ class ServingSettings(_Section):
     json_logs: bool = Field(True, description="`freshrec serve` logs one JSON object per line.")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads per FAISS search; 1 lets "
                                "concurrent requests use the cores instead of spinning threads.")
+    tracing: bool = Field(False, description="OpenTelemetry tracing of every gRPC call (the "
+                          "`tracing` extra: opentelemetry-instrumentation-grpc); spans go to the "
+                          "process's tracer provider, else OTLP per the OTEL_EXPORTER_OTLP_* "
+                          "variables.")
     experiment: ExperimentSettings = Field(default_factory=ExperimentSettings,
                                            description="A/B experiment over registered models.")
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)

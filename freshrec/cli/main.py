@@ -115,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         user = args.smoke
         print(f"live request: Recommend(user_id={user!r}, k=10) over gRPC on loopback")
         t0 = time.perf_counter()
-        reply = client.recommend(user, 10)
+        reply = client.recommend(user, 10, explain=True)
         print(f"answered in {(time.perf_counter() - t0) * 1000:.1f} ms")
         _print_reply(user, reply)
         client.close()
@@ -235,7 +235,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         users = [args.user] if args.user else read_user_file(Path(args.users))
         rows = []
         for u in users:
-            reply = client.recommend(u, args.k)
+            reply = client.recommend(u, args.k, explain=not args.output)
             if args.output:
                 rows += [(u, r, it.item_id, it.score) for r, it in enumerate(reply.items, 1)]
             else:
