@@ -22,6 +22,9 @@ both servers (matplotlib).
     .venv/bin/python benchmarks/serving.py                   # 200k items, about 2 minutes
     .venv/bin/python benchmarks/serving.py --items 1000000 --nlist 4096   # the issue's 1M x 64
 
+``--rounds 3`` alternates the servers three times and reports medians (a shared machine's busy
+spells then hit both); ``--aio`` adds the bare server on grpc.aio, reported against the sync one.
+
 ``--kinds factors,two_tower,item_knn,hybrid`` then times one client's Recommend per served model
 kind on the same catalog (in-process server; slow for 1M items: item-kNN lists are built first).
 """
@@ -94,18 +97,10 @@ def _users(n: int) -> list[str]:
 
 
 # ---- the bare server (the floor) ---------------------------------------------------------------
-def serve_bare(data: str, workers: int, ready, stop) -> None:
-    """A minimal sync gRPC server: user vector lookup, FAISS search, drop seen, answer. Uses only
-    the API's message classes (the wire format both servers speak)."""
-    from concurrent import futures
-
+def _bare_state(data: str):
     import faiss
-    import grpc
     import numpy as np
 
-    from serving.proto import stubs
-
-    pb2 = stubs()["recommender_pb2"]
     faiss.omp_set_num_threads(1)
     index = faiss.read_index(str(Path(data) / "items.faiss"))
     z = np.load(Path(data) / "users.npz")
@@ -113,28 +108,78 @@ def serve_bare(data: str, workers: int, ready, stop) -> None:
     seen = [set(row.tolist()) for row in z["seen"]]
     row = {u: n for n, u in enumerate(_users(len(uvecs)))}
     ids = [f"i{i}" for i in range(index.ntotal)]
+    return index, uvecs, seen, row, ids
+
+
+def _bare_handler(data: str, asynchronous: bool):
+    """The bare Recommend (user vector lookup, FAISS search, drop seen, answer) as a generic
+    handler. Uses only the API's message classes (the wire format both servers speak)."""
+    import grpc
+
+    from serving.proto import stubs
+
+    pb2 = stubs()["recommender_pb2"]
+    index, uvecs, seen, row, ids = _bare_state(data)
     Item, Reply = pb2.ScoredItem, pb2.RecommendResponse
 
-    def recommend(request, context):
+    def answer(request):
         r = row.get(request.user_id)
         if r is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, "unknown user")
+            return None
         drop, k = seen[r], request.k
         scores, found = index.search(uvecs[r:r + 1], k + len(drop))
         items = [Item(item_id=ids[i], score=s) for s, i in zip(scores[0].tolist(), found[0].tolist())
                  if i >= 0 and i not in drop]
         return Reply(items=items[:k])
 
-    handler = grpc.method_handlers_generic_handler("freshrec.v1.Recommender", {
+    if asynchronous:
+        async def recommend(request, context):
+            reply = answer(request)
+            if reply is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, "unknown user")
+            return reply
+    else:
+        def recommend(request, context):
+            reply = answer(request)
+            if reply is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, "unknown user")
+            return reply
+    return grpc.method_handlers_generic_handler("freshrec.v1.Recommender", {
         "Recommend": grpc.unary_unary_rpc_method_handler(
             recommend, request_deserializer=pb2.RecommendRequest.FromString,
             response_serializer=Reply.SerializeToString)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), handlers=[handler])
+
+
+def serve_bare(data: str, workers: int, ready, stop) -> None:
+    """The bare Recommend in a sync gRPC server with ``workers`` threads."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         handlers=[_bare_handler(data, False)])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     ready.put(("bare", port))
     stop.wait()
     server.stop(1).wait()
+
+
+def serve_bare_aio(data: str, workers: int, ready, stop) -> None:
+    """The bare Recommend in an asyncio server (grpc.aio), answered on the event loop."""
+    import asyncio
+
+    import grpc
+
+    async def main() -> None:
+        server = grpc.aio.server(handlers=[_bare_handler(data, True)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.put(("bare-aio", port))
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await server.stop(1)
+
+    asyncio.run(main())
 
 
 # ---- freshrec --------------------------------------------------------------------------------
@@ -375,6 +420,21 @@ def measure(name: str, addr: str, pid: int, requests: list[bytes], args, ctx) ->
     return out
 
 
+def median_of(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds (latency lists pooled, first round's served lists)."""
+    import numpy as np
+
+    out = dict(rounds[0])
+    for key in ("p50", "p99", "cpu_one_us", "cpu_load_us", "qps"):
+        out[key] = float(np.median([r[key] for r in rounds]))
+    out["errors"] = sum(r["errors"] for r in rounds)
+    out["latencies_ms"] = [x for r in rounds for x in r["latencies_ms"]]
+    if all(r["paced"] for r in rounds):
+        out["paced"] = {k: float(np.median([r["paced"][k] for r in rounds]))
+                        for k in rounds[0]["paced"]}
+    return out
+
+
 def recall_at_10(served: list[list[int]], truth: list[list[int]]) -> float:
     import numpy as np
 
@@ -435,6 +495,13 @@ def report(results: dict, recall: dict, raw_p50: float, args) -> None:
           f">= 0.95 {'met' if recall['freshrec'] >= 0.95 else 'MISSED'}")
     print(f"{'raw FAISS search p50, in process (ms)':<40}{raw_p50:>12.3f}")
     print(f"errors: bare {b['errors']}, freshrec {f['errors']}")
+    a = results.get("bare-aio")
+    if a:
+        print(f"\nthe bare server on grpc.aio (asyncio) vs sync with {args.workers} threads: p50 "
+              f"{a['p50']:.3f} ms ({a['p50'] / b['p50']:.2f}x), CPU per call {a['cpu_one_us']:.0f}"
+              f" us ({a['cpu_one_us'] / b['cpu_one_us']:.2f}x), {args.in_flight} in flight "
+              f"{a['qps']:,.0f}/s ({a['qps'] / b['qps']:.2f}x), CPU per call loaded "
+              f"{a['cpu_load_us']:.0f} us ({a['cpu_load_us'] / b['cpu_load_us']:.2f}x)")
 
 
 def main() -> None:
@@ -452,9 +519,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="loaded phase per server")
     ap.add_argument("--paced-seconds", type=float, default=0.0,
                     help="open-loop phase at 80%% of each server's max (needs a quiet machine)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each server this many times, alternating; medians reported")
     ap.add_argument("--workers", type=int, default=8, help="server threads (both servers)")
     ap.add_argument("--serving", default="{}",
                     help="JSON of serving settings for FreshrecServer, e.g. '{\"workers\": 4}'")
+    ap.add_argument("--aio", action="store_true",
+                    help="also measure the bare server on grpc.aio (asyncio) against the sync one")
     ap.add_argument("--png", default="", help="latency CDF figure (e.g. serving_latency.png)")
     ap.add_argument("--json", default="", help="write the figures here")
     ap.add_argument("--kinds", default="",
@@ -489,22 +560,27 @@ def main() -> None:
                     for u in [*range(500), *order]]
         ctx = mp.get_context("spawn")
         ready, stop = ctx.Queue(), ctx.Event()
-        servers = [ctx.Process(target=serve_bare, args=(tmp, args.workers, ready, stop)),
-                   ctx.Process(target=serve_freshrec, args=(tmp, args.workers, ready, stop,
-                                                            json.loads(args.serving)))]
-        for p in servers:
+        servers = {"bare": ctx.Process(target=serve_bare, args=(tmp, args.workers, ready, stop)),
+                   "freshrec": ctx.Process(target=serve_freshrec, args=(
+                       tmp, args.workers, ready, stop, json.loads(args.serving)))}
+        if args.aio:
+            servers["bare-aio"] = ctx.Process(target=serve_bare_aio,
+                                              args=(tmp, args.workers, ready, stop))
+        for p in servers.values():
             p.start()
         ports = dict(ready.get(timeout=600) for _ in servers)
-        pids = {"bare": servers[0].pid, "freshrec": servers[1].pid}
-        results = {}
+        pids = {name: p.pid for name, p in servers.items()}
+        rounds: dict[str, list[dict]] = {name: [] for name in servers}
         try:
-            for name in ("bare", "freshrec"):
-                results[name] = measure(name, f"127.0.0.1:{ports[name]}", pids[name], requests,
-                                        args, ctx)
+            for _ in range(args.rounds):  # alternating, so a busy spell hits both servers
+                for name in servers:
+                    rounds[name].append(measure(name, f"127.0.0.1:{ports[name]}", pids[name],
+                                                requests, args, ctx))
         finally:
             stop.set()
-            for p in servers:
+            for p in servers.values():
                 p.join(30)
+        results = {name: median_of(rs) for name, rs in rounds.items()}
         recall = {n: recall_at_10(r["served"], data["truth"]) for n, r in results.items()}
         report(results, recall, raw_p50, args)
         if args.png:

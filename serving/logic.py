@@ -1,8 +1,9 @@
 """Request logic, pure and apart from gRPC: recommendations and similar items over a state.
 
-Filters (categories, excluded items, seen items) are applied before the top-k cut: candidates are
-over-fetched and the fetch doubles until k qualify or the index is exhausted, so k results come back
-whenever k items qualify. Users without a vector (cold start) get items from the categories in their
+Filters (categories, excluded items, seen items) are applied before the top-k cut: k candidates
+plus one per excluded item are fetched (over-fetched by ``overfetch`` under a category filter) and
+the fetch doubles until k qualify or the index is exhausted, so k results come back whenever k
+items qualify. Users without a vector (cold start) get items from the categories in their
 request context, then the most popular items, through the same filters.
 """
 
@@ -99,8 +100,9 @@ def _wanted(state: ServingState, pos: int, item: str, filters: Filters,
 
 def _search_filtered(state: ServingState, query: np.ndarray, k: int, filters: Filters,
                      excluded: Excluded, overfetch: float) -> list[tuple[int, str, float]]:
-    """The best ``k`` (position, item id, score) that pass the filters."""
-    fetch = int(k * overfetch) + len(excluded)
+    """The best ``k`` (position, item id, score) that pass the filters. Only a category filter
+    drops an unknown share of candidates: it alone is over-fetched for."""
+    fetch = (int(k * overfetch) if filters.include_categories else k) + len(excluded)
     while True:
         hits = state.items.search_positions(query, fetch)
         good = [h for h in hits if _wanted(state, h[0], h[1], filters, excluded)]

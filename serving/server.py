@@ -654,12 +654,19 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
         ids, scores = [x.item_id for x in items], [x.score for x in items]
         if not result.cold_start and next(s.sample_tick) % s.sample_every == 0:
             arm.monitor.add(ids, scores)
-        reply = rec_pb2.RecommendResponse(model_version=result.model_version,
-                                          cold_start=result.cold_start, arm=arm.name)
+        # fields left at their defaults are not passed: protobuf sets each one it is given
+        reply = rec_pb2.RecommendResponse(model_version=result.model_version)
+        if result.cold_start:
+            reply.cold_start = True
+        if arm.name:
+            reply.arm = arm.name
         add = reply.items.add
         for x in items:
-            add(item_id=x.item_id, score=x.score, source=x.source, explanation=x.explanation,
-                propensity=1.0)
+            if x.explanation:
+                add(item_id=x.item_id, score=x.score, source=x.source, explanation=x.explanation,
+                    propensity=1.0)
+            else:
+                add(item_id=x.item_id, score=x.score, source=x.source, propensity=1.0)
         if key is not None:
             cache.put(key, (reply, ids, scores), token)
         return self._served(request, reply, user, ids, scores, None)
