@@ -102,10 +102,18 @@ def _search_filtered(state: ServingState, query: np.ndarray, k: int, filters: Fi
                      excluded: Excluded, overfetch: float) -> list[tuple[int, str, float]]:
     """The best ``k`` (position, item id, score) that pass the filters. Only a category filter
     drops an unknown share of candidates: it alone is over-fetched for."""
-    fetch = (int(k * overfetch) if filters.include_categories else k) + len(excluded)
+    cats = filters.include_categories
+    fetch = (int(k * overfetch) if cats else k) + len(excluded)
+    pos, ids, ncat = excluded.pos, excluded.items, len(state.catalog)
     while True:
-        hits = state.items.search_positions(query, fetch)
-        good = [h for h in hits if _wanted(state, h[0], h[1], filters, excluded)]
+        good = []
+        for h in state.items.search_positions(query, fetch):  # _wanted, inlined (per candidate)
+            q, item = h[0], h[1]
+            if q in pos or (ids and item in ids) or (q >= ncat and pos and item in excluded.ids()):
+                continue
+            if cats and not state.categories.get(item, frozenset()) & cats:
+                continue
+            good.append(h)
         if len(good) >= k or fetch >= state.items.size:
             return good[:k]
         fetch *= 2
