@@ -7,8 +7,8 @@ that looks up the user's vector, searches FAISS, drops the user's seen items and
 figure of FreshrecServer (cache off, as deployed otherwise: auth, rate limits, pseudonymization,
 impression log, metrics) is reported as a ratio to it:
 
-- one client, one call at a time: p50 / p99, and the server's CPU per call (its process CPU time
-  delta over the calls, read from /proc through psutil);
+- one client, one call at a time, each request sent to every server in turn: p50 / p99, and each
+  server's CPU per call (its process CPU time delta over the calls, read through psutil);
 - 32 calls in flight (asyncio client processes): throughput and CPU per call;
 - with ``--paced-seconds N``: an open-loop phase at 80% of each server's own maximum, p50 / p99
   (meaningful only on a machine no other work shares);
@@ -220,23 +220,30 @@ def serve_freshrec(data: str, workers: int, ready, stop, serving: dict) -> None:
 
 
 # ---- the clients -----------------------------------------------------------------------------
-def one_client(addr: str, requests: list[bytes], keep: int, out) -> None:
-    """One call at a time over pre-serialized requests; (latencies, first ``keep`` replies)."""
+def one_client(addrs: dict[str, str], requests: list[bytes], keep: int, out) -> None:
+    """One call at a time over pre-serialized requests, each request sent to every server in
+    turn (the first server rotating), so a busy spell of the machine hits all of them alike.
+    Returns {server: (latencies, first ``keep`` replies)}."""
     import grpc
 
-    with grpc.insecure_channel(addr) as channel:
-        call = channel.unary_unary(METHOD)  # bytes in, bytes out
-        meta = (("authorization", f"Bearer {TOKEN}"),)
-        for r in requests[:200]:
+    meta = (("authorization", f"Bearer {TOKEN}"),)
+    channels = {name: grpc.insecure_channel(a) for name, a in addrs.items()}
+    calls = [(name, ch.unary_unary(METHOD)) for name, ch in channels.items()]  # bytes in and out
+    for r in requests[:200]:
+        for _, call in calls:
             call(r, metadata=meta, timeout=5)  # warm up
-        lat, replies = [], []
-        for n, r in enumerate(requests):
+    got = {name: ([], []) for name in addrs}
+    for n, r in enumerate(requests):
+        for j in range(len(calls)):
+            name, call = calls[(n + j) % len(calls)]
             t = time.perf_counter()
             reply = call(r, metadata=meta, timeout=5)
-            lat.append(time.perf_counter() - t)
+            got[name][0].append(time.perf_counter() - t)
             if n < keep:
-                replies.append(reply)
-    out.put((lat, replies))
+                got[name][1].append(reply)
+    for ch in channels.values():
+        ch.close()
+    out.put(got)
 
 
 def load_client(addr: str, requests: list[bytes], seconds: float, in_flight: int, rate: float,
@@ -376,16 +383,33 @@ def _run(ctx, target, args):
     return got
 
 
-def measure(name: str, addr: str, pid: int, requests: list[bytes], args, ctx) -> dict:
+def measure_one(addrs: dict[str, str], pids: dict[str, int], requests: list[bytes], args,
+                ctx) -> dict[str, dict]:
+    """The one-client phase, every server interleaved call by call: latency and CPU per call."""
     import numpy as np
 
     from serving.proto import stubs
 
     pb2 = stubs()["recommender_pb2"]
-    c0 = _cpu(pid)
-    lat, raw = _run(ctx, one_client, (addr, requests[:args.calls], 500))
-    cpu_one = (_cpu(pid) - c0) / (len(lat) + 200)  # warm-up calls included in the CPU delta
-    served = [[int(i.item_id[1:]) for i in pb2.RecommendResponse.FromString(r).items] for r in raw]
+    c0 = {name: _cpu(pid) for name, pid in pids.items()}
+    got = _run(ctx, one_client, (addrs, requests[:args.calls], 500))
+    out = {}
+    for name, (lat, raw) in got.items():
+        out[name] = {
+            "latencies_ms": [x * 1e3 for x in lat],
+            "p50": float(np.percentile(lat, 50)) * 1e3, "p99": float(np.percentile(lat, 99)) * 1e3,
+            # warm-up calls included in the CPU delta
+            "cpu_one_us": (_cpu(pids[name]) - c0[name]) / (len(lat) + 200) * 1e6,
+            "served": [[int(i.item_id[1:]) for i in pb2.RecommendResponse.FromString(r).items]
+                       for r in raw]}
+    return out
+
+
+def measure_load(name: str, addr: str, pid: int, requests: list[bytes], args, ctx) -> dict:
+    """``args.in_flight`` calls kept open for ``args.seconds``: throughput and CPU per call; then
+    (``--paced-seconds``) an open-loop phase at 80% of that throughput."""
+    import numpy as np
+
     per = max(1, args.clients)
     share = [requests[i::per] for i in range(per)]
     procs, q = [], ctx.Queue()
@@ -408,16 +432,16 @@ def measure(name: str, addr: str, pid: int, requests: list[bytes], args, ctx) ->
         paced = {"rate": rate, "ok": pok, "errors": perr,
                  "p50": float(np.percentile(plat, 50)) * 1e3 if plat else float("nan"),
                  "p99": float(np.percentile(plat, 99)) * 1e3 if plat else float("nan")}
-    out = {"server": name, "latencies_ms": [x * 1e3 for x in lat],
-           "p50": float(np.percentile(lat, 50)) * 1e3, "p99": float(np.percentile(lat, 99)) * 1e3,
-           "cpu_one_us": cpu_one * 1e6, "cpu_load_us": cpu_load * 1e6, "qps": qps,
-           "errors": errors, "paced": paced, "served": served}
-    print(f"  {name:<9} p50 {out['p50']:.3f} ms  p99 {out['p99']:.3f} ms  cpu/call "
-          f"{out['cpu_one_us']:.0f} us (one client) {out['cpu_load_us']:.0f} us (loaded)  "
-          f"{qps:,.0f}/s ({errors} errors)" + (f"  paced {paced['rate']:,.0f}/s: p50 "
-                                               f"{paced['p50']:.2f} p99 {paced['p99']:.2f} ms"
-                                               if paced else ""), flush=True)
-    return out
+    return {"cpu_load_us": cpu_load * 1e6, "qps": qps, "errors": errors, "paced": paced}
+
+
+def _show(name: str, r: dict) -> None:
+    paced = r["paced"]
+    print(f"  {name:<9} p50 {r['p50']:.3f} ms  p99 {r['p99']:.3f} ms  cpu/call "
+          f"{r['cpu_one_us']:.0f} us (one client) {r['cpu_load_us']:.0f} us (loaded)  "
+          f"{r['qps']:,.0f}/s ({r['errors']} errors)" + (
+              f"  paced {paced['rate']:,.0f}/s: p50 {paced['p50']:.2f} p99 {paced['p99']:.2f} ms"
+              if paced else ""), flush=True)
 
 
 def median_of(rounds: list[dict]) -> dict:
@@ -572,10 +596,14 @@ def main() -> None:
         pids = {name: p.pid for name, p in servers.items()}
         rounds: dict[str, list[dict]] = {name: [] for name in servers}
         try:
-            for _ in range(args.rounds):  # alternating, so a busy spell hits both servers
+            addrs = {name: f"127.0.0.1:{ports[name]}" for name in servers}
+            for _ in range(args.rounds):  # alternating, so a busy spell hits every server
+                one = measure_one(addrs, pids, requests, args, ctx)
                 for name in servers:
-                    rounds[name].append(measure(name, f"127.0.0.1:{ports[name]}", pids[name],
-                                                requests, args, ctx))
+                    r = {**one[name], **measure_load(name, addrs[name], pids[name], requests,
+                                                     args, ctx)}
+                    _show(name, r)
+                    rounds[name].append(r)
         finally:
             stop.set()
             for p in servers.values():
