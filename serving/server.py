@@ -944,7 +944,7 @@ class FreshrecServer:
         self._load_lock = threading.RLock()
         self.state_id = 0  # bumped by every load; ApplyDeltas may name the one it was computed for
         # raw id -> pseudonym, the HMAC (chain) computed once per id while it stays among the
-        # PSEUDONYM_CACHE most recent; cleared whole by every erasure (forget_user)
+        # PSEUDONYM_CACHE most recent; cleared whole by every erasure (forget_recent)
         self._pseudonym = functools.lru_cache(maxsize=PSEUDONYM_CACHE)(pseudonymizer(settings))
         self._health: dict[str, int] = {}
         self.health = health.HealthServicer()
@@ -1130,13 +1130,14 @@ class FreshrecServer:
         """Drop a user's vector, history and recent events from this replica, every arm's state
         (not the tables)."""
         removed = False
-        self._pseudonym.cache_clear()  # no raw id of an erased user stays in memory
         for st in self.distinct_states():
             removed = st.forget_user(user) or removed
         return self.forget_recent(user) or removed
 
     def forget_recent(self, user: str) -> bool:
-        """Drop a user's recent (not yet refreshed) events and cached replies."""
+        """Drop a user's recent (not yet refreshed) events, cached replies and cached pseudonyms
+        (the pseudonym cache is cleared whole: it is keyed by raw ids, which erasure never sees)."""
+        self._pseudonym.cache_clear()
         with self.recent_lock:
             removed = self.recent.pop(user, None) is not None
         self.cache.invalidate_user(user)

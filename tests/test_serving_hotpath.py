@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from serving.client import Client
-from tests.test_serving_guard import CLIENT, N_USERS, start
+from tests.test_serving_guard import ADMIN, CLIENT, N_USERS, start
 
 
 @pytest.fixture
@@ -101,6 +101,13 @@ def test_pseudonyms_are_cached_and_an_erasure_clears_them(served):
     assert server.pseudonym("someone") == p
     assert server._pseudonym.cache_info().currsize >= 1
     server.forget_user(p)
+    assert server._pseudonym.cache_info().currsize == 0
+    # a user erased upstream (the refresher's ApplyDeltas remove_users, by pseudonym) too
+    server.pseudonym("someone")
+    admin = Client(f"127.0.0.1:{server.port}", ADMIN)
+    admin.call_admin("ApplyDeltas", admin.admin_pb2.ApplyDeltasRequest(
+        remove_users=[p], users_pseudonymized=True))
+    admin.close()
     assert server._pseudonym.cache_info().currsize == 0
 
 
