@@ -377,8 +377,10 @@ class ServingSettings(_Section):
     max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
     max_id_length: int = Field(128, ge=1)
     max_events_per_call: int = Field(1000, ge=1)
-    overfetch: float = Field(2.0, ge=1.0, description="Candidates fetched per wanted result before "
-                             "filters; doubled until k results qualify or the index is exhausted.")
+    overfetch: float = Field(2.0, ge=1.0, description="Candidates fetched per wanted result under "
+                             "a category filter (vector search) or always (models scored over "
+                             "histories); doubled until k results qualify or the index is "
+                             "exhausted.")
     cache_size: int = Field(100_000, ge=0, description="Cached per-user results (0: off).")
     cache_ttl_seconds: float = Field(300.0, gt=0)
     metrics_port: int = Field(9464, ge=-1, le=65535, description="Prometheus /metrics; -1: off, 0: any.")
@@ -435,6 +437,10 @@ class ServingSettings(_Section):
         "than 1), false otherwise.")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads per FAISS search; 1 lets "
                                "concurrent requests use the cores instead of spinning threads.")
+    tracing: bool = Field(False, description="OpenTelemetry tracing of every gRPC call (the "
+                          "`tracing` extra: opentelemetry-instrumentation-grpc); spans go to the "
+                          "process's tracer provider, else OTLP per the OTEL_EXPORTER_OTLP_* "
+                          "variables.")
     experiment: ExperimentSettings = Field(default_factory=ExperimentSettings,
                                            description="A/B experiment over registered models.")
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)

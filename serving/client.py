@@ -114,10 +114,12 @@ class Client:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def recommend(self, user_id: str, k: int = 10, timeout: float = 5.0, context=None,
-                  request_id: str = "", **filters):
+                  request_id: str = "", explain: bool = False, **filters):
+        """``explain``: ask for each item's explanation (left empty otherwise)."""
         req = self.rec_pb2.RecommendRequest(user_id=user_id, k=k,
                                             filters=self.rec_pb2.Filters(**filters),
-                                            context=context or {}, request_id=request_id)
+                                            context=context or {}, request_id=request_id,
+                                            want_explanations=explain)
         return self.recommender.Recommend(req, timeout=timeout, metadata=self.metadata,
                                           wait_for_ready=self.wait_for_ready)
 

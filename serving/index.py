@@ -33,28 +33,45 @@ log = logging.getLogger(__name__)
 REBUILD_TOMBSTONE_SHARE = 0.1
 
 
+class _Reading:
+    """``with lock.read():`` without a generator per call (searches take it on every request)."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: "ReadWriteLock") -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        self.lock.acquire_read()
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release_read()
+
+
 class ReadWriteLock:
     """Many readers or one writer; writers wait for readers to drain and block new ones."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer = False
         self._waiting_writers = 0
+        self._reading = _Reading(self)
 
-    @contextmanager
-    def read(self):
+    def acquire_read(self) -> None:
         with self._cond:
             while self._writer or self._waiting_writers:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers and self._waiting_writers:
+                self._cond.notify_all()
+
+    def read(self) -> _Reading:
+        return self._reading
 
     @contextmanager
     def write(self):
@@ -157,10 +174,16 @@ class ItemIndex:
 
     def search(self, query: np.ndarray, n: int) -> list[tuple[str, float]]:
         """Up to ``n`` (item id, score) by inner product, best first; removed items never appear."""
-        with self.lock.read():
-            return self._search(np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1), n)
+        return [(i, s) for _, i, s in self.search_positions(query, n)]
 
-    def _search(self, q: np.ndarray, n: int) -> list[tuple[str, float]]:
+    def search_positions(self, query: np.ndarray, n: int) -> list[tuple[int, str, float]]:
+        """Up to ``n`` (position, item id, score), best first; removed items never appear."""
+        q = query if query.dtype == np.float32 and query.flags.c_contiguous else \
+            np.ascontiguousarray(query, dtype=np.float32)
+        with self.lock.read():
+            return self._search(q.reshape(1, -1), n)
+
+    def _search(self, q: np.ndarray, n: int) -> list[tuple[int, str, float]]:
         n = min(n, self.size)
         if n <= 0:
             return []
@@ -179,13 +202,14 @@ class ItemIndex:
         else:
             scores, ids = self.index.search(q, n)
             skip = self.tombstones
+        names = self.item_ids
         out = []
-        for s, i in zip(scores[0], ids[0]):
-            if i < 0 or int(i) in skip:
+        for i, s in zip(ids[0].tolist(), scores[0].tolist()):
+            if i < 0 or (skip and i in skip):
                 continue
-            item = self.item_ids[int(i)]
+            item = names[i]
             if item is not None:
-                out.append((item, float(s)))
+                out.append((i, item, s))
         return out[:n]
 
     def _search_params(self):

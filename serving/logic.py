@@ -1,15 +1,16 @@
 """Request logic, pure and apart from gRPC: recommendations and similar items over a state.
 
-Filters (categories, excluded items, seen items) are applied before the top-k cut: candidates are
-over-fetched and the fetch doubles until k qualify or the index is exhausted, so k results come back
-whenever k items qualify. Users without a vector (cold start) get items from the categories in their
+Filters (categories, excluded items, seen items) are applied before the top-k cut: k candidates
+plus one per excluded item are fetched (over-fetched by ``overfetch`` under a category filter) and
+the fetch doubles until k qualify or the index is exhausted, so k results come back whenever k
+items qualify. Users without a vector (cold start) get items from the categories in their
 request context, then the most popular items, through the same filters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,12 +28,11 @@ class Filters:
     exclude_seen: bool = True
 
 
-@dataclass(frozen=True)
-class Scored:
+class Scored(NamedTuple):
     item_id: str
     score: float
     source: str
-    explanation: str
+    explanation: str = ""
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,45 @@ class Result:
     cold_start: bool = False
 
 
+def _id_of(state: ServingState, pos: int) -> str | None:
+    """The item id at a served position: the catalog's (the snapshot's positions), or, past it,
+    the index's (items upserted since)."""
+    cat = state.catalog
+    return cat[pos] if pos < len(cat) else state.items.item_ids[pos]
+
+
+class Excluded:
+    """What one request must not return: served positions (the user's history and recent events,
+    ints) and the ids of ``Filters.exclude_items``. Ids of the positions are made only when a
+    candidate sits past the snapshot's catalog (an item upserted since the snapshot, whose new
+    position the history does not know) or for the cold-start fill."""
+
+    __slots__ = ("state", "pos", "items", "_ids")
+
+    def __init__(self, state: ServingState, pos: set[int], items: frozenset[str] = frozenset()):
+        self.state, self.pos, self.items, self._ids = state, pos, items, None
+
+    def __len__(self) -> int:
+        return len(self.pos) + len(self.items)
+
+    def ids(self) -> set[str]:
+        if self._ids is None:
+            self._ids = {i for i in (_id_of(self.state, p) for p in self.pos) if i is not None}
+        return self._ids
+
+    def add(self, pos: int, item: str) -> None:
+        self.pos.add(pos)
+        if self._ids is not None:
+            self._ids.add(item)
+
+    def drops(self, pos: int, item: str) -> bool:
+        if pos in self.pos or item in self.items:
+            return True
+        return pos >= len(self.state.catalog) and bool(self.pos) and item in self.ids()
+
+
 def _qualifies(state: ServingState, item: str, filters: Filters, excluded: set[str]) -> bool:
+    """By id (similar items, the cold-start fill): served, not excluded, in a wanted category."""
     if item in excluded or item in filters.exclude_items or item not in state.items.position:
         return False  # (not in the index: removed since the snapshot, e.g. deactivated)
     if filters.include_categories:
@@ -50,53 +88,82 @@ def _qualifies(state: ServingState, item: str, filters: Filters, excluded: set[s
     return True
 
 
+def _wanted(state: ServingState, pos: int, item: str, filters: Filters,
+            excluded: Excluded) -> bool:
+    """By position (a candidate the index or the model returned, known to be served)."""
+    if excluded.drops(pos, item):
+        return False
+    if filters.include_categories:
+        return bool(state.categories.get(item, frozenset()) & filters.include_categories)
+    return True
+
+
 def _search_filtered(state: ServingState, query: np.ndarray, k: int, filters: Filters,
-                     excluded: set[str], overfetch: float) -> list[tuple[str, float]]:
-    fetch = int(k * overfetch) + len(excluded) + len(filters.exclude_items)
+                     excluded: Excluded, overfetch: float) -> list[tuple[int, str, float]]:
+    """The best ``k`` (position, item id, score) that pass the filters. Only a category filter
+    drops an unknown share of candidates: it alone is over-fetched for."""
+    cats = filters.include_categories
+    fetch = (int(k * overfetch) if cats else k) + len(excluded)
+    pos, ids, ncat = excluded.pos, excluded.items, len(state.catalog)
     while True:
-        hits = state.items.search(query, fetch)
-        good = [(i, s) for i, s in hits if _qualifies(state, i, filters, excluded)]
+        good = []
+        for h in state.items.search_positions(query, fetch):  # _wanted, inlined (per candidate)
+            q, item = h[0], h[1]
+            if q in pos or (ids and item in ids) or (q >= ncat and pos and item in excluded.ids()):
+                continue
+            if cats and not state.categories.get(item, frozenset()) & cats:
+                continue
+            good.append(h)
         if len(good) >= k or fetch >= state.items.size:
             return good[:k]
         fetch *= 2
 
 
-def _because(state: ServingState, item: str, history: Iterable[str]) -> str:
-    vec = state.items.vector(item)
-    best, best_score = None, -np.inf
-    for h in list(history)[:50]:
-        hv = state.items.vector(h)
-        if hv is not None and vec is not None:
-            s = float(hv @ vec)
-            if s > best_score:
-                best, best_score = h, s
-    return f"similar to {best}, which you interacted with" if best else "matches your taste profile"
+def _because(state: ServingState, hits: list[tuple[int, str, float]], history: list[str]) -> list[str]:
+    """Per result: the item of the user's history (newest events first, at most 50 items) whose
+    vector is closest to it."""
+    position, vectors = state.items.position, state.items.vectors
+    known = [(h, p) for h in history[:50] if (p := position.get(h)) is not None]
+    if not known:
+        return ["matches your taste profile"] * len(hits)
+    sims = vectors[[q for q, _, _ in hits]] @ vectors[[p for _, p in known]].T
+    best = np.argmax(sims, axis=1)
+    return [f"similar to {known[b][0]}, which you interacted with" for b in best.tolist()]
 
 
-def _score_filtered(state: ServingState, ui, k: int, filters: Filters, excluded: set[str],
-                    overfetch: float) -> list[tuple[str, float]]:
+def _score_filtered(state: ServingState, ui, k: int, filters: Filters, excluded: Excluded,
+                    overfetch: float) -> list[tuple[int, str, float]]:
     """Models scored over the history: dense scores over the catalog, best first, filtered."""
     s = np.asarray(state.model.scores([ui])[0], dtype=np.float64)
-    cat, n = state.catalog, len(s)
-    fetch = int(k * overfetch) + len(excluded) + len(filters.exclude_items)
+    cat, n, live = state.catalog, len(s), state.items.position
+    fetch = int(k * overfetch) + len(excluded)
     while True:
         f = min(max(fetch, 1), n)
         idx = np.argpartition(-s, f - 1)[:f] if f < n else np.arange(n)
         idx = idx[np.argsort(-s[idx], kind="stable")]
-        good = [(cat[i], float(s[i])) for i in idx
-                if np.isfinite(s[i]) and _qualifies(state, cat[i], filters, excluded)]
+        good = [(i, cat[i], float(s[i])) for i in idx.tolist()
+                if np.isfinite(s[i]) and cat[i] in live and _wanted(state, i, cat[i], filters,
+                                                                     excluded)]
         if len(good) >= k or f >= n:
             return good[:k]
         fetch *= 2
 
 
 def recommend(state: ServingState, user: str, k: int, filters: Filters, context: dict[str, str],
-              recent: list[tuple[str, float]], overfetch: float = 2.0) -> Result:
+              recent: list[tuple[str, float]], overfetch: float = 2.0,
+              explain: bool = False) -> Result:
     """Top-k for ``user`` from the served model, with ``recent`` (item, weight) events the
-    snapshot does not hold yet counted now (request-time freshness, whatever the model kind)."""
-    recent_ids = [i for i, _ in recent]
-    history = list(dict.fromkeys(list(reversed(recent_ids)) + sorted(state.seen.get(user, ()))))
-    excluded = set(history) if filters.exclude_seen else set()
+    snapshot does not hold yet counted now (request-time freshness, whatever the model kind).
+    ``explain``: fill each item's explanation (else it stays empty)."""
+    seen, _, _ = state.history(user)  # catalog positions
+    if filters.exclude_seen:
+        pos = set(seen.tolist())
+        if recent:
+            where = state.items.position
+            pos.update(q for q in (where.get(i) for i, _ in recent) if q is not None)
+    else:
+        pos = set()
+    excluded = Excluded(state, pos, filters.exclude_items)
     source = state.manifest.model_name or "model"
     hits = None
     if state.embedding:
@@ -105,27 +172,36 @@ def recommend(state: ServingState, user: str, k: int, filters: Filters, context:
             vec = state.fold_in_user(user, [])
         if vec is not None:
             hits = _search_filtered(state, vec, k, filters, excluded, overfetch)
-            items = [Scored(i, s, source, _because(state, i, history)) for i, s in hits]
+            if explain and hits:
+                cat = state.catalog
+                history = list(dict.fromkeys([i for i, _ in reversed(recent)]
+                                             + sorted(cat[p] for p in seen.tolist())))
+                whys = _because(state, hits, history)
+                items = [Scored(i, s, source, w) for (_, i, s), w in zip(hits, whys)]
+            else:
+                items = [Scored(i, s, source) for _, i, s in hits]
     else:
         ui = state.user_input(user, recent)
         if len(ui.items):
             hits = _score_filtered(state, ui, k, filters, excluded, overfetch)
-            why = f"{source} over your {len(ui.items)} items"
-            items = [Scored(i, s, source, why) for i, s in hits]
+            why = f"{source} over your {len(ui.items)} items" if explain else ""
+            items = [Scored(i, s, source, why) for _, i, s in hits]
     if hits is not None:
         if len(items) >= k:
             return Result(items, state.model_version)
-        excluded |= {s.item_id for s in items}
-        return Result(items + _cold(state, k - len(items), filters, context, excluded),
+        for q, i, _ in hits:
+            excluded.add(q, i)
+        return Result(items + _cold(state, k - len(items), filters, context, excluded, explain),
                       state.model_version)
-    return Result(_cold(state, k, filters, context, excluded), state.model_version, cold_start=True)
+    return Result(_cold(state, k, filters, context, excluded, explain), state.model_version,
+                  cold_start=True)
 
 
 def _cold(state: ServingState, k: int, filters: Filters, context: dict[str, str],
-          excluded: set[str]) -> list[Scored]:
+          excluded: Excluded, explain: bool = False) -> list[Scored]:
     wanted = frozenset(c.strip() for c in context.get("categories", "").split(",") if c.strip())
     out: list[Scored] = []
-    taken = set(excluded)
+    taken = set(excluded.ids())
     n = len(state.popular)
     if wanted:
         for rank, item in enumerate(state.popular):
@@ -133,14 +209,16 @@ def _cold(state: ServingState, k: int, filters: Filters, context: dict[str, str]
                 break
             if state.categories.get(item, frozenset()) & wanted \
                     and _qualifies(state, item, filters, taken):
-                out.append(Scored(item, float(n - rank) / n, "content",
-                                  f"popular in {', '.join(sorted(wanted & state.categories[item]))}"))
+                why = (f"popular in {', '.join(sorted(wanted & state.categories[item]))}"
+                       if explain else "")
+                out.append(Scored(item, float(n - rank) / n, "content", why))
                 taken.add(item)
     for rank, item in enumerate(state.popular):
         if len(out) >= k:
             break
         if _qualifies(state, item, filters, taken):
-            out.append(Scored(item, float(n - rank) / n, "popular", "popular right now"))
+            out.append(Scored(item, float(n - rank) / n, "popular",
+                              "popular right now" if explain else ""))
             taken.add(item)
     return out
 
@@ -151,7 +229,9 @@ def similar_items(state: ServingState, item_id: str, k: int, filters: Filters,
     if pos is None:
         raise NotFound(f"item {item_id!r} is not in the served catalog")
     if state.embedding:
-        hits = _search_filtered(state, state.items.vector(item_id), k, filters, {item_id}, overfetch)
+        hits = [(i, s) for _, i, s in _search_filtered(
+            state, state.items.vector(item_id), k, filters, Excluded(state, {pos}, filters.exclude_items),
+            overfetch)]
         source = "item_vectors"
     else:
         from recmodels.servable import ItemItemServable

@@ -9,6 +9,7 @@ write-ahead log (fsynced) before ``RecordEvents`` replies, then moved to the lan
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import hmac
@@ -28,7 +29,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (GCCollector, CollectorRegistry, Counter, Gauge, Histogram,
+                               PlatformCollector, ProcessCollector, start_http_server)
 
 from freshrec.device import resolve_device
 from freshrec.experiments import Assigner, ExperimentError
@@ -49,6 +51,7 @@ rec_pb2, rec_grpc = pb["recommender_pb2"], pb["recommender_pb2_grpc"]
 admin_pb2, admin_grpc = pb["admin_pb2"], pb["admin_pb2_grpc"]
 
 RECOMMENDER = "freshrec.v1.Recommender"
+PSEUDONYM_CACHE = 100_000  # raw user ids whose pseudonym a server keeps (LRU)
 ADMIN = "freshrec.v1.Admin"
 
 
@@ -168,52 +171,70 @@ class GuardInterceptor(grpc.ServerInterceptor):
                                 cfg.max_rate_limit_keys)
         self.slow_slots = threading.BoundedSemaphore(max(2, cfg.workers // 4))
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        # authorization header -> Caller, for headers that named a configured token (at most one
+        # entry per token; unknown headers are never stored)
+        self.known: dict[str, Caller] = {}
 
-    def _peer_ok(self, name: str, context) -> None:
+    def caller(self, metadata) -> Caller | None:
+        """caller_from_metadata, without hashing a token already seen."""
+        settings = self.server.settings
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                hit = self.known.get(value)
+                if hit is None:
+                    hit = caller_from_metadata(settings, ((key, value),))
+                    if hit is None or not settings.serving.auth_enabled:
+                        break
+                    if len(self.known) < 1024:
+                        self.known[value] = hit
+                return hit
+        return caller_from_metadata(settings, metadata)
+
+    def _peer_ok(self, cm: "CallMetrics", context) -> None:
         if not self.peers.take(peer_host(context)):
-            self.server.metrics.requests.labels(name, "RESOURCE_EXHAUSTED").inc()
+            cm.done("RESOURCE_EXHAUSTED")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"rate limit of {self.server.settings.serving.peer_rate_limit_per_second}"
                           "/s for this client address exceeded; retry with backoff")
 
-    def _refuse(self, name: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-        counter = self.server.metrics.requests.labels(name, code.name)
-
+    def _refuse(self, cm: "CallMetrics", code: grpc.StatusCode,
+                message: str) -> grpc.RpcMethodHandler:
         def refuse(_request_iterator, context):  # never reads the request: no wait on the client
-            self._peer_ok(name, context)
-            counter.inc()
+            cm.start()
+            self._peer_ok(cm, context)
+            cm.done(code.name)
             context.abort(code, message)
         return grpc.stream_unary_rpc_method_handler(refuse)
 
-    def _slot(self, name: str, context) -> None:
+    def _slot(self, cm: "CallMetrics", context) -> None:
         if not self.slow_slots.acquire(blocking=False):
-            self.server.metrics.requests.labels(name, "RESOURCE_EXHAUSTED").inc()
+            cm.done("RESOURCE_EXHAUSTED")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open streaming or health "
                           "calls; retry shortly")
 
     def intercept_service(self, continuation, details):
         method = details.method  # /package.Service/Method
         service = method.split("/")[1] if method.count("/") >= 2 else ""
-        # metric label: the method's name, or "other" (a caller must not mint label series)
-        name = method.rsplit("/", 1)[-1] if method in KNOWN_METHODS else "other"
+        # metric labels: the method's, or "other" (a caller must not mint label series)
+        cm = self.server.metrics.calls(method)
         if method == HEALTH_CHECK:
-            return self._cached(method, lambda: self._health_check(continuation(details)))
+            return self._cached(method, lambda: self._health_check(cm, continuation(details)))
         if method == HEALTH_WATCH:
-            return self._cached(method, self._health_watch)
+            return self._cached(method, lambda: self._health_watch(cm))
         settings = self.server.settings
-        caller = caller_from_metadata(settings, details.invocation_metadata)
+        caller = self.caller(details.invocation_metadata)
         if caller is None:
-            return self._refuse(name, grpc.StatusCode.UNAUTHENTICATED,
+            return self._refuse(cm, grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or unknown bearer token: send metadata "
                                 "'authorization: Bearer <token>'")
         if service not in ROLE_SERVICES.get(caller.role, ()):
-            return self._refuse(name, grpc.StatusCode.PERMISSION_DENIED,
+            return self._refuse(cm, grpc.StatusCode.PERMISSION_DENIED,
                                 f"role {caller.role!r} may not call {service or method!r}")
         if not self.tokens.take(caller.name):
-            return self._refuse(name, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            return self._refuse(cm, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"rate limit of {settings.serving.rate_limit_per_second}/s for "
                                 f"{caller.name} exceeded; retry with backoff")
-        return self._cached(method, lambda: self._wrap(name, continuation(details)))
+        return self._cached(method, lambda: self._wrap(cm, continuation(details)))
 
     def _cached(self, method: str, build):
         wrapped = self.handlers.get(method)
@@ -223,74 +244,84 @@ class GuardInterceptor(grpc.ServerInterceptor):
                 self.handlers[method] = wrapped
         return wrapped
 
-    def _wrap(self, name: str, handler):
+    def _wrap(self, cm: "CallMetrics", handler):
         """The service's handler with the per-address limit, counted and timed (unary), or held
         to a slow slot (streams)."""
         if handler is None:
             return None
-        m = self.server.metrics
+        name = cm.name
         deserialize = handler.request_deserializer
         if handler.stream_stream is not None:  # reflection
             inner = handler.stream_stream
 
             def stream(request_iterator, context):
-                self._peer_ok(name, context)
-                self._slot(name, context)
+                cm.start()
+                self._peer_ok(cm, context)
+                self._slot(cm, context)
+                t0 = time.perf_counter()
                 try:
                     yield from inner((decode(deserialize, raw, context, name)
                                       for raw in request_iterator), context)
                 finally:
                     self.slow_slots.release()
+                    cm.done(_code_of(context), time.perf_counter() - t0)
             return grpc.stream_stream_rpc_method_handler(
                 stream, response_serializer=handler.response_serializer)
         if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
-        latency = m.latency.labels(name)
-        ok = m.requests.labels(name, "OK")
 
         def timed(raw, context):
-            self._peer_ok(name, context)
+            cm.start()
+            self._peer_ok(cm, context)
             t0 = time.perf_counter()
             try:
                 reply = inner(decode(deserialize, raw, context, name), context)
             except Exception:
-                code = context.code().name if context.code() else "UNKNOWN"
-                m.requests.labels(name, code).inc()
-                latency.observe(time.perf_counter() - t0)
+                cm.done(_code_of(context, "UNKNOWN"), time.perf_counter() - t0)
                 raise
-            ok.inc()
-            latency.observe(time.perf_counter() - t0)
+            cm.done("OK", time.perf_counter() - t0)
             return reply
 
         return grpc.unary_unary_rpc_method_handler(
             timed, response_serializer=handler.response_serializer)
 
-    def _health_check(self, handler):
+    def _health_check(self, cm: "CallMetrics", handler):
         """Health Check, open: reads its request only while holding a slow slot."""
         inner, deserialize = handler.unary_unary, handler.request_deserializer
 
         def check(request_iterator, context):
-            self._peer_ok("Check", context)
-            self._slot("Check", context)
+            cm.start()
+            self._peer_ok(cm, context)
+            self._slot(cm, context)
+            t0 = time.perf_counter()
+            code = "UNKNOWN"
             try:
                 raw = next(request_iterator, None)
                 if raw is None:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no HealthCheckRequest sent")
-                return inner(decode(deserialize, raw, context, "HealthCheckRequest"), context)
+                reply = inner(decode(deserialize, raw, context, "HealthCheckRequest"), context)
+                code = "OK"
+                return reply
+            except Exception:
+                code = _code_of(context, "UNKNOWN")
+                raise
             finally:
                 self.slow_slots.release()
+                cm.done(code, time.perf_counter() - t0)
         return grpc.stream_unary_rpc_method_handler(
             check, response_serializer=handler.response_serializer)
 
-    def _health_watch(self):
+    def _health_watch(self, cm: "CallMetrics"):
         """Health Watch, open: the status now, then each change, for at most
         ``serving.stream_idle_seconds`` while holding a slow slot."""
         server = self.server
 
         def watch(request_iterator, context):
-            self._peer_ok("Watch", context)
-            self._slot("Watch", context)
+            cm.start()
+            self._peer_ok(cm, context)
+            self._slot(cm, context)
+            t0 = time.perf_counter()
             try:
                 raw = next(request_iterator, None)
                 if raw is None:
@@ -307,15 +338,116 @@ class GuardInterceptor(grpc.ServerInterceptor):
                     time.sleep(0.1)
             finally:
                 self.slow_slots.release()
+                cm.done(_code_of(context), time.perf_counter() - t0)
         return grpc.stream_stream_rpc_method_handler(
             watch, response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
 
 
+def tracing_interceptors(settings: Settings) -> list:
+    """With ``serving.tracing``: OpenTelemetry's gRPC server interceptor (one span per call,
+    joined to the caller's trace through its metadata), exporting to the tracer provider the
+    process has set, else to a new SDK provider with the OTLP exporter (configured by the standard
+    OTEL_EXPORTER_OTLP_* variables). SettingsError names the package to install when it is
+    missing."""
+    if not settings.serving.tracing:
+        return []
+    try:
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.grpc import server_interceptor
+    except ImportError as e:
+        raise SettingsError(
+            "serving.tracing is on but opentelemetry-instrumentation-grpc is not installed "
+            f"({e}): pip install 'freshrec[tracing]' (or "
+            "opentelemetry-instrumentation-grpc==0.66b2), or set serving.tracing: false") from None
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider):  # the process configured none
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        except ImportError as e:
+            raise SettingsError(
+                "serving.tracing is on and no tracer provider is set, but opentelemetry-sdk or "
+                f"opentelemetry-exporter-otlp-proto-grpc is missing ({e}): pip install "
+                "'freshrec[tracing]'") from None
+        provider = TracerProvider(resource=Resource.create({"service.name": "freshrec-serving"}))
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(provider)
+    return [server_interceptor(tracer_provider=provider)]
+
+
 # ---- metrics and cache ------------------------------------------------------------------------
+def _code_of(context, default: str = "OK") -> str:
+    """The status code a handler ended with (set by abort or set_code), else ``default``."""
+    code = context.code()
+    return code.name if code is not None else default
+
+
+# the grpc_type label of the standard metrics, by method path (reflection: a bidirectional stream)
+METHOD_TYPES = {f"/{d.services_by_name[n].full_name}/{m.name}":
+                ("bidi_stream" if m.client_streaming and m.server_streaming else
+                 "client_stream" if m.client_streaming else
+                 "server_stream" if m.server_streaming else "unary")
+                for d, n in ((rec_pb2.DESCRIPTOR, "Recommender"), (admin_pb2.DESCRIPTOR, "Admin"),
+                             (health_pb2.DESCRIPTOR, "Health"))
+                for m in d.services_by_name[n].methods} | {
+                f"/{s}/ServerReflectionInfo": "bidi_stream" for s in REFLECTION}
+GRPC_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+
+
+class CallMetrics:
+    """The metric series of one method, looked up once: ``freshrec_requests`` /
+    ``freshrec_request_seconds`` and the standard ``grpc_server_started_total``,
+    ``grpc_server_handled_total{grpc_type,grpc_service,grpc_method,grpc_code}`` and
+    ``grpc_server_handling_seconds``. Unknown methods share the labels service and method "other"."""
+
+    def __init__(self, metrics: "Metrics", path: str) -> None:
+        known = path in KNOWN_METHODS
+        self.name = path.rsplit("/", 1)[-1] if known else "other"
+        service = path.split("/")[1] if known else "other"
+        self.labels = (METHOD_TYPES.get(path, "unary"), service, self.name)
+        self.metrics = metrics
+        self._started = metrics.grpc_started.labels(*self.labels)
+        self._seconds = metrics.grpc_seconds.labels(*self.labels)
+        self._latency = metrics.latency.labels(self.name)
+        self._codes: dict[str, tuple] = {}
+
+    def start(self) -> None:
+        self._started.inc()
+
+    def done(self, code: str, seconds: float | None = None) -> None:
+        """Count one call ended with ``code`` (a StatusCode name); ``seconds``: time it."""
+        pair = self._codes.get(code)
+        if pair is None:
+            pair = self._codes[code] = (self.metrics.requests.labels(self.name, code),
+                                        self.metrics.grpc_handled.labels(*self.labels, code))
+        pair[0].inc()
+        pair[1].inc()
+        if seconds is not None:
+            self._latency.observe(seconds)
+            self._seconds.observe(seconds)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # the default collectors of prometheus_client: process_* (CPU, memory, open files),
+        # python_info, python_gc_*
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        grpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.grpc_started = Counter("grpc_server_started", "RPCs started on the server.",
+                                    grpc_labels, registry=r)
+        self.grpc_handled = Counter("grpc_server_handled", "RPCs completed on the server, "
+                                    "regardless of success or failure.",
+                                    [*grpc_labels, "grpc_code"], registry=r)
+        self.grpc_seconds = Histogram("grpc_server_handling_seconds", "Response latency "
+                                      "(seconds) of gRPC calls handled by the server.",
+                                      grpc_labels, buckets=GRPC_BUCKETS, registry=r)
+        self._calls: dict[str, CallMetrics] = {}
         self.requests = Counter("freshrec_requests", "gRPC calls by method and status code",
                                 ["method", "code"], registry=r)
         self.latency = Histogram("freshrec_request_seconds", "gRPC call latency", ["method"],
@@ -357,6 +489,14 @@ class Metrics:
                                         "recent-event memory to keep it under its cap", registry=r)
         self.snapshots_skipped = Gauge("freshrec_snapshots_skipped", "newer snapshots start-up "
                                        "found unusable and skipped for an older one", registry=r)
+
+    def calls(self, path: str) -> CallMetrics:
+        """The series of method ``path`` (one shared entry for every unknown path)."""
+        got = self._calls.get(path if path in KNOWN_METHODS else "other")
+        if got is None:
+            got = self._calls.setdefault(path if path in KNOWN_METHODS else "other",
+                                         CallMetrics(self, path))
+        return got
 
 
 class UserCache:
@@ -416,6 +556,9 @@ class UserCache:
 
 
 # ---- the servicers ----------------------------------------------------------------------------
+NO_FILTERS = Filters()
+
+
 def _filters(msg) -> Filters:
     return Filters(include_categories=frozenset(msg.include_categories),
                    exclude_items=frozenset(msg.exclude_items),
@@ -459,35 +602,45 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"context {problem}")
 
     def Recommend(self, request, context):
+        s = self.s
         self._check_id(request.user_id, "user_id", context)
         self._check_k(request.k, context)
-        self._check_filters(request.filters, context)
-        self._check_context(request.context, context)
-        if len(request.request_id) > self.s.settings.serving.max_id_length:
+        has_filters = request.HasField("filters")
+        if has_filters:
+            self._check_filters(request.filters, context)
+        if request.context:
+            self._check_context(request.context, context)
+        if len(request.request_id) > s.settings.serving.max_id_length:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is longer than "
-                          f"{self.s.settings.serving.max_id_length} characters")
-        self.s.require_state(context)
-        user = self.s.pseudonym(request.user_id)
-        arm = self.s.arm_for(user)
+                          f"{s.settings.serving.max_id_length} characters")
+        s.require_state(context)
+        user = s.pseudonym(request.user_id)
+        arm = s.arm_for(user)
         state = arm.state
         arm.served.inc()
-        filters = _filters(request.filters)
-        ctx = dict(request.context)
-        key = (user, request.k, filters, tuple(sorted(ctx.items())), state.model_version)
-        token = self.s.cache.token(user)
-        cached = self.s.cache.get(key)
-        if cached is not None:
-            self.s.metrics.cache_hits.inc()
-            reply = rec_pb2.RecommendResponse()
-            reply.CopyFrom(cached[0])
-            return self._served(request, reply, user, cached[1], cached[2], None)
-        self.s.metrics.cache_misses.inc()
-        self.s.check_deadline(context)
+        filters = _filters(request.filters) if has_filters else NO_FILTERS
+        ctx = dict(request.context) if request.context else {}
+        explain = request.want_explanations
+        cache = s.cache
+        key = token = None
+        if cache.size:
+            key = (user, request.k, filters, tuple(sorted(ctx.items())), state.model_version,
+                   explain)
+            token = cache.token(user)
+            cached = cache.get(key)
+            if cached is not None:
+                s.metrics.cache_hits.inc()
+                reply = rec_pb2.RecommendResponse()
+                reply.CopyFrom(cached[0])
+                return self._served(request, reply, user, cached[1], cached[2], None)
+            s.metrics.cache_misses.inc()
+        s.check_deadline(context)
         # Request-time freshness: the user's own new events count now, whatever the model kind.
-        recent = self.s.recent_events(user)
-        rr = self.s.reranker
+        recent = s.recent_events(user)
+        rr = s.reranker
         n = max(request.k, rr.candidates) if rr else request.k
-        result = recommend(state, user, n, filters, ctx, recent, self.s.settings.serving.overfetch)
+        result = recommend(state, user, n, filters, ctx, recent, s.settings.serving.overfetch,
+                           explain=explain)
         if rr is not None and not result.cold_start:
             # explores: not cached, every served item carries its propensity (and is logged)
             history = [i for i, _ in reversed(recent)] + sorted(state.seen.get(user, ()))
@@ -499,13 +652,25 @@ class RecommenderServicer(rec_grpc.RecommenderServicer):
             return self._served(request, reply, user, [s.item_id for s, _ in picked],
                                 [float(s.score) for s, _ in picked], [float(p) for _, p in picked],
                                 candidates=result.items)
-        result.items[:] = result.items[:request.k]
-        if not result.cold_start and next(self.s.sample_tick) % self.s.sample_every == 0:
-            arm.monitor.add([s.item_id for s in result.items], [s.score for s in result.items])
-        reply = rec_pb2.RecommendResponse(items=_scored(result), model_version=result.model_version,
-                                          cold_start=result.cold_start, arm=arm.name)
-        ids, scores = [s.item_id for s in result.items], [float(s.score) for s in result.items]
-        self.s.cache.put(key, (reply, ids, scores), token)
+        items = result.items[:request.k]
+        ids, scores = [x.item_id for x in items], [x.score for x in items]
+        if not result.cold_start and next(s.sample_tick) % s.sample_every == 0:
+            arm.monitor.add(ids, scores)
+        # fields left at their defaults are not passed: protobuf sets each one it is given
+        reply = rec_pb2.RecommendResponse(model_version=result.model_version)
+        if result.cold_start:
+            reply.cold_start = True
+        if arm.name:
+            reply.arm = arm.name
+        add = reply.items.add
+        for x in items:
+            if x.explanation:
+                add(item_id=x.item_id, score=x.score, source=x.source, explanation=x.explanation,
+                    propensity=1.0)
+            else:
+                add(item_id=x.item_id, score=x.score, source=x.source, propensity=1.0)
+        if key is not None:
+            cache.put(key, (reply, ids, scores), token)
         return self._served(request, reply, user, ids, scores, None)
 
     def _served(self, request, reply, user: str, items: list[str], scores: list[float],
@@ -787,7 +952,9 @@ class FreshrecServer:
         # lands on a state that a concurrent load is replacing, and erasures do not race.
         self._load_lock = threading.RLock()
         self.state_id = 0  # bumped by every load; ApplyDeltas may name the one it was computed for
-        self._pseudonym = pseudonymizer(settings)
+        # raw id -> pseudonym, the HMAC (chain) computed once per id while it stays among the
+        # PSEUDONYM_CACHE most recent; cleared whole by every erasure (forget_recent)
+        self._pseudonym = functools.lru_cache(maxsize=PSEUDONYM_CACHE)(pseudonymizer(settings))
         self._health: dict[str, int] = {}
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
@@ -954,6 +1121,8 @@ class FreshrecServer:
         self.metrics.events.inc(len(records))
 
     def recent_events(self, user: str) -> list[tuple[str, float]]:
+        if user not in self.recent:  # most calls: no lock (a dict lookup is atomic)
+            return []
         with self.recent_lock:
             return [(i, w) for i, w, _ in self.recent.get(user, ())]
 
@@ -981,7 +1150,9 @@ class FreshrecServer:
         return self.forget_recent(user) or removed
 
     def forget_recent(self, user: str) -> bool:
-        """Drop a user's recent (not yet refreshed) events and cached replies."""
+        """Drop a user's recent (not yet refreshed) events, cached replies and cached pseudonyms
+        (the pseudonym cache is cleared whole: it is keyed by raw ids, which erasure never sees)."""
+        self._pseudonym.cache_clear()
         with self.recent_lock:
             removed = self.recent.pop(user, None) is not None
         self.cache.invalidate_user(user)
@@ -1164,13 +1335,14 @@ class FreshrecServer:
                                 "SHA-256 of your client and admin tokens in the profile")
         if self.assigner is not None and load:
             self.check_experiment()  # refuse to start: an arm names a model that does not exist
+        tracing = tracing_interceptors(self.settings)  # a missing package stops start-up here
         try:
             self.wal.land(everyone=True)  # whatever a crashed server left in the log
         except Exception:  # noqa: BLE001 - a bad segment stays in the log; serve anyway
             log.exception("landing the logs left by earlier servers failed; the segments stay "
                           "in the log and the flush loop retries")
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
-                             interceptors=[GuardInterceptor(self)],
+                             interceptors=[*tracing, GuardInterceptor(self)],
                              options=[("grpc.max_receive_message_length", cfg.max_message_bytes)],
                              maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         rec_grpc.add_RecommenderServicer_to_server(RecommenderServicer(self), server)

@@ -81,12 +81,13 @@ def live(served):
 
 def test_recommend_known_user_excludes_seen_and_names_sources(live):
     raw, user = _known_user(live["settings"])
-    reply = live["client"].recommend(raw, 10)
+    reply = live["client"].recommend(raw, 10, explain=True)
     assert len(reply.items) == 10 and not reply.cold_start
     assert reply.model_version == live["server"].state.model_version
     seen = live["server"].state.seen[user]
     assert not {i.item_id for i in reply.items} & seen
-    assert all(i.source == "als" and i.explanation for i in reply.items)
+    assert all(i.source == "als" and i.explanation.startswith("similar to ")
+               for i in reply.items)
     assert reply.model_version == f"freshrec-retrieval/{live['settings'].serving.model} als"
     scores = [i.score for i in reply.items]
     assert scores == sorted(scores, reverse=True)

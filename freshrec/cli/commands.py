@@ -173,7 +173,7 @@ def serve(out: Output, profile: str | None, port: int | None, smoke: str | None)
         try:
             out.say(f"live request: Recommend(user_id={smoke!r}, k=10) over gRPC on loopback")
             t0 = time.perf_counter()
-            reply = client.recommend(smoke, 10)
+            reply = client.recommend(smoke, 10, explain=True)
             ms = (time.perf_counter() - t0) * 1000
             out.say(f"answered in {ms:.1f} ms")
             print_reply(out, smoke, reply)
@@ -290,7 +290,7 @@ def recommend(out: Output, profile: str | None, user: str | None, users: str | N
             who = [user] if user else read_user_file(Path(users))
             rows, replies = [], []
             for u in who:
-                reply = client.recommend(u, k)
+                reply = client.recommend(u, k, explain=not output)
                 replies.append(reply_dict(u, reply))
                 if output:
                     rows += [(u, r, it.item_id, it.score) for r, it in enumerate(reply.items, 1)]
