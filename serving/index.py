@@ -228,7 +228,7 @@ class ItemIndex:
             return faiss.SearchParametersHNSW(sel=sel, efSearch=hnsw.efSearch)
         return faiss.SearchParameters(sel=sel)
 
-    def _search_read_only(self, q: np.ndarray, n: int) -> list[tuple[str, float]]:
+    def _search_read_only(self, q: np.ndarray, n: int) -> list[tuple[int, str, float]]:
         params = self._search_params()
         if params is not None and self.index_type == "hnsw":
             params.efSearch = max(params.efSearch, n)
@@ -243,7 +243,7 @@ class ItemIndex:
         for s, i in hits:
             item = self.item_ids[i] if i not in self.tombstones else None
             if item is not None:
-                out.append((item, s))
+                out.append((i, item, s))
         return out[:n]
 
     # ---- writes ---------------------------------------------------------------------------

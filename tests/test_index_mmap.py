@@ -33,6 +33,9 @@ def test_read_only_index_answers_like_the_writable_one_through_deltas(tmp_path, 
                 assert len({i for i, _ in a} & {i for i, _ in b}) >= 8
                 continue
             assert [i for i, _ in a] == [i for i, _ in b]
+            # the serving hot path's search: (position, id, score), positions the index's own
+            assert [(p, i) for p, i, _ in ro.search_positions(q, 10)] == \
+                [(ro.position[i], i) for i, _ in a]
             assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-4)
 
     same()
