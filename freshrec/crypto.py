@@ -8,12 +8,18 @@ the key's SHA-256), so a reader with another key fails naming both ids instead o
 * the event write-ahead log and the impression log (:mod:`freshrec.segments`): each JSON line
   becomes ``enc1:<key_id>:<base64(nonce + ciphertext)>``; a reader takes plaintext and sealed
   lines alike, so the setting can be turned on without draining the logs first;
+* the admin audit log (:mod:`serving.audit`): sealed line by line like the logs above;
 * the snapshots' ``users.npz`` (histories and user vectors): the file becomes
-  ``FRENC1:<key_id>\\n`` + nonce + ciphertext (:func:`save_npz` / :func:`load_npz`).
+  ``FRENC1:<key_id>\\n`` + nonce + ciphertext (:func:`save_npz` / :func:`load_npz`);
+* the landing zone's Parquet files: sealed whole the same way (:func:`write_parquet` /
+  :func:`read_parquet`). Not Parquet modular encryption: Spark reads that only through a JVM
+  ``KmsClient`` class on its classpath (parquet-hadoop ships none but a test one), so the batch
+  ingest would need a Python decrypting step either way; one sealing format keeps one key id
+  check, and the ingests read sealed files through :func:`read_parquet`.
 
-Not covered (they rely on volume encryption, see the README): Delta tables (delta-rs writes no
-Parquet modular encryption), the landing zone's Parquet files, MLflow artifacts and the model
-directory inside a snapshot.
+Not covered (they rely on volume encryption, checked at start by
+:func:`freshrec.volume.check_volume_encryption`, see the README): Delta tables (delta-rs writes no
+Parquet modular encryption), MLflow artifacts and the model directory inside a snapshot.
 
 Independent of the setting, :func:`private_umask` makes every file and directory freshrec
 creates readable by its owner only (0600 / 0700).
@@ -149,6 +155,27 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], cipher: DataCipher | Non
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     write_bytes(path, buf.getvalue(), cipher)
+
+
+def read_parquet(path: Path, cipher: DataCipher | None, columns: list[str] | None = None):
+    """A Parquet file as a pyarrow Table, opened first when it is sealed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not is_sealed(path):
+        return pq.read_table(path, columns=columns)
+    return pq.read_table(pa.BufferReader(read_bytes(path, cipher)), columns=columns)
+
+
+def write_parquet(path: Path, table, cipher: DataCipher | None) -> None:
+    """Write ``table`` as Parquet (sealed when ``cipher``) atomically, like :func:`write_bytes`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(path, sink.getvalue().to_pybytes(), cipher)
 
 
 def is_sealed(path: Path) -> bool:

@@ -321,8 +321,23 @@ def vacuum_user_tables(settings: Settings) -> dict[str, int]:
     return out
 
 
-def _scrub_parquet(path: Path, needle: str, columns: tuple[str, ...] = ("user_id",)) -> int:
-    """Rewrite a Parquet file without the rows whose ``columns`` equal ``needle``; rows removed."""
+def _scrub_parquet(path: Path, needle: str, columns: tuple[str, ...] = ("user_id",),
+                   cipher=None) -> int:
+    """Rewrite a Parquet file without the rows whose ``columns`` equal ``needle``; rows removed.
+    A sealed file (:mod:`freshrec.crypto`) is opened with ``cipher`` and stays sealed."""
+    from freshrec.crypto import is_sealed, read_parquet, write_parquet
+
+    if is_sealed(path):
+        t = read_parquet(path, cipher)
+        cols = [c for c in columns if c in t.column_names]
+        hit = None
+        for c in cols:
+            h = pc.fill_null(pc.equal(t.column(c).cast(pa.string()), needle), False)
+            hit = h if hit is None else pc.or_(hit, h)
+        n = 0 if hit is None else int(pc.sum(hit.cast(pa.int64())).as_py() or 0)
+        if n:
+            write_parquet(path, t.filter(pc.invert(hit)), cipher)
+        return n
     t = pq.read_table(path)
     cols = [c for c in columns if c in t.column_names]
     if not cols:
@@ -574,7 +589,7 @@ def erase_user(settings: Settings, pseudonym: str, raw_id: str | None = None) ->
         erased_at = _append_log(settings, pseudonym)
         position = len(read_log(settings))
         tables = _delete_rows(settings, pseudonym)
-        landing = sum(_scrub_parquet(f, pseudonym) for f in
+        landing = sum(_scrub_parquet(f, pseudonym, cipher=cipher) for f in
                       sorted(settings.landing_dir.glob("**/*.parquet")))
         lines = _scrub_segments(settings, pseudonym)
         snaps, stuck = scrub_tree(settings.snapshots_dir, pseudonym, cipher)

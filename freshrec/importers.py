@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -30,7 +29,6 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from freshrec.durable import fsync_path
 from freshrec.contracts.events import WHITESPACE, describe_refusals, rules_for
 from freshrec.delta import DeltaStore
 from freshrec.privacy import pseudonymize_array
@@ -228,15 +226,15 @@ def land_events(settings: Settings, raw: pa.Table, source: str, file_id: str,
     out_dir = _landing_dir(settings) / f"landed_date={day}"
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{file_id}.parquet"
-    tmp = out_dir / f".{file_id}.parquet.tmp"
+    from freshrec.crypto import cipher_for, write_parquet
     from freshrec.erasure import drop_erased, guarded
 
     with guarded(settings) as erased:  # an erasure meanwhile: its user's rows stay out
         kept = drop_erased("events_raw", raw, erased)
-        pq.write_table(kept, tmp)
-        fsync_path(tmp)
-        os.replace(tmp, final)  # atomic: the ingest job never sees half a file
-        fsync_path(out_dir)  # the rename is durable before a write-ahead log segment is deleted
+        # temporary file, fsync, rename (the ingest job never sees half a file), fsync of the
+        # directory (durable before a write-ahead log segment is deleted); sealed when
+        # privacy.encrypt_at_rest is on
+        write_parquet(final, kept, cipher_for(settings))
     result = LandingResult(source, file_id, raw.num_rows, final, refused)
     log.info("%s: landed %d rows as %s; %s by the event rules (clean dead-letters them)", source,
              raw.num_rows, final, result.refusal_summary)

@@ -74,4 +74,8 @@ def run_job(run: "callable", description: str, argv: list[str] | None) -> dict:
 
     private_umask()
     _, settings, interval = parse_job_args(description, argv)
+    from freshrec.volume import check_volume_encryption
+
+    # refuses, naming the setting and the job (the docstring's head: 'Ingest: ...' -> 'ingest')
+    check_volume_encryption(settings, description.split(":", 1)[0].strip().lower())
     return run(settings, interval)

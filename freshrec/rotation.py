@@ -127,18 +127,24 @@ def _rekey_tables(settings: Settings, key: str, fp: str) -> dict[str, int]:
 
 
 def _rekey_landing(settings: Settings, key: str, fp: str) -> int:
+    from freshrec.crypto import cipher_for, is_sealed, read_parquet, write_parquet
+
+    cipher = cipher_for(settings)
     n = 0
     for f in sorted(settings.landing_dir.glob("**/*.parquet")):
-        table = pq.read_table(f)
+        table = read_parquet(f, cipher)
         meta = table.schema.metadata or {}
         if meta.get(MARK.encode()) == fp.encode() or "user_id" not in table.schema.names:
             continue
         col = table.schema.get_field_index("user_id")
         table = table.set_column(col, table.schema.field(col), _rekey_array(table.column(col), key))
         table = table.replace_schema_metadata({**meta, MARK.encode(): fp.encode()})
-        tmp = f.with_name(f".{f.name}.rekey.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, f)
+        if is_sealed(f):
+            write_parquet(f, table, cipher)
+        else:
+            tmp = f.with_name(f".{f.name}.rekey.tmp")
+            pq.write_table(table, tmp)
+            os.replace(tmp, f)
         n += 1
     return n
 

@@ -226,12 +226,19 @@ class PrivacySettings(_Section):
         "holding user rows. 0 removes the erased rows from every earlier version at once (and "
         "with them time travel to those versions); above 0 they stay readable in old versions "
         "until `freshrec erase --vacuum` runs after that many hours.")
-    encrypt_at_rest: bool = Field(False, description="Seal the event and impression logs and the "
-                                  "snapshots' users.npz with AES-256-GCM under data_key (see "
-                                  "freshrec/crypto.py).")
+    encrypt_at_rest: bool = Field(False, description="Seal the event, impression and audit logs, "
+                                  "the landing zone's Parquet files and the snapshots' users.npz "
+                                  "with AES-256-GCM under data_key (see freshrec/crypto.py).")
     data_key: SecretStr = Field(SecretStr(""), description="32-byte key (64 hex digits or urlsafe "
                                 "base64) for encrypt_at_rest: the secrets directory's `data_key` "
                                 "file or FRESHREC_DATA_KEY.")
+    volume_encryption: Literal["required", "not_required"] = Field(
+        "not_required", description="`required`: the server and the batch jobs refuse to start "
+        "unless the data directory is on a dm-crypt/LUKS volume or volume_encrypted_attested is "
+        "set (freshrec/volume.py); covers the Delta tables and MLflow artifacts.")
+    volume_encrypted_attested: bool = Field(False, description="The operator attests that the "
+                                            "data directory's volume (or object store) is "
+                                            "encrypted in a way the start-up check cannot see.")
 
     @field_validator("hmac_key_chain", mode="before")
     @classmethod

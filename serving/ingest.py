@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from freshrec.contracts.events import rules_for
+from freshrec.crypto import cipher_for, read_parquet
 from freshrec.delta import DeltaStore, conform
 from freshrec.settings import Settings
 from freshrec.tables import EVENTS, EVENTS_DEAD_LETTER, EVENTS_RAW
@@ -137,9 +137,10 @@ def ingest_landed(settings: Settings, now: datetime | None = None, crash=None) -
         if not files:
             return report
         stamp = now or datetime.now(timezone.utc)
+        cipher = cipher_for(settings)
         raws = []
         for day, f in files:
-            t = pq.read_table(f)
+            t = read_parquet(f, cipher)
             t = t.append_column("batch_date", pa.array([day] * t.num_rows, pa.string()))
             t = t.append_column("ingested_at", pa.array([stamp] * t.num_rows, EVENTS_RAW.schema
                                                         .field("ingested_at").type))

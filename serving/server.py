@@ -926,6 +926,9 @@ class FreshrecServer:
         from freshrec.crypto import private_umask
 
         private_umask()  # logs, snapshots, landed files: the owner's only (0600 / 0700)
+        from freshrec.volume import check_volume_encryption
+
+        check_volume_encryption(settings, "serve")  # refuses, naming the setting
         self.settings = settings
         if use_gpu is None:
             use_gpu = resolve_device(settings.device, need=("faiss",)).faiss_gpu
@@ -940,7 +943,9 @@ class FreshrecServer:
         self.sample_every = settings.serving.monitor.sample_every
         self.metrics.registry.register(OnlineCollector(online_report_path(settings.data_dir)))
         self.cache = UserCache(settings.serving.cache_size, settings.serving.cache_ttl_seconds)
-        self.audit = AuditLog(settings.data_dir / "audit" / "admin.jsonl")
+        from freshrec.crypto import cipher_for
+
+        self.audit = AuditLog(settings.data_dir / "audit" / "admin.jsonl", cipher_for(settings))
         self.wal = EventLog(settings)
         self.impressions: ImpressionLog | None = None
         if settings.serving.log_impressions:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from freshrec.crypto import DataCipher, cipher_for, is_sealed, read_parquet
 from freshrec.delta import DeltaStore
 from freshrec.interval import DataInterval, run_job
 from freshrec.progress import advance
@@ -33,6 +35,16 @@ def landed_files(landing_dir: Path, interval: DataInterval) -> list[Path]:
         if day_dir.name.split("=", 1)[1] < end_day:
             files.extend(sorted(day_dir.glob("*.parquet")))
     return files
+
+
+def read_landed(spark: SparkSession, files: list[Path], cipher: DataCipher | None) -> DataFrame:
+    """The landed files as one DataFrame. Plaintext files are read by Spark; when any is sealed
+    (``privacy.encrypt_at_rest``, :mod:`freshrec.crypto`) all are opened on the driver with the
+    data key and handed to Spark as Arrow, so the plaintext never touches disk."""
+    if not any(is_sealed(f) for f in files):
+        return spark.read.parquet(*[str(f) for f in files])
+    tables = [read_parquet(f, cipher) for f in files]
+    return spark.createDataFrame(pa.concat_tables(tables, promote_options="default"))
 
 
 def to_bronze(landed: DataFrame, interval: DataInterval) -> DataFrame:
@@ -64,7 +76,7 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, int]:
     advance(log, "ingest", 0, 1, "ingest %s: reading %d landed file(s)", interval.batch_date, len(files))
     before = store.count("events_raw")
     spark = spark or get_spark(settings)
-    bronze = to_bronze(spark.read.parquet(*[str(f) for f in files]), interval)
+    bronze = to_bronze(read_landed(spark, files, cipher_for(settings)), interval)
     store.write_spark("events_raw", bronze, mode="append")
     rows = store.count("events_raw") - before
     advance(log, "ingest", 1, 1, "ingest %s: %d file(s), %d rows into events_raw", interval.batch_date,

@@ -93,7 +93,9 @@ def test_a_submitted_interval_on_the_cluster_equals_the_local_run(cluster, tmp_p
     env = {"FRESHREC_DATA_DIR": str(cluster_dir), "SPARK_MASTER": cluster.url,
            "FRESHREC__SPARK__SHUFFLE_PARTITIONS": "2", "FRESHREC__SPARK__EXECUTOR_MEMORY": "768m",
            "FRESHREC__SPARK__DRIVER_MEMORY": "1g", "FRESHREC__FEATURES__NEIGHBORS_TOP_K": "10",
-           "FRESHREC__SYNTH__N_EVENTS": str(local.synth.n_events), **SECRETS}
+           "FRESHREC__SYNTH__N_EVENTS": str(local.synth.n_events),
+           # this test machine has no encrypted volume (see freshrec/volume.py)
+           "FRESHREC__PRIVACY__VOLUME_ENCRYPTED_ATTESTED": "true", **SECRETS}
     on_cluster = load_settings("cluster", env=env)
     assert on_cluster.spark.master == cluster.url and on_cluster.delta.backend == "spark"
     remote = {job: submit(job, ["--date", DAY, "--profile", "cluster"], on_cluster, env=env,

@@ -489,8 +489,11 @@ def test_encrypted_logs_and_snapshot_users_hold_no_plaintext_and_still_serve(tmp
             data = f.read_bytes()
             assert data.startswith(b"enc1:") and user.encode() not in data and b"i7" not in data
         server.wal.land()  # the lander opens the sealed lines
-        landed = pa.concat_tables([pq.read_table(f) for f in
-                                   settings.landing_dir.glob("events/*/*.parquet")])
+        from freshrec.crypto import is_sealed, read_parquet
+
+        files = list(settings.landing_dir.glob("events/*/*.parquet"))
+        assert files and all(is_sealed(f) and user.encode() not in f.read_bytes() for f in files)
+        landed = pa.concat_tables([read_parquet(f, cipher_for(settings)) for f in files])
         assert landed.column("item_id").to_pylist() == ["i7"]
         report = erase_user(settings, user)  # erasure rewrites the sealed users.npz too
         assert report["snapshot_files"] >= 1
