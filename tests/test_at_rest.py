@@ -226,3 +226,35 @@ def test_required_volume_encryption_refuses_the_server_and_batch_jobs_unless_att
                         "2026-11-01"], capture_output=True, text=True, cwd=ROOT, timeout=180,
                        env={**env, "FRESHREC__PRIVACY__VOLUME_ENCRYPTION": "not_required"})
     assert r.returncode == 0, r.stderr
+
+
+def test_hmac_rotation_rekeys_a_sealed_landed_file_and_keeps_it_sealed(tmp_path):
+    import pyarrow as pa
+
+    from freshrec.crypto import write_parquet
+    from freshrec.privacy import pseudonymizer
+    from freshrec.rotation import rotate_key
+    from freshrec.settings import load_settings
+
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    for name, value in (("hmac_key", "base-key-for-the-rotation-test-0123"), ("data_key", KEY)):
+        (secrets / name).write_text(value)
+        (secrets / name).chmod(0o600)
+
+    def load():
+        return load_settings("local", env={"FRESHREC_SECRETS_DIR": str(secrets)},
+                             paths={"data_dir": str(tmp_path / "data")},
+                             privacy={"encrypt_at_rest": True})
+
+    settings = load()
+    old = [pseudonymizer(settings)(u) for u in ("frank", "grace")]
+    f = settings.landing_dir / "events" / "landed_date=2026-11-01" / "f1.parquet"
+    f.parent.mkdir(parents=True)
+    write_parquet(f, pa.table({"user_id": old, "item_id": ["i1", "i2"]}), cipher_for(settings))
+    assert rotate_key(settings)["landing_files"] == 1
+    rotated = load()
+    new = [pseudonymizer(rotated)(u) for u in ("frank", "grace")]
+    assert not set(new) & set(old) and is_sealed(f)
+    assert all(u.encode() not in f.read_bytes() for u in old + new)
+    assert read_parquet(f, cipher_for(rotated)).column("user_id").to_pylist() == new
