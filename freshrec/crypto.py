@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freshrec.durable import fsync_path
+from freshrec.durable import atomic_write
 
 LINE_PREFIX = b"enc1:"
 FILE_MAGIC = b"FRENC1:"
@@ -136,14 +136,7 @@ def write_bytes(path: Path, data: bytes, cipher: DataCipher | None) -> None:
     path = Path(path)
     if cipher is not None:
         data = FILE_MAGIC + cipher.key_id.encode() + b"\n" + cipher.seal(data)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    atomic_write(path, data)
 
 
 def load_npz(path: Path, cipher: DataCipher | None) -> dict[str, np.ndarray]:

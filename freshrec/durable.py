@@ -24,3 +24,18 @@ def fsync_tree(root: Path) -> None:
         for f in files:
             fsync_path(Path(dirpath) / f)
         fsync_path(Path(dirpath))
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old bytes or the new, never a part: a
+    temporary file (``mode``) fsynced, renamed over ``path``, then the directory fsynced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from freshrec.durable import fsync_path
+from freshrec.durable import atomic_write
 from freshrec.privacy import key_fingerprint, rekey
 from freshrec.settings import Settings, SettingsError
 
@@ -75,20 +75,8 @@ def check_keyring(settings: Settings) -> None:
             "hmac_key_chain) to the keys of the last rotation")
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 def _write_ring(settings: Settings, ring: dict) -> None:
-    _atomic_write(keyring_path(settings), json.dumps(ring, indent=1).encode(), 0o600)
+    atomic_write(keyring_path(settings), json.dumps(ring, indent=1).encode(), 0o600)
 
 
 def _rekey_array(arr: pa.Array | pa.ChunkedArray, key: str) -> pa.Array:
@@ -183,7 +171,7 @@ def _rekey_erasure_log(settings: Settings, key: str, fp: str) -> int:
             return 0
         out = [{"rekey": fp}] + [{**r, "user_id": rekey(r["user_id"], key)} for r in lines
                                  if "user_id" in r]
-        _atomic_write(path, b"".join(json.dumps(r).encode() + b"\n" for r in out))
+        atomic_write(path, b"".join(json.dumps(r).encode() + b"\n" for r in out))
         return len(out) - 1
 
 
@@ -213,7 +201,7 @@ def rotate_key(settings: Settings) -> dict:
             check_keyring(settings)  # raises, naming both chains
         key = secrets.token_urlsafe(32)
         fp = key_fingerprint(key)
-        _atomic_write(pending_file, (key + "\n").encode())
+        atomic_write(pending_file, (key + "\n").encode())
         ring["pending"] = {"fingerprint": fp}
         _write_ring(settings, ring)
     report = {"key": fp, "tables": _rekey_tables(settings, key, fp),
@@ -226,7 +214,7 @@ def rotate_key(settings: Settings) -> dict:
         keys = [k.strip() for k in chain_file.read_text().splitlines() if k.strip()]
     if key not in keys:
         keys.append(key)
-    _atomic_write(chain_file, ("\n".join(keys) + "\n").encode())
+    atomic_write(chain_file, ("\n".join(keys) + "\n").encode())
     ring = {"applied": ring["applied"] + [fp], "pending": None}
     _write_ring(settings, ring)
     pending_file.unlink(missing_ok=True)
