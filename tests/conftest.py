@@ -53,6 +53,12 @@ def register_fit(settings: Settings, model: str, batch_date: str = DAY) -> int:
     return int(v.version)
 
 
+# `freshrec serve` started by a test runs one process unless the test asks for more
+# (tests/test_serving_processes.py does): the suite shares 2 cores between the servers, Spark and
+# Airflow, and the multi-process host has its own tests.
+os.environ.setdefault("FRESHREC__SERVING__PROCESSES", "1")
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return small_settings(tmp_path / "data")
