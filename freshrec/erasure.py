@@ -360,7 +360,8 @@ def _scrub_segments(settings: Settings, pseudonym: str) -> int:
     """Drop the user's lines from every segment of the event and impression logs (the open ones
     under their seal lock: an append never interleaves, and the writer reopens the new file)."""
     from freshrec.crypto import cipher_for, open_line
-    from freshrec.segments import OPEN, flocked, impressions_root, process_dirs, wal_root
+    from freshrec.segments import (OPEN, flocked, impressions_root, line_text, process_dirs,
+                                   wal_root)
 
     cipher = cipher_for(settings)
     needle = pseudonym.encode()
@@ -381,7 +382,7 @@ def _scrub_segments(settings: Settings, pseudonym: str) -> int:
                                 open_line(line, cipher, str(seg))
                         except ValueError:  # sealed under another key: cannot be read here
                             plain = line
-                        if needle in plain:
+                        if needle in plain or needle in line_text(plain):
                             removed += 1
                         else:
                             kept.append(line)

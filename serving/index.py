@@ -52,23 +52,32 @@ class ReadWriteLock:
     """Many readers or one writer; writers wait for readers to drain and block new ones."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer = False
         self._waiting_writers = 0
         self._reading = _Reading(self)
 
+    # Readers take the mutex directly (C calls), not through the Condition's Python-level
+    # __enter__/__exit__: every search takes and releases the read side.
     def acquire_read(self) -> None:
-        with self._cond:
+        mutex = self._mutex
+        mutex.acquire()
+        try:
             while self._writer or self._waiting_writers:
                 self._cond.wait()
             self._readers += 1
+        finally:
+            mutex.release()
 
     def release_read(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            if not self._readers and self._waiting_writers:
-                self._cond.notify_all()
+        mutex = self._mutex
+        mutex.acquire()
+        self._readers -= 1
+        if not self._readers and self._waiting_writers:
+            self._cond.notify_all()
+        mutex.release()
 
     def read(self) -> _Reading:
         return self._reading

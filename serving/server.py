@@ -397,10 +397,12 @@ GRPC_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5
 
 
 class CallMetrics:
-    """The metric series of one method, looked up once: ``freshrec_requests`` /
-    ``freshrec_request_seconds`` and the standard ``grpc_server_started_total``,
-    ``grpc_server_handled_total{grpc_type,grpc_service,grpc_method,grpc_code}`` and
-    ``grpc_server_handling_seconds``. Unknown methods share the labels service and method "other"."""
+    """The metric series of one method, looked up once: the standard
+    ``grpc_server_started_total``, ``grpc_server_handled_total{grpc_type,grpc_service,
+    grpc_method,grpc_code}`` and ``grpc_server_handling_seconds``. Unknown methods share the
+    labels service and method "other". (The ``freshrec_requests`` / ``freshrec_request_seconds``
+    copies of the same figures are gone: two counters and two histograms per call were a
+    measurable share of a Recommend's CPU.)"""
 
     def __init__(self, metrics: "Metrics", path: str) -> None:
         known = path in KNOWN_METHODS
@@ -410,22 +412,18 @@ class CallMetrics:
         self.metrics = metrics
         self._started = metrics.grpc_started.labels(*self.labels)
         self._seconds = metrics.grpc_seconds.labels(*self.labels)
-        self._latency = metrics.latency.labels(self.name)
-        self._codes: dict[str, tuple] = {}
+        self._codes: dict[str, object] = {}
 
     def start(self) -> None:
         self._started.inc()
 
     def done(self, code: str, seconds: float | None = None) -> None:
         """Count one call ended with ``code`` (a StatusCode name); ``seconds``: time it."""
-        pair = self._codes.get(code)
-        if pair is None:
-            pair = self._codes[code] = (self.metrics.requests.labels(self.name, code),
-                                        self.metrics.grpc_handled.labels(*self.labels, code))
-        pair[0].inc()
-        pair[1].inc()
+        handled = self._codes.get(code)
+        if handled is None:
+            handled = self._codes[code] = self.metrics.grpc_handled.labels(*self.labels, code)
+        handled.inc()
         if seconds is not None:
-            self._latency.observe(seconds)
             self._seconds.observe(seconds)
 
 
@@ -448,11 +446,6 @@ class Metrics:
                                       "(seconds) of gRPC calls handled by the server.",
                                       grpc_labels, buckets=GRPC_BUCKETS, registry=r)
         self._calls: dict[str, CallMetrics] = {}
-        self.requests = Counter("freshrec_requests", "gRPC calls by method and status code",
-                                ["method", "code"], registry=r)
-        self.latency = Histogram("freshrec_request_seconds", "gRPC call latency", ["method"],
-                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .5, 1, 5),
-                                 registry=r)
         self.cache_hits = Counter("freshrec_cache_hits", "per-user cache hits", registry=r)
         self.cache_misses = Counter("freshrec_cache_misses", "per-user cache misses", registry=r)
         self.index_size = Gauge("freshrec_index_size", "items served", registry=r)

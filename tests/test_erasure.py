@@ -56,6 +56,11 @@ def _texts(path: Path) -> str | None:
         with np.load(path, allow_pickle=False) as z:
             return " ".join(" ".join(z[k].astype(str).ravel().tolist()) for k in z.files
                             if z[k].dtype.kind in "US")
+    if path.suffix == ".jsonl" and b"\np1:" in b"\n" + data:  # record lines (impression log)
+        from freshrec.segments import line_text
+
+        return "\n".join(line_text(line).decode("utf-8", "replace")
+                         for line in data.split(b"\n"))
     if data[:16] == b"SQLite format 3\x00":
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:

@@ -281,6 +281,44 @@ def test_impressions_are_taken_once_and_bad_ones_dead_lettered(settings):
     assert store.count("impressions") == 3
 
 
+def test_record_lines_of_a_server_land_as_rows_and_corrupt_or_unsafe_ones_are_dead_lettered(
+        settings):
+    """The serving impression log writes pickled record lines: they land with every field, the
+    writer's name as ``server``; a corrupt line and one naming a function (which an unrestricted
+    unpickler would call) are dead-lettered, never run."""
+    import binascii
+    import pickle
+
+    from freshrec.segments import RECORD_PREFIX, read_record
+    from serving.impressions import ImpressionLog, take_impressions
+
+    log = ImpressionLog(settings)
+    try:
+        log.record("s1", "u1", "m/1 als", None, ["a", "b"], [0.9, 0.5], [1.0, 1.0])
+        log.record("s2", "u2", "m/1 als", "challenger", ["c"], [0.7], [0.25], ["c", "d"],
+                   [0.7, 0.6])
+        log.flush()
+        evil = RECORD_PREFIX + binascii.b2a_base64(pickle.dumps(os.system, protocol=5))
+        with pytest.raises(ValueError, match="plain values"):
+            read_record(evil[:-1])
+        log.writer.append(evil + RECORD_PREFIX + b"bm90IGEgcGlja2xl\n"
+                          + RECORD_PREFIX + binascii.b2a_base64(pickle.dumps(("s3", "u3"))))
+    finally:
+        log.close()
+    report = take_impressions(settings)
+    assert report == {"segments": 1, "impressions": 2, "dead_letter": 3}
+    store = DeltaStore(settings)
+    rows = sorted(store.read_arrow("impressions").to_pylist(), key=lambda r: r["request_id"])
+    assert [(r["request_id"], r["user_id"], r["arm"], r["items"], r["positions"], r["scores"],
+             r["propensities"], r["candidates"], r["server"]) for r in rows] == [
+        ("s1", "u1", None, ["a", "b"], [0, 1], [0.9, 0.5], [1.0, 1.0], None, log.server),
+        ("s2", "u2", "challenger", ["c"], [0], [0.7], [0.25], ["c", "d"], log.server)]
+    dead = store.read_arrow("impressions_dead_letter").to_pylist()
+    assert sorted(r["reason"].split(":")[0] for r in dead) == ["not_decodable"] * 3
+    assert any("posix.system" in r["reason"] or "os.system" in r["reason"] for r in dead)
+    assert all(r["raw"].startswith("p1:") for r in dead)
+
+
 def test_feedback_labels_clicks_in_the_window_no_clicks_late_clicks_and_organic(settings):
     from serving.feedback import run_feedback
     from serving.impressions import take_impressions

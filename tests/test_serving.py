@@ -258,7 +258,7 @@ def test_metrics_endpoint(live):
     live["client"].recommend("u1", 3)
     text = urllib.request.urlopen(f"http://127.0.0.1:{live['server'].metrics_port}/metrics").read()
     text = text.decode()
-    for name in ("freshrec_requests_total", "freshrec_request_seconds_bucket",
+    for name in ("grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
                  "freshrec_cache_hits_total", "freshrec_index_size", "freshrec_model_info",
                  "freshrec_refresh_lag_seconds"):
         assert name in text

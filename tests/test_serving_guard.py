@@ -151,10 +151,11 @@ def test_every_method_refuses_missing_wrong_and_underprivileged_tokens(served):
         assert _code(lambda n=n: ch.unary_unary(f"/x.Y/Made{n}")(b"", timeout=5)) == \
             grpc.StatusCode.UNAUTHENTICATED
     reg = served[0].metrics.registry
-    assert reg.get_sample_value("freshrec_requests_total", {"method": "Made3",
-                                                            "code": "UNAUTHENTICATED"}) is None
-    assert reg.get_sample_value("freshrec_requests_total", {"method": "other",
-                                                            "code": "UNAUTHENTICATED"}) == 20
+    other = {"grpc_type": "unary", "grpc_service": "other", "grpc_code": "UNAUTHENTICATED"}
+    assert reg.get_sample_value("grpc_server_handled_total",
+                                {**other, "grpc_method": "Made3"}) is None
+    assert reg.get_sample_value("grpc_server_handled_total",
+                                {**other, "grpc_method": "other"}) == 20
     ch.close()
 
 
