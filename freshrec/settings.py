@@ -444,6 +444,11 @@ class ServingSettings(_Section):
         "than 1), false otherwise.")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads per FAISS search; 1 lets "
                                "concurrent requests use the cores instead of spinning threads.")
+    gpu_batch_window_ms: float = Field(
+        1.0, ge=0, le=1.0, description="Where the index is searched on a GPU: concurrent "
+        "Recommend searches arriving within this window are answered by one batched GPU search "
+        "(serving/batcher.py); 0: each searches alone. Ignored on the CPU.")
+    gpu_batch_max: int = Field(256, ge=1, description="Most queries in one batched GPU search.")
     tracing: bool = Field(False, description="OpenTelemetry tracing of every gRPC call (the "
                           "`tracing` extra: opentelemetry-instrumentation-grpc); spans go to the "
                           "process's tracer provider, else OTLP per the OTEL_EXPORTER_OTLP_* "

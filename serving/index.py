@@ -9,6 +9,13 @@ and filtered from its results until the replica is re-copied from the master. Re
 therefore never come back in a result, whatever the index. Concurrency: searches share a read
 lock, deltas take the write lock.
 
+The GPU replica is FAISS's (``index_cpu_to_gpu``) where FAISS has a GPU build, else an exact
+top-k in torch on the CUDA device (:class:`serving.batcher.TorchExactSearch`). With
+``batch_window_ms`` > 0, concurrent searches of the replica (or, for tests and benchmarks, of a
+CPU flat or IVF index) go through a :class:`serving.batcher.SearchBatcher`: queries arriving
+within the window are answered by one batched search. A batch runs while each of its callers
+holds the read lock, so no delta lands in the middle of one.
+
 A **read-only** index (``read_only=True``: the snapshot's index memory-mapped with
 ``IO_FLAG_MMAP_IFC | IO_FLAG_READ_ONLY``, its pages shared by every process of a host) is never
 written: FAISS aborts the process on an add or remove there. Removals become tombstones filtered at
@@ -116,7 +123,8 @@ class ItemIndex:
     """Item vectors by string id over a FAISS index (flat, ivf or hnsw)."""
 
     def __init__(self, index: faiss.Index, item_ids: list[str], vectors: np.ndarray,
-                 index_type: str, use_gpu: bool = False, read_only: bool = False) -> None:
+                 index_type: str, use_gpu: bool = False, read_only: bool = False,
+                 batch_window_ms: float = 0.0, batch_max: int = 256) -> None:
         if read_only and use_gpu:
             raise ValueError("a read-only (memory-mapped) index has no GPU replica: load it "
                              "into memory (serving.mmap_index: off) to search on the GPU")
@@ -135,6 +143,15 @@ class ItemIndex:
         self._gpu_tombstones: set[int] = set()
         if use_gpu:
             self._make_gpu_replica()
+        self.batcher = None
+        if batch_window_ms > 0:
+            if self._gpu is None and (read_only or index_type == "hnsw"):
+                raise ValueError("batched search (serving.gpu_batch_window_ms) needs a GPU "
+                                 f"replica or an in-memory flat or IVF index, not a "
+                                 f"{'read-only' if read_only else index_type} one")
+            from serving.batcher import SearchBatcher
+
+            self.batcher = SearchBatcher(self._search_many, batch_window_ms, batch_max)
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -162,10 +179,29 @@ class ItemIndex:
         return cls(index, item_ids, vectors, index_type, use_gpu)
 
     def _make_gpu_replica(self) -> None:
-        res = faiss.StandardGpuResources()
-        self._gpu = faiss.index_cpu_to_gpu(res, 0, self.index)
-        self._gpu_res = res
-        self._gpu_tombstones = set()
+        """FAISS's GPU copy of the master, or (no FAISS GPU build) an exact torch search over the
+        vectors at their positions; removed positions are tombstoned for it."""
+        if gpu_count() > 0:
+            res = faiss.StandardGpuResources()
+            self._gpu = faiss.index_cpu_to_gpu(res, 0, self.index)
+            self._gpu_res = res
+            self._gpu_tombstones = set()
+            return
+        from serving.batcher import TorchExactSearch, torch_cuda_reason
+
+        why = torch_cuda_reason()
+        if why is not None:
+            raise RuntimeError(f"a GPU index was asked for but FAISS has no GPU build and {why}: "
+                               "install the gpu extra or set device: cpu")
+        dead = set(range(self.n_vectors)) - set(self.position.values())
+        self._gpu = TorchExactSearch(self.vectors[:self.n_vectors], "cuda",
+                                     dead=sorted(dead | self.tombstones))
+        self._gpu_tombstones = set()  # the torch replica masks removed rows itself
+
+    def _search_many(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One search of a batch of queries (the batcher's): the GPU replica, else the index."""
+        target = self._gpu if self._gpu is not None else self.index
+        return target.search(queries, k)
 
     # ---- reads ----------------------------------------------------------------------------
     @property
@@ -197,8 +233,9 @@ class ItemIndex:
         if n <= 0:
             return []
         if self._gpu is not None:
-            fetch = min(n + len(self._gpu_tombstones), self.index.ntotal)
-            scores, ids = self._gpu.search(q, fetch)
+            fetch = min(n + len(self._gpu_tombstones), self._gpu.ntotal)
+            scores, ids = self.batcher.search(q, fetch) if self.batcher is not None else \
+                self._gpu.search(q, fetch)
             skip = self._gpu_tombstones | self.tombstones
         elif self.read_only:
             return self._search_read_only(q, n)
@@ -207,6 +244,9 @@ class ItemIndex:
             hnsw = faiss.downcast_index(self.index.index).hnsw
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(hnsw.efSearch, n))
             scores, ids = self.index.search(q, n, params=params)
+            skip = self.tombstones
+        elif self.batcher is not None:
+            scores, ids = self.batcher.search(q, n)
             skip = self.tombstones
         else:
             scores, ids = self.index.search(q, n)
@@ -317,7 +357,10 @@ class ItemIndex:
         else:
             self.index.remove_ids(faiss.IDSelectorArray(len(arr), faiss.swig_ptr(arr)))
         if self._gpu is not None:
-            self._gpu_tombstones.update(positions)
+            if hasattr(self._gpu, "mask_positions"):  # TorchExactSearch: never returns them
+                self._gpu.mask_positions(positions)
+            else:
+                self._gpu_tombstones.update(positions)
 
     def _grow(self, n: int) -> None:
         if n > len(self.vectors):

@@ -327,8 +327,11 @@ def _load_one(settings: Settings, snapshot_dir: Path, use_gpu: bool) -> ServingS
     vecs = arrays.pop("user_vectors", None)
     if manifest.kind == "embedding":
         vectors = model_obj.item_vectors()
-        items: ItemIndex | Catalog = ItemIndex(index, item_ids, vectors, manifest.index_type,
-                                               use_gpu=use_gpu, read_only=mmap)
+        cfg = settings.serving
+        items: ItemIndex | Catalog = ItemIndex(
+            index, item_ids, vectors, manifest.index_type, use_gpu=use_gpu, read_only=mmap,
+            batch_window_ms=cfg.gpu_batch_window_ms if use_gpu else 0.0,
+            batch_max=cfg.gpu_batch_max)
         for i in meta["inactive"]:  # removed from the index already; not served
             items.position.pop(i, None)
         user_vectors = dict(zip(users, vecs)) if vecs is not None else {}

@@ -1,0 +1,164 @@
+"""Micro-batched search (serving/batcher.py): concurrent single searches answered by one batched
+search give the same results as searching alone; the exact torch search matches FAISS; the GPU
+path where a GPU is visible."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import faiss
+import numpy as np
+import pytest
+
+from serving.batcher import SearchBatcher, TorchExactSearch, torch_cuda_reason
+from serving.index import ItemIndex, gpu_count
+
+
+def _data(n: int = 20_000, d: int = 32, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(200, d)).astype(np.float32)
+    vecs = centers[rng.integers(0, 200, n)] + 0.5 * rng.normal(size=(n, d)).astype(np.float32)
+    queries = vecs[rng.integers(0, n, 400)] + 0.1 * rng.normal(size=(400, d)).astype(np.float32)
+    return [f"i{i}" for i in range(n)], vecs.astype(np.float32), queries.astype(np.float32)
+
+
+def _concurrently(fn, jobs: list, threads: int = 16) -> list:
+    out = [None] * len(jobs)
+    errors = []
+    start = threading.Barrier(threads)
+
+    def work(t: int) -> None:
+        start.wait()
+        for n in range(t, len(jobs), threads):
+            try:
+                out[n] = fn(*jobs[n])
+            except Exception as e:  # noqa: BLE001 - collected and asserted on
+                errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors[:3]
+    return out
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_concurrent_searches_are_batched_and_get_what_single_searches_get(index_type):
+    ids, vecs, queries = _data()
+    alone = ItemIndex.build(ids, vecs, index_type, nlist=64, nprobe=64)
+    batched = ItemIndex(alone.index, ids, vecs, index_type, batch_window_ms=1.0, batch_max=64)
+    jobs = [(q, 5 + n % 20) for n, q in enumerate(queries)]  # different k in one batch
+    got = _concurrently(batched.search_positions, jobs)
+    want = [alone.search_positions(q, k) for q, k in jobs]
+    assert [[(p, i) for p, i, _ in g] for g in got] == [[(p, i) for p, i, _ in w] for w in want]
+    assert all(np.allclose([s for *_, s in g], [s for *_, s in w], atol=1e-5)
+               for g, w in zip(got, want))
+    b = batched.batcher
+    assert b.requests == len(jobs)
+    assert b.calls < b.requests / 2, (b.calls, b.requests)  # batches of several, not one each
+    b.close()
+
+
+def test_batched_search_never_returns_removed_items_and_finds_upserted_ones():
+    ids, vecs, queries = _data(5_000)
+    index = ItemIndex.build(ids, vecs, "flat")
+    batched = ItemIndex(index.index, ids, vecs, "flat", batch_window_ms=1.0)
+    first = [i for _, i, _ in batched.search_positions(queries[0], 10)]
+    batched.remove(first[:5])
+    batched.upsert([("new", queries[1] * 10)])
+    jobs = [(q, 10) for q in queries[:64]]
+    got = _concurrently(batched.search_positions, jobs)
+    served = {i for g in got for _, i, _ in g}
+    assert not served & set(first[:5])
+    assert got[1][0][1] == "new"
+    batched.batcher.close()
+
+
+def test_a_failing_batch_fails_each_of_its_callers_and_none_hangs():
+    def broken(queries, k):
+        raise MemoryError("out of GPU memory")
+
+    b = SearchBatcher(broken, window_ms=1.0)
+    q = np.zeros(8, np.float32)
+    errors = []
+
+    def call():
+        try:
+            b.search(q, 3)
+        except MemoryError as e:
+            errors.append(e)
+
+    ts = [threading.Thread(target=call) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(5)
+    assert len(errors) == 8 and not any(t.is_alive() for t in ts)
+    b.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        b.search(q, 3)
+
+
+def test_the_batcher_thread_ends_when_its_index_is_replaced():
+    ids, vecs, queries = _data(2_000)
+    index = ItemIndex.build(ids, vecs, "flat")
+    batched = ItemIndex(index.index, ids, vecs, "flat", batch_window_ms=1.0)
+    batched.search_positions(queries[0], 3)
+    thread = batched.batcher._thread
+    del batched
+    gc.collect()
+    end = time.monotonic() + 5
+    while thread.is_alive() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not thread.is_alive()  # nothing keeps the old index (its GPU memory) alive
+
+
+def test_batching_a_read_only_cpu_index_is_refused_naming_the_setting():
+    ids, vecs, _ = _data(1_000)
+    index = ItemIndex.build(ids, vecs, "flat")
+    with pytest.raises(ValueError, match="gpu_batch_window_ms"):
+        ItemIndex(index.index, ids, vecs, "flat", read_only=True, batch_window_ms=1.0)
+
+
+def test_torch_exact_search_gives_faiss_exact_top_k_and_masks_removed_rows():
+    pytest.importorskip("torch")
+    ids, vecs, queries = _data(5_000)
+    flat = faiss.IndexFlatIP(vecs.shape[1])
+    flat.add(vecs)
+    exact = TorchExactSearch(vecs[:4_000], device="cpu")
+    exact.add_with_ids(vecs[4_000:], np.arange(4_000, 5_000))
+    want_s, want_i = flat.search(queries, 10)
+    got_s, got_i = exact.search(queries, 10)
+    assert (got_i == want_i).mean() > 0.999 and np.allclose(got_s, want_s, atol=1e-3)
+    exact.mask_positions(want_i[:, 0].tolist())
+    _, masked = exact.search(queries, 10)
+    assert not set(masked.ravel().tolist()) & set(want_i[:, 0].tolist())
+    with pytest.raises(ValueError, match="next positions"):
+        exact.add_with_ids(vecs[:2], np.array([7, 8]))
+    small = TorchExactSearch(vecs[:3], device="cpu", dead=[1])
+    s, i = small.search(queries[:1], 5)  # fewer live rows than k: padded like FAISS
+    assert sorted(i[0, :2].tolist()) == [0, 2] and i[0, 2:].tolist() == [-1, -1, -1]
+
+
+GPU_REASON = None if gpu_count() > 0 else torch_cuda_reason()
+
+
+@pytest.mark.skipif(GPU_REASON is not None,
+                    reason=f"no GPU visible: FAISS has no GPU build and {GPU_REASON}")
+def test_gpu_batched_search_matches_the_cpu_index():
+    ids, vecs, queries = _data()
+    cpu = ItemIndex.build(ids, vecs, "flat")
+    gpu = ItemIndex(cpu.index, ids, vecs, "flat", use_gpu=True, batch_window_ms=1.0)
+    jobs = [(q, 10) for q in queries]
+    got = _concurrently(gpu.search_positions, jobs)
+    want = [cpu.search_positions(q, 10) for q, _ in jobs]
+    agree = np.mean([len({p for p, *_ in g} & {p for p, *_ in w}) / 10
+                     for g, w in zip(got, want)])
+    assert agree > 0.99, agree
+    assert gpu.batcher.calls < gpu.batcher.requests / 2
+    gpu.remove([got[0][0][1]])
+    assert got[0][0][1] not in [i for _, i, _ in gpu.search_positions(queries[0], 10)]
