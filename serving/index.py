@@ -252,14 +252,13 @@ class ItemIndex:
             scores, ids = self.index.search(q, n)
             skip = self.tombstones
         names = self.item_ids
-        out = []
-        for i, s in zip(ids[0].tolist(), scores[0].tolist()):
-            if i < 0 or (skip and i in skip):
-                continue
-            item = names[i]
-            if item is not None:
-                out.append((i, item, s))
-        return out[:n]
+        if skip:
+            out = [(i, names[i], s) for i, s in zip(ids[0].tolist(), scores[0].tolist())
+                   if i >= 0 and i not in skip and names[i] is not None]
+        else:  # (a comprehension: no per-candidate method lookups; every request runs this)
+            out = [(i, names[i], s) for i, s in zip(ids[0].tolist(), scores[0].tolist())
+                   if i >= 0 and names[i] is not None]
+        return out if len(out) <= n else out[:n]
 
     def _search_params(self):
         """Search parameters excluding the tombstones (read-only index), or None without any."""

@@ -105,15 +105,23 @@ def _search_filtered(state: ServingState, query: np.ndarray, k: int, filters: Fi
     cats = filters.include_categories
     fetch = (int(k * overfetch) if cats else k) + len(excluded)
     pos, ids, ncat = excluded.pos, excluded.items, len(state.catalog)
+    # the common case: only positions to drop, and no item upserted since the snapshot (whose
+    # new position the history could not know)
+    plain = not ids and not cats and state.items.n_vectors <= ncat
     while True:
-        good = []
-        for h in state.items.search_positions(query, fetch):  # _wanted, inlined (per candidate)
-            q, item = h[0], h[1]
-            if q in pos or (ids and item in ids) or (q >= ncat and pos and item in excluded.ids()):
-                continue
-            if cats and not state.categories.get(item, frozenset()) & cats:
-                continue
-            good.append(h)
+        hits = state.items.search_positions(query, fetch)
+        if plain:
+            good = [h for h in hits if h[0] not in pos]
+        else:
+            good = []
+            for h in hits:  # _wanted, inlined (per candidate)
+                q, item = h[0], h[1]
+                if q in pos or (ids and item in ids) or \
+                        (q >= ncat and pos and item in excluded.ids()):
+                    continue
+                if cats and not state.categories.get(item, frozenset()) & cats:
+                    continue
+                good.append(h)
         if len(good) >= k or fetch >= state.items.size:
             return good[:k]
         fetch *= 2
