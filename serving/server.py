@@ -171,6 +171,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
                                 cfg.max_rate_limit_keys)
         self.slow_slots = threading.BoundedSemaphore(max(2, cfg.workers // 4))
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.methods: dict[str, tuple[str, CallMetrics]] = {}  # known path -> (service, series)
         # authorization header -> Caller, for headers that named a configured token (at most one
         # entry per token; unknown headers are never stored)
         self.known: dict[str, Caller] = {}
@@ -213,10 +214,16 @@ class GuardInterceptor(grpc.ServerInterceptor):
                           "calls; retry shortly")
 
     def intercept_service(self, continuation, details):
+        # runs on gRPC's one polling thread, under its server lock, for every call: keep it short
         method = details.method  # /package.Service/Method
-        service = method.split("/")[1] if method.count("/") >= 2 else ""
-        # metric labels: the method's, or "other" (a caller must not mint label series)
-        cm = self.server.metrics.calls(method)
+        known = self.methods.get(method)
+        if known is None:
+            # metric labels: the method's, or "other" (a caller must not mint label series)
+            known = (method.split("/")[1] if method.count("/") >= 2 else "",
+                     self.server.metrics.calls(method))
+            if method in KNOWN_METHODS:  # bounded: unknown paths are never stored
+                self.methods[method] = known
+        service, cm = known
         if method == HEALTH_CHECK:
             return self._cached(method, lambda: self._health_check(cm, continuation(details)))
         if method == HEALTH_WATCH:
@@ -234,6 +241,9 @@ class GuardInterceptor(grpc.ServerInterceptor):
             return self._refuse(cm, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"rate limit of {settings.serving.rate_limit_per_second}/s for "
                                 f"{caller.name} exceeded; retry with backoff")
+        wrapped = self.handlers.get(method)
+        if wrapped is not None:
+            return wrapped
         return self._cached(method, lambda: self._wrap(cm, continuation(details)))
 
     def _cached(self, method: str, build):
