@@ -9,7 +9,8 @@ impression log, metrics) is reported as a ratio to it:
 
 - one client, one call at a time, each request sent to every server in turn: p50 / p99, and each
   server's CPU per call (its process CPU time delta over the calls, read through psutil);
-- 32 calls in flight (asyncio client processes): throughput and CPU per call;
+- 32 calls in flight (asyncio client processes): throughput and CPU per call, in ``--slices``
+  slices per server with the servers taking turns slice by slice;
 - with ``--paced-seconds N``: an open-loop phase at 80% of each server's own maximum, p50 / p99
   (meaningful only on a machine no other work shares);
 - recall@10 of the served lists against exact search over the items the user has not seen.
@@ -405,25 +406,50 @@ def measure_one(addrs: dict[str, str], pids: dict[str, int], requests: list[byte
     return out
 
 
-def measure_load(name: str, addr: str, pid: int, requests: list[bytes], args, ctx) -> dict:
-    """``args.in_flight`` calls kept open for ``args.seconds``: throughput and CPU per call; then
-    (``--paced-seconds``) an open-loop phase at 80% of that throughput."""
-    import numpy as np
-
+def load_slice(addr: str, pid: int, requests: list[bytes], seconds: float, args,
+               ctx) -> tuple[int, int, float]:
+    """``args.in_flight`` calls kept open for ``seconds``: (ok, errors, server CPU seconds)."""
     per = max(1, args.clients)
     share = [requests[i::per] for i in range(per)]
     procs, q = [], ctx.Queue()
     c0 = _cpu(pid)
     for i in range(per):
-        p = ctx.Process(target=load_client, args=(addr, share[i], args.seconds,
+        p = ctx.Process(target=load_client, args=(addr, share[i], seconds,
                                                   max(1, args.in_flight // per), 0.0, q))
         p.start()
         procs.append(p)
     loads = [q.get() for _ in procs]
     for p in procs:
         p.join()
-    ok, errors = sum(x[0] for x in loads), sum(x[1] for x in loads)
-    cpu_load = (_cpu(pid) - c0) / max(1, ok + errors)
+    return sum(x[0] for x in loads), sum(x[1] for x in loads), _cpu(pid) - c0
+
+
+def measure_loads(addrs: dict[str, str], pids: dict[str, int], requests: list[bytes], args,
+                  ctx) -> dict[str, tuple[int, int, float]]:
+    """The loaded phase of every server, ``args.slices`` slices each, the servers taking turns
+    slice by slice (first server rotating), so a busy spell of a shared machine hits all of
+    them alike: {server: (ok, errors, server CPU seconds)} over ``args.seconds`` each."""
+    names = list(addrs)
+    got = {n: [0, 0, 0.0] for n in names}
+    for s in range(args.slices):
+        for j in range(len(names)):
+            n = names[(s + j) % len(names)]
+            ok, err, cpu = load_slice(addrs[n], pids[n], requests, args.seconds / args.slices,
+                                      args, ctx)
+            got[n][0] += ok
+            got[n][1] += err
+            got[n][2] += cpu
+    return {n: tuple(v) for n, v in got.items()}
+
+
+def measure_load(name: str, addr: str, pid: int, requests: list[bytes], args, ctx,
+                 loaded: tuple[int, int, float]) -> dict:
+    """Throughput and CPU per call of the loaded phase (``loaded``: measure_loads' figures of
+    this server); then (``--paced-seconds``) an open-loop phase at 80% of that throughput."""
+    import numpy as np
+
+    ok, errors, cpu = loaded
+    cpu_load = cpu / max(1, ok + errors)
     qps = ok / args.seconds
     paced = {}
     if args.paced_seconds > 0 and qps > 0:
@@ -541,6 +567,8 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=32)
     ap.add_argument("--clients", type=int, default=1, help="load processes sharing --in-flight")
     ap.add_argument("--seconds", type=float, default=8.0, help="loaded phase per server")
+    ap.add_argument("--slices", type=int, default=4,
+                    help="the loaded phase in this many slices, the servers taking turns")
     ap.add_argument("--paced-seconds", type=float, default=0.0,
                     help="open-loop phase at 80%% of each server's max (needs a quiet machine)")
     ap.add_argument("--rounds", type=int, default=1,
@@ -599,9 +627,10 @@ def main() -> None:
             addrs = {name: f"127.0.0.1:{ports[name]}" for name in servers}
             for _ in range(args.rounds):  # alternating, so a busy spell hits every server
                 one = measure_one(addrs, pids, requests, args, ctx)
+                loads = measure_loads(addrs, pids, requests, args, ctx)
                 for name in servers:
                     r = {**one[name], **measure_load(name, addrs[name], pids[name], requests,
-                                                     args, ctx)}
+                                                     args, ctx, loads[name])}
                     _show(name, r)
                     rounds[name].append(r)
         finally:
