@@ -141,7 +141,10 @@ class ProcessSlot:
                 if st is None:
                     ps.serving, ps.error = False, err
                     continue
-            ps.serving, ps.model_version, ps.state_id = True, st.model_version, st.state_id
+            loaded = bool(st.model_version)  # a process with nothing loaded answers Status too
+            ps.serving, ps.model_version, ps.state_id = loaded, st.model_version, st.state_id
+            if not loaded:
+                ps.error = "no index loaded yet"
             ps.delta_versions.update(dict(st.delta_versions))
 
 

@@ -288,6 +288,9 @@ class Replica:
 
     def status(self):
         st = self.call("Status", self.pb.StatusRequest())
+        if not st.model_version:  # a process of a multi-process host with nothing loaded
+            raise ReplicaDown(f"replica {self.name}: no index loaded yet (load a model there: "
+                              "freshrec model rollout)")
         self.state_id = st.state_id  # the deltas of this round are computed against this state
         return st
 

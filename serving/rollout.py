@@ -44,7 +44,8 @@ def _roll_one(address: str, settings: Settings, ref: registry.ModelRef, timeout:
     pb = client.admin_pb2
     try:
         try:
-            before = client.call_admin("Status", pb.StatusRequest()).model_version
+            before = client.call_admin("Status", pb.StatusRequest()).model_version \
+                or "(nothing loaded)"  # a process of a multi-process host answers regardless
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNAVAILABLE or "no index loaded" not in (e.details() or ""):
                 raise
