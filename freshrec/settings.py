@@ -481,6 +481,9 @@ class RefresherSettings(_Section):
     batch_size: int = Field(5000, ge=1, description="Vectors per ApplyDeltas call.")
     retries: int = Field(4, ge=0, description="Tries per replica call beyond the first.")
     backoff_seconds: float = Field(0.5, ge=0, description="First retry delay; doubles each time.")
+    timeout_seconds: float = Field(60.0, gt=0, description="Deadline of each admin call to a "
+                                   "replica (a stopped process fails the call at it, and is "
+                                   "retried and reported).")
 
     def bearer(self) -> str:
         """The admin token, or a SettingsError saying how to set it."""

@@ -12,15 +12,22 @@ once (``PR_SET_PDEATHSIG`` = SIGKILL), as a single server killed would go: no or
 and no old process still answering next to a restarted host's (acknowledged events are already
 fsynced in each process's write-ahead log).
 
-Each child also listens on its own **admin address** (``serving.host``, an ephemeral port; same TLS
-and tokens) and records it in ``<data_dir>/serving/hosts/<hostname>-<port>/process-<i>.json``.
+A child starts in this order: its own **admin address** (``serving.host``, an ephemeral port; same
+TLS and tokens; Admin and health only), the model its live siblings serve, then the refresher's
+deltas from its own (snapshot) versions to its most advanced sibling's, erasures included
+(:func:`_catch_up`); only then does it listen on the shared port and record its admin address in
+``<data_dir>/serving/hosts/<hostname>-<port>/process-<i>.json``. So a (re)started process takes
+no call on the port before it serves what its siblings serve (a catch-up that fails exits the
+child, and the supervisor starts it again). ``host.json`` there says how many processes the
+supervisor runs, so the host's Status lists a slot not yet published as not serving.
 Admin calls that change state (``ApplyDeltas``, ``LoadModel``, ``LoadSnapshot``, ``DeleteUser``)
 must reach every process, each with its own ``state_id`` and applied versions, so the refresher
 and the rollout do not send them to the shared port: :func:`expand_replicas` turns a host's
 address into its processes' admin addresses (from ``Status.processes``), and each process is then
-a replica of its own: a restarted child reports its snapshot's older versions and the next round
-sends it everything since; a process that is down fails the round (reported, retried next round),
-never skipped silently.
+a replica of its own (:func:`host_processes`). After its push the refresher reads the host's
+Status again and checks every process's applied versions (the rollout: its model version); a
+process behind is pushed again, and one still behind fails the round naming it (``ReplicaDown``;
+the rollout: ``RolloutFailed``), never skipped silently.
 
 ``Admin.Status`` answered by any child on the shared port lists every process of the host
 (``processes``: index, pid, admin address, version, state id, applied versions, restarts, or the
@@ -42,12 +49,14 @@ import sys
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from freshrec.settings import Settings
 
 log = logging.getLogger(__name__)
 LOCAL = "x-freshrec-process-local"  # Status metadata: answer for this process only
+SLOW_LOAD_ENV = "FRESHREC_TEST_SLOW_LOAD"  # test hook: seconds a child waits before loading
 PR_SET_PDEATHSIG = 1
 
 
@@ -91,6 +100,13 @@ class ProcessSlot:
         _write_json(old, {"index": self.index, "pid": os.getpid(), "address": address,
                           "started": time.time(), "restarts": restarts})
 
+    def expected(self) -> int:
+        """How many processes the supervisor runs on this host (``host.json``)."""
+        try:
+            return int(json.loads((self.dir / "host.json").read_text())["processes"])
+        except (ValueError, OSError, KeyError):
+            return 0
+
     def siblings(self) -> list[dict]:
         out = []
         for f in sorted(self.dir.glob("process-*.json")):
@@ -108,7 +124,14 @@ class ProcessSlot:
         if LOCAL in metadata:
             return
         token = metadata.get("authorization", "")
-        for p in self.siblings():
+        published = {p["index"]: p for p in self.siblings()}
+        for i in sorted(set(range(self.expected())) | set(published)):
+            p = published.get(i)
+            if p is None:  # started by the supervisor, not yet loaded and caught up
+                reply.processes.add(index=i, serving=False,
+                                    error="starting: not loaded and caught up yet (no admin "
+                                          "address published)")
+                continue
             ps = reply.processes.add(index=p["index"], pid=p["pid"], address=p["address"],
                                      restarts=p.get("restarts", 0))
             if p["index"] == self.index:
@@ -118,7 +141,10 @@ class ProcessSlot:
                 if st is None:
                     ps.serving, ps.error = False, err
                     continue
-            ps.serving, ps.model_version, ps.state_id = True, st.model_version, st.state_id
+            loaded = bool(st.model_version)  # a process with nothing loaded answers Status too
+            ps.serving, ps.model_version, ps.state_id = loaded, st.model_version, st.state_id
+            if not loaded:
+                ps.error = "no index loaded yet"
             ps.delta_versions.update(dict(st.delta_versions))
 
 
@@ -158,10 +184,13 @@ def _die_with_parent() -> None:
 
 def run_child(settings: Settings, index: int, port: int, directory: Path,
               parent: int | None = None) -> int:
-    """One serving process of a host: the shared port, its own admin address, its process file;
-    runs until SIGTERM/SIGINT."""
+    """One serving process of a host: its own admin address first, then the model its siblings
+    serve, caught up to their deltas and erasures (:func:`_catch_up`), and only then the shared
+    port and its process file; runs until SIGTERM/SIGINT. So a (re)started process takes no
+    Recommend call before it serves what its siblings serve: no client sees "no index loaded
+    yet" from it. Returns 1 when the catch-up failed (the supervisor starts it again)."""
     import grpc
-    from grpc_health.v1 import health_pb2_grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from serving.server import AdminServicer, FreshrecServer, GuardInterceptor, admin_grpc
 
@@ -179,8 +208,6 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
     stopping = []  # a signal handler only appends: Event.set there deadlocks on a second signal
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.append(1))
-    server.start(port=port, load=False)
-    _load_like_siblings(server, slot)
     admin = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
                         interceptors=[GuardInterceptor(server)],
                         options=[("grpc.max_receive_message_length", cfg.max_message_bytes)])
@@ -190,13 +217,65 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
     bind = f"{cfg.host}:0"
     admin_port = admin.add_secure_port(bind, creds) if creds else admin.add_insecure_port(bind)
     admin.start()
-    slot.publish(f"{_advertised(cfg.host)}:{admin_port}")
+    address = f"{_advertised(cfg.host)}:{admin_port}"
+    time.sleep(float(os.environ.get(SLOW_LOAD_ENV) or 0))  # a large index: loading takes time
+    _load_like_siblings(server, slot)
+    if server.state is not None:
+        try:
+            caught = _catch_up(server, slot, address)
+        except Exception:  # noqa: BLE001 - never serve behind the siblings: exit, be restarted
+            log.exception("process %d: catching up with its siblings failed; exiting (the "
+                          "supervisor starts it again)", index)
+            admin.stop(0)
+            return 1
+        if caught:
+            log.info("process %d caught up with its siblings: %s", index, caught)
+    server.start(port=port, load=False)  # the shared port, only now
+    if server.state is not None:
+        server.set_health(health_pb2.HealthCheckResponse.SERVING)
+    slot.publish(address)
     log.info("process %d (pid %d) serving on :%d, admin %s", index, os.getpid(), port, slot.address)
     while not stopping:
         time.sleep(0.2)
     admin.stop(1)
     server.stop()
     return 0
+
+
+def _catch_up(server, slot: ProcessSlot, address: str) -> dict | None:
+    """Bring this process to the Delta versions (and erasure-log position) its most advanced
+    live sibling reflects: the refresher's deltas from this process's own versions (its
+    snapshot's, after a restart) to theirs, applied through its own admin address. Returns the
+    versions reached, or None when there was nothing to do (no sibling, or none refreshed yet)."""
+    from freshrec.delta import DeltaStore
+    from serving.refresher import Replica, deltas_for
+
+    settings = slot.settings
+    token = _admin_token(settings)
+    target = None
+    for p in slot.siblings():
+        if p["index"] == slot.index:
+            continue
+        st, _ = _local_status(settings, p["address"], f"Bearer {token}" if token else "")
+        if st is None:
+            continue
+        v = dict(st.delta_versions)
+        if "events" in v and (target is None or
+                              (v["events"], v.get("items", -1)) >
+                              (target["events"], target.get("items", -1))):
+            target = v
+    if target is None:
+        return None
+    own = Replica(address, settings, client=_admin_client(settings, address, token or None),
+                  name=f"process {slot.index} (own admin address {address})")
+    st = own.status()
+    mine = dict(st.delta_versions)
+    if (mine.get("events"), mine.get("items")) == (target.get("events"), target.get("items")) \
+            and mine.get("erasures", -1) >= target.get("erasures", 0):
+        return None
+    d, arm_items = deltas_for(settings, DeltaStore(settings), st, {}, end=target)
+    own.push(d, settings.refresher.batch_size, arm_items)
+    return dict(d.versions)
 
 
 def _load_like_siblings(server, slot: ProcessSlot) -> None:
@@ -281,6 +360,8 @@ class Supervisor:
         self.dir.mkdir(parents=True, exist_ok=True)
         for f in self.dir.glob("process-*.json"):  # a previous supervisor's
             f.unlink()
+        # every slot, so the host's Status names the ones not up yet (never skipped silently)
+        _write_json(self.dir / "host.json", {"processes": self.n, "supervisor": os.getpid()})
         self._prebuild()
         # the first process alone (it serves as soon as a single process would: N loading side by
         # side would take N times as long on N cores), then the others (they load what it serves)
@@ -381,26 +462,73 @@ def split_addresses(entries: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def expand_replicas(entries: list[str], settings: Settings, token: str | None = None) -> list[str]:
-    """Every serving process behind ``entries``: a host running several processes becomes its
-    processes' admin addresses (``Status.processes``); a single-process server, or one that does
-    not answer, stays as given (its calls then fail and are reported where they are made)."""
+@dataclass
+class Target:
+    """One place the refresher or the rollout sends admin calls to: a single-process server
+    (``process`` None), or one process of a multi-process host as the host's Status lists it
+    (``address`` its admin address, empty while it starts; ``error`` why it did not answer)."""
+
+    host: str
+    address: str
+    process: int | None = None
+    pid: int = 0
+    serving: bool = True
+    error: str = ""
+    model_version: str = ""
+    versions: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if self.process is None:
+            return self.host
+        return (f"{self.host} process {self.process} (pid {self.pid or '?'}, admin "
+                f"{self.address or 'not published'})")
+
+
+def host_processes(entries: list[str], settings: Settings, token: str | None = None,
+                   tries: int = 3, timeout: float = 5.0) -> list[Target]:
+    """Every serving process behind ``entries``, as each host's ``Admin.Status`` lists them
+    (every slot its supervisor runs, including one restarting or not yet caught up: never left
+    out). A Status that does not come back is asked again on a new connection (``tries``: one
+    process on the shared port may be stopped); a single-process server, or a host that does not
+    answer, stays one target with its own address (its calls then fail where they are made)."""
     import grpc
 
     from serving.client import Client
 
     cfg = settings.refresher
-    out: list[str] = []
+    token = token or cfg.bearer()
+    out: list[Target] = []
     for address in split_addresses(entries):
-        client = Client(address, token or cfg.bearer(), ca_file=cfg.ca_file or None)
-        try:
-            st = client.call_admin("Status", client.admin_pb2.StatusRequest(), timeout=10)
-            out.extend(p.address for p in st.processes) if st.processes else out.append(address)
-        except grpc.RpcError:
-            out.append(address)
-        finally:
-            client.close()
-    return list(dict.fromkeys(out))
+        st = None
+        for _ in range(max(1, tries)):
+            client = Client(address, token, ca_file=cfg.ca_file or None,
+                            options=[("grpc.use_local_subchannel_pool", 1)])
+            try:
+                st = client.call_admin("Status", client.admin_pb2.StatusRequest(),
+                                       timeout=timeout)
+                break
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                    grpc.StatusCode.DEADLINE_EXCEEDED):
+                    break
+            finally:
+                client.close()
+        if st is None or not st.processes:
+            out.append(Target(address, address))
+            continue
+        for p in st.processes:
+            out.append(Target(address, p.address, p.index, p.pid, p.serving, p.error,
+                              p.model_version, dict(p.delta_versions)))
+    seen: set[tuple] = set()
+    return [t for t in out if (t.host, t.process, t.address) not in seen
+            and not seen.add((t.host, t.process, t.address))]
+
+
+def expand_replicas(entries: list[str], settings: Settings, token: str | None = None) -> list[str]:
+    """The admin addresses of :func:`host_processes` (a process with none published yet is left
+    out here: the refresher and the rollout use :func:`host_processes` and report it)."""
+    return list(dict.fromkeys(t.address for t in host_processes(entries, settings, token)
+                              if t.address))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,8 +150,11 @@ def _no_views(t: pa.DataType) -> pa.DataType:
 
 
 def compute_deltas(settings: Settings, store: DeltaStore, factors: ModelFactors | None,
-                   start: dict[str, int | None]) -> Deltas:
-    end = {"events": store.version("events") or 0, "items": store.version("items") or 0}
+                   start: dict[str, int | None], end: dict[str, int] | None = None) -> Deltas:
+    """Deltas from the versions ``start`` to ``end`` (default: the tables' current versions;
+    a process catching up with its siblings asks for theirs)."""
+    current = {"events": store.version("events") or 0, "items": store.version("items") or 0}
+    end = {k: current[k] if end is None or end.get(k) is None else int(end[k]) for k in current}
     d = Deltas(versions=end)
     ev_start, it_start = start.get("events"), start.get("items")
     users_filter = None
@@ -250,14 +253,18 @@ def _category_centroids(catalog: list[dict], factors: ModelFactors) -> dict[str,
 
 
 class Replica:
-    def __init__(self, address: str, settings: Settings) -> None:
+    """Admin calls to one replica: a single-process server, or one process of a multi-process
+    host (``name`` says which, in logs and in :class:`ReplicaDown`)."""
+
+    def __init__(self, address: str, settings: Settings, client=None, name: str = "") -> None:
         from serving.client import Client
 
         cfg = settings.refresher
-        self.address = address
-        self.client = Client(address, cfg.bearer(), ca_file=cfg.ca_file or None)
+        self.address, self.name = address, name or address
+        self.client = client or Client(address, cfg.bearer(), ca_file=cfg.ca_file or None)
         self.pb = self.client.admin_pb2
         self.retries, self.backoff = cfg.retries, cfg.backoff_seconds
+        self.timeout = cfg.timeout_seconds
 
     def call(self, method: str, request):
         import grpc
@@ -265,15 +272,15 @@ class Replica:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return self.client.call_admin(method, request)
+                return self.client.call_admin(method, request, timeout=self.timeout)
             except grpc.RpcError as e:
                 retriable = e.code() in (grpc.StatusCode.UNAVAILABLE,
                                          grpc.StatusCode.DEADLINE_EXCEEDED,
                                          grpc.StatusCode.RESOURCE_EXHAUSTED)
                 if not retriable or attempt == self.retries:
-                    raise ReplicaDown(f"replica {self.address}: {method} failed after "
+                    raise ReplicaDown(f"replica {self.name}: {method} failed after "
                                       f"{attempt + 1} tries: {e.code().name} {e.details()}") from e
-                log.warning("replica %s: %s %s; retrying in %.1fs", self.address, method,
+                log.warning("replica %s: %s %s; retrying in %.1fs", self.name, method,
                             e.code().name, delay)
                 time.sleep(delay)
                 delay *= 2
@@ -281,6 +288,9 @@ class Replica:
 
     def status(self):
         st = self.call("Status", self.pb.StatusRequest())
+        if not st.model_version:  # a process of a multi-process host with nothing loaded
+            raise ReplicaDown(f"replica {self.name}: no index loaded yet (load a model there: "
+                              "freshrec model rollout)")
         self.state_id = st.state_id  # the deltas of this round are computed against this state
         return st
 
@@ -316,6 +326,90 @@ class Replica:
                 _crash_point("mid_push")
 
 
+    def close(self) -> None:
+        self.client.close()
+
+
+def deltas_for(settings: Settings, store: DeltaStore, st, factors_of: dict,
+               end: dict[str, int] | None = None) -> tuple[Deltas, list[tuple[str, Deltas]]]:
+    """The deltas a replica whose ``Admin.Status`` is ``st`` needs (to ``end``, default the
+    tables' current versions), and its other arms' item vectors; ``factors_of`` caches each
+    model's item vectors."""
+    others = tuple(sorted({a.model_version for a in st.arms} - {st.model_version}))
+    for m in (st.model_version, *others):
+        if m not in factors_of:
+            factors_of[m] = ModelFactors.for_replica(settings, m)
+    v = st.delta_versions
+    d = compute_deltas(settings, store, factors_of[st.model_version],
+                       {"events": v.get("events"), "items": v.get("items"),
+                        "erasures": v.get("erasures")}, end=end)
+    arm_items = []
+    for m in others:  # the other arms' embedding models: their own item vectors
+        if factors_of[m] is not None:
+            extra = Deltas()
+            _item_changes(store, factors_of[m], v.get("items"), d.versions["items"], extra)
+            arm_items.append((m, extra))
+    return d, arm_items
+
+
+def _lagging(t, want: dict[str, int]) -> str:
+    """Why process ``t`` (a :class:`serving.host.Target`) does not reflect ``want``, or ""."""
+    if not t.address or not t.serving or t.error:
+        return t.error or "not serving"
+    behind = {k: t.versions.get(k) for k, v in want.items() if t.versions.get(k, -1) < v}
+    return f"reports versions {behind}, the round pushed {want}" if behind else ""
+
+
+def _verify_hosts(settings: Settings, store: DeltaStore, targets: list, pushed: dict,
+                  factors_of: dict) -> tuple[list[str], set[str]]:
+    """After the push: each multi-process host's Status (through its port) must show every one
+    of its processes at the versions the round pushed (a process restarted or started meanwhile
+    included). A process that does not is pushed again (its own Status, its own deltas); one
+    still behind fails the round, named. Returns the failures and the names of the processes
+    found at the round's versions."""
+    from serving.host import host_processes
+
+    if not pushed:  # nothing applied anywhere: the push's own failures say why
+        return [], set()
+    floor = {k: min(v[k] for v in pushed.values()) for k in next(iter(pushed.values()))}
+    failures: list[str] = []
+    ok: set[str] = set()
+    for host in dict.fromkeys(t.host for t in targets if t.process is not None):
+        why: dict[str, str] = {}
+        for attempt in range(2):
+            if attempt:
+                time.sleep(settings.refresher.backoff_seconds)
+            why = {}
+            for t in host_processes([host], settings):
+                if t.process is None:
+                    continue
+                reason = _lagging(t, pushed.get(t.address, floor))
+                if not reason:
+                    ok.add(str(t))
+                    continue
+                if t.address and attempt == 0:  # retried: its own Status, its own deltas
+                    r = Replica(t.address, settings, name=str(t))
+                    try:
+                        d, arm_items = deltas_for(settings, store, r.status(), factors_of)
+                        r.push(d, settings.refresher.batch_size, arm_items)
+                        pushed[t.address] = dict(d.versions)
+                        ok.add(str(t))
+                        log.warning("refresher: %s had not applied the round (%s); pushed again",
+                                    t, reason)
+                        continue
+                    except ReplicaDown as e:
+                        reason = str(e)
+                    finally:
+                        r.close()
+                why[str(t)] = reason
+            if not why:
+                break
+        ok -= set(why)
+        failures += [f"replica {name}: did not apply the round: {reason}"
+                     for name, reason in why.items()]
+    return failures, ok
+
+
 def take_live_data(settings: Settings) -> dict:
     """The round's first step: every server's write-ahead log landed, every landed file not in
     bronze taken into bronze and silver (:mod:`serving.ingest`), every server's impression log
@@ -348,13 +442,15 @@ def refresh_once(settings: Settings, ingest: bool = True) -> dict:
         except Exception as e:  # noqa: BLE001 - what silver holds is still pushed; raised below
             log.exception("refresher: taking the live data failed; pushing what silver holds")
             live_error = e
-    from serving.host import expand_replicas
+    from serving.host import host_processes
 
     store = DeltaStore(settings)
     # a host running several processes is one replica per process (its own state and versions)
-    replicas = [Replica(a, settings) for a in expand_replicas(settings.refresher.replicas, settings)]
+    targets = host_processes(settings.refresher.replicas, settings)
+    replicas = [Replica(t.address, settings, name=str(t)) for t in targets if t.address]
     failures: list[str] = []
     groups: dict[tuple, list[Replica]] = {}
+    statuses: dict[tuple, object] = {}
     for r in replicas:
         try:
             st = r.status()
@@ -365,24 +461,16 @@ def refresh_once(settings: Settings, ingest: bool = True) -> dict:
         key = (st.model_version, st.delta_versions.get("events"), st.delta_versions.get("items"),
                others, st.delta_versions.get("erasures"))
         groups.setdefault(key, []).append(r)
+        statuses.setdefault(key, st)
     _crash_point("after_status")
-    report: dict = {"replicas": len(replicas),
+    report: dict = {"replicas": len(targets),
                     "models": sorted({m for k in groups for m in (k[0], *k[3])}),
                     "users": 0, "items": 0, "removed": 0, "events": 0, "full": False,
                     "erased_users": 0, "ingest": taken}
     factors_of: dict[str, ModelFactors | None] = {}
-    for (model_version, ev, it, others, er), members in groups.items():
-        for m in (model_version, *others):
-            if m not in factors_of:
-                factors_of[m] = ModelFactors.for_replica(settings, m)
-        d = compute_deltas(settings, store, factors_of[model_version],
-                           {"events": ev, "items": it, "erasures": er})
-        arm_items = []
-        for m in others:  # the other arms' embedding models: their own item vectors
-            if factors_of[m] is not None:
-                extra = Deltas()
-                _item_changes(store, factors_of[m], it, d.versions["items"], extra)
-                arm_items.append((m, extra))
+    pushed: dict[str, dict[str, int]] = {}  # admin address -> the versions it now reflects
+    for key, members in groups.items():
+        d, arm_items = deltas_for(settings, store, statuses[key], factors_of)
         _crash_point("after_read")
         report.update(users=max(report["users"], len(d.users)),
                       items=max(report["items"], len(d.items)),
@@ -393,8 +481,15 @@ def refresh_once(settings: Settings, ingest: bool = True) -> dict:
         for r in members:
             try:
                 r.push(d, settings.refresher.batch_size, arm_items)
+                pushed[r.address] = dict(d.versions)
             except ReplicaDown as e:
                 failures.append(str(e))
+    for r in replicas:
+        r.close()
+    # a process whose push failed is retried there; one caught up then no longer fails the round
+    late, caught_up = _verify_hosts(settings, store, targets, pushed, factors_of)
+    failures = [f for f in failures if not any(f.startswith(f"replica {n}:") for n in caught_up)]
+    failures += [f for f in late if f not in failures]
     if failures:
         raise ReplicaDown("; ".join(failures) + " (checkpoint not committed: the replica's "
                           "versions did not move)")

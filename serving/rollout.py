@@ -44,7 +44,8 @@ def _roll_one(address: str, settings: Settings, ref: registry.ModelRef, timeout:
     pb = client.admin_pb2
     try:
         try:
-            before = client.call_admin("Status", pb.StatusRequest()).model_version
+            before = client.call_admin("Status", pb.StatusRequest()).model_version \
+                or "(nothing loaded)"  # a process of a multi-process host answers regardless
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNAVAILABLE or "no index loaded" not in (e.details() or ""):
                 raise
@@ -76,21 +77,48 @@ def rollout(settings: Settings, spec: str | int = "champion", replicas: list[str
     ref = registry.resolve(spec)
     t0 = time.perf_counter()
     snap = build_snapshot(settings, ref.version)
-    from serving.host import expand_replicas
+    from serving.host import host_processes
 
-    # every process of a multi-process host loads it (serving/host.py)
-    replicas = expand_replicas(list(settings.refresher.replicas if replicas is None else replicas),
-                               settings)
+    # every process of a multi-process host loads it (serving/host.py), each by its own address
+    targets = host_processes(list(settings.refresher.replicas if replicas is None else replicas),
+                             settings)
     done: list[dict] = []
-    for address in replicas:
+
+    def stop(why: str) -> RolloutFailed:
+        took = ", ".join(d["replica"] for d in done) or "none"
+        return RolloutFailed(f"rollout of {ref.label} stopped at {why}. Replicas that took it: "
+                             f"{took}; the others keep their model")
+
+    for t in targets:
+        if not t.address:
+            raise stop(f"replica {t}: {t.error or 'no admin address'}")
         try:
-            before = _roll_one(address, settings, ref, timeout)
+            before = _roll_one(t.address, settings, ref, timeout)
         except RolloutFailed as e:
-            took = ", ".join(d["replica"] for d in done) or "none"
-            raise RolloutFailed(f"rollout of {ref.label} stopped at {e}. Replicas that took it: "
-                                f"{took}; the others keep their model") from None
-        done.append({"replica": address, "before": before, "after": ref.label})
-        log.info("rollout: %s now serves %s (was %s)", address, ref.label, before)
+            raise stop(str(e).replace(f"replica {t.address}", f"replica {t}", 1)) from None
+        done.append({"replica": str(t), "before": before, "after": ref.label})
+        log.info("rollout: %s now serves %s (was %s)", t, ref.label, before)
+    # each multi-process host must now say the new version for every process (one restarted
+    # meanwhile included): a process that does not is loaded again, then named if it still fails
+    for host in dict.fromkeys(t.host for t in targets if t.process is not None):
+        for attempt in range(2):
+            behind = [p for p in host_processes([host], settings)
+                      if p.process is not None and p.model_version != ref.label]
+            if not behind:
+                break
+            if attempt:
+                raise stop("; ".join(f"replica {p}: serves {p.model_version or 'nothing'} "
+                                     f"({p.error or 'answered'}) after the rollout"
+                                     for p in behind))
+            for p in behind:
+                if p.address:
+                    try:
+                        _roll_one(p.address, settings, ref, timeout)
+                        log.warning("rollout: %s had not taken %s; loaded it again", p, ref.label)
+                    except RolloutFailed as e:
+                        log.error("rollout: retrying %s failed: %s", p, e)
+            time.sleep(settings.refresher.backoff_seconds)
+    replicas = targets
     report = {"model_version": ref.label, "snapshot": snap["snapshot"], "replicas": done,
               "seconds": round(time.perf_counter() - t0, 2)}
     if not replicas:

@@ -895,6 +895,12 @@ class AdminServicer(admin_grpc.AdminServicer):
         return self._audited("DeleteUser", {"user": "(see privacy/erasures.jsonl)"}, context, do)
 
     def Status(self, request, context):
+        if self.s.state is None and self.s.host is not None:
+            # one of several processes with nothing loaded yet: the host's processes still, so
+            # the refresher and the rollout reach each of them (serving.host.host_processes)
+            reply = admin_pb2.StatusResponse(state_id=self.s.state_id)
+            self.s.host.describe(reply, context)
+            return reply
         state = self.s.require_state(context)
         reply = admin_pb2.StatusResponse(
             model_version=state.model_version, index_size=state.items.size,

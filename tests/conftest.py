@@ -53,9 +53,10 @@ def register_fit(settings: Settings, model: str, batch_date: str = DAY) -> int:
     return int(v.version)
 
 
-# `freshrec serve` started by a test runs one process unless the test asks for more
-# (tests/test_serving_processes.py does): the suite shares 2 cores between the servers, Spark and
-# Airflow, and the multi-process host has its own tests.
+# `freshrec serve` started by a test runs one process unless the test asks for more: the suite
+# shares 2 cores between the servers, Spark and Airflow. tests/test_serving_processes.py and the
+# feedback loop's kill -9 tests (tests/test_feedback_loop.py, `two_servers` with processes=2)
+# run multi-process hosts.
 os.environ.setdefault("FRESHREC__SERVING__PROCESSES", "1")
 
 

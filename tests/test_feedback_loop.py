@@ -375,13 +375,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _serve_env(data: Path, version: int) -> dict:
+def _serve_env(data: Path, version: int, processes: int = 1) -> dict:
     return {**os.environ, "FRESHREC_DATA_DIR": str(data), "FRESHREC__SERVING__METRICS_PORT": "-1",
             "FRESHREC__SERVING__JSON_LOGS": "false", "FRESHREC__SERVING__MODEL": f'"{version}"',
-            "FRESHREC__SERVING__WAL_FLUSH_SECONDS": "3600", "PYTHONPATH": str(ROOT)}
+            "FRESHREC__SERVING__WAL_FLUSH_SECONDS": "3600", "PYTHONPATH": str(ROOT),
+            "FRESHREC__SERVING__PROCESSES": str(processes)}
 
 
-def _wait_serving(addr: str, deadline: float = 90) -> None:
+def _wait_serving(addr: str, deadline: float = 90, processes: int = 1) -> None:
+    """Until the server at ``addr`` says SERVING and, with several processes, its Status lists
+    every one of them serving."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from serving.client import Client
@@ -389,10 +392,13 @@ def _wait_serving(addr: str, deadline: float = 90) -> None:
     end = time.time() + deadline
     while time.time() < end:
         try:
-            stub = health_pb2_grpc.HealthStub(Client(addr).channel)
+            c = Client(addr, "dev-admin-token")
+            stub = health_pb2_grpc.HealthStub(c.channel)
             if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
                     health_pb2.HealthCheckResponse.SERVING:
-                return
+                st = c.call_admin("Status", c.admin_pb2.StatusRequest(), timeout=5)
+                if processes == 1 or sum(p.serving for p in st.processes) == processes:
+                    return
         except Exception:  # noqa: BLE001 - not up yet
             pass
         time.sleep(0.3)
@@ -412,7 +418,9 @@ def _refresh_cli(data: Path, version: int, addrs: list[str], crash: str | None =
 
 
 @pytest.fixture
-def two_servers(lane, tmp_path):
+def two_servers(lane, tmp_path, request):
+    """Two `freshrec serve` on one data directory; ``request.param`` (indirect): the serving
+    processes each runs (default 1)."""
     import shutil
 
     from tests.conftest import register_fit
@@ -423,20 +431,21 @@ def two_servers(lane, tmp_path):
     from serving.state import resolve_snapshot
 
     resolve_snapshot(small_settings(data), version)  # built once, before two servers race for it
+    processes = getattr(request, "param", 1)
     ports = [_free_port(), _free_port()]
     procs = [subprocess.Popen([sys.executable, "-m", "freshrec.cli.main", "serve", "--port",
-                               str(p)], env=_serve_env(data, version), cwd=ROOT,
+                               str(p)], env=_serve_env(data, version, processes), cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"serve-{p}.log", "w"))
              for p in ports]
     addrs = [f"127.0.0.1:{p}" for p in ports]
     try:
         for a, p in zip(addrs, ports):
             try:
-                _wait_serving(a)
+                _wait_serving(a, processes=processes)
             except AssertionError:
                 raise AssertionError((tmp_path / f"serve-{p}.log").read_text()[-3000:]) from None
         yield {"data": data, "version": version, "addrs": addrs, "procs": procs,
-               "settings": small_settings(data)}
+               "settings": small_settings(data), "processes": processes}
     finally:
         for p in procs:
             p.kill()
@@ -505,6 +514,7 @@ def test_an_event_taken_by_one_server_reaches_the_other_after_one_round(two_serv
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("two_servers", [2], indirect=True, ids=["processes=2"])
 @pytest.mark.parametrize("point", ["after_land", "ingest_after_dead_letter", "ingest_after_silver",
                                    "ingest_after_bronze", "impressions_after_dead_letter",
                                    "impressions_after_table", "mid_push"])
@@ -533,8 +543,10 @@ def test_sigkill_of_the_round_at_each_step_then_a_rerun_neither_loses_nor_double
     assert sorted(imps) == ["crash-0", "crash-1"]
     assert store.count("impressions_dead_letter") == 0
     b = Client(addrs[1], "dev-admin-token")
-    assert b.call_admin("Status", b.admin_pb2.StatusRequest()).delta_versions["events"] == \
-        store.version("events")
+    st = b.call_admin("Status", b.admin_pb2.StatusRequest())
+    assert st.delta_versions["events"] == store.version("events")
+    # every process of the host, not only the one that answered
+    assert [p.delta_versions["events"] for p in st.processes] == [store.version("events")] * 2
 
 
 def test_a_landed_file_that_cannot_be_read_fails_the_ingest_and_keeps_the_others(settings):
@@ -552,6 +564,7 @@ def test_a_landed_file_that_cannot_be_read_fails_the_ingest_and_keeps_the_others
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("two_servers", [2], indirect=True, ids=["processes=2"])
 def test_a_replica_down_during_a_round_catches_up_next_round_without_loss_or_doubles(two_servers):
     from serving.client import Client
 
@@ -571,9 +584,9 @@ def test_a_replica_down_during_a_round_catches_up_next_round_without_loss_or_dou
     port = b_addr.rsplit(":", 1)[1]
     two_servers["procs"][1] = subprocess.Popen(
         [sys.executable, "-m", "freshrec.cli.main", "serve", "--port", port],
-        env=_serve_env(two_servers["data"], two_servers["version"]), cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_serving(b_addr)
+        env=_serve_env(two_servers["data"], two_servers["version"], two_servers["processes"]),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_serving(b_addr, processes=two_servers["processes"])
     b = Client(b_addr, "dev-client-token")
     assert top in {i.item_id for i in b.recommend(raw, 10).items}  # restarted from the snapshot
     done = _refresh_cli(two_servers["data"], two_servers["version"], [a_addr, b_addr])

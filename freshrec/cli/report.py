@@ -86,7 +86,9 @@ def monitoring(settings: Settings, replicas: list[str] | None = None) -> list[st
     out = ["Online monitoring per replica and arm (score drift: (served mean - reference mean) / "
            "reference std; popular share: served items among the top-N popular at load):"]
     for address in replicas if replicas is not None else settings.refresher.replicas:
-        client = Client(address, settings.refresher.token, ca_file=settings.refresher.ca_file or None)
+        # the token's value: the SecretStr itself would send "Bearer **********"
+        client = Client(address, settings.refresher.token.get_secret_value() or None,
+                        ca_file=settings.refresher.ca_file or None)
         try:
             st = client.call_admin("Status", client.admin_pb2.StatusRequest(), timeout=5)
         except Exception as e:  # grpc.RpcError: the replica is down or refuses
