@@ -88,8 +88,12 @@ def _secret_properties(conf: dict[str, str], settings: Settings) -> Path:
     return path
 
 
-def command(job: str, argv: list[str], settings: Settings) -> list[str]:
-    """The spark-submit command line for ``job`` with the job's own arguments ``argv``."""
+def plan(job: str, argv: list[str], settings: Settings) -> dict:
+    """What spark-submit gets for ``job``: ``name``, ``driver_memory``, ``py_files``, ``jars``
+    (paths), ``conf`` (pairs), ``properties_file`` (the S3 credentials, or None),
+    ``application`` (the driver script) and ``application_args``. :func:`command` makes the
+    command line of it; the batch DAG's :class:`freshrec.spark_operator.SparkJobOperator` hands it
+    to Airflow's ``SparkSubmitOperator``. The master is not in it: the submitter decides."""
     from freshrec.jars import DELTA_CONF, delta_jars, require_delta_jars
     from freshrec.spark import delta_tuning
 
@@ -111,16 +115,25 @@ def command(job: str, argv: list[str], settings: Settings) -> list[str]:
     # credentials go in a file only the user can read, not on the command line (ps shows it)
     secret = {k: conf.pop(k) for k in list(conf) if k.startswith("spark.hadoop.fs.s3a.")
               and k.rsplit(".", 1)[-1] in ("key", "token")}
-    cmd = [str(spark_submit()), "--master", cfg.master, "--deploy-mode", "client",
-           "--name", f"{cfg.app_name}-{job}", "--driver-memory", cfg.driver_memory,
-           "--py-files", str(source_zip())]
-    if jars:
-        cmd += ["--jars", ",".join(str(j) for j in jars)]
-    for k, v in conf.items():
+    return {"name": f"{cfg.app_name}-{job}", "driver_memory": cfg.driver_memory,
+            "py_files": str(source_zip()), "jars": [str(j) for j in jars], "conf": conf,
+            "properties_file": str(_secret_properties(secret, settings)) if secret else None,
+            "application": str(PROJECT_ROOT / "spark_jobs" / "submit_driver.py"),
+            "application_args": [job, *argv]}
+
+
+def command(job: str, argv: list[str], settings: Settings) -> list[str]:
+    """The spark-submit command line for ``job`` with the job's own arguments ``argv``."""
+    p = plan(job, argv, settings)
+    cmd = [str(spark_submit()), "--master", settings.spark.master, "--deploy-mode", "client",
+           "--name", p["name"], "--driver-memory", p["driver_memory"], "--py-files", p["py_files"]]
+    if p["jars"]:
+        cmd += ["--jars", ",".join(p["jars"])]
+    for k, v in p["conf"].items():
         cmd += ["--conf", f"{k}={v}"]
-    if secret:
-        cmd += ["--properties-file", str(_secret_properties(secret, settings))]
-    return cmd + [str(PROJECT_ROOT / "spark_jobs" / "submit_driver.py"), job, *argv]
+    if p["properties_file"]:
+        cmd += ["--properties-file", p["properties_file"]]
+    return cmd + [p["application"], *p["application_args"]]
 
 
 def submit(job: str, argv: list[str], settings: Settings, env: dict[str, str] | None = None,
