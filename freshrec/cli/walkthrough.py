@@ -272,6 +272,8 @@ def cluster_main(args) -> int:
     task_env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "False"
     stack = af.Stack(api_port=int(os.environ.get("AIRFLOW_API_PORT", 8793)),
                      database=os.environ.get("FRESHREC_AIRFLOW_DB", "airflow"),
+                     home=Path(os.environ["FRESHREC_AIRFLOW_HOME"])
+                     if os.environ.get("FRESHREC_AIRFLOW_HOME") else None,
                      extra_env=tuple(sorted(task_env.items())))
     tasks = dag_tasks(PROJECT_ROOT / "dags" / "freshrec_batch.py")
     steps = [("services", 3), ("dataset", 1), ("batch DAG", len(tasks)), ("rollout DAG", 1),
