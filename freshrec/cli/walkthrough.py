@@ -438,8 +438,9 @@ def summary(settings, logs: Path, dag_logs: str = "airflow-dag.log has the DAG's
     return "\n".join([
         f"Served champion:  freshrec-retrieval@champion = {champion}",
         f"Delta tables:     {settings.tables_dir}",
-        f"MLflow:           {settings.mlflow_tracking_uri}  (UI: `make mlflow-ui`, then "
-        "http://127.0.0.1:5000)",
+        f"MLflow:           {settings.mlflow_tracking_uri}  " + (
+            "(UI: the tracking server itself)" if settings.mlflow_tracking_uri.startswith("http")
+            else "(UI: `make mlflow-ui`, then http://127.0.0.1:5000)"),
         f"Logs:             {logs} ({dag_logs})",
         "Next:             `.venv/bin/freshrec serve` keeps the server up; `freshrec recommend "
         "--user u42` asks it; `freshrec --help` lists the rest",
