@@ -1,12 +1,14 @@
 """Running the Spark jobs with ``spark-submit``: the submitter, not the job's code, decides the
 master, the jars and the driver's memory.
 
-With ``spark.submit: true`` (the ``cluster`` profile) ``freshrec run`` and the batch DAG's Spark
-tasks call :func:`run_job`, which runs ``spark-submit --master <spark.master>`` with the Delta jars
+With ``spark.submit: true`` (the ``cluster`` profile) ``freshrec run`` calls :func:`run_job`,
+which runs ``spark-submit --master <spark.master>`` with the Delta jars
 (``--jars``; see :mod:`freshrec.jars`) and their conf, the project's packages as ``--py-files`` (a
 zip the executors import ``freshrec``, ``spark_jobs`` and ``recmodels`` from) and
 ``spark_jobs/submit_driver.py`` as the driver, in client mode (the driver runs here and reads the
 settings like any job). Otherwise :func:`run_job` runs the job in this process (``local[*]``).
+The batch DAG's Spark tasks hand the same :func:`plan` to Airflow's ``SparkSubmitOperator``
+(:mod:`freshrec.spark_operator`), whose ``spark_default`` connection names the master.
 
 An unreachable ``spark://`` master or missing jars fail before anything is submitted, with a one-line
 error naming what is missing and how to start it.

@@ -142,7 +142,8 @@ def test_the_cluster_walkthrough_without_a_cluster_is_one_line_naming_make_clust
 
 @_mark(deployed)
 def test_the_cluster_profile_runs_the_batch_lane_through_the_deployed_airflow(tmp_path):
-    from freshrec.airflow_stack import Stack, api, down, drop_database, mlflow_down
+    from freshrec.airflow_stack import Stack, down, drop_database, mlflow_down
+    from freshrec.cli.walkthrough import api_patient
     from freshrec.cluster import Cluster
     from freshrec.cluster import down as cluster_down
     from freshrec.cluster import up as cluster_up
@@ -177,9 +178,9 @@ def test_the_cluster_profile_runs_the_batch_lane_through_the_deployed_airflow(tm
         assert f"secrets for this loopback run: {data / 'secrets'}" in r.stderr
         assert "FRESHREC__PRIVACY__VOLUME_ENCRYPTED_ATTESTED=true" in r.stderr
 
-        runs = api(stack, "GET", "/dags/freshrec_batch/dagRuns")["dag_runs"]
+        runs = api_patient(stack, "GET", "/dags/freshrec_batch/dagRuns")["dag_runs"]
         assert [x["state"] for x in runs] == ["success"], runs
-        tis = api(stack, "GET", f"/dags/freshrec_batch/dagRuns/{runs[0]['dag_run_id']}/"
+        tis = api_patient(stack, "GET", f"/dags/freshrec_batch/dagRuns/{runs[0]['dag_run_id']}/"
                   "taskInstances")["task_instances"]
         assert {t["task_id"]: t["state"] for t in tis} == {
             t: "success" for t in ("ingest", "clean", "features", "evaluate", "gate")}

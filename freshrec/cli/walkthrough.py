@@ -386,40 +386,60 @@ def _show(bar, bar_id, tasks: list[str], states: dict[str, str]) -> None:
                else "batch DAG")
 
 
+def api_patient(stack, method: str, path: str, body: dict | None = None,
+                patience_s: float = 180.0) -> dict:
+    """:func:`freshrec.airflow_stack.api`, retried while the API server does not answer in time
+    (a busy machine) for up to ``patience_s``; HTTP errors are not retried."""
+    from freshrec.airflow_stack import StackError, api
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return api(stack, method, path, body)
+        except StackError as e:
+            if "is not reachable" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+
+
 def _trigger_and_follow(stack, dag_id: str, run_id: str, day: str | None, on_states,
                         timeout_s: float = 6 * 3600) -> tuple[str, dict[str, str]]:
     """Unpause ``dag_id``, trigger ``run_id`` through the REST API (for the interval [day,
     day + 1) when ``day`` is given) and poll it until it ends; (state, {task: state})."""
     from datetime import datetime, timedelta, timezone
 
-    from freshrec.airflow_stack import api
+    from freshrec.airflow_stack import StackError
 
     deadline = time.monotonic() + 180
-    while dag_id not in {d["dag_id"] for d in api(stack, "GET", "/dags?limit=100")["dags"]}:
+    while dag_id not in {d["dag_id"] for d in
+                         api_patient(stack, "GET", "/dags?limit=100")["dags"]}:
         if time.monotonic() > deadline:
-            from freshrec.airflow_stack import StackError
-
             raise StackError(f"the DAG processor has not registered {dag_id} after 180 s; see "
                              f"{stack.dir / 'logs' / 'dag-processor.log'}")
         time.sleep(3)
-    api(stack, "PATCH", f"/dags/{dag_id}", {"is_paused": False})
+    api_patient(stack, "PATCH", f"/dags/{dag_id}", {"is_paused": False})
     body: dict = {"dag_run_id": run_id, "logical_date": None}
     if day:
         start = datetime.fromisoformat(day).replace(tzinfo=timezone.utc)
         body = {"dag_run_id": run_id, "logical_date": start.isoformat(),
                 "data_interval_start": start.isoformat(),
                 "data_interval_end": (start + timedelta(days=1)).isoformat()}
-    state = api(stack, "POST", f"/dags/{dag_id}/dagRuns", body)["state"]
+    try:
+        state = api_patient(stack, "POST", f"/dags/{dag_id}/dagRuns", body)["state"]
+    except StackError as e:
+        if "HTTP 409" not in str(e):  # 409: a retried POST whose first try got through
+            raise
+        state = api_patient(stack, "GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
     end = time.monotonic() + timeout_s
     states: dict[str, str] = {}
     while True:
-        tis = api(stack, "GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
+        tis = api_patient(stack, "GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         states = {t["task_id"]: t["state"] for t in tis["task_instances"]}
         on_states(states)
         if state in ("success", "failed") or time.monotonic() > end:
             return state, states
         time.sleep(3)
-        state = api(stack, "GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
+        state = api_patient(stack, "GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
 
 
 def summary(settings, logs: Path, dag_logs: str = "airflow-dag.log has the DAG's Airflow and "
