@@ -301,7 +301,8 @@ def cluster_main(args) -> int:
                                       "loopback: `make mlflow-up`)")
                     bar.update(ids["services"], description="services: starting MLflow")
                     af.mlflow_up(stack, port=u.port or 5000,
-                                 database=os.environ.get("FRESHREC_MLFLOW_DB", "mlflow"))
+                                 database=os.environ.get("FRESHREC_MLFLOW_DB", "mlflow"),
+                                 wait_s=300)  # a new database migrates first: minutes here
             bar.update(ids["services"], advance=1)
             env_file = stack.dir / "freshrec-env.json"
             wanted = json.dumps(task_env, sort_keys=True)
@@ -312,7 +313,7 @@ def cluster_main(args) -> int:
                     bar.update(ids["services"], description="services: restarting Airflow")
                     af.down(stack)
                 bar.update(ids["services"], description="services: starting Airflow", advance=1)
-                af.up(stack)
+                af.up(stack, wait_s=300)
                 env_file.write_text(wanted)
                 bar.update(ids["services"], advance=1)
         except af.StackError as e:
