@@ -76,7 +76,7 @@ mlflow-ui: install ## MLflow UI on 127.0.0.1:5000 over the embedded default's SQ
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$$($(PY) -c "from freshrec.settings import load_settings as l; print(l().data_dir)")/mlflow/mlflow.db
 
-run: install ## set up, make the embedded dataset once, run the batch DAG, report, one live gRPC request (logs to files)
+run: install ## set up, make the embedded dataset once, run the batch DAG, report, one live gRPC request (FRESHREC_PROFILE=cluster: on the cluster via the deployed Airflow)
 	$(PY) -m freshrec.cli.walkthrough --date $(DATE) --run-after $(RUN_AFTER)
 
 test: install ## set up and run the whole test suite (unit + integration)

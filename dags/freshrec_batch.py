@@ -23,9 +23,10 @@ exponential backoff, stopped at its `execution_timeout`, and a task that fails f
 to the failure notifier's file (`airflow.failure_log`). No settings are read when this file is
 parsed. Parsing this file imports no
 pyspark, torch or faiss: each task imports its lane's entry point when it runs. The Spark tasks
-(ingest, clean, features, evaluate) run in the worker's process on the embedded default and under
-`spark-submit` on `spark.master` when `spark.submit` is on (the cluster profile): see
-`freshrec/submit.py`.
+(ingest, clean, features, evaluate) are `SparkJobOperator`s (`freshrec/spark_operator.py`, a
+`SparkSubmitOperator`): when `spark.submit` is on (the cluster profile) they run spark-submit
+against the `spark_default` connection (the master; `freshrec/airflow_stack.py` sets it from
+`spark.master`), on the embedded default they run the job in the worker's process (`local[*]`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from airflow.sdk import dag, get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from freshrec.dag_support import (DEAD_LETTER, EVALUATION, EVENTS, FEATURES, PROMOTED, RAW_EVENTS,
-                                  emit_promoted, emit_table, task_defaults)
+                                  emit_promoted, task_defaults)
+from freshrec.spark_operator import SparkJobOperator
 
 DEFAULT_ARGS = task_defaults(retry_delay=timedelta(minutes=2), max_retry_delay=timedelta(minutes=30),
                              execution_timeout=timedelta(hours=2))
@@ -60,37 +62,15 @@ def _interval_args() -> list[str]:
     doc_md=__doc__,
 )
 def freshrec_batch() -> None:
-    @task(outlets=[RAW_EVENTS], execution_timeout=timedelta(hours=1))
-    def ingest() -> dict:
-        from freshrec.submit import run_job
-
-        out = run_job("ingest", _interval_args())
-        emit_table(get_current_context(), RAW_EVENTS, "events_raw")
-        return out
-
-    @task(outlets=[EVENTS, DEAD_LETTER], execution_timeout=timedelta(hours=1))
-    def clean() -> dict:
-        from freshrec.submit import run_job
-
-        out = run_job("clean", _interval_args())
-        ctx = get_current_context()
-        emit_table(ctx, EVENTS, "events")
-        emit_table(ctx, DEAD_LETTER, "events_dead_letter")
-        return out
-
-    @task(outlets=[FEATURES], execution_timeout=timedelta(hours=2))
-    def features() -> dict:
-        from freshrec.submit import run_job
-
-        out = run_job("features", _interval_args())
-        emit_table(get_current_context(), FEATURES, "item_features")
-        return out
-
-    @task(outlets=[EVALUATION], execution_timeout=timedelta(hours=4))
-    def evaluate() -> dict:
-        from freshrec.submit import run_job
-
-        return run_job("evaluate", _interval_args())
+    ingested = SparkJobOperator(job="ingest", tables=[(RAW_EVENTS, "events_raw")],
+                                execution_timeout=timedelta(hours=1))
+    cleaned = SparkJobOperator(job="clean", tables=[(EVENTS, "events"),
+                                                    (DEAD_LETTER, "events_dead_letter")],
+                               execution_timeout=timedelta(hours=1))
+    featured = SparkJobOperator(job="features", tables=[(FEATURES, "item_features")],
+                                execution_timeout=timedelta(hours=2))
+    evaluated = SparkJobOperator(job="evaluate", outlets=[EVALUATION],
+                                 execution_timeout=timedelta(hours=4))
 
     @task(outlets=[PROMOTED], execution_timeout=timedelta(minutes=30))
     def gate() -> dict:
@@ -100,10 +80,7 @@ def freshrec_batch() -> None:
         emit_promoted(get_current_context(), out)
         return out
 
-    ingested = ingest()
-    cleaned = clean()
-    ingested >> cleaned
-    cleaned >> features() >> evaluate() >> gate()
+    ingested >> cleaned >> featured >> evaluated >> gate()
 
 
 freshrec_batch()

@@ -59,26 +59,49 @@ class Stack:
 
 
 def airflow_env(s: Stack) -> dict[str, str]:
+    """The environment of the Airflow processes: this one's, the stack's, ``extra_env``, and
+    ``AIRFLOW_CONN_SPARK_DEFAULT`` (:func:`spark_connection`) when the settings submit."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ,
-            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-            "AIRFLOW_HOME": str(s.dir),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{s.api}/execution/",
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__PORT": str(s.api_port),
-            "AIRFLOW__API__BASE_URL": s.api,
-            "AIRFLOW__API_AUTH__JWT_SECRET": _secret(s),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": s.sql_conn,
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
-            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "30",
-            "PYTHONPATH": str(PROJECT_ROOT) + (os.pathsep + os.environ["PYTHONPATH"]
-                                               if os.environ.get("PYTHONPATH") else ""),
-            "PYSPARK_PYTHON": sys.executable, **dict(s.extra_env)}
+    env = {**os.environ,
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "AIRFLOW_HOME": str(s.dir),
+           "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+           "AIRFLOW__CORE__PARALLELISM": "4",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{s.api}/execution/",
+           "AIRFLOW__API__HOST": "127.0.0.1",
+           "AIRFLOW__API__PORT": str(s.api_port),
+           "AIRFLOW__API__BASE_URL": s.api,
+           "AIRFLOW__API_AUTH__JWT_SECRET": _secret(s),
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": s.sql_conn,
+           "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+           "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "30",
+           "PYTHONPATH": str(PROJECT_ROOT) + (os.pathsep + os.environ["PYTHONPATH"]
+                                              if os.environ.get("PYTHONPATH") else ""),
+           "PYSPARK_PYTHON": sys.executable, **dict(s.extra_env)}
+    conn = spark_connection(env)
+    if conn:
+        env["AIRFLOW_CONN_SPARK_DEFAULT"] = conn
+    return env
+
+
+def spark_connection(env: dict[str, str]) -> str | None:
+    """The ``spark_default`` connection (Airflow's JSON form) for the batch DAG's
+    ``SparkSubmitOperator``s when the settings ``env`` selects have ``spark.submit`` on: the
+    master is ``spark.master``, client deploy mode, ``spark-submit`` from the PATH (the venv's).
+    None when they do not submit, or cannot be loaded (the tasks then fail naming the reason)."""
+    from freshrec.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(env=env)
+    except SettingsError:
+        return None
+    if not settings.spark.submit:
+        return None
+    return json.dumps({"conn_type": "spark", "host": settings.spark.master,
+                       "extra": {"deploy-mode": "client", "spark-binary": "spark-submit"}})
 
 
 def _secret(s: Stack) -> str:

@@ -1,12 +1,14 @@
 """Running the Spark jobs with ``spark-submit``: the submitter, not the job's code, decides the
 master, the jars and the driver's memory.
 
-With ``spark.submit: true`` (the ``cluster`` profile) ``freshrec run`` and the batch DAG's Spark
-tasks call :func:`run_job`, which runs ``spark-submit --master <spark.master>`` with the Delta jars
+With ``spark.submit: true`` (the ``cluster`` profile) ``freshrec run`` calls :func:`run_job`,
+which runs ``spark-submit --master <spark.master>`` with the Delta jars
 (``--jars``; see :mod:`freshrec.jars`) and their conf, the project's packages as ``--py-files`` (a
 zip the executors import ``freshrec``, ``spark_jobs`` and ``recmodels`` from) and
 ``spark_jobs/submit_driver.py`` as the driver, in client mode (the driver runs here and reads the
 settings like any job). Otherwise :func:`run_job` runs the job in this process (``local[*]``).
+The batch DAG's Spark tasks hand the same :func:`plan` to Airflow's ``SparkSubmitOperator``
+(:mod:`freshrec.spark_operator`), whose ``spark_default`` connection names the master.
 
 An unreachable ``spark://`` master or missing jars fail before anything is submitted, with a one-line
 error naming what is missing and how to start it.
@@ -88,8 +90,12 @@ def _secret_properties(conf: dict[str, str], settings: Settings) -> Path:
     return path
 
 
-def command(job: str, argv: list[str], settings: Settings) -> list[str]:
-    """The spark-submit command line for ``job`` with the job's own arguments ``argv``."""
+def plan(job: str, argv: list[str], settings: Settings) -> dict:
+    """What spark-submit gets for ``job``: ``name``, ``driver_memory``, ``py_files``, ``jars``
+    (paths), ``conf`` (pairs), ``properties_file`` (the S3 credentials, or None),
+    ``application`` (the driver script) and ``application_args``. :func:`command` makes the
+    command line of it; the batch DAG's :class:`freshrec.spark_operator.SparkJobOperator` hands it
+    to Airflow's ``SparkSubmitOperator``. The master is not in it: the submitter decides."""
     from freshrec.jars import DELTA_CONF, delta_jars, require_delta_jars
     from freshrec.spark import delta_tuning
 
@@ -111,16 +117,25 @@ def command(job: str, argv: list[str], settings: Settings) -> list[str]:
     # credentials go in a file only the user can read, not on the command line (ps shows it)
     secret = {k: conf.pop(k) for k in list(conf) if k.startswith("spark.hadoop.fs.s3a.")
               and k.rsplit(".", 1)[-1] in ("key", "token")}
-    cmd = [str(spark_submit()), "--master", cfg.master, "--deploy-mode", "client",
-           "--name", f"{cfg.app_name}-{job}", "--driver-memory", cfg.driver_memory,
-           "--py-files", str(source_zip())]
-    if jars:
-        cmd += ["--jars", ",".join(str(j) for j in jars)]
-    for k, v in conf.items():
+    return {"name": f"{cfg.app_name}-{job}", "driver_memory": cfg.driver_memory,
+            "py_files": str(source_zip()), "jars": [str(j) for j in jars], "conf": conf,
+            "properties_file": str(_secret_properties(secret, settings)) if secret else None,
+            "application": str(PROJECT_ROOT / "spark_jobs" / "submit_driver.py"),
+            "application_args": [job, *argv]}
+
+
+def command(job: str, argv: list[str], settings: Settings) -> list[str]:
+    """The spark-submit command line for ``job`` with the job's own arguments ``argv``."""
+    p = plan(job, argv, settings)
+    cmd = [str(spark_submit()), "--master", settings.spark.master, "--deploy-mode", "client",
+           "--name", p["name"], "--driver-memory", p["driver_memory"], "--py-files", p["py_files"]]
+    if p["jars"]:
+        cmd += ["--jars", ",".join(p["jars"])]
+    for k, v in p["conf"].items():
         cmd += ["--conf", f"{k}={v}"]
-    if secret:
-        cmd += ["--properties-file", str(_secret_properties(secret, settings))]
-    return cmd + [str(PROJECT_ROOT / "spark_jobs" / "submit_driver.py"), job, *argv]
+    if p["properties_file"]:
+        cmd += ["--properties-file", p["properties_file"]]
+    return cmd + [p["application"], *p["application_args"]]
 
 
 def submit(job: str, argv: list[str], settings: Settings, env: dict[str, str] | None = None,

@@ -2,7 +2,9 @@
 
 The project's packages come from the source tree (``FRESHREC_PROJECT_ROOT``) on the driver, so the
 settings and conf files are found as in any job, and from the ``--py-files`` zip on the executors.
-The job's result is the last stdout line, after ``FRESHREC_RESULT``.
+The job's result is the last stdout line, after ``FRESHREC_RESULT``, and, when
+``FRESHREC_RESULT_FILE`` names a file, that file's JSON (Airflow's ``SparkSubmitOperator`` logs
+stdout but returns nothing: the batch DAG reads the file).
 """
 
 import importlib
@@ -22,7 +24,13 @@ def main() -> None:
 
     job, argv = sys.argv[1], sys.argv[2:]
     result = importlib.import_module(JOBS[job]).main(argv)
-    print(RESULT + json.dumps(result, default=str), flush=True)
+    text = json.dumps(result, default=str)
+    if os.environ.get("FRESHREC_RESULT_FILE"):
+        tmp = os.environ["FRESHREC_RESULT_FILE"] + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.environ["FRESHREC_RESULT_FILE"])
+    print(RESULT + text, flush=True)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def render(settings: Settings, batch_date: str) -> str:
             f"Index snapshot: {snap or '(none)'}",
             f"Tables:         {settings.tables_uri}",
             f"MLflow:         {settings.mlflow_tracking_uri}",
+            f"  UI: {settings.mlflow_tracking_uri} (the tracking server)"
+            if settings.mlflow_tracking_uri.startswith("http") else
             f"  UI: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} "
             "--port 5000"]
     return "\n".join(out)
