@@ -267,7 +267,8 @@ def fit_in_worker(settings: Settings, interval: DataInterval, names: list[str], 
     events, splits and fitted models never enter the driver's memory: the job (settings included,
     secrets too) goes over the child's stdin as a pickle, the result comes back through a file in
     a private temporary folder. A Spark model in the child starts its own session on the master
-    the driver's session uses. The child's ValueError (bad input) comes back as a ValueError with
+    the driver's session uses (on a cluster the driver's session is stopped first, so the child's
+    application gets the cores). The child's ValueError (bad input) comes back as a ValueError with
     its message, any other error as a RuntimeError; a child killed or dying without a result is a
     RuntimeError naming the signal or exit status."""
     import pickle
@@ -280,6 +281,13 @@ def fit_in_worker(settings: Settings, interval: DataInterval, names: list[str], 
 
         active = SparkSession.getActiveSession()
         master = active.sparkContext.master if active is not None else None
+        if master and not master.startswith("local") and set(names) & SPARK_MODELS:
+            # a standalone master gives an application every free core: the child's Spark
+            # application would wait for the driver's to finish. Stop it; the driver needs no
+            # Spark until its next job (get_spark starts a session again).
+            log.info("evaluate: stopping the driver's Spark session on %s so the worker's Spark "
+                     "models get the cluster's cores", master)
+            active.stop()
     except ImportError:
         pass
     env = {k: v for k, v in os.environ.items()
