@@ -295,7 +295,8 @@ def fit_in_worker(settings: Settings, interval: DataInterval, names: list[str], 
     with tempfile.TemporaryDirectory(prefix="freshrec-evaluate-") as tmp:
         out = Path(tmp) / "result.pickle"
         job = {"settings": settings, "interval": interval, "names": names, "versions": versions,
-               "parent_run_id": parent_run_id, "spark_master": master, "out": str(out)}
+               "parent_run_id": parent_run_id, "spark_master": master, "out": str(out),
+               "log_level": logging.getLogger().getEffectiveLevel()}
         proc = subprocess.run([sys.executable, "-m", "spark_jobs.evaluate_worker"],
                               input=pickle.dumps(job), env=env, check=False)
         result = pickle.loads(out.read_bytes()) if out.exists() else {}

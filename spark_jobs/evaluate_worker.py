@@ -1,6 +1,7 @@
 """The worker process of evaluate (:func:`spark_jobs.evaluate.fit_in_worker`): reads a pickled job
 from stdin, runs :func:`spark_jobs.evaluate.fit_candidates` and pickles its result to the job's
-``out`` file. Its log goes to stderr, which it shares with the driver. Not a command for users."""
+``out`` file. Its log goes to stderr, which it shares with the driver, at the driver's level.
+Not a command for users."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import sys
 
 def main() -> int:
     job = pickle.loads(sys.stdin.buffer.read())
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the driver's level: quiet under the CLI, progress lines under Airflow and spark-submit
+    logging.basicConfig(level=job.get("log_level", logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = job["settings"]
     if job["spark_master"] and settings.spark.master != job["spark_master"]:
         # the driver's session was given its master by spark-submit: fit Spark models there too
