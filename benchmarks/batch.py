@@ -6,9 +6,14 @@ Spark ALS and the `implicit` library's ALS (CPU, same rank, iterations, regulari
 on the same interactions in the same process and prints the ratio. The driver's peak memory (this
 process and its Spark JVM, resident set sampled every 0.2 s) is printed per stage and overall;
 ``--delta-backend spark`` runs the stages with delta-spark (the jars from ``make jars``), so the
-tables are read and written on the executors instead of passing through the driver. Usage:
+tables are read and written on the executors instead of passing through the driver. evaluate fits
+its models in a worker process (``evaluation.fit_in_worker``): its peak is printed apart, and
+counted in the process tree's. ``--stages evaluate`` runs the named stages again on the tables
+already in the data dir (no synth or import), e.g. to compare ``FRESHREC__EVALUATION__FIT_IN_WORKER
+=false`` with the default on the same data. Usage:
 
     .venv/bin/python benchmarks/batch.py [--events N] [--skip-stages] [--delta-backend spark]
+        [--stages evaluate,gate]
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class PeakMemory:
         import psutil
 
         self.proc, self.peak, self.py_peak, self.every = psutil.Process(), 0, 0, every
+        self.worker_peak = 0  # evaluate's worker process and its children (its own Spark JVM)
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -41,17 +47,22 @@ class PeakMemory:
         import psutil
 
         while not self._stop.is_set():
-            total = 0
+            total = worker = 0
             try:
                 self.py_peak = max(self.py_peak, self.proc.memory_info().rss)
                 for p in [self.proc, *self.proc.children(recursive=True)]:
                     try:
-                        total += p.memory_info().rss
+                        rss = p.memory_info().rss
+                        total += rss
+                        if any("evaluate_worker" in " ".join(q.cmdline())
+                               for q in [p, *p.parents()] if q.pid != self.proc.pid):
+                            worker += rss
                     except psutil.Error:
                         pass
             except psutil.Error:
                 pass
             self.peak = max(self.peak, total)
+            self.worker_peak = max(self.worker_peak, worker)
             self._stop.wait(self.every)
 
     def gb(self) -> float:
@@ -59,6 +70,9 @@ class PeakMemory:
 
     def py_gb(self) -> float:
         return self.py_peak / 1e9
+
+    def worker_gb(self) -> float:
+        return self.worker_peak / 1e9
 
     def stop(self) -> None:
         self._stop.set()
@@ -69,6 +83,9 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=0, help="override synth.n_events")
     ap.add_argument("--skip-stages", action="store_true", help="only the ALS comparison")
     ap.add_argument("--skip-als", action="store_true", help="only the stages")
+    ap.add_argument("--stages", default="",
+                    help="comma-separated stages to run again on the data dir's existing tables "
+                         "(e.g. evaluate), without synth and import")
     ap.add_argument("--delta-backend", choices=["auto", "spark", "rs"], default=None,
                     help="override delta.backend (spark: delta-spark on the executors)")
     args = ap.parse_args()
@@ -102,28 +119,39 @@ def main() -> None:
         out = fn()
         timings[name] = time.perf_counter() - t0
         print(f"  {name:<12}{timings[name]:>8.1f} s   driver peak so far {peak.gb():.2f} GB "
-              f"(python {peak.py_gb():.2f} GB)", flush=True)
+              f"(python {peak.py_gb():.2f} GB; evaluate worker {peak.worker_gb():.2f} GB)",
+              flush=True)
         return out
 
-    if not args.skip_stages:
+    stages = {"ingest": lambda: ingest.run(settings, interval),
+              "clean": lambda: clean.run(settings, interval),
+              "features": lambda: features.run(settings, interval),
+              "evaluate": lambda: evaluate.run(settings, interval),
+              "gate": lambda: gate.run(settings, interval),
+              "build_index": lambda: index_snapshot.run(settings, interval)}
+    if args.stages:
+        unknown = set(args.stages.split(",")) - set(stages)
+        if unknown:
+            sys.exit(f"--stages: unknown {sorted(unknown)}; pick from {list(stages)}")
+        for name in args.stages.split(","):
+            timed(name, stages[name])
+    elif not args.skip_stages:
         raw = settings.data_dir / "raw"
         synth = timed("synth", lambda: write_synth(settings.synth, raw, end=today))
         timed("import", lambda: (importers.import_events_file(settings, synth.events_path),
                                  importers.import_items_file(settings, synth.items_path)))
-        timed("ingest", lambda: ingest.run(settings, interval))
-        timed("clean", lambda: clean.run(settings, interval))
-        timed("features", lambda: features.run(settings, interval))
-        timed("evaluate", lambda: evaluate.run(settings, interval))
-        timed("gate", lambda: gate.run(settings, interval))
-        timed("build_index", lambda: index_snapshot.run(settings, interval))
+        for name, stage in stages.items():
+            timed(name, stage)
         print(f"  {'total':<12}{sum(timings.values()):>8.1f} s  (target: whole make run <= 300 s)")
+    if timings:
         from freshrec.delta import DeltaStore as _Store
         from freshrec.spark import get_spark as _get
 
         print(f"  Delta engine of the Spark jobs: "
               f"{_Store(settings).spark_backend(_get(settings))}; driver peak memory "
               f"(python + JVM RSS) {peak.gb():.2f} GB, python alone {peak.py_gb():.2f} GB "
-              "(on local[*] the executors run inside the driver's JVM)", flush=True)
+              "(on local[*] the executors run inside the driver's JVM); evaluate's worker "
+              f"process tree {peak.worker_gb():.2f} GB (included in the first figure)", flush=True)
     if args.skip_als:
         peak.stop()
         return

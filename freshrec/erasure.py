@@ -16,9 +16,13 @@ What :func:`erase_user` does, in this order:
    * Delta VACUUM (``privacy.vacuum_retention_hours``, retention check off, ``_change_data``
      included) of those tables, then a checkpoint and a clean-up of the transaction log older
      than the same retention (the log's file statistics hold min/max user ids);
-2. rewrites the MLflow artifacts under every ``file:`` artifact location of the tracking store
-   (user factors, user id arrays, input examples) and tags each affected run or logged model
-   ``freshrec.erasure``; appends the counts (no id) to ``<data>/privacy/erasure-reports.jsonl``.
+2. rewrites the MLflow artifacts (user factors, user id arrays, input examples) and tags each
+   affected run or logged model ``freshrec.erasure``: with the embedded store, the files under
+   every ``file:`` artifact location of the tracking store; with a tracking server
+   (``http(s)://``, e.g. ``make mlflow-up`` with proxied artifacts), every run's and logged
+   model's artifacts through MLflow's artifact API (:func:`scrub_remote_artifacts`: download,
+   rewrite, upload to the same path). Appends the counts (no id) to
+   ``<data>/privacy/erasure-reports.jsonl``.
 
 **Writers cannot bring the rows back.** Every Delta write of :class:`freshrec.delta.DeltaStore`,
 the nearline ingest's MERGE, the feedback join and the landing of events hold the erasure lock
@@ -576,6 +580,85 @@ def _tag_artifacts(settings: Settings, files: list[Path], roots: list[Path], sta
     return tagged
 
 
+def remote_tracking(settings: Settings) -> bool:
+    """Whether the tracking store is a server (``http(s)://``): its artifacts are reached through
+    MLflow's artifact API, wherever the server keeps them."""
+    return settings.mlflow_tracking_uri.startswith(("http://", "https://"))
+
+
+def _remote_artifact_roots(client) -> list[tuple[str, str, str]]:
+    """(kind, id, artifact URI) of every run and logged model of every experiment (deleted ones
+    included) on the tracking server."""
+    from mlflow.entities import ViewType
+
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    roots: list[tuple[str, str, str]] = []
+    for start in range(0, len(ids), 100):
+        chunk, token = ids[start:start + 100], None
+        while True:
+            runs = client.search_runs(chunk, run_view_type=ViewType.ALL, max_results=1000,
+                                      page_token=token)
+            roots += [("run", r.info.run_id, r.info.artifact_uri) for r in runs]
+            token = runs.token
+            if not token:
+                break
+        token = None
+        while True:
+            models = client.search_logged_models(chunk, page_token=token)
+            roots += [("model", m.model_id, m.artifact_location) for m in models]
+            token = models.token
+            if not token:
+                break
+    return roots
+
+
+def scrub_remote_artifacts(settings: Settings, needle: str, stamp: str) -> tuple[int, int, list[str]]:
+    """Remove ``needle`` from the artifacts of every run and logged model on a tracking server,
+    through MLflow's artifact API: each root is downloaded to a private temporary folder,
+    :func:`scrub_tree` rewrites what holds the user, and each rewritten file is uploaded again to
+    the same artifact path (replacing it); the run or logged model is tagged
+    ``freshrec.erasure``. Returns (files rewritten, runs/models tagged, artifacts that still hold
+    the user and could not be rewritten, as URIs). Every root is downloaded in full: the cost
+    grows with everything the server stores."""
+    import tempfile
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.tracking import MlflowClient
+
+    from freshrec.tracking import mlflow_for
+
+    mlflow_for(settings)
+    client = MlflowClient()
+    rewritten = tagged = 0
+    stuck: list[str] = []
+    for kind, ident, uri in _remote_artifact_roots(client):
+        if not uri:
+            continue
+        repo = get_artifact_repository(uri)
+        if not repo.list_artifacts(""):
+            continue
+        with tempfile.TemporaryDirectory(prefix="freshrec-erasure-") as tmp:
+            local = Path(repo.download_artifacts("", dst_path=tmp))
+            changed, st = scrub_tree(local, needle)
+            for f in changed:
+                parent = f.relative_to(local).parent
+                repo.log_artifact(str(f), None if parent == Path(".") else parent.as_posix())
+            stuck += [f"{uri.rstrip('/')}/{f.relative_to(local).as_posix()}" for f in st]
+        if not changed:
+            continue
+        rewritten += len(changed)
+        value = f"{len(changed)} artifact file(s) rewritten by an erasure at {stamp}"
+        try:
+            if kind == "run":
+                client.set_tag(ident, "freshrec.erasure", value)
+            else:
+                client.set_logged_model_tags(ident, {"freshrec.erasure": value})
+            tagged += 1
+        except Exception as e:  # noqa: BLE001 - the files are rewritten; the tag is a record
+            log.warning("erasure: could not tag %s %s (%s)", kind, ident, e)
+    return rewritten, tagged, stuck
+
+
 def erase_user(settings: Settings, pseudonym: str, raw_id: str | None = None) -> dict:
     """Erase one user everywhere (see the module docstring); returns what was removed:
     ``tables`` (rows per table), ``landing_rows``, ``log_lines``, ``snapshot_files``,
@@ -599,18 +682,25 @@ def erase_user(settings: Settings, pseudonym: str, raw_id: str | None = None) ->
             raw_rows = sum(_scrub_parquet(f, raw_id) for f in
                            sorted((settings.data_dir / "raw").glob("**/*.parquet")))
         vacuumed = vacuum_user_tables(settings)
-    roots = _artifact_roots(settings)
-    art: list[Path] = []
-    for r in roots:
-        changed, st = scrub_tree(r, pseudonym)
-        art += changed
-        stuck += st
     stamp = datetime.fromtimestamp(erased_at, timezone.utc).isoformat()
-    tagged = _tag_artifacts(settings, art, roots, stamp) if art else 0
+    stuck_where = [str(p) for p in stuck]
+    if remote_tracking(settings):
+        n_art, tagged, remote_stuck = scrub_remote_artifacts(settings, pseudonym, stamp)
+        stuck_where += remote_stuck
+    else:
+        roots = _artifact_roots(settings)
+        art: list[Path] = []
+        for r in roots:
+            changed, st = scrub_tree(r, pseudonym)
+            art += changed
+            stuck_where += [str(p) for p in st]
+        n_art = len(art)
+        tagged = _tag_artifacts(settings, art, roots, stamp) if art else 0
+    stuck = stuck_where
     report = {"log_position": position, "tables": tables, "landing_rows": landing, "log_lines": lines,
               "snapshot_files": len(snaps), "raw_rows": raw_rows,
-              "vacuumed_files": sum(vacuumed.values()), "mlflow_files": len(art),
-              "mlflow_tagged": tagged, "unscrubbed": [str(p) for p in stuck],
+              "vacuumed_files": sum(vacuumed.values()), "mlflow_files": n_art,
+              "mlflow_tagged": tagged, "unscrubbed": stuck,
               "seconds": round(time.perf_counter() - t0, 3)}
     with _flock(_lock_file(settings), fcntl.LOCK_EX):
         path = privacy_dir(settings) / "erasure-reports.jsonl"

@@ -64,7 +64,9 @@ def temporal_split(events: pd.DataFrame, test_fraction: float, max_users: int = 
     # never be hit), which is the honest choice; -1 marks them.
     ti = np.where(known, ti_pos, -1)
     pairs = pd.DataFrame({"u": tu, "i": ti}).drop_duplicates()
-    seen = train[pairs["u"].to_numpy(), np.maximum(pairs["i"].to_numpy(), 0)].A1 > 0
+    picked = train[pairs["u"].to_numpy(), np.maximum(pairs["i"].to_numpy(), 0)]
+    # a matrix row for pairs, but a sparse matrix when there are none (no test events)
+    seen = (picked.toarray() if sp.issparse(picked) else np.asarray(picked)).ravel() > 0
     pairs = pairs[~(seen & (pairs["i"].to_numpy() >= 0))]
     groups = pairs.groupby("u")["i"].apply(np.asarray)
     test_users = groups.index.to_numpy()

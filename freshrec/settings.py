@@ -300,6 +300,10 @@ class EvaluationSettings(_Section):
                         "interval (the split's held-out newest events included) before it is "
                         "registered, keeping what it chose on validation (the hybrid's blender). "
                         "Its metrics stay those of the split fit.")
+    fit_in_worker: bool = Field(True, description="Fit and score the models in a worker process "
+                                "(spark_jobs/evaluate_worker.py) that reads the events itself, so "
+                                "the events, splits and models never enter the driver's memory; "
+                                "false: in the driver's process.")
     seed: int = 13
 
 

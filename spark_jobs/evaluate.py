@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -42,8 +43,10 @@ from spark_jobs.gate import eligible
 log = logging.getLogger(__name__)
 
 
-def load_events(store: DeltaStore, interval: DataInterval) -> tuple[pa.Table, int | None]:
-    version = store.version("events")
+def load_events(store: DeltaStore, interval: DataInterval,
+                version: int | None = None) -> tuple[pa.Table, int | None]:
+    """The interval's silver events (the latest version unless ``version`` is given)."""
+    version = store.version("events") if version is None else version
     table = store.read_arrow(
         "events", version=version, columns=["user_id", "item_id", "ts", "weight", "raw_id"],
         filter=(pc.field("batch_date") <= interval.batch_date)
@@ -103,7 +106,8 @@ class ContractScorer:
 
 def log_model_run(mlflow, name: str, model, metrics: dict[str, float], versions: dict,
                   interval: DataInterval, run_name: str | None = None,
-                  tags: dict[str, str] | None = None) -> tuple[str, str | None, str | None]:
+                  tags: dict[str, str] | None = None,
+                  parent_run_id: str | None = None) -> tuple[str, str | None, str | None]:
     """One nested MLflow run per fit: params, metrics per K, data versions and the model as an
     ``mlflow.pyfunc`` model (the servable artifact plus the histories it scores). Returns the run
     id, the logged model's URI (None when it is not servable) and why not."""
@@ -111,7 +115,7 @@ def log_model_run(mlflow, name: str, model, metrics: dict[str, float], versions:
     from recmodels.servable import ArtifactError
 
     with mlflow.start_run(run_name=run_name or f"fit-{name}-{interval.batch_date}",
-                          nested=True) as run:
+                          nested=True, parent_run_id=parent_run_id) as run:
         mlflow.set_tags({"stage": "refit" if tags and "refit_of" in tags else "fit", "model": name,
                          "interval": interval.batch_date, **(tags or {})})
         params = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
@@ -173,15 +177,22 @@ def validation_table(validation: dict[str, dict[str, float]], p_values: dict, me
     return "\n".join(lines)
 
 
-def run(settings: Settings, interval: DataInterval,
-        models: list[str] | None = None) -> dict[str, object]:
+def fit_candidates(settings: Settings, interval: DataInterval, names: list[str],
+                   versions: dict, parent_run_id: str) -> dict:
+    """The heavy half of evaluate, run in a worker process by default (:func:`run`): reads the
+    interval's events at ``versions['events']`` (delta-rs, the columns the protocol needs), builds
+    the splits, fits and scores each model of ``names``, logs each fit (and the refit of the gate's
+    candidate) as a run nested under ``parent_run_id`` tagged with this process's id
+    (``fit_pid``), and returns what the driver's summary needs: sizes, metrics per split, the
+    per-user validation metric of each model, run ids and model URIs."""
     cfg = settings.evaluation
-    names = model_names(models or cfg.models)
     store = DeltaStore(settings)
-    table, ev_version = load_events(store, interval)
+    table, _ = load_events(store, interval, version=versions["events"])
     events = table.to_pandas()
-    items = store.read_arrow("items", columns=["item_id", "title", "categories", "text"]) \
-        .to_pandas() if store.exists("items") else None
+    del table
+    items = store.read_arrow("items", version=versions["items"],
+                             columns=["item_id", "title", "categories", "text"]).to_pandas() \
+        if versions["items"] is not None else None
     protocol = Protocol(events, items, cfg.ks, cfg.test_fraction, cfg.validation_fraction,
                         cfg.max_users, cfg.seed)
     sizes = protocol.describe()
@@ -193,64 +204,141 @@ def run(settings: Settings, interval: DataInterval,
     runs: dict[str, str] = {}
     model_uris: dict[str, str] = {}
     skipped_registry: dict[str, str] = {}
-    versions = {"events": ev_version, "items": store.version("items") if items is not None else None}
     mlflow = mlflow_for(settings)
     metric = f"ndcg_at_{cfg.ks[0]}"
+    pid = {"fit_pid": str(os.getpid())}
     leader: tuple[str, ContractScorer] | None = None
+    for n, name in enumerate(names, 1):
+        advance(log, "evaluate", n - 1, len(names), "evaluate %s: [%d/%d] fitting %s",
+                interval.batch_date, n, len(names), name)
+        try:
+            model = ContractScorer(name, settings, protocol)
+        except ValueError as e:  # e.g. EASE above its catalog size: say so, go on
+            skipped[name] = str(e)
+            log.warning("evaluate %s: %s skipped: %s", interval.batch_date, name, e)
+            continue
+        scores = protocol.score(model.fitted)
+        results[name] = {**scores.test, "fit_seconds": model.fit_seconds}
+        validation[name] = scores.validation
+        per_user[name] = scores.per_user
+        logged = {**results[name], **{f"val_{k}": v for k, v in scores.validation.items()}}
+        runs[name], uri, why = log_model_run(mlflow, name, model, logged, versions, interval,
+                                             tags=pid, parent_run_id=parent_run_id)
+        if uri:
+            model_uris[name] = uri
+        else:
+            skipped_registry[name] = why
+        advance(log, "evaluate", n, len(names), "evaluate %s: %s validation %s=%.4f, test "
+                "%.4f (%.1f s)", interval.batch_date, name, metric, validation[name][metric],
+                results[name][metric], model.fit_seconds)
+        # keep the fit the gate would pick so far (the best eligible one on validation)
+        leaders = eligible(validation, model_uris, cfg.gate_models, metric)
+        if leaders and max(leaders, key=leaders.get) == name:
+            leader = (name, model)
+        del model
+    refit: dict[str, dict] = {}
+    if cfg.refit and leader is not None:
+        name, scorer = leader
+        log.info("evaluate %s: refitting the gate's candidate %s on all %d events of the "
+                 "interval", interval.batch_date, name, len(events))
+        try:
+            model = Refit(scorer, events, items)
+        except ValueError as e:  # the split's model stays the one registered
+            log.warning("evaluate %s: refit of %s failed (%s); the split's fit is registered",
+                        interval.batch_date, name, e)
+        else:
+            rid, uri, _ = log_model_run(mlflow, name, model, results[name], versions, interval,
+                                        run_name=f"refit-{name}-{interval.batch_date}",
+                                        tags={"refit_of": runs[name], **pid},
+                                        parent_run_id=parent_run_id)
+            if uri:
+                refit[name] = {"run": rid, "model_uri": uri, "split_model_uri": model_uris[name],
+                               "fit_seconds": model.fit_seconds, "n_events": len(events)}
+                model_uris[name] = uri
+            del model
+    return {"sizes": sizes, "results": results, "validation": validation, "per_user": per_user,
+            "skipped": skipped, "runs": runs, "model_uris": model_uris,
+            "not_servable": skipped_registry, "refit": refit, "fit_pid": os.getpid()}
+
+
+def fit_in_worker(settings: Settings, interval: DataInterval, names: list[str], versions: dict,
+                  parent_run_id: str) -> dict:
+    """:func:`fit_candidates` in a child process (``python -m spark_jobs.evaluate_worker``), so the
+    events, splits and fitted models never enter the driver's memory: the job (settings included,
+    secrets too) goes over the child's stdin as a pickle, the result comes back through a file in
+    a private temporary folder. A Spark model in the child starts its own session on the master
+    the driver's session uses (on a cluster the driver's session is stopped first, so the child's
+    application gets the cores). The child's ValueError (bad input) comes back as a ValueError with
+    its message, any other error as a RuntimeError; a child killed or dying without a result is a
+    RuntimeError naming the signal or exit status."""
+    import pickle
+    import subprocess
+    import sys
+
+    master = None
+    try:
+        from pyspark.sql import SparkSession
+
+        active = SparkSession.getActiveSession()
+        master = active.sparkContext.master if active is not None else None
+        if master and not master.startswith("local") and set(names) & SPARK_MODELS:
+            # a standalone master gives an application every free core: the child's Spark
+            # application would wait for the driver's to finish. Stop it; the driver needs no
+            # Spark until its next job (get_spark starts a session again).
+            log.info("evaluate: stopping the driver's Spark session on %s so the worker's Spark "
+                     "models get the cluster's cores", master)
+            active.stop()
+    except ImportError:
+        pass
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET")}
+    with tempfile.TemporaryDirectory(prefix="freshrec-evaluate-") as tmp:
+        out = Path(tmp) / "result.pickle"
+        job = {"settings": settings, "interval": interval, "names": names, "versions": versions,
+               "parent_run_id": parent_run_id, "spark_master": master, "out": str(out),
+               "log_level": logging.getLogger().getEffectiveLevel()}
+        proc = subprocess.run([sys.executable, "-m", "spark_jobs.evaluate_worker"],
+                              input=pickle.dumps(job), env=env, check=False)
+        result = pickle.loads(out.read_bytes()) if out.exists() else {}
+        if proc.returncode == 0 and "error" not in result:
+            return result
+        if "error" in result:
+            msg = f"evaluate {interval.batch_date}: {result['error']}"
+            raise (ValueError if result["bad_input"] else RuntimeError)(msg)
+        how = (f"was killed by signal {-proc.returncode} (out of memory?)"
+               if proc.returncode < 0 else f"exited with status {proc.returncode}")
+        raise RuntimeError(f"evaluate {interval.batch_date}: the worker process fitting {names} "
+                           f"{how}; its log is above (stderr)")
+
+
+def run(settings: Settings, interval: DataInterval,
+        models: list[str] | None = None) -> dict[str, object]:
+    """Evaluate the interval. The driver reads only the tables' versions, opens the parent MLflow
+    run, and (with ``evaluation.fit_in_worker``, the default) hands the fits to a worker process
+    (:func:`fit_in_worker`); it then computes the p-values and writes the summary."""
+    cfg = settings.evaluation
+    names = model_names(models or cfg.models)
+    store = DeltaStore(settings)
+    ev_version = store.version("events")
+    if ev_version is None:
+        raise ValueError("no events to evaluate on: the silver 'events' table does not exist; "
+                         "run ingest and clean first")
+    versions = {"events": ev_version, "items": store.version("items") if store.exists("items") else None}
+    mlflow = mlflow_for(settings)
+    metric = f"ndcg_at_{cfg.ks[0]}"
     with mlflow.start_run(run_name=f"evaluate-{interval.batch_date}") as parent:
-        mlflow.set_tags({"stage": "evaluate", "interval": interval.batch_date})
+        mlflow.set_tags({"stage": "evaluate", "interval": interval.batch_date,
+                         "driver_pid": str(os.getpid())})
         mlflow.log_params({"test_fraction": cfg.test_fraction, "max_users": cfg.max_users,
                            "validation_fraction": cfg.validation_fraction,
                            "significance": cfg.significance, "models": ",".join(names),
                            **{f"delta_version.{t}": v for t, v in versions.items()}})
-        for n, name in enumerate(names, 1):
-            advance(log, "evaluate", n - 1, len(names), "evaluate %s: [%d/%d] fitting %s",
-                    interval.batch_date, n, len(names), name)
-            try:
-                model = ContractScorer(name, settings, protocol)
-            except ValueError as e:  # e.g. EASE above its catalog size: say so, go on
-                skipped[name] = str(e)
-                log.warning("evaluate %s: %s skipped: %s", interval.batch_date, name, e)
-                continue
-            scores = protocol.score(model.fitted)
-            results[name] = {**scores.test, "fit_seconds": model.fit_seconds}
-            validation[name] = scores.validation
-            per_user[name] = scores.per_user
-            logged = {**results[name], **{f"val_{k}": v for k, v in scores.validation.items()}}
-            runs[name], uri, why = log_model_run(mlflow, name, model, logged, versions, interval)
-            if uri:
-                model_uris[name] = uri
-            else:
-                skipped_registry[name] = why
-            advance(log, "evaluate", n, len(names), "evaluate %s: %s validation %s=%.4f, test "
-                    "%.4f (%.1f s)", interval.batch_date, name, metric, validation[name][metric],
-                    results[name][metric], model.fit_seconds)
-            # keep the fit the gate would pick so far (the best eligible one on validation)
-            leaders = eligible(validation, model_uris, cfg.gate_models, metric)
-            if leaders and max(leaders, key=leaders.get) == name:
-                leader = (name, model)
-            del model
-        p_values = p_value_matrix(per_user, cfg.bootstrap_resamples, cfg.seed)
-        refit: dict[str, dict] = {}
-        if cfg.refit and leader is not None:
-            name, scorer = leader
-            log.info("evaluate %s: refitting the gate's candidate %s on all %d events of the "
-                     "interval", interval.batch_date, name, len(events))
-            try:
-                model = Refit(scorer, events, items)
-            except ValueError as e:  # the split's model stays the one registered
-                log.warning("evaluate %s: refit of %s failed (%s); the split's fit is registered",
-                            interval.batch_date, name, e)
-            else:
-                rid, uri, _ = log_model_run(mlflow, name, model, results[name], versions, interval,
-                                            run_name=f"refit-{name}-{interval.batch_date}",
-                                            tags={"refit_of": runs[name]})
-                if uri:
-                    refit[name] = {"run": rid, "model_uri": uri, "split_model_uri": model_uris[name],
-                                   "fit_seconds": model.fit_seconds, "n_events": len(events)}
-                    model_uris[name] = uri
-                del model
-        leader = scorer = None
+        fit = fit_in_worker if cfg.fit_in_worker else fit_candidates
+        out = fit(settings, interval, names, versions, parent.info.run_id)
+        mlflow.set_tag("fit_pid", str(out["fit_pid"]))
+        sizes, results, validation = out["sizes"], out["results"], out["validation"]
+        p_values = p_value_matrix(out["per_user"], cfg.bootstrap_resamples, cfg.seed)
+        skipped = out["skipped"]
         table_text = "test (held out, reported only):\n" + format_table(results, cfg.ks) + "".join(
             f"\n{name:<14}skipped: {why}" for name, why in skipped.items()) + "\n" + \
             validation_table(validation, p_values, metric, cfg.significance)
@@ -261,8 +349,8 @@ def run(settings: Settings, interval: DataInterval,
                    "metric": metric, "results": results, "validation": validation,
                    "p_values": p_values, "significance": cfg.significance,
                    "bootstrap_resamples": cfg.bootstrap_resamples, "skipped": skipped,
-                   "runs": runs, "model_uris": model_uris, "not_servable": skipped_registry,
-                   "refit": refit,
+                   "runs": out["runs"], "model_uris": out["model_uris"],
+                   "not_servable": out["not_servable"], "refit": out["refit"],
                    "evaluation_run": parent.info.run_id, "table": table_text}
         mlflow.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()})
         mlflow.log_metrics({f"{m}.val_{k}": v for m, r in validation.items() for k, v in r.items()})
