@@ -46,6 +46,8 @@ class SearchBatcher:
     its object (an index replaced by a new model) is gone, the batcher's thread ends by itself
     within a second instead of keeping the index (and its GPU memory) alive."""
 
+    POLL = 0.5  # seconds: how often a waiting caller checks that the batcher's thread lives
+
     def __init__(self, search: SearchFn, window_ms: float = 1.0, max_batch: int = 256,
                  name: str = "search-batcher") -> None:
         if window_ms <= 0:
@@ -68,12 +70,22 @@ class SearchBatcher:
         """(scores, ids), each of shape (1, k), as ``search(query.reshape(1, -1), k)``."""
         p = _Pending(np.asarray(query, dtype=np.float32).reshape(-1), k)
         with self._cond:
-            if self._closed:
-                raise RuntimeError("the search batcher is closed")
+            if self._closed or not self._thread.is_alive():
+                raise RuntimeError("the search batcher is closed" if self._closed else
+                                   f"the search batcher's thread ({self._thread.name}) is dead "
+                                   "(restart the server)")
             self._queue.append(p)
             if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
                 self._cond.notify()
-        p.done.wait()
+        while not p.done.wait(self.POLL):
+            if not self._thread.is_alive():  # died outside its try (a BaseException): never hang
+                with self._cond:
+                    if p in self._queue:
+                        self._queue.remove(p)
+                if p.done.is_set():
+                    break
+                raise RuntimeError(f"the search batcher's thread ({self._thread.name}) is dead: "
+                                   "this search was never answered (restart the server)")
         if p.error is not None:
             raise p.error
         return p.scores, p.ids

@@ -103,6 +103,35 @@ def test_a_failing_batch_fails_each_of_its_callers_and_none_hangs():
         b.search(q, 3)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_batcher_thread_fails_its_callers_instead_of_hanging_them():
+    class Killed(BaseException):  # escapes the batcher's `except Exception`: its thread dies
+        pass
+
+    def dying(queries, k):
+        raise Killed()
+
+    b = SearchBatcher(dying, window_ms=1.0)
+    q = np.zeros(8, np.float32)
+    errors = []
+
+    def call():
+        try:
+            b.search(q, 3)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    ts = [threading.Thread(target=call, daemon=True) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(5)
+    assert not any(t.is_alive() for t in ts), "a caller still waits on a dead batcher thread"
+    assert len(errors) == 4 and all("thread" in e and "dead" in e for e in errors)
+    with pytest.raises(RuntimeError, match="dead"):  # later searches fail at once
+        b.search(q, 3)
+
+
 def test_the_batcher_thread_ends_when_its_index_is_replaced():
     ids, vecs, queries = _data(2_000)
     index = ItemIndex.build(ids, vecs, "flat")
