@@ -268,14 +268,17 @@ def _catch_up(server, slot: ProcessSlot, address: str) -> dict | None:
         return None
     own = Replica(address, settings, client=_admin_client(settings, address, token or None),
                   name=f"process {slot.index} (own admin address {address})")
-    st = own.status()
-    mine = dict(st.delta_versions)
-    if (mine.get("events"), mine.get("items")) == (target.get("events"), target.get("items")) \
-            and mine.get("erasures", -1) >= target.get("erasures", 0):
-        return None
-    d, arm_items = deltas_for(settings, DeltaStore(settings), st, {}, end=target)
-    own.push(d, settings.refresher.batch_size, arm_items)
-    return dict(d.versions)
+    try:
+        st = own.status()
+        mine = dict(st.delta_versions)
+        if (mine.get("events"), mine.get("items")) == (target.get("events"), target.get("items")) \
+                and mine.get("erasures", -1) >= target.get("erasures", 0):
+            return None
+        d, arm_items = deltas_for(settings, DeltaStore(settings), st, {}, end=target)
+        own.push(d, settings.refresher.batch_size, arm_items)
+        return dict(d.versions)
+    finally:
+        own.close()
 
 
 def _load_like_siblings(server, slot: ProcessSlot) -> None:

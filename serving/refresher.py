@@ -447,45 +447,50 @@ def refresh_once(settings: Settings, ingest: bool = True) -> dict:
     store = DeltaStore(settings)
     # a host running several processes is one replica per process (its own state and versions)
     targets = host_processes(settings.refresher.replicas, settings)
-    replicas = [Replica(t.address, settings, name=str(t)) for t in targets if t.address]
     failures: list[str] = []
-    groups: dict[tuple, list[Replica]] = {}
-    statuses: dict[tuple, object] = {}
-    for r in replicas:
-        try:
-            st = r.status()
-        except ReplicaDown as e:
-            failures.append(str(e))
-            continue
-        others = tuple(sorted({a.model_version for a in st.arms} - {st.model_version}))
-        key = (st.model_version, st.delta_versions.get("events"), st.delta_versions.get("items"),
-               others, st.delta_versions.get("erasures"))
-        groups.setdefault(key, []).append(r)
-        statuses.setdefault(key, st)
-    _crash_point("after_status")
-    report: dict = {"replicas": len(targets),
-                    "models": sorted({m for k in groups for m in (k[0], *k[3])}),
-                    "users": 0, "items": 0, "removed": 0, "events": 0, "full": False,
-                    "erased_users": 0, "ingest": taken}
-    factors_of: dict[str, ModelFactors | None] = {}
-    pushed: dict[str, dict[str, int]] = {}  # admin address -> the versions it now reflects
-    for key, members in groups.items():
-        d, arm_items = deltas_for(settings, store, statuses[key], factors_of)
-        _crash_point("after_read")
-        report.update(users=max(report["users"], len(d.users)),
-                      items=max(report["items"], len(d.items)),
-                      removed=max(report["removed"], len(d.remove_items)),
-                      erased_users=max(report["erased_users"], len(d.remove_users)),
-                      events=max(report["events"], d.events_read),
-                      full=report["full"] or d.full, versions=d.versions)
-        for r in members:
+    replicas: list[Replica] = []
+    try:
+        for t in targets:
+            if t.address:
+                replicas.append(Replica(t.address, settings, name=str(t)))
+        groups: dict[tuple, list[Replica]] = {}
+        statuses: dict[tuple, object] = {}
+        for r in replicas:
             try:
-                r.push(d, settings.refresher.batch_size, arm_items)
-                pushed[r.address] = dict(d.versions)
+                st = r.status()
             except ReplicaDown as e:
                 failures.append(str(e))
-    for r in replicas:
-        r.close()
+                continue
+            others = tuple(sorted({a.model_version for a in st.arms} - {st.model_version}))
+            v = st.delta_versions
+            key = (st.model_version, v.get("events"), v.get("items"), others, v.get("erasures"))
+            groups.setdefault(key, []).append(r)
+            statuses.setdefault(key, st)
+        _crash_point("after_status")
+        report: dict = {"replicas": len(targets),
+                        "models": sorted({m for k in groups for m in (k[0], *k[3])}),
+                        "users": 0, "items": 0, "removed": 0, "events": 0, "full": False,
+                        "erased_users": 0, "ingest": taken}
+        factors_of: dict[str, ModelFactors | None] = {}
+        pushed: dict[str, dict[str, int]] = {}  # admin address -> the versions it now reflects
+        for key, members in groups.items():
+            d, arm_items = deltas_for(settings, store, statuses[key], factors_of)
+            _crash_point("after_read")
+            report.update(users=max(report["users"], len(d.users)),
+                          items=max(report["items"], len(d.items)),
+                          removed=max(report["removed"], len(d.remove_items)),
+                          erased_users=max(report["erased_users"], len(d.remove_users)),
+                          events=max(report["events"], d.events_read),
+                          full=report["full"] or d.full, versions=d.versions)
+            for r in members:
+                try:
+                    r.push(d, settings.refresher.batch_size, arm_items)
+                    pushed[r.address] = dict(d.versions)
+                except ReplicaDown as e:
+                    failures.append(str(e))
+    finally:  # every connection closed, whatever failed above
+        for r in replicas:
+            r.close()
     # a process whose push failed is retried there; one caught up then no longer fails the round
     late, caught_up = _verify_hosts(settings, store, targets, pushed, factors_of)
     failures = [f for f in failures if not any(f.startswith(f"replica {n}:") for n in caught_up)]
