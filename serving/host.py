@@ -31,8 +31,10 @@ the rollout: ``RolloutFailed``), never skipped silently.
 
 ``Admin.Status`` answered by any child on the shared port lists every process of the host
 (``processes``: index, pid, admin address, version, state id, applied versions, restarts, or the
-error when it did not answer): the answering child reads the process files and asks each sibling's
-admin address (metadata :data:`LOCAL` stops the recursion).
+error when it did not answer): the answering child reads the process files and asks every
+sibling's admin address at once, within :data:`SIBLING_DEADLINE` (metadata :data:`LOCAL` stops the
+recursion). A host whose Status does not come back fails the refresher's round and the rollout,
+named (:func:`host_processes`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ log = logging.getLogger(__name__)
 LOCAL = "x-freshrec-process-local"  # Status metadata: answer for this process only
 SLOW_LOAD_ENV = "FRESHREC_TEST_SLOW_LOAD"  # test hook: seconds a child waits before loading
 PR_SET_PDEATHSIG = 1
+# A host's Status asks every sibling at once, all within SIBLING_DEADLINE seconds; who asks a
+# host (host_processes) waits HOST_STATUS_TIMEOUT, longer, so hung siblings cannot time it out.
+SIBLING_DEADLINE = 3.0
+HOST_STATUS_TIMEOUT = SIBLING_DEADLINE + 5.0
 
 
 def process_count(settings: Settings) -> int:
@@ -125,6 +131,8 @@ class ProcessSlot:
             return
         token = metadata.get("authorization", "")
         published = {p["index"]: p for p in self.siblings()}
+        answers = _local_statuses(self.settings, [p["address"] for i, p in published.items()
+                                                  if i != self.index], token, SIBLING_DEADLINE)
         for i in sorted(set(range(self.expected())) | set(published)):
             p = published.get(i)
             if p is None:  # started by the supervisor, not yet loaded and caught up
@@ -137,7 +145,7 @@ class ProcessSlot:
             if p["index"] == self.index:
                 st = reply
             else:
-                st, err = _local_status(self.settings, p["address"], token)
+                st, err = answers[p["address"]]
                 if st is None:
                     ps.serving, ps.error = False, err
                     continue
@@ -161,6 +169,31 @@ def _local_status(settings: Settings, address: str, authorization: str, timeout:
         return None, f"{e.code().name}: {e.details()}"
     finally:
         client.close()
+
+
+def _local_statuses(settings: Settings, addresses: list[str], authorization: str,
+                    deadline: float) -> dict[str, tuple]:
+    """:func:`_local_status` of every address at once, all answered (or given up on, with why)
+    within about ``deadline`` seconds: a few hung siblings cost one deadline, not one each."""
+    addresses = list(dict.fromkeys(addresses))
+    if not addresses:
+        return {}
+    pool = futures.ThreadPoolExecutor(max_workers=len(addresses), thread_name_prefix="sibling")
+    try:
+        jobs = {a: pool.submit(_local_status, settings, a, authorization, deadline)
+                for a in addresses}
+        futures.wait(jobs.values(), timeout=deadline + 1.0)
+        out = {}
+        for a, f in jobs.items():
+            if not f.done():
+                out[a] = (None, f"DEADLINE_EXCEEDED: no Status within {deadline:.0f}s")
+            elif f.exception() is not None:
+                out[a] = (None, f"{type(f.exception()).__name__}: {f.exception()}")
+            else:
+                out[a] = f.result()
+        return out
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _admin_client(settings: Settings, address: str, token: str | None = None):
@@ -488,21 +521,25 @@ class Target:
 
 
 def host_processes(entries: list[str], settings: Settings, token: str | None = None,
-                   tries: int = 3, timeout: float = 5.0) -> list[Target]:
+                   tries: int = 3, timeout: float | None = None) -> list[Target]:
     """Every serving process behind ``entries``, as each host's ``Admin.Status`` lists them
     (every slot its supervisor runs, including one restarting or not yet caught up: never left
-    out). A Status that does not come back is asked again on a new connection (``tries``: one
-    process on the shared port may be stopped); a single-process server, or a host that does not
-    answer, stays one target with its own address (its calls then fail where they are made)."""
+    out). A Status that does not come back within ``timeout`` (default
+    :data:`HOST_STATUS_TIMEOUT`) is asked again on a new connection (``tries``: one process on the
+    shared port may be stopped); a single-process server stays one target with its own address. A
+    host whose Status does not come back after ``tries`` is one target with its ``error`` set and
+    ``serving`` False: the refresher and the rollout fail on it, naming the host (pushing to its
+    shared port would reach one process of possibly several, unverified)."""
     import grpc
 
     from serving.client import Client
 
     cfg = settings.refresher
     token = token or cfg.bearer()
+    timeout = HOST_STATUS_TIMEOUT if timeout is None else timeout
     out: list[Target] = []
     for address in split_addresses(entries):
-        st = None
+        st, why = None, "no answer"
         for _ in range(max(1, tries)):
             client = Client(address, token, ca_file=cfg.ca_file or None,
                             options=[("grpc.use_local_subchannel_pool", 1)])
@@ -511,12 +548,17 @@ def host_processes(entries: list[str], settings: Settings, token: str | None = N
                                        timeout=timeout)
                 break
             except grpc.RpcError as e:
+                why = f"{e.code().name}: {e.details()}"
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE,
                                     grpc.StatusCode.DEADLINE_EXCEEDED):
                     break
             finally:
                 client.close()
-        if st is None or not st.processes:
+        if st is None:
+            out.append(Target(address, address, serving=False,
+                              error=f"Admin.Status failed ({why})"))
+            continue
+        if not st.processes:
             out.append(Target(address, address))
             continue
         for p in st.processes:

@@ -382,6 +382,8 @@ def _verify_hosts(settings: Settings, store: DeltaStore, targets: list, pushed: 
             why = {}
             for t in host_processes([host], settings):
                 if t.process is None:
+                    if t.error:  # the host's Status failed: its processes cannot be checked
+                        why[str(t)] = t.error
                     continue
                 reason = _lagging(t, pushed.get(t.address, floor))
                 if not reason:
@@ -451,7 +453,9 @@ def refresh_once(settings: Settings, ingest: bool = True) -> dict:
     replicas: list[Replica] = []
     try:
         for t in targets:
-            if t.address:
+            if t.process is None and t.error:  # a host whose Status failed: never push blind
+                failures.append(f"replica {t}: {t.error}")
+            elif t.address:
                 replicas.append(Replica(t.address, settings, name=str(t)))
         groups: dict[tuple, list[Replica]] = {}
         statuses: dict[tuple, object] = {}

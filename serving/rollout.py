@@ -90,7 +90,7 @@ def rollout(settings: Settings, spec: str | int = "champion", replicas: list[str
                              f"{took}; the others keep their model")
 
     for t in targets:
-        if not t.address:
+        if not t.address or (t.process is None and t.error):  # never load blind on a host
             raise stop(f"replica {t}: {t.error or 'no admin address'}")
         try:
             before = _roll_one(t.address, settings, ref, timeout)
@@ -103,7 +103,8 @@ def rollout(settings: Settings, spec: str | int = "champion", replicas: list[str
     for host in dict.fromkeys(t.host for t in targets if t.process is not None):
         for attempt in range(2):
             behind = [p for p in host_processes([host], settings)
-                      if p.process is not None and p.model_version != ref.label]
+                      if (p.process is not None and p.model_version != ref.label)
+                      or (p.process is None and p.error)]  # the host's Status failed
             if not behind:
                 break
             if attempt:
@@ -111,7 +112,7 @@ def rollout(settings: Settings, spec: str | int = "champion", replicas: list[str
                                      f"({p.error or 'answered'}) after the rollout"
                                      for p in behind))
             for p in behind:
-                if p.address:
+                if p.address and p.process is not None:
                     try:
                         _roll_one(p.address, settings, ref, timeout)
                         log.warning("rollout: %s had not taken %s; loaded it again", p, ref.label)

@@ -1,0 +1,86 @@
+"""A multi-process host's Status (serving/host.py) with siblings that hang, and a host whose Status
+does not come back: real gRPC servers on loopback whose Admin.Status sleeps."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+
+from freshrec.settings import load_settings
+from serving import host, refresher
+from serving.server import admin_grpc, admin_pb2
+
+
+class _SlowAdmin(admin_grpc.AdminServicer):
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def Status(self, request, context):  # noqa: N802 - the gRPC method's name
+        time.sleep(self.delay)
+        return admin_pb2.StatusResponse(model_version="m@1")
+
+
+@pytest.fixture
+def slow_servers():
+    started = []
+
+    def start(delay: float) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        admin_grpc.add_AdminServicer_to_server(_SlowAdmin(delay), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        started.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for s in started:
+        s.stop(0)
+
+
+class _Context:
+    def invocation_metadata(self):
+        return ()
+
+
+def _settings(tmp_path, **overrides):
+    return load_settings("local", env={"FRESHREC_DATA_DIR": str(tmp_path)}, **overrides)
+
+
+def test_a_host_status_with_hung_siblings_answers_within_the_callers_timeout(tmp_path,
+                                                                              slow_servers):
+    settings = _settings(tmp_path)
+    hung = [slow_servers(30.0) for _ in range(3)]
+    (tmp_path / "host.json").write_text(json.dumps({"processes": 4}))
+    for i, address in enumerate(["127.0.0.1:1", *hung]):
+        (tmp_path / f"process-{i}.json").write_text(json.dumps(
+            {"index": i, "pid": 100 + i, "address": address, "restarts": 0}))
+    slot = host.ProcessSlot(settings, 0, tmp_path)
+    reply = admin_pb2.StatusResponse(model_version="m@1")
+    t0 = time.monotonic()
+    slot.describe(reply, _Context())
+    took = time.monotonic() - t0
+    # asked one after the other, 3 hung siblings took 3 x 3 s: past the host_processes timeout,
+    # so the whole host looked like one process
+    assert took < host.HOST_STATUS_TIMEOUT - 2, took
+    assert host.SIBLING_DEADLINE + 1 < host.HOST_STATUS_TIMEOUT
+    by_index = {p.index: p for p in reply.processes}
+    assert sorted(by_index) == [0, 1, 2, 3]
+    assert by_index[0].serving
+    for i in (1, 2, 3):
+        assert not by_index[i].serving and "DEADLINE_EXCEEDED" in by_index[i].error
+
+
+def test_a_host_whose_status_times_out_fails_the_refresher_round_naming_it(tmp_path, slow_servers,
+                                                                           monkeypatch):
+    address = slow_servers(3.0)
+    monkeypatch.setattr(host, "HOST_STATUS_TIMEOUT", 0.5)
+    settings = _settings(tmp_path, refresher={"replicas": [address], "retries": 0})
+    (t,) = host.host_processes([address], settings)
+    assert t.process is None and not t.serving and "DEADLINE_EXCEEDED" in t.error
+    # never pushed blind to the shared port (one process of possibly several): the round fails
+    with pytest.raises(refresher.ReplicaDown, match=rf"replica {address}: Admin.Status failed"):
+        refresher.refresh_once(settings, ingest=False)
