@@ -276,35 +276,34 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
 
 
 def _catch_up(server, slot: ProcessSlot, address: str) -> dict | None:
-    """Bring this process to the Delta versions (and erasure-log position) its most advanced
-    live sibling reflects: the refresher's deltas from this process's own versions (its
-    snapshot's, after a restart) to theirs, applied through its own admin address. Returns the
-    versions reached, or None when there was nothing to do (no sibling, or none refreshed yet)."""
+    """Bring this process to the Delta versions (and erasure-log position) its live siblings
+    reflect (:func:`catch_up_target`): the refresher's deltas from this process's own versions
+    (its snapshot's, after a restart) to theirs, applied through its own admin address. Returns
+    the versions reached, or None when there was nothing to do (no sibling, or none refreshed
+    yet, or already there)."""
     from freshrec.delta import DeltaStore
     from serving.refresher import Replica, deltas_for
 
     settings = slot.settings
     token = _admin_token(settings)
-    target = None
+    found = []
     for p in slot.siblings():
         if p["index"] == slot.index:
             continue
         st, _ = _local_status(settings, p["address"], f"Bearer {token}" if token else "")
-        if st is None:
-            continue
-        v = dict(st.delta_versions)
-        if "events" in v and (target is None or
-                              (v["events"], v.get("items", -1)) >
-                              (target["events"], target.get("items", -1))):
-            target = v
-    if target is None:
+        if st is not None:
+            found.append((st.model_version, dict(st.delta_versions)))
+    if not found:
         return None
     own = Replica(address, settings, client=_admin_client(settings, address, token or None),
                   name=f"process {slot.index} (own admin address {address})")
     try:
         st = own.status()
         mine = dict(st.delta_versions)
-        if (mine.get("events"), mine.get("items")) == (target.get("events"), target.get("items")) \
+        target = catch_up_target(mine, st.model_version, found)
+        if target is None:
+            return None
+        if all(mine.get(k) == target.get(k) for k in ("events", "items")) \
                 and mine.get("erasures", -1) >= target.get("erasures", 0):
             return None
         d, arm_items = deltas_for(settings, DeltaStore(settings), st, {}, end=target)
@@ -312,6 +311,23 @@ def _catch_up(server, slot: ProcessSlot, address: str) -> dict | None:
         return dict(d.versions)
     finally:
         own.close()
+
+
+def catch_up_target(mine: dict, model: str, siblings: list[tuple[str, dict]]) -> dict | None:
+    """The versions a (re)started process catches up to, from its own ``mine`` and its siblings'
+    (model version, applied versions): per key (events, items, erasures) the largest among the
+    siblings serving ``model`` (any sibling's when none does), never below ``mine``. None when no
+    sibling has been refreshed yet (no events version)."""
+    refreshed = [(m, v) for m, v in siblings if "events" in v]
+    pool = [v for m, v in refreshed if m == model] or [v for _, v in refreshed]
+    if not pool:
+        return None
+    target = {}
+    for k in ("events", "items", "erasures"):
+        have = [v[k] for v in (*pool, mine) if k in v]
+        if have:
+            target[k] = max(have)
+    return target
 
 
 def _load_like_siblings(server, slot: ProcessSlot) -> None:

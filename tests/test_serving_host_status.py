@@ -84,3 +84,16 @@ def test_a_host_whose_status_times_out_fails_the_refresher_round_naming_it(tmp_p
     # never pushed blind to the shared port (one process of possibly several): the round fails
     with pytest.raises(refresher.ReplicaDown, match=rf"replica {address}: Admin.Status failed"):
         refresher.refresh_once(settings, ingest=False)
+
+
+def test_a_restarted_process_catches_up_per_key_to_its_own_models_siblings_never_below_itself():
+    mine = {"events": 2, "items": 4, "erasures": 1}
+    siblings = [("m@1", {"events": 5, "items": 1, "erasures": 3}),
+                ("m@2", {"events": 9, "items": 9, "erasures": 0}),  # another model (A/B, rollout)
+                ("m@1", {"events": 3, "items": 2})]
+    # the same model's siblings, largest per key, and never below its own items version
+    assert host.catch_up_target(mine, "m@1", siblings) == {"events": 5, "items": 4, "erasures": 3}
+    # no sibling serves its model: any sibling's, still never below its own
+    assert host.catch_up_target(mine, "m@3", siblings) == {"events": 9, "items": 9, "erasures": 3}
+    # no sibling refreshed yet: nothing to catch up to
+    assert host.catch_up_target(mine, "m@1", [("m@1", {})]) is None
