@@ -219,7 +219,8 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
               parent: int | None = None) -> int:
     """One serving process of a host: its own admin address first, then the model its siblings
     serve, caught up to their deltas and erasures (:func:`_catch_up`), and only then the shared
-    port and its process file; runs until SIGTERM/SIGINT. So a (re)started process takes no
+    port and its process file; runs until SIGTERM/SIGINT (one that comes while it loads or catches
+    up ends it before it listens on the shared port). So a (re)started process takes no
     Recommend call before it serves what its siblings serve: no client sees "no index loaded
     yet" from it. Returns 1 when the catch-up failed (the supervisor starts it again)."""
     import grpc
@@ -251,9 +252,12 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
     admin_port = admin.add_secure_port(bind, creds) if creds else admin.add_insecure_port(bind)
     admin.start()
     address = f"{_advertised(cfg.host)}:{admin_port}"
-    time.sleep(float(os.environ.get(SLOW_LOAD_ENV) or 0))  # a large index: loading takes time
-    _load_like_siblings(server, slot)
-    if server.state is not None:
+    end = time.monotonic() + float(os.environ.get(SLOW_LOAD_ENV) or 0)  # a large index: slow
+    while not stopping and time.monotonic() < end:
+        time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+    if not stopping:
+        _load_like_siblings(server, slot)
+    if server.state is not None and not stopping:
         try:
             caught = _catch_up(server, slot, address)
         except Exception:  # noqa: BLE001 - never serve behind the siblings: exit, be restarted
@@ -263,6 +267,11 @@ def run_child(settings: Settings, index: int, port: int, directory: Path,
             return 1
         if caught:
             log.info("process %d caught up with its siblings: %s", index, caught)
+    if stopping:  # asked to stop while loading or catching up: never listen on the shared port
+        log.info("process %d stopped before it served on the shared port", index)
+        admin.stop(0)
+        server.stop(grace=0)
+        return 0
     server.start(port=port, load=False)  # the shared port, only now
     if server.state is not None:
         server.set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -4,8 +4,13 @@ does not come back: real gRPC servers on loopback whose Admin.Status sleeps."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,6 +18,8 @@ import pytest
 from freshrec.settings import load_settings
 from serving import host, refresher
 from serving.server import admin_grpc, admin_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class _SlowAdmin(admin_grpc.AdminServicer):
@@ -97,3 +104,38 @@ def test_a_restarted_process_catches_up_per_key_to_its_own_models_siblings_never
     assert host.catch_up_target(mine, "m@3", siblings) == {"events": 9, "items": 9, "erasures": 3}
     # no sibling refreshed yet: nothing to catch up to
     assert host.catch_up_target(mine, "m@1", [("m@1", {})]) is None
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (/proc/<pid>/status SigCgt)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def test_sigterm_while_a_child_loads_stops_it_before_it_listens_on_the_shared_port(tmp_path):
+    directory = tmp_path / "host"
+    directory.mkdir()
+    env = {**os.environ, "FRESHREC_DATA_DIR": str(tmp_path), "FRESHREC_PROFILE": "local",
+           "FRESHREC__SERVING__METRICS_PORT": "-1", host.SLOW_LOAD_ENV: "60",
+           "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "serving.host", "child", "--index", "0",
+                              "--port", "0", "--dir", str(directory), "--profile", "local"],
+                             env=env, cwd=ROOT)
+    try:
+        end = time.monotonic() + 60
+        while not _catches(child.pid, signal.SIGTERM) and time.monotonic() < end:
+            assert child.poll() is None, "the child exited before it was asked to stop"
+            time.sleep(0.1)
+        time.sleep(0.5)  # into its (slow) load
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=15) == 0  # not after the 60 s load
+        assert not (directory / "process-0.json").exists()  # it never served
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
