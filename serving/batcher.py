@@ -154,14 +154,17 @@ def torch_cuda_reason() -> str | None:
 class TorchExactSearch:
     """Exact inner-product top-k over an item matrix held on a torch device.
 
-    ``ntotal``, ``search(queries, k)`` and ``add_with_ids(vectors, ids)`` (ids: the next
-    positions, in order) match the part of a FAISS index that serving/index.py uses for its GPU
-    replica; removed positions are masked (:meth:`mask_positions`: their score becomes -inf, so
-    they never come back, id -1 when fewer than k rows are live). ``half``: keep the matrix in
-    float16 (half the memory and bandwidth; scores round)."""
+    ``ntotal`` (rows held), ``search(queries, k)`` and ``add_with_ids(vectors, ids)`` match the
+    part of a FAISS index that serving/index.py uses for its GPU replica. Row ``r`` answers as id
+    ``ids[r]`` (default: its row number); ``ids`` increase, and added rows take larger ids, so a
+    copy built over the live positions only (after removals) answers with the same ids. Removed
+    positions are masked (:meth:`mask_positions`: their score becomes -inf, so they never come
+    back, id -1 when fewer than k rows are live); ``masked`` counts the masked rows, which still
+    take memory until the copy is rebuilt. ``half``: keep the matrix in float16 (half the memory
+    and bandwidth; scores round)."""
 
     def __init__(self, vectors: np.ndarray, device: str = "cuda", half: bool = False,
-                 dead: list[int] | None = None) -> None:
+                 dead: list[int] | None = None, ids: np.ndarray | None = None) -> None:
         import torch
 
         self.torch = torch
@@ -169,37 +172,65 @@ class TorchExactSearch:
         self.dtype = torch.float16 if half else torch.float32
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.d = vectors.shape[1]
-        cap = max(16, int(len(vectors) * 1.25))
+        n = len(vectors)
+        ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        if len(ids) != n or (n > 1 and not (np.diff(ids) > 0).all()):
+            raise ValueError(f"TorchExactSearch: {len(ids)} ids for {n} rows, or ids not "
+                             "increasing")
+        cap = max(16, int(n * 1.25))
         self._m = torch.zeros((cap, self.d), dtype=self.dtype, device=self.device)
-        self._m[:len(vectors)] = torch.from_numpy(vectors).to(self.device, self.dtype)
+        self._m[:n] = torch.from_numpy(vectors).to(self.device, self.dtype)
         self._mask = torch.zeros(cap, dtype=torch.float32, device=self.device)
-        self.ntotal = len(vectors)
+        self._ids = np.zeros(cap, dtype=np.int64)
+        self._ids[:n] = ids
+        self._dead: set[int] = set()  # masked rows
+        self.ntotal = n
         if dead:
             self.mask_positions(dead)
 
+    @property
+    def masked(self) -> int:
+        """Rows masked (removed positions) that still take memory."""
+        return len(self._dead)
+
     def mask_positions(self, positions) -> None:
-        """Rows never to return again (removed items)."""
+        """Rows never to return again (removed items), by id; ids it does not hold are ignored."""
         pos = np.asarray(list(positions), dtype=np.int64)
-        if len(pos):
-            self._mask[self.torch.from_numpy(pos).to(self.device)] = float("-inf")
+        if not len(pos) or not self.ntotal:
+            return
+        held = self._ids[:self.ntotal]
+        rows = np.searchsorted(held, pos)
+        ok = rows < self.ntotal
+        ok[ok] = held[rows[ok]] == pos[ok]
+        rows = rows[ok]
+        if len(rows):
+            self._mask[self.torch.from_numpy(rows).to(self.device)] = float("-inf")
+            self._dead.update(rows.tolist())
 
     def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
-        want = np.arange(self.ntotal, self.ntotal + len(ids))
-        if not np.array_equal(ids, want):
-            raise ValueError("TorchExactSearch adds rows at the next positions only "
-                             f"({self.ntotal}...), got ids {ids[:5].tolist()}...")
+        if not len(ids):
+            return
+        last = int(self._ids[self.ntotal - 1]) if self.ntotal else -1
+        if ids[0] <= last or (len(ids) > 1 and not (np.diff(ids) > 0).all()):
+            raise ValueError("TorchExactSearch adds rows at the next positions only (increasing "
+                             f"ids after {last}), got ids {ids[:5].tolist()}...")
         torch = self.torch
         n = self.ntotal + len(ids)
         if n > len(self._m):
-            bigger = torch.zeros((int(n * 1.5) + 16, self.d), dtype=self.dtype, device=self.device)
+            cap = int(n * 1.5) + 16
+            bigger = torch.zeros((cap, self.d), dtype=self.dtype, device=self.device)
             bigger[:self.ntotal] = self._m[:self.ntotal]
             self._m = bigger
-            mask = torch.zeros(len(bigger), dtype=torch.float32, device=self.device)
+            mask = torch.zeros(cap, dtype=torch.float32, device=self.device)
             mask[:self.ntotal] = self._mask[:self.ntotal]
             self._mask = mask
+            grown = np.zeros(cap, dtype=np.int64)
+            grown[:self.ntotal] = self._ids[:self.ntotal]
+            self._ids = grown
         self._m[self.ntotal:n] = torch.from_numpy(
             np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device, self.dtype)
+        self._ids[self.ntotal:n] = ids
         self.ntotal = n
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +242,7 @@ class TorchExactSearch:
             scores = (q @ self._m[:self.ntotal].T).float() + self._mask[:self.ntotal]
             top, idx = torch.topk(scores, k_eff, dim=1)
         s = top.cpu().numpy()
-        i = idx.cpu().numpy().astype(np.int64)
+        i = self._ids[idx.cpu().numpy()]
         i[~np.isfinite(s)] = -1  # masked rows: only reached when fewer than k are live
         if k_eff < k:  # FAISS pads with -1 ids
             s = np.pad(s, ((0, 0), (0, k - k_eff)), constant_values=-np.inf)

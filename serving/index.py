@@ -124,7 +124,8 @@ class ItemIndex:
 
     def __init__(self, index: faiss.Index, item_ids: list[str], vectors: np.ndarray,
                  index_type: str, use_gpu: bool = False, read_only: bool = False,
-                 batch_window_ms: float = 0.0, batch_max: int = 256) -> None:
+                 batch_window_ms: float = 0.0, batch_max: int = 256,
+                 replica_device: str = "cuda") -> None:
         if read_only and use_gpu:
             raise ValueError("a read-only (memory-mapped) index has no GPU replica: load it "
                              "into memory (serving.mmap_index: off) to search on the GPU")
@@ -141,6 +142,7 @@ class ItemIndex:
         self.lock = ReadWriteLock()
         self._gpu = None
         self._gpu_tombstones: set[int] = set()
+        self.replica_device = replica_device  # the torch replica's device (no FAISS GPU build)
         if use_gpu:
             self._make_gpu_replica()
         self.batcher = None
@@ -179,9 +181,10 @@ class ItemIndex:
         return cls(index, item_ids, vectors, index_type, use_gpu)
 
     def _make_gpu_replica(self) -> None:
-        """FAISS's GPU copy of the master, or (no FAISS GPU build) an exact torch search over the
-        vectors at their positions; removed positions are tombstoned for it."""
-        if gpu_count() > 0:
+        """FAISS's GPU copy of the master (removed positions tombstoned for it), or (no FAISS GPU
+        build) an exact torch search on ``replica_device`` over the live vectors only, answering
+        with their positions (removed ones masked until the next rebuild)."""
+        if gpu_count() > 0 and self.replica_device.startswith("cuda"):
             res = faiss.StandardGpuResources()
             self._gpu = faiss.index_cpu_to_gpu(res, 0, self.index)
             self._gpu_res = res
@@ -189,13 +192,13 @@ class ItemIndex:
             return
         from serving.batcher import TorchExactSearch, torch_cuda_reason
 
-        why = torch_cuda_reason()
+        why = torch_cuda_reason() if self.replica_device.startswith("cuda") else None
         if why is not None:
             raise RuntimeError(f"a GPU index was asked for but FAISS has no GPU build and {why}: "
                                "install the gpu extra or set device: cpu")
-        dead = set(range(self.n_vectors)) - set(self.position.values())
-        self._gpu = TorchExactSearch(self.vectors[:self.n_vectors], "cuda",
-                                     dead=sorted(dead | self.tombstones))
+        live = np.fromiter(sorted(set(self.position.values()) - self.tombstones), np.int64)
+        self._gpu = None  # the old copy's device memory goes before the new one is made
+        self._gpu = TorchExactSearch(self.vectors[live], self.replica_device, ids=live)
         self._gpu_tombstones = set()  # the torch replica masks removed rows itself
 
     def _search_many(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -369,6 +372,7 @@ class ItemIndex:
 
     def _maybe_compact(self) -> None:
         dead = len(self.tombstones) + len(self._gpu_tombstones)
+        dead += getattr(self._gpu, "masked", 0)  # the torch replica's masked rows take memory too
         if self.read_only and self.overlay is not None:
             dead += self.overlay.ntotal
         if dead and dead > REBUILD_TOMBSTONE_SHARE * max(1, self.size):
@@ -390,7 +394,8 @@ class ItemIndex:
                  "(%d live items); its pages are no longer shared", self.size)
 
     def _compact(self) -> None:
-        """Rebuild without tombstones (HNSW) and re-copy the GPU replica."""
+        """Rebuild without tombstones (HNSW) and re-copy the GPU replica (the torch one over the
+        live rows only)."""
         if self.read_only:
             self._to_memory()
         if self.tombstones and self.index_type == "hnsw":

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from serving.batcher import SearchBatcher, TorchExactSearch, torch_cuda_reason
-from serving.index import ItemIndex, gpu_count
+from serving.index import REBUILD_TOMBSTONE_SHARE, ItemIndex, gpu_count
 
 
 def _data(n: int = 20_000, d: int = 32, seed: int = 0):
@@ -171,6 +171,29 @@ def test_torch_exact_search_gives_faiss_exact_top_k_and_masks_removed_rows():
     small = TorchExactSearch(vecs[:3], device="cpu", dead=[1])
     s, i = small.search(queries[:1], 5)  # fewer live rows than k: padded like FAISS
     assert sorted(i[0, :2].tolist()) == [0, 2] and i[0, 2:].tolist() == [-1, -1, -1]
+
+
+def test_the_torch_replica_drops_removed_rows_past_the_rebuild_threshold():
+    """Removed items are masked on the torch copy; past REBUILD_TOMBSTONE_SHARE of the live
+    items the copy is rebuilt over the live rows only (its memory shrinks), same answers."""
+    pytest.importorskip("torch")
+    ids, vecs, queries = _data(3_000)
+    index = ItemIndex(ItemIndex.build(ids, vecs, "flat").index, ids, vecs, "flat", use_gpu=True,
+                      replica_device="cpu")
+    assert index._gpu.ntotal == 3_000
+    for start in range(0, 1_500, 100):  # half the items removed, a hundred at a time
+        index.remove(ids[start:start + 100])
+        assert index._gpu.masked <= REBUILD_TOMBSTONE_SHARE * index.size + 100
+    assert index._gpu.ntotal < 1_500 * (1 + REBUILD_TOMBSTONE_SHARE) + 100  # was 3,000 rows
+    index.upsert([("new-a", vecs[0]), ("new-b", vecs[1])])  # new positions after a rebuild
+    cpu = ItemIndex.build(ids[1_500:] + ["new-a", "new-b"], np.vstack([vecs[1_500:], vecs[:2]]),
+                          "flat")
+    for q in queries[:50]:
+        got = [(i, round(s, 3)) for i, s in index.search(q, 10)]
+        want = [(i, round(s, 3)) for i, s in cpu.search(q, 10)]
+        assert [i for i, _ in got] == [i for i, _ in want]
+    assert {i for i, _ in index.search(vecs[0], 3)} >= {"new-a"}
+    assert not {i for q in queries[:50] for i, _ in index.search(q, 10)} & set(ids[:1_500])
 
 
 GPU_REASON = None if gpu_count() > 0 else torch_cuda_reason()
