@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import (GCCollector, CollectorRegistry, Counter, Gauge, Histogram,
                                PlatformCollector, ProcessCollector, start_http_server)
 
-from freshrec.device import resolve_device
+from freshrec.device import DeviceUnavailable, resolve_device
 from freshrec.experiments import Assigner, ExperimentError
 from freshrec.privacy import pseudonymizer
 from freshrec.settings import Settings, SettingsError
@@ -930,6 +930,21 @@ class AdminServicer(admin_grpc.AdminServicer):
 
 
 # ---- the server -------------------------------------------------------------------------------
+def serving_gpu(requested: str) -> bool:
+    """Whether the server searches on the GPU for ``device`` (auto, cpu, cuda): where FAISS has a
+    GPU build and sees a GPU (its GPU replica), or else where torch sees one (the exact torch
+    search, :class:`serving.batcher.TorchExactSearch`). ``cuda`` with neither raises."""
+    if requested == "cpu":
+        return False
+    choice = resolve_device("auto" if requested == "cuda" else requested, need=("faiss", "torch"))
+    gpu = choice.faiss_gpu or choice.torch_device == "cuda"
+    if requested == "cuda" and not gpu:
+        raise DeviceUnavailable("device 'cuda' requested but neither FAISS nor torch sees a GPU: "
+                                "on a CUDA machine install the gpu extra (pip install -e "
+                                "'.[gpu]') or a CUDA torch, otherwise set device to auto or cpu")
+    return gpu
+
+
 class FreshrecServer:
     def __init__(self, settings: Settings, use_gpu: bool | None = None) -> None:
         from freshrec.crypto import private_umask
@@ -940,7 +955,7 @@ class FreshrecServer:
         check_volume_encryption(settings, "serve")  # refuses, naming the setting
         self.settings = settings
         if use_gpu is None:
-            use_gpu = resolve_device(settings.device, need=("faiss",)).faiss_gpu
+            use_gpu = serving_gpu(settings.device)
         self.use_gpu = use_gpu
         self.host = None  # serving.host.ProcessSlot when a supervisor started this process
         self.arms: tuple[ArmState, ...] = ()  # swapped whole; arms[0] is the control

@@ -214,3 +214,50 @@ def test_gpu_batched_search_matches_the_cpu_index():
     assert gpu.batcher.calls < gpu.batcher.requests / 2
     gpu.remove([got[0][0][1]])
     assert got[0][0][1] not in [i for _, i, _ in gpu.search_positions(queries[0], 10)]
+
+
+def test_device_cuda_without_any_gpu_refuses_naming_faiss_and_torch():
+    if GPU_REASON is None:
+        pytest.skip("a GPU is visible here")
+    from freshrec.device import DeviceUnavailable
+    from serving.server import serving_gpu
+
+    assert serving_gpu("cpu") is False and serving_gpu("auto") is False
+    with pytest.raises(DeviceUnavailable, match="neither FAISS nor torch"):
+        serving_gpu("cuda")
+
+
+@pytest.mark.skipif(GPU_REASON is not None,
+                    reason=f"no GPU visible: FAISS has no GPU build and {GPU_REASON}")
+def test_the_server_searches_on_the_gpu_where_faiss_or_torch_sees_one(tmp_path):
+    """device: auto with a GPU visible to FAISS or (no faiss-gpu) to torch only: the server's
+    index has a GPU replica and answers what the CPU index answers."""
+    from freshrec.settings import load_settings
+    from serving.client import Client
+    from serving.server import FreshrecServer
+    from serving.synthetic import write_snapshot
+
+    key = load_settings("local", env={}).privacy.hmac_key
+    write_snapshot(tmp_path / "snapshots", key, n_items=5_000, dim=16, n_users=50,
+                   index_type="flat")
+    settings = load_settings("local", env={"FRESHREC_DATA_DIR": str(tmp_path)},
+                             serving={"port": 0, "metrics_port": -1}, device="auto")
+    gpu = FreshrecServer(settings)
+    cpu = FreshrecServer(settings.model_copy(update={"device": "cpu"}))
+    addrs = []
+    try:
+        for server in (gpu, cpu):
+            addrs.append(f"127.0.0.1:{server.start()}")
+        assert gpu.use_gpu and not cpu.use_gpu
+        assert gpu.state.items._gpu is not None  # FAISS's GPU replica or the torch search
+        a, b = Client(addrs[0], "dev-admin-token"), Client(addrs[1], "dev-admin-token")
+        assert a.call_admin("Status", a.admin_pb2.StatusRequest()).device == "cuda"
+        for u in range(20):
+            got = [i.item_id for i in a.recommend(f"u{u}", 10).items]
+            want = [i.item_id for i in b.recommend(f"u{u}", 10).items]
+            assert len(set(got) & set(want)) >= 9, (got, want)  # exact, up to ties
+        a.close()
+        b.close()
+    finally:
+        gpu.stop(grace=0)
+        cpu.stop(grace=0)
