@@ -203,6 +203,40 @@ def _settings(tmp_path: Path, **more):
 
 
 # ---- erasure on a hand-made data directory ---------------------------------------------------
+def test_erasure_removes_the_users_dead_lettered_record_lines(tmp_path):
+    """The impression log's record lines (``p1:`` + base64) that the round dead-letters (a
+    repeated request id, a record of the wrong shape) are stored so that erasing their user finds
+    them: after the erasure no dead-letter row holds the user, another user's row stays."""
+    import binascii
+    import pickle
+
+    from freshrec.erasure import erase_user
+    from freshrec.segments import RECORD_PREFIX
+    from serving.impressions import ImpressionLog, take_impressions
+
+    settings = _settings(tmp_path)
+    gone, kept = "user-erase-7f3a", "user-keep-19c2"
+    log = ImpressionLog(settings)
+    try:
+        log.record("s1", gone, "m/1", None, ["a"], [0.9], [1.0])
+        log.record("s1", gone, "m/1", None, ["b"], [0.8], [1.0])  # repeated request id
+        log.record("s2", kept, "m/1", None, ["c"], [0.7], [1.0])
+        log.record("s2", kept, "m/1", None, ["c"], [0.7], [1.0])
+        log.flush()
+        log.writer.append(RECORD_PREFIX + binascii.b2a_base64(pickle.dumps(("s9", gone))))
+    finally:
+        log.close()
+    assert take_impressions(settings)["dead_letter"] == 3
+    store = DeltaStore(settings)
+    before = store.read_arrow("impressions_dead_letter").column("raw").to_pylist()
+    assert sum(gone in r for r in before) == 2
+    report = erase_user(settings, gone)
+    assert report["tables"]["impressions_dead_letter"] == 2
+    after = store.read_arrow("impressions_dead_letter").column("raw").to_pylist()
+    assert not any(gone in r for r in after)
+    assert len(after) == 1 and kept in after[0]
+
+
 def test_erase_leaves_no_copy_in_any_version_change_data_landing_log_or_snapshot(tmp_path):
     from freshrec.erasure import erase_user, read_log
     from freshrec.privacy import pseudonymizer
