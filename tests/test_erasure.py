@@ -237,6 +237,39 @@ def test_erasure_removes_the_users_dead_lettered_record_lines(tmp_path):
     assert len(after) == 1 and kept in after[0]
 
 
+def test_artifact_scrubbing_reports_unreachable_and_failing_runs_and_scrubs_the_others(tmp_path):
+    """Through MLflow's artifact API (here on a SQLite store): a run whose artifact location this
+    machine does not have and one whose artifact store fails are reported under what could not
+    be scrubbed, with their reason; a run after them is still scrubbed."""
+    from mlflow.tracking import MlflowClient
+
+    from freshrec.erasure import scrub_remote_artifacts
+    from freshrec.tracking import mlflow_for
+
+    settings = _settings(tmp_path)
+    needle = "user-art-5e1d"
+    mlflow = mlflow_for(settings)
+    client = MlflowClient()
+    gone = client.create_experiment("elsewhere", artifact_location=(
+        tmp_path / "other-machine" / "srv" / "mlflow" / "root").as_uri())
+    broken = client.create_experiment("broken", artifact_location="ftp://127.0.0.1:1/mlflow")
+    unreachable = client.create_run(gone).info
+    failing = client.create_run(broken).info
+    note = tmp_path / "users.txt"
+    note.write_text(f"top users: {needle}, user-other\n")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(note))
+    rewritten, _, stuck = scrub_remote_artifacts(settings, needle, "2026-11-28T00:00:00+00:00")
+    assert rewritten == 1
+    text = Path(client.download_artifacts(run.info.run_id, "users.txt", str(tmp_path))).read_text()
+    assert needle not in text and "user-other" in text
+    assert len(stuck) == 2, stuck
+    (where_gone,) = [s for s in stuck if unreachable.run_id in s]
+    assert where_gone.startswith(unreachable.artifact_uri) and "does not have" in where_gone
+    (where_broken,) = [s for s in stuck if failing.run_id in s]
+    assert where_broken.startswith("ftp://") and "could not be scrubbed" in where_broken
+
+
 def test_erase_leaves_no_copy_in_any_version_change_data_landing_log_or_snapshot(tmp_path):
     from freshrec.erasure import erase_user, read_log
     from freshrec.privacy import pseudonymizer
