@@ -270,6 +270,25 @@ def test_artifact_scrubbing_reports_unreachable_and_failing_runs_and_scrubs_the_
     assert where_broken.startswith("ftp://") and "could not be scrubbed" in where_broken
 
 
+def test_an_erasure_with_the_tracking_server_down_still_erases_and_reports(tmp_path,
+                                                                          monkeypatch):
+    """The tables' rows go first; a tracking server that does not answer then leaves its
+    artifacts under what could not be scrubbed, and the erasure's report is written."""
+    from freshrec.erasure import erase_user, privacy_dir
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    settings = _settings(tmp_path, mlflow={"tracking_uri": "http://127.0.0.1:1"})
+    store = populate(settings, ["user-a", "user-b"])
+    report = erase_user(settings, "user-a")
+    assert report["tables"]["events"] == 9
+    assert [r for r in store.read_arrow("events").column("user_id").to_pylist()
+            if r == "user-a"] == []
+    (why,) = report["unscrubbed"]
+    assert why.startswith("http://127.0.0.1:1 ") and "tracking server failed" in why
+    lines = (privacy_dir(settings) / "erasure-reports.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["unscrubbed"] == 1
+
+
 def test_erase_leaves_no_copy_in_any_version_change_data_landing_log_or_snapshot(tmp_path):
     from freshrec.erasure import erase_user, read_log
     from freshrec.privacy import pseudonymizer
