@@ -612,13 +612,28 @@ def _remote_artifact_roots(client) -> list[tuple[str, str, str]]:
     return roots
 
 
+def _unreachable_local(uri: str) -> bool:
+    """Whether ``uri`` is a local path (``file://`` or none) of which neither it nor its three
+    nearest folders exist here: the location of a tracking server on another machine that does
+    not proxy artifacts (a run without artifacts has at least its experiment's folder)."""
+    from urllib.parse import urlparse
+
+    u = urlparse(uri)
+    if u.scheme not in ("", "file"):
+        return False
+    p = Path(u.path)
+    return not any(a.exists() for a in [p, *p.parents][:4] if a != Path(p.anchor))
+
+
 def scrub_remote_artifacts(settings: Settings, needle: str, stamp: str) -> tuple[int, int, list[str]]:
     """Remove ``needle`` from the artifacts of every run and logged model on a tracking server,
     through MLflow's artifact API: each root is downloaded to a private temporary folder,
     :func:`scrub_tree` rewrites what holds the user, and each rewritten file is uploaded again to
     the same artifact path (replacing it); the run or logged model is tagged
     ``freshrec.erasure``. Returns (files rewritten, runs/models tagged, artifacts that still hold
-    the user and could not be rewritten, as URIs). Every root is downloaded in full: the cost
+    the user and could not be rewritten, as URIs, plus each root that could not be scrubbed: a
+    local location this machine does not have, or an error, with its reason; the other roots are
+    scrubbed all the same). Every root is downloaded in full: the cost
     grows with everything the server stores."""
     import tempfile
 
@@ -634,16 +649,27 @@ def scrub_remote_artifacts(settings: Settings, needle: str, stamp: str) -> tuple
     for kind, ident, uri in _remote_artifact_roots(client):
         if not uri:
             continue
-        repo = get_artifact_repository(uri)
-        if not repo.list_artifacts(""):
+        if _unreachable_local(uri):
+            stuck.append(f"{uri} ({kind} {ident}: a local artifact location this machine does "
+                         "not have: erase there, or serve artifacts through the tracking server)")
             continue
-        with tempfile.TemporaryDirectory(prefix="freshrec-erasure-") as tmp:
-            local = Path(repo.download_artifacts("", dst_path=tmp))
-            changed, st = scrub_tree(local, needle)
-            for f in changed:
-                parent = f.relative_to(local).parent
-                repo.log_artifact(str(f), None if parent == Path(".") else parent.as_posix())
-            stuck += [f"{uri.rstrip('/')}/{f.relative_to(local).as_posix()}" for f in st]
+        try:
+            repo = get_artifact_repository(uri)
+            if not repo.list_artifacts(""):
+                continue
+            with tempfile.TemporaryDirectory(prefix="freshrec-erasure-") as tmp:
+                local = Path(repo.download_artifacts("", dst_path=tmp))
+                changed, st = scrub_tree(local, needle)
+                for f in changed:
+                    parent = f.relative_to(local).parent
+                    repo.log_artifact(str(f), None if parent == Path(".") else parent.as_posix())
+                stuck += [f"{uri.rstrip('/')}/{f.relative_to(local).as_posix()}" for f in st]
+        except Exception as e:  # noqa: BLE001 - one run must not stop the others or the report
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            log.error("erasure: the artifacts of %s %s (%s) could not be scrubbed: %s", kind,
+                      ident, uri, reason)
+            stuck.append(f"{uri} ({kind} {ident}: could not be scrubbed: {reason})")
+            continue
         if not changed:
             continue
         rewritten += len(changed)
@@ -685,7 +711,13 @@ def erase_user(settings: Settings, pseudonym: str, raw_id: str | None = None) ->
     stamp = datetime.fromtimestamp(erased_at, timezone.utc).isoformat()
     stuck_where = [str(p) for p in stuck]
     if remote_tracking(settings):
-        n_art, tagged, remote_stuck = scrub_remote_artifacts(settings, pseudonym, stamp)
+        try:
+            n_art, tagged, remote_stuck = scrub_remote_artifacts(settings, pseudonym, stamp)
+        except Exception as e:  # noqa: BLE001 - the rows are gone: the report must be written
+            n_art, tagged = 0, 0
+            remote_stuck = [f"{settings.mlflow_tracking_uri} (every artifact: the tracking "
+                            f"server failed: {' '.join(f'{type(e).__name__}: {e}'.split())[:300]}"
+                            "; erase again when it is back)"]
         stuck_where += remote_stuck
     else:
         roots = _artifact_roots(settings)

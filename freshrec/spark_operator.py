@@ -7,7 +7,9 @@ read then): with ``spark.submit: true`` (the cluster profile) it fills the opera
 driver script and the interval's arguments) and lets ``SparkSubmitOperator.execute`` run
 spark-submit against the ``spark_default`` connection: the connection's host is the master
 (:func:`freshrec.airflow_stack.airflow_env` sets it from ``spark.master`` as
-``AIRFLOW_CONN_SPARK_DEFAULT``). The driver writes the job's result to a file the operator reads
+``AIRFLOW_CONN_SPARK_DEFAULT``); a task whose connection is missing (the hook would fall back to
+``yarn``) or names another master than ``spark.master`` fails with one line saying so
+(:func:`check_connection`). The driver writes the job's result to a file the operator reads
 and returns (XCom). On the embedded default (``local[*]``) it runs the job in this process, as
 before. Either way it then attaches each output table's Delta version to its Asset event.
 """
@@ -21,6 +23,22 @@ from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import Asset
+
+
+def check_connection(master: str | None, wanted: str) -> None:
+    """Fail with one line (a :class:`freshrec.submit.SubmitError`) unless the ``spark_default``
+    connection's master is ``spark.master``: without the connection the provider's hook falls
+    back to ``yarn``, which would otherwise end in a Java trace from spark-submit."""
+    from freshrec.submit import SubmitError
+
+    if master and master != "yarn" and master == wanted:
+        return
+    got = ("missing or yarn (the provider's default when there is no spark_default connection)"
+           if not master or master == "yarn" else repr(master))
+    raise SubmitError(f"the spark_default connection's master is {got}, not spark.master "
+                      f"{wanted!r}: set AIRFLOW_CONN_SPARK_DEFAULT (`make airflow-up` sets it from "
+                      "the settings it starts with; restart it after changing the profile or "
+                      "spark.master)")
 
 
 class SparkJobOperator(SparkSubmitOperator):
@@ -48,6 +66,9 @@ class SparkJobOperator(SparkSubmitOperator):
         else:
             from freshrec.jars import JarsMissing
 
+            self._hook = None
+            master = self._get_hook()._connection["master"]
+            check_connection(master, settings.spark.master)
             try:
                 p = plan(self.job, argv, settings)
             except JarsMissing as e:
@@ -57,7 +78,6 @@ class SparkJobOperator(SparkSubmitOperator):
             self.name, self.py_files, self.conf = p["name"], p["py_files"], p["conf"]
             self.jars = ",".join(p["jars"]) or None
             self._driver_memory, self.properties_file = p["driver_memory"], p["properties_file"]
-            master = self._get_hook()._connection["master"]
             check_master(master)  # one line naming `make cluster-up` instead of a Java trace
             fd, result = tempfile.mkstemp(prefix=f"freshrec-{self.job}-", suffix=".json")
             os.close(fd)

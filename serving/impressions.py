@@ -39,7 +39,8 @@ from freshrec.delta import DeltaStore
 from freshrec.settings import Settings
 from freshrec.tables import IMPRESSIONS, IMPRESSIONS_DEAD_LETTER
 from freshrec.segments import (RECORD_PREFIX, SegmentWriter, flocked, impressions_root,
-                               process_dirs, read_record, record_line, remove_if_abandoned, seal)
+                               line_text, process_dirs, read_record, record_line,
+                               remove_if_abandoned, seal)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,18 @@ def _parse(line: bytes, server: str):
         return json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def _readable(line: bytes, rec) -> str:
+    """A dead-lettered line as text in which its strings (the user id included) appear as
+    written, so that an erasure's ``raw LIKE '%<id>%'`` finds it: a decoded record line as JSON
+    of its fields, an undecodable one as its pickle bytes (strings are UTF-8 there) with other
+    bytes backslash-escaped, a JSON line as itself."""
+    if line.startswith(RECORD_PREFIX):
+        if isinstance(rec, dict):
+            return json.dumps(rec, ensure_ascii=False, default=repr)
+        return line_text(line).decode("utf-8", "backslashreplace")
+    return line.decode("utf-8", "backslashreplace")
 
 
 def _check(rec, seen: set[str]) -> tuple[dict | None, str | None]:
@@ -281,7 +294,7 @@ def take_impressions(settings: Settings, crash=None) -> dict:
                 else:
                     ts = rec.get("ts") if isinstance(rec, dict) else None
                     us = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
-                    bad.append({"raw": line.decode("utf-8", "replace"), "reason": reason,
+                    bad.append({"raw": _readable(line, rec), "reason": reason,
                                 "source_file": sid, "served_date": _day(us) if us else today})
         dead = [r for r in bad if r["source_file"] not in done_dead]
         if dead:

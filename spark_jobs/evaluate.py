@@ -270,7 +270,7 @@ def fit_in_worker(settings: Settings, interval: DataInterval, names: list[str], 
     the driver's session uses (on a cluster the driver's session is stopped first, so the child's
     application gets the cores). The child's ValueError (bad input) comes back as a ValueError with
     its message, any other error as a RuntimeError; a child killed or dying without a result is a
-    RuntimeError naming the signal or exit status."""
+    RuntimeError naming the signal or exit status. The worker dies with this process."""
     import pickle
     import subprocess
     import sys
@@ -292,6 +292,7 @@ def fit_in_worker(settings: Settings, interval: DataInterval, names: list[str], 
         pass
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET")}
+    env["FRESHREC_EVALUATE_PARENT"] = str(os.getpid())  # the worker dies with this process
     with tempfile.TemporaryDirectory(prefix="freshrec-evaluate-") as tmp:
         out = Path(tmp) / "result.pickle"
         job = {"settings": settings, "interval": interval, "names": names, "versions": versions,
@@ -299,10 +300,12 @@ def fit_in_worker(settings: Settings, interval: DataInterval, names: list[str], 
                "log_level": logging.getLogger().getEffectiveLevel()}
         proc = subprocess.run([sys.executable, "-m", "spark_jobs.evaluate_worker"],
                               input=pickle.dumps(job), env=env, check=False)
-        result = pickle.loads(out.read_bytes()) if out.exists() else {}
-        if proc.returncode == 0 and "error" not in result:
+        result = {}
+        if proc.returncode in (0, 1) and out.exists():  # written whole (renamed) or not at all
+            result = pickle.loads(out.read_bytes())
+        if proc.returncode == 0 and result and "error" not in result:
             return result
-        if "error" in result:
+        if proc.returncode == 1 and "error" in result:
             msg = f"evaluate {interval.batch_date}: {result['error']}"
             raise (ValueError if result["bad_input"] else RuntimeError)(msg)
         how = (f"was killed by signal {-proc.returncode} (out of memory?)"

@@ -271,3 +271,24 @@ def test_json_output_of_an_import_is_one_object_and_a_rerun_says_already_importe
     # without --json: the sentence for people
     assert main(["import", "events", str(f), "--map", "user_id=userId"]) == 0
     assert "already imported 3 event rows" in capsys.readouterr().out
+
+
+def test_the_walkthrough_notes_the_airflow_env_as_an_owner_only_hash_without_secrets(tmp_path):
+    """The note of which environment the Airflow stack runs with holds no token (only a hash),
+    is readable by its owner only, and still tells a changed environment from the same one."""
+    import stat
+
+    from freshrec.cli.walkthrough import record_stack_env, stack_env_matches
+
+    env = {"FRESHREC_TOKEN": "a-secret-client-token", "FRESHREC__PRIVACY__HMAC_KEY": "k" * 32}
+    f = tmp_path / "freshrec-env.json"
+    f.write_text('{"FRESHREC_TOKEN": "a-secret-client-token"}')  # an older run's plain copy
+    f.chmod(0o644)
+    assert not stack_env_matches(f, env)
+    record_stack_env(f, env)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    text = f.read_text()
+    assert "a-secret-client-token" not in text and "k" * 32 not in text
+    assert stack_env_matches(f, env)
+    assert not stack_env_matches(f, {**env, "FRESHREC_TOKEN": "another"})
+    assert not stack_env_matches(tmp_path / "absent.json", env)

@@ -203,6 +203,92 @@ def _settings(tmp_path: Path, **more):
 
 
 # ---- erasure on a hand-made data directory ---------------------------------------------------
+def test_erasure_removes_the_users_dead_lettered_record_lines(tmp_path):
+    """The impression log's record lines (``p1:`` + base64) that the round dead-letters (a
+    repeated request id, a record of the wrong shape) are stored so that erasing their user finds
+    them: after the erasure no dead-letter row holds the user, another user's row stays."""
+    import binascii
+    import pickle
+
+    from freshrec.erasure import erase_user
+    from freshrec.segments import RECORD_PREFIX
+    from serving.impressions import ImpressionLog, take_impressions
+
+    settings = _settings(tmp_path)
+    gone, kept = "user-erase-7f3a", "user-keep-19c2"
+    log = ImpressionLog(settings)
+    try:
+        log.record("s1", gone, "m/1", None, ["a"], [0.9], [1.0])
+        log.record("s1", gone, "m/1", None, ["b"], [0.8], [1.0])  # repeated request id
+        log.record("s2", kept, "m/1", None, ["c"], [0.7], [1.0])
+        log.record("s2", kept, "m/1", None, ["c"], [0.7], [1.0])
+        log.flush()
+        log.writer.append(RECORD_PREFIX + binascii.b2a_base64(pickle.dumps(("s9", gone))))
+    finally:
+        log.close()
+    assert take_impressions(settings)["dead_letter"] == 3
+    store = DeltaStore(settings)
+    before = store.read_arrow("impressions_dead_letter").column("raw").to_pylist()
+    assert sum(gone in r for r in before) == 2
+    report = erase_user(settings, gone)
+    assert report["tables"]["impressions_dead_letter"] == 2
+    after = store.read_arrow("impressions_dead_letter").column("raw").to_pylist()
+    assert not any(gone in r for r in after)
+    assert len(after) == 1 and kept in after[0]
+
+
+def test_artifact_scrubbing_reports_unreachable_and_failing_runs_and_scrubs_the_others(tmp_path):
+    """Through MLflow's artifact API (here on a SQLite store): a run whose artifact location this
+    machine does not have and one whose artifact store fails are reported under what could not
+    be scrubbed, with their reason; a run after them is still scrubbed."""
+    from mlflow.tracking import MlflowClient
+
+    from freshrec.erasure import scrub_remote_artifacts
+    from freshrec.tracking import mlflow_for
+
+    settings = _settings(tmp_path)
+    needle = "user-art-5e1d"
+    mlflow = mlflow_for(settings)
+    client = MlflowClient()
+    gone = client.create_experiment("elsewhere", artifact_location=(
+        tmp_path / "other-machine" / "srv" / "mlflow" / "root").as_uri())
+    broken = client.create_experiment("broken", artifact_location="ftp://127.0.0.1:1/mlflow")
+    unreachable = client.create_run(gone).info
+    failing = client.create_run(broken).info
+    note = tmp_path / "users.txt"
+    note.write_text(f"top users: {needle}, user-other\n")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(note))
+    rewritten, _, stuck = scrub_remote_artifacts(settings, needle, "2026-11-28T00:00:00+00:00")
+    assert rewritten == 1
+    text = Path(client.download_artifacts(run.info.run_id, "users.txt", str(tmp_path))).read_text()
+    assert needle not in text and "user-other" in text
+    assert len(stuck) == 2, stuck
+    (where_gone,) = [s for s in stuck if unreachable.run_id in s]
+    assert where_gone.startswith(unreachable.artifact_uri) and "does not have" in where_gone
+    (where_broken,) = [s for s in stuck if failing.run_id in s]
+    assert where_broken.startswith("ftp://") and "could not be scrubbed" in where_broken
+
+
+def test_an_erasure_with_the_tracking_server_down_still_erases_and_reports(tmp_path,
+                                                                          monkeypatch):
+    """The tables' rows go first; a tracking server that does not answer then leaves its
+    artifacts under what could not be scrubbed, and the erasure's report is written."""
+    from freshrec.erasure import erase_user, privacy_dir
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    settings = _settings(tmp_path, mlflow={"tracking_uri": "http://127.0.0.1:1"})
+    store = populate(settings, ["user-a", "user-b"])
+    report = erase_user(settings, "user-a")
+    assert report["tables"]["events"] == 9
+    assert [r for r in store.read_arrow("events").column("user_id").to_pylist()
+            if r == "user-a"] == []
+    (why,) = report["unscrubbed"]
+    assert why.startswith("http://127.0.0.1:1 ") and "tracking server failed" in why
+    lines = (privacy_dir(settings) / "erasure-reports.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["unscrubbed"] == 1
+
+
 def test_erase_leaves_no_copy_in_any_version_change_data_landing_log_or_snapshot(tmp_path):
     from freshrec.erasure import erase_user, read_log
     from freshrec.privacy import pseudonymizer

@@ -89,7 +89,7 @@ def test_fits_run_outside_the_driver_with_the_in_process_results(tmp_path):
         {str(os.getpid())}
 
 
-def test_bad_input_in_the_worker_fails_the_run_with_its_message(tmp_path):
+def test_bad_input_in_the_worker_fails_the_run_with_its_message(tmp_path, capfd):
     from freshrec.interval import DataInterval
     from freshrec.tracking import mlflow_for
     from spark_jobs import evaluate
@@ -99,8 +99,87 @@ def test_bad_input_in_the_worker_fails_the_run_with_its_message(tmp_path):
     _silver_events(settings, n_users=20, per_user=2)  # nobody has a validation split
     with pytest.raises(ValueError, match="ValueError: no user has enough events for a validation"):
         evaluate.run(settings, DataInterval.for_day(DAY))
+    err = capfd.readouterr().err  # the worker's log: bad input is one line, no traceback
+    assert "ERROR spark_jobs.evaluate: evaluate worker: no user has enough events" in err
+    assert "Traceback" not in err
     mlflow = mlflow_for(settings)
     runs = mlflow.search_runs(filter_string="tags.stage = 'evaluate'", search_all_experiments=True,
                               output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert not (settings.data_dir / "reports" / f"evaluation-{DAY}.json").exists()
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:  # a zombie (killed, not yet reaped by init) counts as gone
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
+    except FileNotFoundError:
+        return False
+
+
+def test_the_worker_dies_with_its_driver(tmp_path):
+    """A driver killed (SIGKILL: no cleanup runs) while its worker is busy takes the worker with
+    it: the worker here hangs on an MLflow server that never answers, and is gone at once."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # connections are accepted by the kernel, never answered
+    uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+    data = tmp_path / "data"
+    from freshrec.delta import DeltaStore
+
+    settings = small_settings(data)
+    _silver_events(settings)
+    version = DeltaStore(settings).version("events")
+    script = (
+        "from tests.conftest import DAY, small_settings\n"
+        "from freshrec.interval import DataInterval\n"
+        "from spark_jobs.evaluate import fit_in_worker\n"
+        f"s = small_settings({str(data)!r}, mlflow={{'tracking_uri': {uri!r}}},\n"
+        "                   evaluation={'models': ['most_popular']})\n"
+        "fit_in_worker(s, DataInterval.for_day(DAY), ['most_popular'],\n"
+        f"              {{'events': {version}, 'items': None}}, 'no-parent-run')\n")
+    root = Path(__file__).resolve().parent.parent
+    driver = subprocess.Popen([sys.executable, "-c", script], cwd=root,
+                              stderr=open(tmp_path / "driver.log", "wb"))
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and driver.poll() is None:
+            kids = _children(driver.pid)
+            if kids and b"evaluate_worker" in Path(f"/proc/{kids[0]}/cmdline").read_bytes():
+                worker = kids[0]
+                break
+            time.sleep(0.05)
+        assert worker is not None, f"no worker started (driver exit {driver.poll()})"
+        time.sleep(3)  # the worker is past its start, waiting on MLflow
+        assert _alive(worker)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(worker):
+            time.sleep(0.05)
+        assert not _alive(worker), "the worker outlived its driver"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        hung.close()

@@ -66,3 +66,33 @@ def test_fetching_jars_without_maven_says_how_to_install_it(tmp_path):
 def test_only_spark_jobs_are_submitted(fake_jars):
     with pytest.raises(SubmitError, match="'gate' is not a Spark job"):
         submit("gate", ["--date", "2026-11-27"], load_settings("cluster", env=SECRETS))
+
+
+@pytest.mark.parametrize("conn", [None, '{"conn_type": "spark", "host": "yarn"}',
+                                  '{"conn_type": "spark", "host": "spark://other:7077"}'])
+def test_the_dag_operator_refuses_a_spark_default_that_is_not_spark_master(conn, fake_jars,
+                                                                           monkeypatch):
+    """Without a spark_default connection the provider's hook would submit to yarn (a Java trace
+    later); a connection to another master than the settings' is refused the same way."""
+    from datetime import datetime, timezone
+
+    from freshrec.spark_operator import SparkJobOperator
+
+    monkeypatch.setenv("FRESHREC_PROFILE", "local")
+    monkeypatch.setenv("FRESHREC__SPARK__SUBMIT", "true")
+    monkeypatch.setenv("FRESHREC__SPARK__MASTER", "spark://127.0.0.1:1")
+    if conn is None:
+        monkeypatch.delenv("AIRFLOW_CONN_SPARK_DEFAULT", raising=False)
+    else:
+        monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", conn)
+    t = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    context = {"data_interval_start": t, "data_interval_end": t}
+    with pytest.raises(SubmitError, match="AIRFLOW_CONN_SPARK_DEFAULT") as e:
+        SparkJobOperator(job="clean").execute(context)
+    assert "\n" not in str(e.value)
+    assert ("yarn" in str(e.value)) == (conn is None or "yarn" in conn)
+    # the settings' own master passes this check (and reaches the next: the cluster is down)
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT",
+                       '{"conn_type": "spark", "host": "spark://127.0.0.1:1"}')
+    with pytest.raises(SubmitError, match="make cluster-up"):
+        SparkJobOperator(job="clean").execute(context)

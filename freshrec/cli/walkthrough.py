@@ -197,6 +197,30 @@ def loopback_secrets(folder: Path) -> tuple[dict[str, str], list[str]]:
             "FRESHREC_TOKEN": read["client_token"]}, made
 
 
+def _env_digest(task_env: dict[str, str]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(task_env, sort_keys=True).encode()).hexdigest()
+
+
+def stack_env_matches(env_file: Path, task_env: dict[str, str]) -> bool:
+    """Whether the Airflow stack was started (by :func:`record_stack_env`) with ``task_env``."""
+    try:
+        return env_file.read_text().strip() == _env_digest(task_env)
+    except FileNotFoundError:
+        return False
+
+
+def record_stack_env(env_file: Path, task_env: dict[str, str]) -> None:
+    """Note which environment the Airflow stack was started with: only a SHA-256 of it (the
+    environment holds FRESHREC_TOKEN and other secrets), in a file only the owner can read."""
+    env_file.unlink(missing_ok=True)
+    fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(_env_digest(task_env) + "\n")
+
+
 def _loopback(url: str) -> bool:
     from urllib.parse import urlparse
 
@@ -305,8 +329,7 @@ def cluster_main(args) -> int:
                                  wait_s=300)  # a new database migrates first: minutes here
             bar.update(ids["services"], advance=1)
             env_file = stack.dir / "freshrec-env.json"
-            wanted = json.dumps(task_env, sort_keys=True)
-            if af.healthy(stack) and env_file.exists() and env_file.read_text() == wanted:
+            if af.healthy(stack) and stack_env_matches(env_file, task_env):
                 bar.update(ids["services"], advance=2)
             else:
                 if af.healthy(stack):  # started with other settings: the tasks need these
@@ -314,7 +337,7 @@ def cluster_main(args) -> int:
                     af.down(stack)
                 bar.update(ids["services"], description="services: starting Airflow", advance=1)
                 af.up(stack, wait_s=300)
-                env_file.write_text(wanted)
+                record_stack_env(env_file, task_env)
                 bar.update(ids["services"], advance=1)
         except af.StackError as e:
             return failed(f"{' '.join(str(e).split())[:400]} (`make airflow-up` / `make mlflow-up`)")
