@@ -566,18 +566,23 @@ def _tag_artifacts(settings: Settings, files: list[Path], roots: list[Path], sta
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    tagged = 0
-    for (kind, ident), n in runs.items():
-        value = f"{n} artifact file(s) rewritten by an erasure at {stamp}"
-        try:
-            if kind == "run":
-                client.set_tag(ident, "freshrec.erasure", value)
-            else:
-                client.set_logged_model_tags(ident, {"freshrec.erasure": value})
-            tagged += 1
-        except Exception as e:  # noqa: BLE001 - the files are rewritten; the tag is a record
-            log.warning("erasure: could not tag %s %s (%s)", kind, ident, e)
-    return tagged
+    return sum(_tag_erased(client, kind, ident, n, stamp) for (kind, ident), n in runs.items())
+
+
+def _tag_erased(client, kind: str, ident: str, files: int, stamp: str) -> bool:
+    """Tag a run or logged model whose artifacts an erasure rewrote (``freshrec.erasure``: how
+    many files, when); a tag that cannot be set is logged, not raised (the files are rewritten;
+    the tag is a record). Returns whether it was set."""
+    value = f"{files} artifact file(s) rewritten by an erasure at {stamp}"
+    try:
+        if kind == "run":
+            client.set_tag(ident, "freshrec.erasure", value)
+        else:
+            client.set_logged_model_tags(ident, {"freshrec.erasure": value})
+        return True
+    except Exception as e:  # noqa: BLE001 - the files are rewritten; the tag is a record
+        log.warning("erasure: could not tag %s %s (%s)", kind, ident, e)
+        return False
 
 
 def remote_tracking(settings: Settings) -> bool:
@@ -673,15 +678,7 @@ def scrub_remote_artifacts(settings: Settings, needle: str, stamp: str) -> tuple
         if not changed:
             continue
         rewritten += len(changed)
-        value = f"{len(changed)} artifact file(s) rewritten by an erasure at {stamp}"
-        try:
-            if kind == "run":
-                client.set_tag(ident, "freshrec.erasure", value)
-            else:
-                client.set_logged_model_tags(ident, {"freshrec.erasure": value})
-            tagged += 1
-        except Exception as e:  # noqa: BLE001 - the files are rewritten; the tag is a record
-            log.warning("erasure: could not tag %s %s (%s)", kind, ident, e)
+        tagged += _tag_erased(client, kind, ident, len(changed), stamp)
     return rewritten, tagged, stuck
 
 
