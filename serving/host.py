@@ -64,6 +64,8 @@ PR_SET_PDEATHSIG = 1
 # host (host_processes) waits HOST_STATUS_TIMEOUT, longer, so hung siblings cannot time it out.
 SIBLING_DEADLINE = 3.0
 HOST_STATUS_TIMEOUT = SIBLING_DEADLINE + 5.0
+# how a server with no model loaded answers Recommend and Status (FreshrecServer.require_state)
+NOTHING_LOADED = "no index loaded yet"
 
 
 def process_count(settings: Settings) -> int:
@@ -152,7 +154,7 @@ class ProcessSlot:
             loaded = bool(st.model_version)  # a process with nothing loaded answers Status too
             ps.serving, ps.model_version, ps.state_id = loaded, st.model_version, st.state_id
             if not loaded:
-                ps.error = "no index loaded yet"
+                ps.error = NOTHING_LOADED
             ps.delta_versions.update(dict(st.delta_versions))
 
 
@@ -551,10 +553,12 @@ def host_processes(entries: list[str], settings: Settings, token: str | None = N
     (every slot its supervisor runs, including one restarting or not yet caught up: never left
     out). A Status that does not come back within ``timeout`` (default
     :data:`HOST_STATUS_TIMEOUT`) is asked again on a new connection (``tries``: one process on the
-    shared port may be stopped); a single-process server stays one target with its own address. A
-    host whose Status does not come back after ``tries`` is one target with its ``error`` set and
-    ``serving`` False: the refresher and the rollout fail on it, naming the host (pushing to its
-    shared port would reach one process of possibly several, unverified)."""
+    shared port may be stopped); a single-process server stays one target with its own address,
+    also while it has loaded nothing (its Status answers UNAVAILABLE :data:`NOTHING_LOADED`: the
+    rollout loads it there). A host whose Status does not come back after ``tries`` is one target
+    with its ``error`` set and ``serving`` False: the refresher and the rollout fail on it, naming
+    the host (pushing to its shared port would reach one process of possibly several,
+    unverified)."""
     import grpc
 
     from serving.client import Client
@@ -564,7 +568,7 @@ def host_processes(entries: list[str], settings: Settings, token: str | None = N
     timeout = HOST_STATUS_TIMEOUT if timeout is None else timeout
     out: list[Target] = []
     for address in split_addresses(entries):
-        st, why = None, "no answer"
+        st, why, empty = None, "no answer", False
         for _ in range(max(1, tries)):
             client = Client(address, token, ca_file=cfg.ca_file or None,
                             options=[("grpc.use_local_subchannel_pool", 1)])
@@ -574,11 +578,18 @@ def host_processes(entries: list[str], settings: Settings, token: str | None = N
                 break
             except grpc.RpcError as e:
                 why = f"{e.code().name}: {e.details()}"
-                if e.code() not in (grpc.StatusCode.UNAVAILABLE,
-                                    grpc.StatusCode.DEADLINE_EXCEEDED):
+                # a single-process server that answered but has loaded nothing yet (a host of
+                # several processes answers Status then, listing them): one target, to load
+                empty = (e.code() == grpc.StatusCode.UNAVAILABLE
+                         and (e.details() or "").startswith(NOTHING_LOADED))
+                if empty or e.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                             grpc.StatusCode.DEADLINE_EXCEEDED):
                     break
             finally:
                 client.close()
+        if empty:
+            out.append(Target(address, address))
+            continue
         if st is None:
             out.append(Target(address, address, serving=False,
                               error=f"Admin.Status failed ({why})"))

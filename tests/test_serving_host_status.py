@@ -139,3 +139,53 @@ def test_sigterm_while_a_child_loads_stops_it_before_it_listens_on_the_shared_po
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _AbortContext:
+    def abort(self, code, details):
+        raise _Aborted(code, details)
+
+
+class _EmptyAdmin(admin_grpc.AdminServicer):
+    """Answers Status as a server with nothing loaded does (FreshrecServer.require_state's words),
+    or with another UNAVAILABLE."""
+
+    def __init__(self, details: str) -> None:
+        self.details = details
+
+    def Status(self, request, context):  # noqa: N802 - the gRPC method's name
+        context.abort(grpc.StatusCode.UNAVAILABLE, self.details)
+
+
+def test_a_single_server_with_nothing_loaded_is_one_target_to_load_not_a_failed_host(tmp_path):
+    from types import SimpleNamespace
+
+    from serving.server import FreshrecServer
+
+    # the real server's answer when it has loaded nothing (as a fresh `freshrec serve` before the
+    # first rollout of `make run` / tests/test_airflow_run.py)
+    with pytest.raises(_Aborted) as got:
+        FreshrecServer.require_state(SimpleNamespace(state=None), _AbortContext())
+    code, nothing_loaded = got.value.args
+    assert code == grpc.StatusCode.UNAVAILABLE
+    servers = []
+    try:
+        addresses = []
+        for details in (nothing_loaded, "the server is shutting down"):
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            admin_grpc.add_AdminServicer_to_server(_EmptyAdmin(details), server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            server.start()
+            servers.append(server)
+        empty, other = host.host_processes(addresses, _settings(tmp_path), tries=1, timeout=2)
+        # reachable, nothing loaded: the rollout loads it through its own address
+        assert (empty.address, empty.error, empty.process) == (addresses[0], "", None)
+        # any other failure of Status: the round or rollout fails on it, naming it
+        assert not other.serving and "shutting down" in other.error
+    finally:
+        for s in servers:
+            s.stop(0)
