@@ -78,25 +78,33 @@ def test_batched_search_never_returns_removed_items_and_finds_upserted_ones():
     batched.batcher.close()
 
 
+def _search_from_threads(b, q, n: int, expected: type[BaseException]):
+    """``n`` threads (daemons: one left waiting must not hold the test run) each search ``q``
+    through ``b`` once; returns the ``expected`` errors they caught and the threads, each joined
+    for at most 5 s."""
+    errors = []
+
+    def call():
+        try:
+            b.search(q, 3)
+        except expected as e:
+            errors.append(e)
+
+    ts = [threading.Thread(target=call, daemon=True) for _ in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(5)
+    return errors, ts
+
+
 def test_a_failing_batch_fails_each_of_its_callers_and_none_hangs():
     def broken(queries, k):
         raise MemoryError("out of GPU memory")
 
     b = SearchBatcher(broken, window_ms=1.0)
     q = np.zeros(8, np.float32)
-    errors = []
-
-    def call():
-        try:
-            b.search(q, 3)
-        except MemoryError as e:
-            errors.append(e)
-
-    ts = [threading.Thread(target=call) for _ in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(5)
+    errors, ts = _search_from_threads(b, q, 8, MemoryError)
     assert len(errors) == 8 and not any(t.is_alive() for t in ts)
     b.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -113,21 +121,9 @@ def test_a_dead_batcher_thread_fails_its_callers_instead_of_hanging_them():
 
     b = SearchBatcher(dying, window_ms=1.0)
     q = np.zeros(8, np.float32)
-    errors = []
-
-    def call():
-        try:
-            b.search(q, 3)
-        except RuntimeError as e:
-            errors.append(str(e))
-
-    ts = [threading.Thread(target=call, daemon=True) for _ in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(5)
+    errors, ts = _search_from_threads(b, q, 4, RuntimeError)
     assert not any(t.is_alive() for t in ts), "a caller still waits on a dead batcher thread"
-    assert len(errors) == 4 and all("thread" in e and "dead" in e for e in errors)
+    assert len(errors) == 4 and all("thread" in str(e) and "dead" in str(e) for e in errors)
     with pytest.raises(RuntimeError, match="dead"):  # later searches fail at once
         b.search(q, 3)
 
