@@ -292,3 +292,28 @@ def test_the_walkthrough_notes_the_airflow_env_as_an_owner_only_hash_without_sec
     assert stack_env_matches(f, env)
     assert not stack_env_matches(f, {**env, "FRESHREC_TOKEN": "another"})
     assert not stack_env_matches(tmp_path / "absent.json", env)
+
+
+def test_the_program_leaves_with_the_commands_code_after_its_threads_and_exit_hooks(tmp_path):
+    """`freshrec` skips the interpreter's final teardown (where Arrow's thread pools can abort a
+    finished command with exit 134), but not what a normal exit does before it: a running
+    non-daemon thread is joined, atexit hooks run, piped output is flushed, and the code is the
+    command's (0 for --version, 2 for a usage error)."""
+    marker = tmp_path / "thread-finished"
+    prog = ("import atexit, sys, threading, time\n"
+            f"def late(): time.sleep(0.5); open({str(marker)!r}, 'w').write('done')\n"
+            "threading.Thread(target=late).start()\n"
+            "atexit.register(lambda: print('exit hook ran'))\n"
+            "sys.argv = ['freshrec', *sys.argv[1:]]\n"
+            "from freshrec.cli.main import entry\n"
+            "entry()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-c", prog, "--version"], capture_output=True, text=True,
+                        cwd=ROOT, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[0].startswith("freshrec ")
+    assert ok.stdout.splitlines()[-1] == "exit hook ran"
+    assert marker.read_text() == "done"
+    bad = subprocess.run([sys.executable, "-c", prog, "no-such-command"], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=120)
+    assert bad.returncode == 2 and "usage error" in bad.stderr

@@ -442,5 +442,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``freshrec`` program: run :func:`main`, then leave without the interpreter's final
+    teardown.
+
+    After the work is done and printed, Arrow's C++ thread pools can still be torn down under a live
+    worker during that teardown, and the process aborts with "terminate called without an active
+    exception" (exit 134) although the command succeeded (apache/arrow#34314; seen here about one
+    ``freshrec report`` in six on a loaded machine). So: join the threads Python would join, run the
+    ``atexit`` hooks (MLflow's, logging's), flush, and ``os._exit`` with the command's code."""
+    import atexit
+    import os
+    import threading
+
+    try:
+        rc = main()
+    except SystemExit as e:  # pragma: no cover - main returns its codes; keep sys.exit's meaning
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
