@@ -80,7 +80,7 @@ run: install ## set up, make the embedded dataset once, run the batch DAG, repor
 	$(PY) -m freshrec.cli.walkthrough --date $(DATE) --run-after $(RUN_AFTER)
 
 test: install ## set up and run the whole test suite (unit + integration)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast: install ## unit tests only (no Spark, Airflow or MLflow)
 	$(PY) -m pytest -q -m "not integration and not slow"
