@@ -1,4 +1,4 @@
-"""Batch-lane benchmark on the embedded default: time every stage, and Spark ALS vs `implicit`.
+"""Batch-lane benchmark: time every stage, and Spark ALS vs `implicit`, locally or on a cluster.
 
 Runs in its own data dir (``data/bench`` unless FRESHREC_DATA_DIR is set): synth + import, then
 ingest, clean, features, als, evaluate, build_index for today's interval, each timed; then fits
@@ -8,12 +8,14 @@ process and its Spark JVM, resident set sampled every 0.2 s) is printed per stag
 ``--delta-backend spark`` runs the stages with delta-spark (the jars from ``make jars``), so the
 tables are read and written on the executors instead of passing through the driver. evaluate fits
 its models in a worker process (``evaluation.fit_in_worker``): its peak is printed apart, and
-counted in the process tree's. ``--stages evaluate`` runs the named stages again on the tables
-already in the data dir (no synth or import), e.g. to compare ``FRESHREC__EVALUATION__FIT_IN_WORKER
+counted in the process tree's. ``--master spark://127.0.0.1:7077`` makes this process the
+driver of a standalone cluster's application (the executors' peak is printed apart).
+``--stages evaluate`` runs the named stages again on the tables already in the data dir (no synth
+or import), e.g. to compare ``FRESHREC__EVALUATION__FIT_IN_WORKER
 =false`` with the default on the same data. Usage:
 
     .venv/bin/python benchmarks/batch.py [--events N] [--skip-stages] [--delta-backend spark]
-        [--stages evaluate,gate]
+        [--stages evaluate,gate] [--master spark://127.0.0.1:7077]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class PeakMemory:
 
         self.proc, self.peak, self.py_peak, self.every = psutil.Process(), 0, 0, every
         self.worker_peak = 0  # evaluate's worker process and its children (its own Spark JVM)
+        self.executor_peak = 0  # executors outside this tree (a standalone cluster's workers')
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -61,8 +64,16 @@ class PeakMemory:
                         pass
             except psutil.Error:
                 pass
+            executors = 0
+            for p in psutil.process_iter(["cmdline"]):
+                try:
+                    if "CoarseGrainedExecutorBackend" in " ".join(p.info["cmdline"] or ()):
+                        executors += p.memory_info().rss
+                except psutil.Error:
+                    pass
             self.peak = max(self.peak, total)
             self.worker_peak = max(self.worker_peak, worker)
+            self.executor_peak = max(self.executor_peak, executors)
             self._stop.wait(self.every)
 
     def gb(self) -> float:
@@ -73,6 +84,9 @@ class PeakMemory:
 
     def worker_gb(self) -> float:
         return self.worker_peak / 1e9
+
+    def executors_gb(self) -> float:
+        return self.executor_peak / 1e9
 
     def stop(self) -> None:
         self._stop.set()
@@ -88,6 +102,10 @@ def main() -> None:
                          "(e.g. evaluate), without synth and import")
     ap.add_argument("--delta-backend", choices=["auto", "spark", "rs"], default=None,
                     help="override delta.backend (spark: delta-spark on the executors)")
+    ap.add_argument("--master", default="",
+                    help="run the Spark stages with this process as the driver of this master, "
+                         "e.g. spark://127.0.0.1:7077 (`make cluster-up`); the executors' peak "
+                         "memory is then printed apart from the driver's. Default: spark.master")
     args = ap.parse_args()
     if args.delta_backend:
         os.environ["FRESHREC__DELTA__BACKEND"] = args.delta_backend
@@ -107,9 +125,15 @@ def main() -> None:
     from recmodels.spark_als import fit_als, interactions
     from spark_jobs import clean, evaluate, features, gate, ingest
 
-    settings = load_settings(**({"synth": {"n_events": args.events}} if args.events else {}))
+    overrides: dict = {"synth": {"n_events": args.events}} if args.events else {}
+    if args.master:
+        # this process is the driver (client mode); spark-submit would start another one
+        overrides["spark"] = {"master": args.master, "submit": False,
+                              "extra_conf": {"spark.ui.showConsoleProgress": "false"}}
+    settings = load_settings(**overrides)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}; data: {settings.data_dir}")
+          f"python {platform.python_version()}; data: {settings.data_dir}; Spark master "
+          f"{settings.spark.master}")
     today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     interval = DataInterval.for_day(today)
     timings: dict[str, float] = {}
@@ -119,8 +143,8 @@ def main() -> None:
         out = fn()
         timings[name] = time.perf_counter() - t0
         print(f"  {name:<12}{timings[name]:>8.1f} s   driver peak so far {peak.gb():.2f} GB "
-              f"(python {peak.py_gb():.2f} GB; evaluate worker {peak.worker_gb():.2f} GB)",
-              flush=True)
+              f"(python {peak.py_gb():.2f} GB; evaluate worker {peak.worker_gb():.2f} GB; "
+              f"executors {peak.executors_gb():.2f} GB)", flush=True)
         return out
 
     stages = {"ingest": lambda: ingest.run(settings, interval),
@@ -147,11 +171,16 @@ def main() -> None:
         from freshrec.delta import DeltaStore as _Store
         from freshrec.spark import get_spark as _get
 
+        where = ("on local[*] the executors run inside the driver's JVM"
+                 if settings.spark.master.startswith("local") else
+                 f"the executors run on {settings.spark.master}'s workers")
         print(f"  Delta engine of the Spark jobs: "
               f"{_Store(settings).spark_backend(_get(settings))}; driver peak memory "
               f"(python + JVM RSS) {peak.gb():.2f} GB, python alone {peak.py_gb():.2f} GB "
-              "(on local[*] the executors run inside the driver's JVM); evaluate's worker "
-              f"process tree {peak.worker_gb():.2f} GB (included in the first figure)", flush=True)
+              f"({where}); evaluate's worker "
+              f"process tree {peak.worker_gb():.2f} GB (included in the first figure); "
+              f"executors outside the driver (a cluster's) {peak.executors_gb():.2f} GB",
+              flush=True)
     if args.skip_als:
         peak.stop()
         return
