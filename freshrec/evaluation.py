@@ -178,8 +178,13 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 2000,
                       (not_better + 1) / (resamples + 1), len(d), resamples)
 
 
-def rank_split(split: Split, scorer: Scorer, k: int, batch_size: int = 2048) -> np.ndarray:
-    """Top-``k`` item indices for every evaluated user of ``split`` (training items excluded)."""
+RANK_BATCH = 512  # users ranked at once: their users x catalog scores are held together
+
+
+def rank_split(split: Split, scorer: Scorer, k: int, batch_size: int | None = None) -> np.ndarray:
+    """Top-``k`` item indices for every evaluated user of ``split`` (training items excluded),
+    ``batch_size`` users (default ``RANK_BATCH``) at a time."""
+    batch_size = batch_size or RANK_BATCH
     recs = np.empty((len(split.test_users), min(k, split.train.shape[1])), dtype=np.int64)
     for start in range(0, len(split.test_users), batch_size):
         rows = split.test_users[start:start + batch_size]
@@ -191,7 +196,7 @@ def rank_split(split: Split, scorer: Scorer, k: int, batch_size: int = 2048) -> 
 
 
 def evaluate_scorer(split: Split, scorer: Scorer, ks: list[int],
-                    batch_size: int = 2048) -> dict[str, float]:
+                    batch_size: int | None = None) -> dict[str, float]:
     """Full ranking for every evaluated user, training items excluded, then the metrics."""
     recs = rank_split(split, scorer, max(ks), batch_size)
     return ranking_metrics(recs, split.test_items, ks, split.train.shape[1])

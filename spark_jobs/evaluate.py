@@ -177,14 +177,45 @@ def validation_table(validation: dict[str, dict[str, float]], p_values: dict, me
     return "\n".join(lines)
 
 
+def release_spark() -> None:
+    """Stop this process's Spark session and end its JVM, whose heap (up to
+    ``spark.driver_memory``) it would otherwise keep for the process's life; ``get_spark`` starts
+    both again when a later model needs them. For the evaluate worker only: the driver keeps its
+    session."""
+    try:
+        from pyspark import SparkContext
+        from pyspark.sql import SparkSession
+    except ImportError:
+        return
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+    gateway = SparkContext._gateway
+    if gateway is None:
+        return
+    proc = getattr(gateway, "proc", None)
+    gateway.shutdown()
+    SparkContext._gateway, SparkContext._jvm = None, None
+    if proc is not None:  # the JVM exits when its stdin closes (pyspark's launcher pipe)
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001 - a JVM that will not end is killed
+            proc.kill()
+            proc.wait()
+    log.info("evaluate: Spark's JVM ended (its memory is free for the next model)")
+
+
 def fit_candidates(settings: Settings, interval: DataInterval, names: list[str],
-                   versions: dict, parent_run_id: str) -> dict:
+                   versions: dict, parent_run_id: str, own_spark: bool = False) -> dict:
     """The heavy half of evaluate, run in a worker process by default (:func:`run`): reads the
     interval's events at ``versions['events']`` (delta-rs, the columns the protocol needs), builds
     the splits, fits and scores each model of ``names``, logs each fit (and the refit of the gate's
     candidate) as a run nested under ``parent_run_id`` tagged with this process's id
     (``fit_pid``), and returns what the driver's summary needs: sizes, metrics per split, the
-    per-user validation metric of each model, run ids and model URIs."""
+    per-user validation metric of each model, run ids and model URIs. With ``own_spark`` (the
+    worker: no other Spark work shares its JVM) the JVM is ended after the last Spark model that
+    is still to come (:func:`release_spark`), so the models after it have its memory."""
     cfg = settings.evaluation
     store = DeltaStore(settings)
     table, _ = load_events(store, interval, version=versions["events"])
@@ -236,6 +267,8 @@ def fit_candidates(settings: Settings, interval: DataInterval, names: list[str],
         if leaders and max(leaders, key=leaders.get) == name:
             leader = (name, model)
         del model
+        if own_spark and name in SPARK_MODELS and not set(names[n:]) & SPARK_MODELS:
+            release_spark()
     refit: dict[str, dict] = {}
     if cfg.refit and leader is not None:
         name, scorer = leader
