@@ -142,8 +142,13 @@ def main() -> None:
                    else evaluate.load_events(store, interval, version)[0].to_pandas())
     from recmodels.experiment import Protocol
 
+    import inspect
+
+    compact = {"keep_split_events": False} \
+        if "keep_split_events" in inspect.signature(Protocol).parameters else {}
     protocol = stage("split", lambda: Protocol(events, None, cfg.ks, cfg.test_fraction,
-                                                cfg.validation_fraction, cfg.max_users, cfg.seed))
+                                                cfg.validation_fraction, cfg.max_users, cfg.seed,
+                                                **compact))
     print("sizes", protocol.describe(), flush=True)
     keep = None
     for name in [m for m in args.models.split(",") if m]:

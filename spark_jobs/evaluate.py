@@ -54,6 +54,30 @@ def load_events(store: DeltaStore, interval: DataInterval,
     return table, version
 
 
+def _sorted_codes(col: pa.ChunkedArray) -> pa.DictionaryArray:
+    """``col`` as int32 codes over its distinct values in sorted order (byte order of UTF-8, which
+    is Python's order of the strings), so sorting or searching the codes is sorting or searching
+    the ids."""
+    codes = pc.subtract(pc.rank(col, sort_keys="ascending", tiebreaker="dense"), 1)
+    values = pc.unique(col)
+    values = values.take(pc.sort_indices(values))
+    return pa.DictionaryArray.from_arrays(codes.cast(pa.int32()), values)
+
+
+def worker_events(store: DeltaStore, interval: DataInterval, version: int) -> pd.DataFrame:
+    """The interval's events as the protocol needs them, compactly: ``user_id`` and ``item_id``
+    categorical (int32 codes over the sorted ids: a split sorts and indexes integers, and no
+    Python string object exists per row), ``raw_id`` replaced by its rank in string order (it
+    only breaks ties in time), ``ts`` and ``weight`` as read."""
+    table, _ = load_events(store, interval, version=version)
+    cols = {"user_id": _sorted_codes(table.column("user_id")),
+            "item_id": _sorted_codes(table.column("item_id")),
+            "ts": table.column("ts"), "weight": table.column("weight"),
+            "raw_id": pc.rank(table.column("raw_id"), sort_keys="ascending", tiebreaker="dense")}
+    del table
+    return pa.table(cols).to_pandas()
+
+
 MAX_ARTIFACT_BYTES = 512 << 20
 
 
@@ -209,7 +233,8 @@ def release_spark() -> None:
 def fit_candidates(settings: Settings, interval: DataInterval, names: list[str],
                    versions: dict, parent_run_id: str, own_spark: bool = False) -> dict:
     """The heavy half of evaluate, run in a worker process by default (:func:`run`): reads the
-    interval's events at ``versions['events']`` (delta-rs, the columns the protocol needs), builds
+    interval's events at ``versions['events']`` (delta-rs, the columns the protocol needs, ids as
+    codes: :func:`worker_events`), builds
     the splits, fits and scores each model of ``names``, logs each fit (and the refit of the gate's
     candidate) as a run nested under ``parent_run_id`` tagged with this process's id
     (``fit_pid``), and returns what the driver's summary needs: sizes, metrics per split, the
@@ -218,14 +243,12 @@ def fit_candidates(settings: Settings, interval: DataInterval, names: list[str],
     is still to come (:func:`release_spark`), so the models after it have its memory."""
     cfg = settings.evaluation
     store = DeltaStore(settings)
-    table, _ = load_events(store, interval, version=versions["events"])
-    events = table.to_pandas()
-    del table
+    events = worker_events(store, interval, versions["events"])
     items = store.read_arrow("items", version=versions["items"],
                              columns=["item_id", "title", "categories", "text"]).to_pandas() \
         if versions["items"] is not None else None
     protocol = Protocol(events, items, cfg.ks, cfg.test_fraction, cfg.validation_fraction,
-                        cfg.max_users, cfg.seed)
+                        cfg.max_users, cfg.seed, keep_split_events=False)
     sizes = protocol.describe()
     log.info("evaluate %s: %s", interval.batch_date, sizes)
     results: dict[str, dict[str, float]] = {}  # test split (reported)

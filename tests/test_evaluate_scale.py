@@ -69,8 +69,12 @@ def numbers(settings, models=MODELS) -> dict:
     else:  # the code before these changes
         events = evaluate.load_events(store, interval, version)[0].to_pandas()
     cfg = settings.evaluation
+    import inspect
+
+    compact = {"keep_split_events": False} \
+        if "keep_split_events" in inspect.signature(Protocol).parameters else {}
     protocol = Protocol(events, None, cfg.ks, cfg.test_fraction, cfg.validation_fraction,
-                        cfg.max_users, cfg.seed)
+                        cfg.max_users, cfg.seed, **compact)
     out = {"sizes": protocol.describe(), "models": {}}
     for name in models:
         fitted = protocol.fit(name, model_params(name, settings))
@@ -186,11 +190,13 @@ BEFORE = {'sizes': {'fit_users': 400,
 
 def test_the_worker_reports_the_numbers_of_the_code_before(tmp_path, monkeypatch):
     import freshrec.evaluation
+    import recmodels.baselines
     import recmodels.hybrid
 
     # batches smaller than the users, so the batched scoring and features are what is checked
     monkeypatch.setattr(freshrec.evaluation, "RANK_BATCH", 64)
     monkeypatch.setattr(recmodels.hybrid, "FEATURE_BATCH", 50)
+    monkeypatch.setattr(recmodels.baselines, "SIMILARITY_BLOCK", 250 * 16)  # 16 items a block
     settings = small_settings(tmp_path / "data")
     write_events(settings)
     got = numbers(settings)
