@@ -34,10 +34,9 @@ from recmodels.base import Interactions, Recommender
 
 
 def interactions_of(events: pd.DataFrame, items: pd.DataFrame | None) -> Interactions:
-    """Events (the columns the models use) and the item metadata as the contract's Interactions."""
-    return Interactions.from_events(
-        events[[c for c in ("user_id", "item_id", "weight", "ts", "value") if c in events]],
-        items if items is not None and len(items) else None)
+    """Events (the columns the models use) and the item metadata as the contract's Interactions
+    (``from_events`` reads only those columns: no copy of the frame is made to select them)."""
+    return Interactions.from_events(events, items if items is not None and len(items) else None)
 
 
 def expand_models(requested: Iterable[str], in_memory: bool = False) -> list[str]:
