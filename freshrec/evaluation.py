@@ -31,7 +31,7 @@ class Split:
     user_ids: np.ndarray  # index -> user id (every user with training events)
     item_ids: np.ndarray  # index -> item id (the training catalog)
     train: sp.csr_matrix  # users x items, summed event weights
-    train_events: pd.DataFrame
+    train_events: pd.DataFrame | None  # None in a Protocol built with keep_split_events=False
     test_users: np.ndarray  # row indices of evaluated users
     test_items: list[np.ndarray]  # relevant item indices per evaluated user
     n_test_events: int
@@ -48,18 +48,15 @@ def temporal_split(events: pd.DataFrame, test_fraction: float, max_users: int = 
     is_test = newest_share(ev["user_id"], test_fraction, min_events=2)
     train_ev, test_ev = ev[~is_test], ev[is_test]
 
-    user_ids = np.sort(train_ev["user_id"].unique())
-    item_ids = np.sort(train_ev["item_id"].unique())
-    u = np.searchsorted(user_ids, train_ev["user_id"].to_numpy())
-    i = np.searchsorted(item_ids, train_ev["item_id"].to_numpy())
+    user_ids, u = id_index(train_ev["user_id"])
+    item_ids, i = id_index(train_ev["item_id"])
     train = sp.csr_matrix((train_ev["weight"].to_numpy(np.float32), (u, i)),
                           shape=(len(user_ids), len(item_ids)))
     train.sum_duplicates()
 
-    tu = np.searchsorted(user_ids, test_ev["user_id"].to_numpy())
-    ti_pos = np.searchsorted(item_ids, test_ev["item_id"].to_numpy())
-    known = (ti_pos < len(item_ids)) & (item_ids[np.minimum(ti_pos, len(item_ids) - 1)]
-                                        == test_ev["item_id"].to_numpy())
+    tu = id_positions(user_ids, train_ev["user_id"], test_ev["user_id"])
+    ti_pos = id_positions(item_ids, train_ev["item_id"], test_ev["item_id"])
+    known = ti_pos >= 0
     # Items first met in the test period are outside the catalog: they count as relevant (and can
     # never be hit), which is the honest choice; -1 marks them.
     ti = np.where(known, ti_pos, -1)
@@ -77,9 +74,44 @@ def temporal_split(events: pd.DataFrame, test_fraction: float, max_users: int = 
     return Split(user_ids, item_ids, train, train_ev, test_users, test_items, len(test_ev))
 
 
+def _is_categorical(col: pd.Series) -> bool:
+    return isinstance(col.dtype, pd.CategoricalDtype)
+
+
+def id_index(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ids of ``col``, sorted, and each row's position among them. A categorical
+    column (ids as integer codes over sorted categories, what the evaluate worker reads) is
+    indexed on its codes: no per-row id objects are sorted or searched."""
+    if _is_categorical(col):
+        codes = col.cat.codes.to_numpy()
+        present = np.unique(codes)
+        return col.cat.categories.to_numpy()[present], np.searchsorted(present, codes)
+    ids = np.sort(col.unique())
+    return ids, np.searchsorted(ids, col.to_numpy())
+
+
+def id_positions(ids: np.ndarray, indexed: pd.Series, col: pd.Series) -> np.ndarray:
+    """Each row of ``col``'s position in ``ids`` (``id_index(indexed)[0]``), -1 where absent.
+    Where both are categorical with the same categories (slices of one frame) the codes are
+    compared."""
+    if _is_categorical(col) and col.dtype == indexed.dtype:
+        ids = np.unique(indexed.cat.codes.to_numpy())  # codes in the order of the ids
+        values = col.cat.codes.to_numpy()
+    else:
+        values = np.asarray(col.to_numpy(), dtype=ids.dtype) if _is_categorical(col) \
+            else col.to_numpy()
+    pos = np.searchsorted(ids, values)
+    inside = pos < len(ids)
+    hit = np.zeros(len(values), dtype=bool)
+    hit[inside] = ids[pos[inside]] == values[inside]
+    return np.where(hit, pos, -1)
+
+
 def newest_share(users: pd.Series, fraction: float, min_events: int) -> np.ndarray:
     """Rows holding each user's newest ``fraction`` of events (at least one), for users with at
     least ``min_events``. ``users`` must be ordered by user, then time."""
+    if _is_categorical(users):
+        users = pd.Series(users.cat.codes.to_numpy())
     g = users.groupby(users, sort=False)
     n = g.transform("size").to_numpy()
     rank = g.cumcount().to_numpy()
@@ -178,8 +210,13 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 2000,
                       (not_better + 1) / (resamples + 1), len(d), resamples)
 
 
-def rank_split(split: Split, scorer: Scorer, k: int, batch_size: int = 2048) -> np.ndarray:
-    """Top-``k`` item indices for every evaluated user of ``split`` (training items excluded)."""
+RANK_BATCH = 512  # users ranked at once: their users x catalog scores are held together
+
+
+def rank_split(split: Split, scorer: Scorer, k: int, batch_size: int | None = None) -> np.ndarray:
+    """Top-``k`` item indices for every evaluated user of ``split`` (training items excluded),
+    ``batch_size`` users (default ``RANK_BATCH``) at a time."""
+    batch_size = batch_size or RANK_BATCH
     recs = np.empty((len(split.test_users), min(k, split.train.shape[1])), dtype=np.int64)
     for start in range(0, len(split.test_users), batch_size):
         rows = split.test_users[start:start + batch_size]
@@ -191,7 +228,7 @@ def rank_split(split: Split, scorer: Scorer, k: int, batch_size: int = 2048) -> 
 
 
 def evaluate_scorer(split: Split, scorer: Scorer, ks: list[int],
-                    batch_size: int = 2048) -> dict[str, float]:
+                    batch_size: int | None = None) -> dict[str, float]:
     """Full ranking for every evaluated user, training items excluded, then the metrics."""
     recs = rank_split(split, scorer, max(ks), batch_size)
     return ranking_metrics(recs, split.test_items, ks, split.train.shape[1])

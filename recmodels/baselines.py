@@ -10,6 +10,9 @@ import numpy as np
 import scipy.sparse as sp
 
 
+SIMILARITY_BLOCK = 20_000_000  # item-kNN: co-occurrence entries computed at once (about)
+
+
 class MostPopular:
     """Scores every item by its total interaction weight in training."""
 
@@ -24,17 +27,30 @@ class ItemKNN:
     """Item-based CF: cosine similarity of items' user sets, top-``n_neighbors`` per item;
     a user's score for an item is the summed similarity to the items they interacted with."""
 
-    def __init__(self, train: sp.csr_matrix, n_neighbors: int = 100) -> None:
+    def __init__(self, train: sp.csr_matrix, n_neighbors: int = 100,
+                 block_entries: int | None = None) -> None:
         self.train = (train > 0).astype(np.float32).tocsr()
         x = self.train
         norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
         norms[norms == 0] = 1.0
-        sim = (x.T @ x).tocsr().astype(np.float32)
-        sim.setdiag(0)
-        sim.eliminate_zeros()
-        inv = sp.diags(1.0 / norms)
-        sim = (inv @ sim @ inv).tocsr()
-        self.similarity = _top_per_row(sim, n_neighbors)
+        inv_norms = 1.0 / norms
+        inv = sp.diags(inv_norms)
+        # the item x item co-occurrences a block of items at a time, each block pruned to its top
+        # n_neighbors per item before the next: the full matrix (dense as histories grow) is
+        # never held, only about block_entries (default SIMILARITY_BLOCK) of it
+        n = x.shape[1]
+        block = max(1, (block_entries or SIMILARITY_BLOCK) // max(n, 1))
+        xt = x.T.tocsr()
+        parts = []
+        for lo in range(0, n, block):
+            sim = (xt[lo:lo + block] @ x).tocsr().astype(np.float32)
+            sim.setdiag(0, k=lo)
+            sim.eliminate_zeros()
+            sim = (sp.diags(inv_norms[lo:lo + block]) @ sim @ inv).tocsr()
+            parts.append(_top_per_row(sim, n_neighbors))
+            del sim
+        self.similarity = sp.vstack(parts, format="csr") if parts else \
+            sp.csr_matrix((n, n), dtype=np.float64)
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         return (self.train[rows] @ self.similarity.T).toarray()

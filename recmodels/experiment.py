@@ -34,10 +34,9 @@ from recmodels.base import Interactions, Recommender
 
 
 def interactions_of(events: pd.DataFrame, items: pd.DataFrame | None) -> Interactions:
-    """Events (the columns the models use) and the item metadata as the contract's Interactions."""
-    return Interactions.from_events(
-        events[[c for c in ("user_id", "item_id", "weight", "ts", "value") if c in events]],
-        items if items is not None and len(items) else None)
+    """Events (the columns the models use) and the item metadata as the contract's Interactions
+    (``from_events`` reads only those columns: no copy of the frame is made to select them)."""
+    return Interactions.from_events(events, items if items is not None and len(items) else None)
 
 
 def expand_models(requested: Iterable[str], in_memory: bool = False) -> list[str]:
@@ -111,7 +110,10 @@ class Protocol:
 
     def __init__(self, events: pd.DataFrame, items: pd.DataFrame | None, ks: Sequence[int],
                  test_fraction: float, validation_fraction: float, max_users: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, keep_split_events: bool = True) -> None:
+        """``keep_split_events=False`` drops the splits' event frames (``train_events``) once the
+        fit data is built: scoring needs only their matrices and held-out items (evaluate's
+        worker, to hold fewer copies of the events)."""
         self.ks = list(ks)
         self.metric = f"ndcg_at_{self.ks[0]}"
         self.test = temporal_split(events, test_fraction, max_users, seed)
@@ -121,6 +123,9 @@ class Protocol:
                              "least two events before the test period); give more events per user")
         self.items = items if items is not None and len(items) else None
         self.data = interactions_of(self.validation.train_events, self.items)
+        self.fit_events = int(len(self.validation.train_events))
+        if not keep_split_events:
+            self.test.train_events = self.validation.train_events = None
 
     def fit(self, name: str, params: dict | None = None) -> Fitted:
         t0 = time.perf_counter()
@@ -140,7 +145,7 @@ class Protocol:
 
     def describe(self) -> dict[str, int]:
         return {"fit_users": int(self.data.n_users), "fit_items": int(self.data.n_items),
-                "fit_events": int(len(self.validation.train_events)),
+                "fit_events": self.fit_events,
                 "validation_users": int(len(self.validation.test_users)),
                 "test_users": int(len(self.test.test_users))}
 

@@ -48,6 +48,7 @@ def _threadpools():
 
 
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+FEATURE_BATCH = 500  # validation users whose full-catalog source scores are held at once
 DEFAULT_SOURCES = ("ease", "item_knn", "user_knn", "pure_svd", "content", "trending")
 
 
@@ -194,12 +195,29 @@ class HybridModel(Recommender):
         else:
             inner_models = self._fit_sources(self.names, inner)
             self.names = self._check_usable(inner_models)
-            z, tops, seen_users = self._source_scores(inner_models, users, seen)
+            candidates = self._candidate_features(inner_models, users, seen)
             del inner_models
-            history = np.log1p(np.diff(seen_users.indptr)).astype(np.float32)
-            self._choose_blender(self._features(z, tops, seen_users, history), rel, rng)
-            del z, tops
+            self._choose_blender(candidates, rel, rng)
+            del candidates
         return self._fit_final(data)
+
+    def _candidate_features(self, models: dict[str, Recommender], users: np.ndarray, seen,
+                            batch: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+        """:meth:`_features` of ``users``' candidates, ``batch`` users (default
+        ``FEATURE_BATCH``) at a time: only one batch's users x catalog scores per source are held
+        at once (every step is per user, so the candidates and features are those of one pass
+        over all users)."""
+        cands, feats = [], []
+        batch = batch or FEATURE_BATCH
+        for lo in range(0, len(users), batch):
+            z, tops, seen_users = self._source_scores(models, users[lo:lo + batch], seen)
+            history = np.log1p(np.diff(seen_users.indptr)).astype(np.float32)
+            c, f = self._features(z, tops, seen_users, history)
+            del z, tops
+            cands += c
+            feats.append(f)
+        return cands, (np.concatenate(feats) if feats else
+                       np.zeros((0, 2 * len(self.names) + 3)))
 
     def refit(self, data: Interactions) -> "HybridModel":
         """The sources fitted again on ``data`` with the blender (weights, ranker) chosen by the

@@ -45,22 +45,29 @@ def fit_als(pairs: DataFrame, cfg: AlsSettings, implicit: bool = True) -> AlsFac
     indexed = i_model.transform(u_model.transform(pairs)).select(
         F.col("u").cast("int"), F.col("i").cast("int"), "strength").cache()
     n = indexed.count()
+    u, user_factors, i, item_factors, fit_seconds = fit_als_indexed(indexed, cfg, implicit)
+    indexed.unpersist()
+    return AlsFactors(
+        user_ids=np.asarray(u_model.labelsArray[0], dtype=object)[u], user_factors=user_factors,
+        item_ids=np.asarray(i_model.labelsArray[0], dtype=object)[i], item_factors=item_factors,
+        fit_seconds=fit_seconds, n_interactions=n)
+
+
+def fit_als_indexed(pairs: DataFrame, cfg: AlsSettings,
+                    implicit: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Fit ALS on (u, i, strength) rows whose ``u`` and ``i`` are already int indices;
+    returns the user indices, user factors, item indices, item factors and the fit time."""
     als = ALS(rank=cfg.rank, maxIter=cfg.iterations, regParam=cfg.reg_param, alpha=cfg.alpha,
               implicitPrefs=implicit, userCol="u", itemCol="i", ratingCol="strength",
               numUserBlocks=cfg.num_blocks, numItemBlocks=cfg.num_blocks, seed=cfg.seed,
               nonnegative=False, coldStartStrategy="drop")
     t0 = time.perf_counter()
-    model = als.fit(indexed)
+    model = als.fit(pairs)
     uf = model.userFactors.toArrow()
     itf = model.itemFactors.toArrow()
     fit_seconds = time.perf_counter() - t0
-    indexed.unpersist()
-    return AlsFactors(
-        user_ids=np.asarray(u_model.labelsArray[0], dtype=object)[uf.column("id").to_numpy()],
-        user_factors=_stack(uf.column("features")),
-        item_ids=np.asarray(i_model.labelsArray[0], dtype=object)[itf.column("id").to_numpy()],
-        item_factors=_stack(itf.column("features")),
-        fit_seconds=fit_seconds, n_interactions=n)
+    return (uf.column("id").to_numpy(), _stack(uf.column("features")),
+            itf.column("id").to_numpy(), _stack(itf.column("features")), fit_seconds)
 
 
 def _stack(col: pa.ChunkedArray) -> np.ndarray:

@@ -15,7 +15,6 @@ default, the cluster master elsewhere).
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 from recmodels.base import (FactorRecommender, Interactions, Recommender, popularity_prior,
@@ -43,40 +42,61 @@ class SparkALSModel(FactorRecommender):
         self.implicit = implicit
 
     def fit(self, data: Interactions) -> "SparkALSModel":
-        from pyspark.sql import functions as F
+        import pyarrow as pa
 
-        from recmodels.spark_als import fit_als
+        from recmodels.spark_als import fit_als_indexed
 
         ev = data.events
         if ev is None:
             raise ValueError(f"{self.name} needs the events (Interactions.events)")
         spark = _spark()
-        frame = pd.DataFrame({"user_id": data.user_ids[ev["user_row"].to_numpy()].astype(str),
-                              "item_id": data.item_ids[ev["item_row"].to_numpy()].astype(str)})
+        rows, cols = ev["user_row"].to_numpy(), ev["item_row"].to_numpy()
         if self.implicit:
-            frame["strength"] = ev["weight"].to_numpy(np.float64)
-            agg = F.sum("strength")
+            strength = ev["weight"].to_numpy(np.float64)
         else:
             if "value" not in ev or ev["value"].isna().all():
                 raise ValueError("als_explicit needs explicit ratings (events with a value, e.g. "
                                  "MovieLens stars); use als for implicit feedback")
-            frame["strength"] = ev["value"].to_numpy(np.float64)
-            frame = frame[frame["strength"].notna()]
-            agg = F.avg("strength")
-        pairs = spark.createDataFrame(frame).groupBy("user_id", "item_id") \
-            .agg(agg.alias("strength"))
-        f = fit_als(pairs, self.cfg, implicit=self.implicit)
-        self.fit_seconds = f.fit_seconds
-        rank = f.user_factors.shape[1]
+            strength = ev["value"].to_numpy(np.float64)
+            ok = ~np.isnan(strength)
+            rows, cols, strength = rows[ok], cols[ok], strength[ok]
+        # one row per (user, item): the summed weight (implicit) or the mean rating (explicit),
+        # aggregated here on integer rows: no string ids cross into the JVM
+        pair, inverse = np.unique(rows.astype(np.int64) * data.n_items + cols, return_inverse=True)
+        total = np.bincount(inverse, weights=strength, minlength=len(pair))
+        if not self.implicit:
+            total = total / np.bincount(inverse, minlength=len(pair))
+        del inverse
+        user_rows, u = _string_order(data.user_ids, pair // data.n_items)
+        item_rows, i = _string_order(data.item_ids, pair % data.n_items)
+        del pair
+        frame = spark.createDataFrame(pa.table({"u": pa.array(u, pa.int32()),
+                                                "i": pa.array(i, pa.int32()),
+                                                "strength": pa.array(total, pa.float64())}))
+        del u, i, total
+        uidx, user_factors, iidx, item_factors, self.fit_seconds = fit_als_indexed(
+            frame, self.cfg, implicit=self.implicit)
+        rank = user_factors.shape[1]
         self.users = np.zeros((data.n_users, rank), np.float32)
-        self.users[np.searchsorted(data.user_ids, f.user_ids)] = f.user_factors
+        self.users[user_rows[uidx]] = user_factors
         self.items = np.zeros((data.n_items, rank), np.float32)
-        self.items[np.searchsorted(data.item_ids, f.item_ids)] = f.item_factors
+        self.items[item_rows[iidx]] = item_factors
         self.data = data
         return self
 
     def params(self) -> dict:
         return {**self.cfg.model_dump(), "implicit": self.implicit}
+
+
+def _string_order(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows present in ``rows`` in the order of their ids as strings (what Spark's
+    ``StringIndexer(stringOrderType="alphabetAsc")`` gives, so ALS sees the indices it always saw),
+    and each of ``rows`` as an index into them."""
+    present, inverse = np.unique(rows, return_inverse=True)
+    order = np.argsort(ids[present].astype(str), kind="stable")
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return present[order], rank[inverse]
 
 
 class SparkALSExplicitModel(SparkALSModel):

@@ -54,6 +54,30 @@ def load_events(store: DeltaStore, interval: DataInterval,
     return table, version
 
 
+def _sorted_codes(col: pa.ChunkedArray) -> pa.DictionaryArray:
+    """``col`` as int32 codes over its distinct values in sorted order (byte order of UTF-8, which
+    is Python's order of the strings), so sorting or searching the codes is sorting or searching
+    the ids."""
+    codes = pc.subtract(pc.rank(col, sort_keys="ascending", tiebreaker="dense"), 1)
+    values = pc.unique(col)
+    values = values.take(pc.sort_indices(values))
+    return pa.DictionaryArray.from_arrays(codes.cast(pa.int32()), values)
+
+
+def worker_events(store: DeltaStore, interval: DataInterval, version: int) -> pd.DataFrame:
+    """The interval's events as the protocol needs them, compactly: ``user_id`` and ``item_id``
+    categorical (int32 codes over the sorted ids: a split sorts and indexes integers, and no
+    Python string object exists per row), ``raw_id`` replaced by its rank in string order (it
+    only breaks ties in time), ``ts`` and ``weight`` as read."""
+    table, _ = load_events(store, interval, version=version)
+    cols = {"user_id": _sorted_codes(table.column("user_id")),
+            "item_id": _sorted_codes(table.column("item_id")),
+            "ts": table.column("ts"), "weight": table.column("weight"),
+            "raw_id": pc.rank(table.column("raw_id"), sort_keys="ascending", tiebreaker="dense")}
+    del table
+    return pa.table(cols).to_pandas()
+
+
 MAX_ARTIFACT_BYTES = 512 << 20
 
 
@@ -177,24 +201,54 @@ def validation_table(validation: dict[str, dict[str, float]], p_values: dict, me
     return "\n".join(lines)
 
 
+def release_spark() -> None:
+    """Stop this process's Spark session and end its JVM, whose heap (up to
+    ``spark.driver_memory``) it would otherwise keep for the process's life; ``get_spark`` starts
+    both again when a later model needs them. For the evaluate worker only: the driver keeps its
+    session."""
+    try:
+        from pyspark import SparkContext
+        from pyspark.sql import SparkSession
+    except ImportError:
+        return
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+    gateway = SparkContext._gateway
+    if gateway is None:
+        return
+    proc = getattr(gateway, "proc", None)
+    gateway.shutdown()
+    SparkContext._gateway, SparkContext._jvm = None, None
+    if proc is not None:  # the JVM exits when its stdin closes (pyspark's launcher pipe)
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001 - a JVM that will not end is killed
+            proc.kill()
+            proc.wait()
+    log.info("evaluate: Spark's JVM ended (its memory is free for the next model)")
+
+
 def fit_candidates(settings: Settings, interval: DataInterval, names: list[str],
-                   versions: dict, parent_run_id: str) -> dict:
+                   versions: dict, parent_run_id: str, own_spark: bool = False) -> dict:
     """The heavy half of evaluate, run in a worker process by default (:func:`run`): reads the
-    interval's events at ``versions['events']`` (delta-rs, the columns the protocol needs), builds
+    interval's events at ``versions['events']`` (delta-rs, the columns the protocol needs, ids as
+    codes: :func:`worker_events`), builds
     the splits, fits and scores each model of ``names``, logs each fit (and the refit of the gate's
     candidate) as a run nested under ``parent_run_id`` tagged with this process's id
     (``fit_pid``), and returns what the driver's summary needs: sizes, metrics per split, the
-    per-user validation metric of each model, run ids and model URIs."""
+    per-user validation metric of each model, run ids and model URIs. With ``own_spark`` (the
+    worker: no other Spark work shares its JVM) the JVM is ended after the last Spark model that
+    is still to come (:func:`release_spark`), so the models after it have its memory."""
     cfg = settings.evaluation
     store = DeltaStore(settings)
-    table, _ = load_events(store, interval, version=versions["events"])
-    events = table.to_pandas()
-    del table
+    events = worker_events(store, interval, versions["events"])
     items = store.read_arrow("items", version=versions["items"],
                              columns=["item_id", "title", "categories", "text"]).to_pandas() \
         if versions["items"] is not None else None
     protocol = Protocol(events, items, cfg.ks, cfg.test_fraction, cfg.validation_fraction,
-                        cfg.max_users, cfg.seed)
+                        cfg.max_users, cfg.seed, keep_split_events=False)
     sizes = protocol.describe()
     log.info("evaluate %s: %s", interval.batch_date, sizes)
     results: dict[str, dict[str, float]] = {}  # test split (reported)
@@ -236,6 +290,8 @@ def fit_candidates(settings: Settings, interval: DataInterval, names: list[str],
         if leaders and max(leaders, key=leaders.get) == name:
             leader = (name, model)
         del model
+        if own_spark and name in SPARK_MODELS and not set(names[n:]) & SPARK_MODELS:
+            release_spark()
     refit: dict[str, dict] = {}
     if cfg.refit and leader is not None:
         name, scorer = leader

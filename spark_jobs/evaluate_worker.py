@@ -51,7 +51,7 @@ def main() -> int:
 
     try:
         out = fit_candidates(settings, job["interval"], job["names"], job["versions"],
-                             job["parent_run_id"])
+                             job["parent_run_id"], own_spark=True)
     except Exception as e:  # the driver re-raises it (ValueError stays bad input)
         log = logging.getLogger("spark_jobs.evaluate")
         if isinstance(e, ValueError):  # bad input: its message says it all
