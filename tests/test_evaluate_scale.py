@@ -86,8 +86,6 @@ def numbers(settings, models=MODELS) -> dict:
             out["refit"] = {"users": [str(u) for u in refit.data.user_ids[:3]],
                             "n_users": int(refit.data.n_users), "n_items": int(refit.data.n_items),
                             "score_sum": float(refit.score(np.arange(5)).sum())}
-        if hasattr(evaluate, "release_spark") and name == "als":
-            evaluate.release_spark()
     return out
 
 
