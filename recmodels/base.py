@@ -71,24 +71,14 @@ class Interactions:
         in the catalog (content-based models can still recommend them)."""
         if events.empty:
             raise ValueError("no training events: import events and run the batch lane first")
-        if isinstance(events["user_id"].dtype, pd.CategoricalDtype):  # ids as codes (evaluate)
-            user_ids, u = id_index(events["user_id"])
-            user_ids = np.asarray(user_ids, dtype=object)
-        else:
-            user_ids = np.asarray(sorted(events["user_id"].unique()), dtype=object)
-            u = np.searchsorted(user_ids, events["user_id"].to_numpy())
-        if isinstance(events["item_id"].dtype, pd.CategoricalDtype):
-            met, rows = id_index(events["item_id"])
-            catalog = pd.Index(met) if items is None else \
-                pd.Index(met).union(pd.Index(items["item_id"]))
-            item_ids = np.asarray(sorted(catalog), dtype=object)
-            i = np.searchsorted(item_ids, np.asarray(met, dtype=object))[rows]
-        else:
-            catalog = pd.Index(events["item_id"].unique())
-            if items is not None:
-                catalog = catalog.union(pd.Index(items["item_id"]))
-            item_ids = np.asarray(sorted(catalog), dtype=object)
-            i = np.searchsorted(item_ids, events["item_id"].to_numpy())
+        # id_index: sorted distinct ids and each row's position (on the codes when the ids are
+        # categorical, as evaluate's worker reads them)
+        user_ids, u = id_index(events["user_id"])
+        user_ids = np.asarray(user_ids, dtype=object)
+        met, rows = id_index(events["item_id"])
+        catalog = pd.Index(met) if items is None else pd.Index(met).union(pd.Index(items["item_id"]))
+        item_ids = np.asarray(sorted(catalog), dtype=object)
+        i = np.searchsorted(item_ids, np.asarray(met, dtype=object))[rows]
         m = weight_matrix(u, i, events["weight"].to_numpy(), (len(user_ids), len(item_ids)))
         ev = pd.DataFrame({"user_row": u, "item_row": i, "weight": events["weight"].to_numpy(),
                            "ts": events["ts"].to_numpy()})
