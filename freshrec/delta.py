@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
@@ -135,6 +136,17 @@ class DeltaStore:
             if filter is not None:
                 table = table.filter(filter)
             return table.select(columns) if columns is not None else table
+
+    def scan_batches(self, name: str, version: int | None = None,
+                     columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The table's rows a record batch at a time (bounded memory, for reading a large table
+        in one Python process); string_view columns come back as the spec's types."""
+        dt = self.ensure(name) if version is None else self.table(name, version)
+        spec = self.spec(name).schema
+        schema = pa.schema([spec.field(c) for c in columns]) if columns else spec
+        for batch in dt.to_pyarrow_dataset(schema=spec).to_batches(columns=columns, batch_readahead=2,
+                                                                   fragment_readahead=1):
+            yield batch if batch.schema.equals(schema) else batch.cast(schema)
 
     def count(self, name: str) -> int:
         return self.ensure(name).to_pyarrow_dataset().count_rows() if self.exists(name) else 0

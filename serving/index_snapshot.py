@@ -20,6 +20,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from freshrec.crypto import cipher_for, save_npz
@@ -47,26 +50,67 @@ def build_index(vectors: np.ndarray, cfg: IndexSettings) -> tuple[faiss.Index, s
     return built.index, kind, params
 
 
-def _histories(store: DeltaStore, version: int | None, position: dict[str, int]):
-    """users, CSR (indptr, items, weights) over catalog positions and the newest items in order."""
+def _histories(store: DeltaStore, version: int | None, item_ids: list[str]):
+    """users, CSR (indptr, items, weights) over catalog positions and the newest items in order.
+
+    The events are scanned a record batch at a time (twice: distinct users first) and kept as
+    numbers (user row, catalog position, ts, weight: 24 bytes an event), never as Python or pandas
+    string objects, so the driver holds a few arrays of the events' length, not their ids."""
     cols = ["user_id", "item_id", "ts", "weight"]
-    ev = store.read_arrow("events", version=version, columns=cols)
-    if ev.num_rows == 0:
-        z = np.zeros(0, np.int64)
-        return [], np.zeros(1, np.int64), z, np.zeros(0, np.float32), np.zeros(1, np.int64), z, None
-    df = ev.to_pandas()
-    newest = df["ts"].max()
-    df["pos"] = df["item_id"].map(position)
-    df = df[df["pos"].notna()]
-    df["pos"] = df["pos"].astype(np.int64)
-    users = sorted(df["user_id"].unique())
-    df["row"] = np.searchsorted(np.asarray(users, dtype=object), df["user_id"].to_numpy())
-    pairs = df.groupby(["row", "pos"], sort=True)["weight"].sum().reset_index()
-    indptr = np.r_[0, np.cumsum(np.bincount(pairs["row"], minlength=len(users)))].astype(np.int64)
-    recent = df.sort_values(["row", "ts"], kind="stable").groupby("row").tail(RECENT_ITEMS)
-    rptr = np.r_[0, np.cumsum(np.bincount(recent["row"], minlength=len(users)))].astype(np.int64)
-    return (users, indptr, pairs["pos"].to_numpy(np.int64), pairs["weight"].to_numpy(np.float32),
-            rptr, recent["pos"].to_numpy(np.int64), newest.timestamp())
+    z = np.zeros(0, np.int64)
+    empty = ([], np.zeros(1, np.int64), z, np.zeros(0, np.float32), np.zeros(1, np.int64), z)
+    catalog = pa.array(item_ids, pa.string())
+    seen: list[pa.Array] = []  # distinct users, first pass
+    newest = None
+    for batch in store.scan_batches("events", version=version, columns=["user_id", "ts"]):
+        seen.append(pc.unique(batch.column("user_id")))
+        if len(seen) > 64:
+            seen = [pc.unique(pa.concat_arrays(seen))]
+        m = pc.max(batch.column("ts"))
+        if m.is_valid and (newest is None or m.value > newest.value):
+            newest = m
+    if newest is None:
+        return (*empty, None)
+    everyone = pc.unique(pa.concat_arrays(seen)) if seen else pa.array([], pa.string())
+    everyone = everyone.take(pc.sort_indices(everyone))  # byte order = code point order
+    total = store.table("events", version).to_pyarrow_dataset().count_rows()  # from metadata
+    row = np.empty(total, np.int32)  # filled in place: no second copy from concatenating
+    item = np.empty(total, np.int32)
+    when = np.empty(total, np.int64)
+    w = np.empty(total, np.float64)
+    n = 0
+    for batch in store.scan_batches("events", version=version, columns=cols):
+        p = pc.index_in(batch.column("item_id"), value_set=catalog)
+        keep = pc.is_valid(p)
+        b = batch.filter(keep)
+        m = n + b.num_rows
+        row[n:m] = pc.index_in(b.column("user_id"), value_set=everyone).to_numpy()
+        item[n:m] = p.filter(keep).to_numpy()
+        when[n:m] = b.column("ts").cast(pa.int64()).to_numpy()
+        w[n:m] = b.column("weight").to_numpy()
+        n = m
+    row, item, when, w = row[:n], item[:n], when[:n], w[:n]
+    pa.default_memory_pool().release_unused()
+    present = np.bincount(row, minlength=len(everyone)) > 0  # users with a catalog item
+    users = everyone.filter(pa.array(present)).to_pylist()
+    row = (np.cumsum(present) - 1).astype(np.int32)[row]
+    # weights summed per (user, item) pair in float64, rows and columns sorted
+    pairs = sp.csr_matrix((w, (row, item)), shape=(len(users), len(item_ids)))
+    pairs.sum_duplicates()
+    del w
+    indptr = pairs.indptr.astype(np.int64)
+    order = np.lexsort((when, row))  # by user, then time; ties keep the scan's order
+    del when
+    counts = np.bincount(row, minlength=len(users))
+    del row
+    kept = np.minimum(counts, RECENT_ITEMS)  # each user's newest, the last ``kept`` of their run
+    rptr = np.r_[0, np.cumsum(kept)].astype(np.int64)
+    ends = np.cumsum(counts)
+    take = np.repeat(ends - kept - rptr[:-1], kept) + np.arange(rptr[-1])
+    recent = item[order[take]].astype(np.int64)
+    newest_s = pd.Timestamp(newest.value, unit=newest.type.unit).timestamp()
+    return (users, indptr, pairs.indices.astype(np.int64), pairs.data.astype(np.float32), rptr,
+            recent, newest_s)
 
 
 def _user_vectors(model, users, indptr, items, weights, rptr, recent) -> np.ndarray:
@@ -133,7 +177,7 @@ def build_snapshot(settings: Settings, spec: str | int | None = None, interval: 
             if i in position and v is not None:
                 popularity[position[i]] = v
     users, indptr, items, weights, rptr, recent, newest = _histories(store, versions["events"],
-                                                                     position)
+                                                                     item_ids)
     if not popularity.any() and len(items):  # no features table: raw counts
         popularity = np.bincount(items, weights=weights, minlength=len(item_ids))
     order = [item_ids[i] for i in np.argsort(-popularity, kind="stable") if active[i]]
