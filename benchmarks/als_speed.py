@@ -6,8 +6,11 @@ iterations, regularization, alpha are fitted by
 
 - ``implicit-cg`` / ``implicit-cholesky``: `implicit.cpu.als` with as many threads as Spark has
   cores (the baseline),
-- ``spark-shipped``: ``recmodels.spark_als.fit_als`` as the batch lane runs it,
-- Spark ALS variants, each changing one thing against ``spark-shipped`` (block count, storage
+- ``spark-shipped``: ``recmodels.spark_als.fit_als`` as the batch lane runs it (``als.solver``,
+  ``cg`` by default: conjugate gradient on the executors); ``spark-cg blocks=N``: the same solver
+  on the cached, repartitioned ratings with one block per core; ``spark-mllib``: ``fit_als`` with
+  MLlib's solver,
+- MLlib ALS variants, each changing one thing against MLlib as shipped (block count, storage
   level, cached and repartitioned ratings, checkpointing) and ``spark-tuned`` (all the helpful
   ones together),
 
@@ -106,7 +109,7 @@ def main() -> None:
 
     from freshrec.settings import load_settings
     from freshrec.spark import get_spark
-    from recmodels.spark_als import fit_als
+    from recmodels.spark_als import fit_als, fit_als_indexed
 
     base = load_settings(env={})
     cfg = base.als.model_copy(update={k: v for k, v in (("rank", args.rank),
@@ -161,8 +164,12 @@ def main() -> None:
     spark.sparkContext.setCheckpointDir(str(ckpt))
     repart = indexed.repartition(cores).cache()
     repart.count()
+    mllib = cfg.model_copy(update={"solver": "mllib"})
     variants = {
-        "spark-shipped": lambda: fit_als(pairs, cfg).fit_seconds,
+        f"spark-shipped (solver {cfg.solver})": lambda: fit_als(pairs, cfg).fit_seconds,
+        f"spark-cg blocks={cores}": lambda: fit_als_indexed(
+            repart, cfg.model_copy(update={"solver": "cg", "num_blocks": cores}))[-1],
+        "spark-mllib (fit_als solver=mllib)": lambda: fit_als(pairs, mllib).fit_seconds,
         f"blocks={cores}": spark_fit(als(numUserBlocks=cores, numItemBlocks=cores), indexed),
         "blocks=1": spark_fit(als(numUserBlocks=1, numItemBlocks=1), indexed),
         "blocks=10 (Spark default)": spark_fit(als(numUserBlocks=10, numItemBlocks=10), indexed),
@@ -194,6 +201,7 @@ def main() -> None:
         userCol="u", itemCol="i", ratingCol="strength", numUserBlocks=cores,
         numItemBlocks=cores).fit(indexed).userFactors.count()
     fit_als(pairs, cfg.model_copy(update={"iterations": 1}))
+    fit_als(pairs, mllib.model_copy(update={"iterations": 1}))
     release()
     times: dict[str, float] = {}
 

@@ -4,7 +4,8 @@ For implicit ALS (Hu, Koren, Volinsky) with confidence ``c = 1 + alpha * w`` and
 
     x_u = (YᵀY + Σ_i (c_i - 1) y_i y_iᵀ + λ_u I)⁻¹ Σ_i c_i y_i,   λ_u = reg * n_u
 
-(``λ_u`` scaled by the user's number of items, as Spark's ALS does). One user is a k x k solve;
+(``λ_u`` scaled by the user's number of items, as Spark MLlib's ALS does; ``per_rating=False``:
+``λ_u = reg``, as the ``cg`` solver and the `implicit` library fit it). One user is a k x k solve;
 many users are solved as one batched ``solve`` over stacked matrices. The array module is numpy,
 or cupy where the device choice says so (``xp``); results come back as numpy.
 """
@@ -22,21 +23,22 @@ def gram(item_factors: np.ndarray, xp: Any = np) -> Any:
 
 
 def fold_in(item_vectors: np.ndarray, weights: np.ndarray, yty: np.ndarray, alpha: float,
-            reg: float) -> np.ndarray:
+            reg: float, per_rating: bool = True) -> np.ndarray:
     """One user's vector from the vectors of the items they touched and the summed weights."""
     k = yty.shape[0]
     if len(weights) == 0:
         return np.zeros(k, np.float32)
     y = np.asarray(item_vectors, dtype=np.float64)
     c = 1.0 + alpha * np.asarray(weights, dtype=np.float64)
-    a = yty.astype(np.float64) + (y.T * (c - 1.0)) @ y + reg * len(c) * np.eye(k)
+    lam = reg * len(c) if per_rating else reg
+    a = yty.astype(np.float64) + (y.T * (c - 1.0)) @ y + lam * np.eye(k)
     return np.linalg.solve(a, y.T @ c).astype(np.float32)
 
 
 def fold_in_batch(item_factors: np.ndarray, users: np.ndarray, items: np.ndarray,
                   weights: np.ndarray, n_users: int, alpha: float, reg: float,
                   yty: np.ndarray | None = None, xp: Any = np,
-                  chunk: int = 8192) -> np.ndarray:
+                  chunk: int = 8192, per_rating: bool = True) -> np.ndarray:
     """Vectors for ``n_users`` users from (user row, item row, weight) triples, batched.
 
     ``users`` index the output rows and ``items`` rows of ``item_factors``; each (user, item)
@@ -74,7 +76,8 @@ def fold_in_batch(item_factors: np.ndarray, users: np.ndarray, items: np.ndarray
         y = factors[xp.asarray(item_rows)]  # (B, m, k)
         cx = xp.asarray(c)
         a = xp.matmul(xp.swapaxes(y * (cx - (cx > 0))[:, :, None], 1, 2), y)
-        a += yty[None] + xp.asarray(reg * counts[block].astype(np.float32))[:, None, None] * eye
+        lam = reg * counts[block].astype(np.float32) if per_rating else np.full(len(block), reg, np.float32)
+        a += yty[None] + xp.asarray(lam)[:, None, None] * eye
         b = xp.einsum("bmk,bm->bk", y, cx)
         x = xp.linalg.solve(a, b[:, :, None])[:, :, 0]
         out[users[starts[block]]] = x.get() if hasattr(x, "get") else x

@@ -276,6 +276,12 @@ class AlsSettings(_Section):
     alpha: float = Field(1.0, gt=0, description="Confidence scale: c = 1 + alpha * sum(weights).")
     num_blocks: int = Field(2, ge=1, description="User and item blocks; 2 on 2 cores, more on clusters.")
     seed: int = 42
+    solver: Literal["cg", "mllib"] = Field(
+        "cg", description="Implicit feedback: `cg`, blocked ALS on the executors with a "
+        "conjugate-gradient solve per row (the `implicit` library's kernel; regularization "
+        "reg_param per row), or `mllib`, Spark MLlib's ALS (Cholesky; reg_param times each row's "
+        "number of ratings). Explicit ratings always use mllib.")
+    cg_steps: int = Field(3, ge=1, description="Conjugate-gradient steps per row and half-iteration (cg).")
 
 
 class EvaluationSettings(_Section):

@@ -224,9 +224,15 @@ class FactorRecommender(Recommender):
 
     user_side = "als"  # how serving gets a vector for a user with new events (see servable)
 
+    def reg_per_rating(self) -> bool:
+        """Whether the fit scaled each row's regularization by its number of ratings (the
+        fold-in must do as the fit did)."""
+        return True
+
     def servable(self):
         scorer = {"type": "factors", "user_side": self.user_side,
                   **{k: v for k, v in self.params().items() if k in ("alpha",)},
-                  "reg": self.params().get("reg_param", 0.1)}
+                  "reg": self.params().get("reg_param", 0.1),
+                  "reg_per_rating": self.reg_per_rating()}
         return "embedding", scorer, {"user_ids": self._fitted().user_ids.astype(str),
                                      "user_factors": self.users, "item_factors": self.items}

@@ -170,11 +170,12 @@ class FactorServable(Servable):
 
     def __init__(self, name, item_ids, params, item_factors, user_ids=None, user_factors=None,
                  user_side: str = "als", alpha: float = 1.0, reg: float = 0.1,
-                 prior=None, prior_weight: float = 0.0) -> None:
+                 prior=None, prior_weight: float = 0.0, reg_per_rating: bool = True) -> None:
         super().__init__(name, item_ids, params, user_ids)
         self.items = np.ascontiguousarray(item_factors, np.float32)
         self.users = None if user_factors is None else np.asarray(user_factors, np.float32)
         self.user_side, self.alpha, self.reg = user_side, alpha, reg
+        self.reg_per_rating = reg_per_rating  # the fold-in regularizes as the model was fitted
         self.prior = None if prior is None else np.asarray(prior, np.float32)
         self.prior_weight = prior_weight
         self.kind = "history" if self.prior is not None else "embedding"
@@ -193,7 +194,7 @@ class FactorServable(Servable):
         if self._yty is None:
             self._yty = gram(self.items)
         return fold_in(self.items[np.asarray(u.items)], np.asarray(u.weights), self._yty,
-                       self.alpha, self.reg)
+                       self.alpha, self.reg, self.reg_per_rating)
 
     def user_vectors(self, users):
         out = np.zeros((len(users), self.items.shape[1]), np.float32)
@@ -449,7 +450,8 @@ def load(directory: Path, device: str = "cpu") -> Servable:
         if t == "factors":
             return FactorServable(name, items, params, a["item_factors"], users, a.get("user_factors"),
                                   sc.get("user_side", "als"), sc.get("alpha", 1.0), sc.get("reg", 0.1),
-                                  a.get("popularity_prior"), sc.get("prior_weight", 0.0))
+                                  a.get("popularity_prior"), sc.get("prior_weight", 0.0),
+                                  sc.get("reg_per_rating", True))
         if t == "encoder":
             return EncoderServable(name, items, params, a["item_vectors"],
                                    directory / sc["encoder"], int(sc["max_len"]), device)

@@ -1,8 +1,9 @@
 """Methods trained in Spark, for data too large for one process, under the same contract.
 
-* ``als`` / ``als_explicit``: Spark MLlib ALS for implicit feedback (confidence from the summed
-  event weights) and for explicit ratings (least squares on the mean ``value`` per pair, e.g.
-  MovieLens stars; needs events with a value).
+* ``als`` / ``als_explicit``: ALS on Spark for implicit feedback (confidence from the summed
+  event weights; the ``cg`` solver on the executors by default, or MLlib's, see
+  :mod:`recmodels.spark_als`) and MLlib ALS for explicit ratings (least squares on the mean
+  ``value`` per pair, e.g. MovieLens stars; needs events with a value).
 * ``spark_item_knn``: item-based CF whose cosine neighbours (with shrinkage) are computed by a Spark
   self-join over users' bounded histories; scoring is the item-kNN product on the driver.
 * ``spark_user_knn``: user-based CF whose top-N neighbours per user are computed in Spark the same
@@ -33,12 +34,13 @@ class SparkALSModel(FactorRecommender):
     name = "als"
 
     def __init__(self, rank: int = 64, iterations: int = 10, reg_param: float = 0.1,
-                 alpha: float = 1.0, num_blocks: int = 2, seed: int = 42, implicit: bool = True) -> None:
+                 alpha: float = 1.0, num_blocks: int = 2, seed: int = 42, implicit: bool = True,
+                 solver: str = "cg", cg_steps: int = 3) -> None:
         super().__init__()
         from freshrec.settings import AlsSettings
 
         self.cfg = AlsSettings(rank=rank, iterations=iterations, reg_param=reg_param, alpha=alpha,
-                               num_blocks=num_blocks, seed=seed)
+                               num_blocks=num_blocks, seed=seed, solver=solver, cg_steps=cg_steps)
         self.implicit = implicit
 
     def fit(self, data: Interactions) -> "SparkALSModel":
@@ -86,6 +88,9 @@ class SparkALSModel(FactorRecommender):
 
     def params(self) -> dict:
         return {**self.cfg.model_dump(), "implicit": self.implicit}
+
+    def reg_per_rating(self) -> bool:
+        return not (self.implicit and self.cfg.solver == "cg")  # MLlib scales it; cg does not
 
 
 def _string_order(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
