@@ -114,3 +114,49 @@ def test_a_submitted_interval_on_the_cluster_equals_the_local_run(cluster, tmp_p
         key = list(a.spec(name).key)
         ca, cb = checksum(a.read_arrow(name), key), checksum(b.read_arrow(name), key)
         assert ca[0] > 0 and ca == cb, f"{name}: local {ca} != cluster {cb}"
+
+
+CG_ON_THE_CLUSTER = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from freshrec.settings import load_settings
+from freshrec.spark import get_spark
+from recmodels.spark_als import fit_als_indexed
+from tests.test_spark_als_cg import _frame, _implicit_fit, _pairs
+settings = load_settings("local", env={}, paths={"data_dir": sys.argv[3]},
+                         spark={"master": sys.argv[1], "submit": False, "driver_memory": "1g",
+                                "executor_memory": "768m", "app_name": "freshrec-als-cg"})
+spark = get_spark(settings)
+u, i, s = _pairs()
+cfg = settings.als.model_copy(update={"rank": 8, "iterations": 4, "alpha": 2.0, "num_blocks": 2,
+                                      "seed": 3})
+uid, uf, iid, itf, _ = fit_als_indexed(_frame(spark, u, i, s), cfg)
+ref_u, ref_i = _implicit_fit(u, i, s, cfg)
+print(json.dumps({"users": len(uid), "items": len(iid), "max_diff": float(max(np.abs(uf - ref_u[uid]).max(), np.abs(itf - ref_i[iid]).max()))}))
+spark.stop()
+"""
+
+
+@pytest.mark.slow
+@no_java
+def test_als_cg_runs_on_the_clusters_executors_and_gives_implicits_factors(cluster, tmp_path):
+    """The cg solver's blocks, broadcasts and implicit's kernel on a standalone cluster's
+    executors (their own Python workers), against implicit's fit in one process. Runs after the
+    interval test, which counts the master's applications."""
+    import json
+    import subprocess
+    import sys
+
+    from freshrec.cluster import master_state
+    from freshrec.settings import PROJECT_ROOT
+
+    r = subprocess.run([sys.executable, "-c", CG_ON_THE_CLUSTER, cluster.url, str(PROJECT_ROOT),
+                        str(tmp_path / "data")], capture_output=True, text=True, timeout=600,
+                       cwd=PROJECT_ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (got["users"], got["items"]) == (300, 120)
+    assert got["max_diff"] < 2e-4, got
+    apps = master_state(cluster).get("completedapps", [])
+    assert "freshrec-als-cg" in [a["name"] for a in apps]  # it ran as the master's application

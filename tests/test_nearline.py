@@ -74,7 +74,8 @@ def _expected_vector(settings, user: str, server) -> np.ndarray:
                                     h.column("weight_sum").to_pylist()) if i in position]
     vecs = model.item_vectors()
     return fold_in(vecs[[position[i] for i, _ in items]], np.array([w for _, w in items]),
-                   gram(vecs), settings.als.alpha, settings.als.reg_param)
+                   gram(vecs), settings.als.alpha, settings.als.reg_param,
+                   per_rating=settings.als.solver == "mllib")  # cg: reg_param, not per rating
 
 
 @pytest.fixture
