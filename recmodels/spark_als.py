@@ -98,10 +98,18 @@ def fit_als_cg(pairs: DataFrame, cfg: AlsSettings
     sc = pairs.sparkSession.sparkContext
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(2) as pool:  # both layouts at once: each job alone leaves cores idle
-        jobs = [pool.submit(_blocks, pairs, by, other, cfg.num_blocks, cfg.alpha)
-                for by, other in (("u", "i"), ("i", "u"))]
-        (by_user, u_top), (by_item, i_top) = (j.result() for j in jobs)
+    cached = pairs.storageLevel.useMemory or pairs.storageLevel.useDisk
+    source = pairs if cached else pairs.select("u", "i", "strength").persist()  # read once, not
+    try:  # once per layout (a frame made on the driver ships its rows with every job's tasks)
+        if not cached:
+            source.count()  # filled before the two layouts read it at once
+        with ThreadPoolExecutor(2) as pool:  # both layouts at once: one alone leaves cores idle
+            jobs = [pool.submit(_blocks, source, by, other, cfg.num_blocks, cfg.alpha)
+                    for by, other in (("u", "i"), ("i", "u"))]
+            (by_user, u_top), (by_item, i_top) = (j.result() for j in jobs)
+    finally:
+        if not cached:
+            source.unpersist()
     if u_top < 0:
         by_user.unpersist()
         by_item.unpersist()
