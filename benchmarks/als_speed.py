@@ -7,9 +7,11 @@ iterations, regularization, alpha are fitted by
 - ``implicit-cg`` / ``implicit-cholesky``: `implicit.cpu.als` with as many threads as Spark has
   cores (the baseline),
 - ``spark-shipped``: ``recmodels.spark_als.fit_als`` as the batch lane runs it (``als.solver``,
-  ``cg`` by default: conjugate gradient on the executors); ``spark-cg blocks=N``: the same solver
-  on the cached, repartitioned ratings with one block per core; ``spark-mllib``: ``fit_als`` with
-  MLlib's solver,
+  ``cg`` by default: conjugate gradient on the executors, one barrier stage per fit);
+  ``spark-cg blocks=N``: the same solver on the cached, repartitioned ratings with one block per
+  core; ``spark-cg broadcast``: the same with one job per half-iteration and the factors broadcast
+  (the path for sessions with dynamic allocation); ``spark-mllib``: ``fit_als`` with MLlib's
+  solver,
 - MLlib ALS variants, each changing one thing against MLlib as shipped (block count, storage
   level, cached and repartitioned ratings, checkpointing) and ``spark-tuned`` (all the helpful
   ones together),
@@ -109,7 +111,7 @@ def main() -> None:
 
     from freshrec.settings import load_settings
     from freshrec.spark import get_spark
-    from recmodels.spark_als import fit_als, fit_als_indexed
+    from recmodels.spark_als import fit_als, fit_als_cg, fit_als_indexed
 
     base = load_settings(env={})
     cfg = base.als.model_copy(update={k: v for k, v in (("rank", args.rank),
@@ -169,6 +171,8 @@ def main() -> None:
         f"spark-shipped (solver {cfg.solver})": lambda: fit_als(pairs, cfg).fit_seconds,
         f"spark-cg blocks={cores}": lambda: fit_als_indexed(
             repart, cfg.model_copy(update={"solver": "cg", "num_blocks": cores}))[-1],
+        f"spark-cg broadcast blocks={cores}": lambda: fit_als_cg(
+            repart, cfg.model_copy(update={"num_blocks": cores}), exchange="broadcast")[-1],
         "spark-mllib (fit_als solver=mllib)": lambda: fit_als(pairs, mllib).fit_seconds,
         f"blocks={cores}": spark_fit(als(numUserBlocks=cores, numItemBlocks=cores), indexed),
         "blocks=1": spark_fit(als(numUserBlocks=1, numItemBlocks=1), indexed),

@@ -274,7 +274,8 @@ class AlsSettings(_Section):
     iterations: int = Field(10, ge=1)
     reg_param: float = Field(0.1, ge=0)
     alpha: float = Field(1.0, gt=0, description="Confidence scale: c = 1 + alpha * sum(weights).")
-    num_blocks: int = Field(2, ge=1, description="User and item blocks; 2 on 2 cores, more on clusters.")
+    num_blocks: int = Field(2, ge=1, description="User and item blocks; 2 on 2 cores, more on clusters "
+                            "(cg: at most the task slots, as its blocks run at once).")
     seed: int = 42
     solver: Literal["cg", "mllib"] = Field(
         "cg", description="Implicit feedback: `cg`, blocked ALS on the executors with a "

@@ -4,11 +4,14 @@ Two solvers for implicit feedback (``als.solver``):
 
 * ``cg`` (default): blocked ALS on the executors with a conjugate-gradient solve per row, the
   algorithm of the `implicit` library (Takács et al. 2011), whose compiled kernel each task calls.
-  The ratings are grouped once into ``num_blocks`` user blocks and ``num_blocks`` item blocks (CSR
-  of confidences, cached on the executors); each half-iteration broadcasts the fixed side's
-  factors, every task solves its block's rows (``cg_steps`` CG steps from their previous values)
-  and the driver gathers only the new factors (rows x rank). Objective: confidence
-  ``c = 1 + alpha * r`` with preference ``r > 0``, regularization ``reg_param * |x|^2`` per row.
+  Each rating goes once to its user's block and once to its item's block (``num_blocks`` of each,
+  CSR of confidences); one barrier stage runs the whole fit: task p keeps user block p and item
+  block p, solves their rows (``cg_steps`` CG steps from their previous values) every
+  half-iteration and sends the new rows straight to the other tasks, and the driver gathers the
+  factors (rows x rank) once at the end. Sessions with dynamic allocation, which barrier stages do
+  not support, run one job per half-iteration with the factors broadcast instead. Objective:
+  confidence ``c = 1 + alpha * r`` with preference ``r > 0``, regularization
+  ``reg_param * |x|^2`` per row.
 * ``mllib``: Spark MLlib's ALS (a Cholesky solve per row; regularization scaled by each row's
   number of ratings). Explicit ratings (``als_explicit``) always use it.
 
@@ -89,12 +92,186 @@ def _stack(col: pa.ChunkedArray) -> np.ndarray:
     return flat.astype(np.float32).reshape(len(col), -1)
 
 
-def fit_als_cg(pairs: DataFrame, cfg: AlsSettings
+def fit_als_cg(pairs: DataFrame, cfg: AlsSettings, exchange: str | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """Implicit ALS with a conjugate-gradient solver on the executors (see the module doc) on
     (u, i, strength) rows of int indices; returns what :func:`fit_als_indexed` returns: only the
-    users and items that have ratings, in index order."""
+    users and items that have ratings, in index order.
+
+    ``exchange`` (None: chosen from the session) is how the tasks get each other's factors:
+    ``barrier``, one barrier stage whose tasks keep their blocks and swap new factors directly
+    every half-iteration (one Spark job per fit); ``broadcast``, one job per half-iteration whose
+    tasks read the factors from a broadcast, for sessions with dynamic allocation, which barrier
+    stages do not support."""
+    if exchange is None:
+        conf = pairs.sparkSession.sparkContext.getConf()
+        dynamic = conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true"
+        exchange = "broadcast" if dynamic else "barrier"
+    if exchange not in ("barrier", "broadcast"):
+        raise ValueError(f"ALS exchange {exchange!r}: use 'barrier' or 'broadcast'")
     t0 = time.perf_counter()
+    fit = _fit_barrier if exchange == "barrier" else _fit_broadcast
+    u_ids, users, i_ids, items = fit(pairs, cfg)
+    return u_ids, users, i_ids, items, time.perf_counter() - t0
+
+
+def _no_ratings() -> ValueError:
+    return ValueError("ALS has no ratings to fit: the (u, i, strength) frame is empty")
+
+
+def _fit_barrier(pairs: DataFrame, cfg: AlsSettings):
+    """CG ALS as one barrier stage: each rating goes once to its user's block and once to its
+    item's block (one shuffle); task p builds user block p and item block p, and all tasks, started
+    together, run every iteration: solve their rows, then send them to every other task over TCP
+    (addresses swapped with ``allGather``; a per-fit token guards the connections), so that each
+    task holds the whole fixed side for the next half-iteration. The driver gathers each task's
+    final rows once. Tasks: ``num_blocks``, at most the cluster's task slots (all start at once)."""
+    import secrets
+
+    sc = pairs.sparkSession.sparkContext
+    slots = sc.defaultParallelism // max(1, int(sc.getConf().get("spark.task.cpus", "1")))
+    n_tasks = max(1, min(cfg.num_blocks, slots))
+    rank, reg, steps, iterations, seed = (int(cfg.rank), float(cfg.reg_param), int(cfg.cg_steps),
+                                          int(cfg.iterations), int(cfg.seed))
+    alpha, token = float(cfg.alpha), secrets.token_bytes(16)
+
+    def train(batches):
+        import json
+        import socket
+        import struct
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow as pa
+        import scipy.sparse as sp
+        from implicit.cpu._als import least_squares_cg
+        from pyspark import BarrierTaskContext
+        from threadpoolctl import threadpool_limits
+
+        ctx = BarrierTaskContext.get()
+        me = ctx.partitionId()
+        batches = list(batches)
+        cols = {c: np.concatenate([b.column(c).to_numpy(zero_copy_only=False) for b in batches])
+                if batches else np.zeros(0) for c in ("side", "key", "other", "strength")}
+
+        def block(side):  # (sorted row ids, CSR of confidences over the other side's index)
+            at = cols["side"] == side
+            keys, other = cols["key"][at].astype(np.int64), cols["other"][at].astype(np.int64)
+            ids, rows = np.unique(keys, return_inverse=True)
+            width = int(other.max()) + 1 if len(other) else 0
+            m = sp.csr_matrix((cols["strength"][at].astype(np.float64), (rows, other)),
+                              shape=(len(ids), width))
+            m.sum_duplicates()  # one strength per pair, then its confidence; r <= 0: preference
+            r = m.data  # 0, which implicit's kernel reads from a negative confidence
+            m.data = np.where(r > 0, 1.0 + alpha * r, -(1.0 + alpha * np.abs(r))).astype(np.float32)
+            m.indices, m.indptr = m.indices.astype(np.int32), m.indptr.astype(np.int32)
+            return ids.astype(np.int32), m
+
+        (u_ids, cui), (i_ids, ciu) = block(0), block(1)
+        host = ctx.getTaskInfos()[me].address.rsplit(":", 1)[0]
+        listener = socket.create_server((host, 0))
+        conns: dict[int, tuple[socket.socket, socket.socket]] = {}
+        try:
+            tops = (int(u_ids[-1]) if len(u_ids) else -1, int(i_ids[-1]) if len(i_ids) else -1)
+            peers = [json.loads(m) for m in ctx.allGather(
+                json.dumps([host, listener.getsockname()[1], *tops]))]  # in partition order
+            n_users, n_items = max(p[2] for p in peers) + 1, max(p[3] for p in peers) + 1
+            if n_users == 0:
+                return
+            rng = np.random.default_rng(seed)  # what implicit draws for the same seed
+            users = rng.random((n_users, rank), dtype=np.float32) * np.float32(0.01)
+            items = rng.random((n_items, rank), dtype=np.float32) * np.float32(0.01)
+            outgoing = {}
+            for q, (peer_host, port, _, _) in enumerate(peers):
+                if q != me:
+                    s = socket.create_connection((peer_host, port), timeout=3600)
+                    s.sendall(token + struct.pack("<i", me))
+                    outgoing[q] = s
+            incoming = {}
+            listener.settimeout(3600)
+            while len(incoming) < len(outgoing):
+                c, _ = listener.accept()
+                c.settimeout(3600)
+                hello = bytes(recv(c, len(token) + 4))
+                if hello[:len(token)] != token:  # not one of this fit's tasks
+                    c.close()
+                    continue
+                incoming[struct.unpack("<i", hello[len(token):])[0]] = c
+            conns = {q: (outgoing[q], incoming[q]) for q in outgoing}
+            pool = ThreadPoolExecutor(max(1, 2 * len(conns)))
+            header = struct.pack("<ii", len(u_ids), len(i_ids))
+            theirs = {}  # each peer's user and item row ids
+            swap = {q: pool.submit(recv, i, 8) for q, (_, i) in conns.items()}
+            for o, _ in conns.values():
+                o.sendall(header + u_ids.tobytes() + i_ids.tobytes())
+            for q, f in swap.items():
+                nu, ni = struct.unpack("<ii", bytes(f.result()))
+                ids = np.frombuffer(recv(conns[q][1], 4 * (nu + ni)), np.int32)
+                theirs[q] = (ids[:nu], ids[nu:])
+
+            def share(full, mine, side):  # my new rows to every peer; theirs into ``full``
+                payload = memoryview(np.ascontiguousarray(mine)).cast("B")
+                sends = [pool.submit(o.sendall, payload) for o, _ in conns.values()]
+                got = {q: pool.submit(recv, i, len(theirs[q][side]) * rank * 4)
+                       for q, (_, i) in conns.items()}
+                for q, f in got.items():
+                    full[theirs[q][side]] = np.frombuffer(f.result(), np.float32).reshape(-1, rank)
+                for f in sends:
+                    f.result()
+
+            with threadpool_limits(1, "blas"):  # one core a task: no BLAS threads beside it
+                for _ in range(iterations):
+                    for full, fixed, ids, m, side in ((users, items, u_ids, cui, 0),
+                                                      (items, users, i_ids, ciu, 1)):
+                        x = np.ascontiguousarray(full[ids])
+                        if len(ids):
+                            least_squares_cg(m, x, fixed, reg, num_threads=1, cg_steps=steps)
+                        full[ids] = x
+                        share(full, x, side)
+            pool.shutdown()
+            yield pa.RecordBatch.from_pydict({
+                "side": pa.array([0, 1], pa.int32()), "ids": [u_ids.tobytes(), i_ids.tobytes()],
+                "factors": [users[u_ids].tobytes(), items[i_ids].tobytes()]})
+        finally:
+            listener.close()
+            for o, i in conns.values():
+                o.close()
+                i.close()
+
+    def recv(sock, n):  # exactly n bytes, or the peer is gone
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise ConnectionError("an ALS task's peer closed its connection mid-fit "
+                                      "(it failed or was killed; Spark retries the stage)")
+            got += k
+        return buf
+
+    both = pairs.select(F.inline(F.array(
+        F.struct(F.lit(0).alias("side"), F.col("u").cast("int").alias("key"),
+                 F.col("i").cast("int").alias("other"), F.col("strength").cast("double").alias("strength")),
+        F.struct(F.lit(1).alias("side"), F.col("i").cast("int").alias("key"),
+                 F.col("u").cast("int").alias("other"), F.col("strength").cast("double").alias("strength")))))
+    out = (both.repartition(n_tasks, "side", "key")
+           .mapInArrow(train, "side int, ids binary, factors binary", barrier=True).toArrow())
+    parts = {0: [], 1: []}
+    for side, ids, f in zip(*(out.column(c).to_pylist() for c in ("side", "ids", "factors"))):
+        parts[side].append((np.frombuffer(ids, np.int32), np.frombuffer(f, np.float32)))
+    if not parts[0]:
+        raise _no_ratings()
+    result = []
+    for side in (0, 1):
+        ids = np.concatenate([i for i, _ in parts[side]])
+        f = np.concatenate([f for _, f in parts[side]]).reshape(len(ids), rank)
+        order = np.argsort(ids, kind="stable")
+        result += [ids[order], f[order]]
+    return tuple(result)
+
+
+def _fit_broadcast(pairs: DataFrame, cfg: AlsSettings):
+    """CG ALS with one Spark job per half-iteration: the ratings as cached user and item blocks,
+    the factors broadcast to every task each half-iteration."""
     sc = pairs.sparkSession.sparkContext
     from concurrent.futures import ThreadPoolExecutor
 
@@ -113,7 +290,7 @@ def fit_als_cg(pairs: DataFrame, cfg: AlsSettings
     if u_top < 0:
         by_user.unpersist()
         by_item.unpersist()
-        raise ValueError("ALS has no ratings to fit: the (u, i, strength) frame is empty")
+        raise _no_ratings()
     n_users, n_items = u_top + 1, i_top + 1
     rng = np.random.default_rng(cfg.seed)  # what implicit draws for the same seed
     users = rng.random((n_users, cfg.rank), dtype=np.float32) * np.float32(0.01)
@@ -125,8 +302,7 @@ def fit_als_cg(pairs: DataFrame, cfg: AlsSettings
     finally:
         by_user.unpersist()
         by_item.unpersist()
-    fit_seconds = time.perf_counter() - t0
-    return u_ids, users[u_ids], i_ids, items[i_ids], fit_seconds
+    return u_ids, users[u_ids], i_ids, items[i_ids]
 
 
 def _blocks(pairs: DataFrame, by: str, other: str, n_blocks: int, alpha: float):

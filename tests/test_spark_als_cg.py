@@ -50,17 +50,43 @@ def _implicit_fit(u, i, s, cfg: AlsSettings):
     return model.user_factors, model.item_factors
 
 
-@pytest.mark.parametrize("blocks", [1, 3])
-def test_cg_on_spark_gives_implicits_factors(spark, blocks):
-    from recmodels.spark_als import fit_als_indexed
+@pytest.mark.parametrize("blocks,exchange", [(1, "barrier"), (3, "barrier"), (3, "broadcast")])
+def test_cg_on_spark_gives_implicits_factors(spark, blocks, exchange):
+    """Both ways of swapping factors between tasks: one barrier stage whose tasks send each other
+    their rows (3 blocks on local[2]: capped to the 2 task slots), and one job per half-iteration
+    with a broadcast."""
+    from recmodels.spark_als import fit_als_cg
 
     u, i, s = _pairs()
     cfg = AlsSettings(rank=8, iterations=4, reg_param=0.1, alpha=2.0, num_blocks=blocks, seed=3)
-    uid, uf, iid, itf, _ = fit_als_indexed(_frame(spark, u, i, s), cfg)
+    uid, uf, iid, itf, _ = fit_als_cg(_frame(spark, u, i, s), cfg, exchange=exchange)
     ref_u, ref_i = _implicit_fit(u, i, s, cfg)
     assert np.array_equal(uid, np.arange(u.max() + 1)) and np.array_equal(iid, np.unique(i))
     assert np.allclose(uf, ref_u[uid], atol=2e-4) and np.allclose(itf, ref_i[iid], atol=2e-4)
     assert np.abs(uf).max() > 0.05  # it moved from the 0.01 initialisation
+
+
+def test_the_barrier_fit_runs_the_same_few_jobs_however_many_iterations(spark):
+    """The point of the barrier exchange: a fit's Spark jobs (each costs a scheduling round trip,
+    ~0.2 s on a cluster) do not grow with the iterations, where the broadcast exchange runs one
+    job per half-iteration."""
+    from recmodels.spark_als import fit_als_cg
+
+    u, i, s = _pairs()
+    frame = _frame(spark, u, i, s)
+    sc = spark.sparkContext
+
+    def jobs(exchange, iterations):
+        group = f"als-{exchange}-{iterations}"
+        sc.setJobGroup(group, group)
+        try:
+            fit_als_cg(frame, AlsSettings(rank=4, iterations=iterations, num_blocks=2), exchange=exchange)
+        finally:
+            sc.setJobGroup("", "")
+        return len(sc.statusTracker().getJobIdsForGroup(group))
+
+    assert jobs("barrier", 2) == jobs("barrier", 6) <= 3
+    assert jobs("broadcast", 6) - jobs("broadcast", 2) == 8  # two more jobs an iteration
 
 
 def _recall(uf, itf, train, test, k=10):
