@@ -170,6 +170,8 @@ def _fit_barrier(pairs: DataFrame, cfg: AlsSettings):
         host = ctx.getTaskInfos()[me].address.rsplit(":", 1)[0]
         listener = socket.create_server((host, 0))
         conns: dict[int, tuple[socket.socket, socket.socket]] = {}
+        opened = [listener]  # every socket, closed at the end whatever happens
+        pool = ThreadPoolExecutor(max(1, 2 * (len(ctx.getTaskInfos()) - 1)))
         try:
             tops = (int(u_ids[-1]) if len(u_ids) else -1, int(i_ids[-1]) if len(i_ids) else -1)
             peers = [json.loads(m) for m in ctx.allGather(
@@ -184,29 +186,37 @@ def _fit_barrier(pairs: DataFrame, cfg: AlsSettings):
             for q, (peer_host, port, _, _) in enumerate(peers):
                 if q != me:
                     s = socket.create_connection((peer_host, port), timeout=3600)
+                    opened.append(s)
                     s.sendall(token + struct.pack("<i", me))
                     outgoing[q] = s
             incoming = {}
             listener.settimeout(3600)
             while len(incoming) < len(outgoing):
                 c, _ = listener.accept()
-                c.settimeout(3600)
-                hello = bytes(recv(c, len(token) + 4))
-                if hello[:len(token)] != token:  # not one of this fit's tasks
-                    c.close()
+                opened.append(c)
+                c.settimeout(30)  # a stranger that sends nothing is dropped, not waited for
+                try:
+                    hello = bytes(recv(c, len(token) + 4))
+                except (ConnectionError, OSError):
                     continue
+                if hello[:len(token)] != token:  # not one of this fit's tasks: ignored
+                    continue
+                c.settimeout(3600)
                 incoming[struct.unpack("<i", hello[len(token):])[0]] = c
             conns = {q: (outgoing[q], incoming[q]) for q in outgoing}
-            pool = ThreadPoolExecutor(max(1, 2 * len(conns)))
             header = struct.pack("<ii", len(u_ids), len(i_ids))
-            theirs = {}  # each peer's user and item row ids
-            swap = {q: pool.submit(recv, i, 8) for q, (_, i) in conns.items()}
-            for o, _ in conns.values():
-                o.sendall(header + u_ids.tobytes() + i_ids.tobytes())
-            for q, f in swap.items():
-                nu, ni = struct.unpack("<ii", bytes(f.result()))
-                ids = np.frombuffer(recv(conns[q][1], 4 * (nu + ni)), np.int32)
-                theirs[q] = (ids[:nu], ids[nu:])
+
+            def ids_of(sock):  # a peer's header, then its row ids
+                nu, ni = struct.unpack("<ii", bytes(recv(sock, 8)))
+                ids = np.frombuffer(recv(sock, 4 * (nu + ni)), np.int32)
+                return ids[:nu], ids[nu:]
+
+            payload = header + u_ids.tobytes() + i_ids.tobytes()
+            sends = [pool.submit(o.sendall, payload) for o, _ in conns.values()]  # all at once:
+            got = {q: pool.submit(ids_of, i) for q, (_, i) in conns.items()}  # no task waits on
+            theirs = {q: f.result() for q, f in got.items()}  # a peer that is itself sending
+            for f in sends:
+                f.result()
 
             def share(full, mine, side):  # my new rows to every peer; theirs into ``full``
                 payload = memoryview(np.ascontiguousarray(mine)).cast("B")
@@ -227,15 +237,13 @@ def _fit_barrier(pairs: DataFrame, cfg: AlsSettings):
                             least_squares_cg(m, x, fixed, reg, num_threads=1, cg_steps=steps)
                         full[ids] = x
                         share(full, x, side)
-            pool.shutdown()
             yield pa.RecordBatch.from_pydict({
                 "side": pa.array([0, 1], pa.int32()), "ids": [u_ids.tobytes(), i_ids.tobytes()],
                 "factors": [users[u_ids].tobytes(), items[i_ids].tobytes()]})
-        finally:
-            listener.close()
-            for o, i in conns.values():
-                o.close()
-                i.close()
+        finally:  # closing the sockets ends any pool thread still waiting on a peer
+            for s in opened:
+                s.close()
+            pool.shutdown(wait=False)
 
     def recv(sock, n):  # exactly n bytes, or the peer is gone
         buf = bytearray(n)
