@@ -45,8 +45,25 @@ class PeakMemory:
         self.worker_peak = 0  # evaluate's worker process and its children (its own Spark JVM)
         self.executor_peak = 0  # executors outside this tree (a standalone cluster's workers')
         self.data_peak = 0  # the child that makes the test data (--generate-only): not the lane
+        self.stage_peak = 0  # this stage's: this process and its JVM, evaluate's worker left out
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
+
+    def driver_now(self) -> int:
+        """This process and its children now, evaluate's worker and the test data's left out."""
+        import psutil
+
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                cmd = " ".join(q for q in p.cmdline())
+                if "--generate-only" not in cmd and not any(
+                        "evaluate_worker" in " ".join(q.cmdline())
+                        for q in [p, *p.parents()] if q.pid != self.proc.pid):
+                    total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
 
     def _run(self) -> None:
         import psutil
@@ -77,6 +94,7 @@ class PeakMemory:
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+            self.stage_peak = max(self.stage_peak, total - worker)
             self.worker_peak = max(self.worker_peak, worker)
             self.executor_peak = max(self.executor_peak, executors)
             self.data_peak = max(self.data_peak, data)
@@ -138,20 +156,31 @@ def main() -> None:
         overrides["spark"] = {"master": args.master, "submit": False,
                               "extra_conf": {"spark.ui.showConsoleProgress": "false"}}
     settings = load_settings(**overrides)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}; data: {settings.data_dir}; Spark master "
-          f"{settings.spark.master}")
+    if not args.generate_only:
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"python {platform.python_version()}; data: {settings.data_dir}; Spark master "
+              f"{settings.spark.master}")
     today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     interval = DataInterval.for_day(today)
     timings: dict[str, float] = {}
 
     def timed(name, fn):
+        if name in ("gate", "build_index"):
+            # They use no Spark; the lane runs them in processes of their own (Airflow tasks, or
+            # the caller of spark-submit), so the JVM the earlier stages left is ended first.
+            from spark_jobs.evaluate import release_spark
+
+            release_spark()
+            time.sleep(3 * peak.every)  # the sampler sees it gone before the stage's peak starts
+        peak.stage_peak = peak.driver_now()
         t0 = time.perf_counter()
         out = fn()
         timings[name] = time.perf_counter() - t0
-        print(f"  {name:<12}{timings[name]:>8.1f} s   driver peak so far {peak.gb():.2f} GB "
-              f"(python {peak.py_gb():.2f} GB; evaluate worker {peak.worker_gb():.2f} GB; "
-              f"executors {peak.executors_gb():.2f} GB)", flush=True)
+        peak.stage_peak = max(peak.stage_peak, peak.driver_now())  # a stage shorter than a sample
+        print(f"  {name:<12}{timings[name]:>8.1f} s   driver {peak.stage_peak / 1e9:.2f} GB in this "
+              f"stage (this process + its JVM, evaluate's worker left out); peaks so far: tree "
+              f"{peak.gb():.2f} GB, python {peak.py_gb():.2f} GB, evaluate worker "
+              f"{peak.worker_gb():.2f} GB, executors {peak.executors_gb():.2f} GB", flush=True)
         return out
 
     stages = {"ingest": lambda: ingest.run(settings, interval),
@@ -167,10 +196,13 @@ def main() -> None:
         for name in args.stages.split(","):
             timed(name, stages[name])
     elif args.generate_only:  # the child of a full run: the test data, then exit
-        raw = settings.data_dir / "raw"
-        synth = timed("synth", lambda: write_synth(settings.synth, raw, end=today))
-        timed("import", lambda: (importers.import_events_file(settings, synth.events_path),
-                                 importers.import_items_file(settings, synth.items_path)))
+        t0 = time.perf_counter()
+        synth = write_synth(settings.synth, settings.data_dir / "raw", end=today)
+        t1 = time.perf_counter()
+        importers.import_events_file(settings, synth.events_path)
+        importers.import_items_file(settings, synth.items_path)
+        print(f"  (test data: synth {t1 - t0:.1f} s, import {time.perf_counter() - t1:.1f} s)",
+              flush=True)
         return
     elif not args.skip_stages:
         # The test data is made in a child process, left out of the driver's figures: at 10M
