@@ -166,8 +166,8 @@ def main() -> None:
 
     def timed(name, fn):
         if name in ("gate", "build_index"):
-            # They use no Spark; the lane runs them in processes of their own (Airflow tasks, or
-            # the caller of spark-submit), so the JVM the earlier stages left is ended first.
+            # They use no Spark, and on the cluster path run where no Spark JVM is (their own
+            # Airflow tasks, or the caller of spark-submit): the earlier stages' JVM is ended.
             from spark_jobs.evaluate import release_spark
 
             release_spark()
