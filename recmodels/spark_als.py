@@ -115,6 +115,26 @@ def fit_als_cg(pairs: DataFrame, cfg: AlsSettings, exchange: str | None = None
     return u_ids, users, i_ids, items, time.perf_counter() - t0
 
 
+def _confidence_block(alpha: float):
+    """A function (keys, others, strength) -> (sorted row ids int32, CSR of confidences over the
+    other side's index: float32 data, int32 indices) that both exchanges' executors run. Made by
+    this factory, not defined at module level, so that Spark ships it by value with the tasks
+    (executors need not import this module)."""
+    def block(keys: np.ndarray, others: np.ndarray, strength: np.ndarray):
+        import scipy.sparse as sp
+
+        keys, others = keys.astype(np.int64), others.astype(np.int64)
+        ids, rows = np.unique(keys, return_inverse=True)
+        width = int(others.max()) + 1 if len(others) else 0
+        m = sp.csr_matrix((strength.astype(np.float64), (rows, others)), shape=(len(ids), width))
+        m.sum_duplicates()  # one strength per pair, then its confidence; r <= 0: preference 0,
+        r = m.data  # which implicit's kernel reads from a negative confidence
+        m.data = np.where(r > 0, 1.0 + alpha * r, -(1.0 + alpha * np.abs(r))).astype(np.float32)
+        m.indices, m.indptr = m.indices.astype(np.int32), m.indptr.astype(np.int32)
+        return ids.astype(np.int32), m
+    return block
+
+
 def _no_ratings() -> ValueError:
     return ValueError("ALS has no ratings to fit: the (u, i, strength) frame is empty")
 
@@ -133,7 +153,7 @@ def _fit_barrier(pairs: DataFrame, cfg: AlsSettings):
     n_tasks = max(1, min(cfg.num_blocks, slots))
     rank, reg, steps, iterations, seed = (int(cfg.rank), float(cfg.reg_param), int(cfg.cg_steps),
                                           int(cfg.iterations), int(cfg.seed))
-    alpha, token = float(cfg.alpha), secrets.token_bytes(16)
+    block, token = _confidence_block(float(cfg.alpha)), secrets.token_bytes(16)
 
     def train(batches):
         import json
@@ -142,7 +162,6 @@ def _fit_barrier(pairs: DataFrame, cfg: AlsSettings):
         from concurrent.futures import ThreadPoolExecutor
 
         import pyarrow as pa
-        import scipy.sparse as sp
         from implicit.cpu._als import least_squares_cg
         from pyspark import BarrierTaskContext
         from threadpoolctl import threadpool_limits
@@ -153,20 +172,9 @@ def _fit_barrier(pairs: DataFrame, cfg: AlsSettings):
         cols = {c: np.concatenate([b.column(c).to_numpy(zero_copy_only=False) for b in batches])
                 if batches else np.zeros(0) for c in ("side", "key", "other", "strength")}
 
-        def block(side):  # (sorted row ids, CSR of confidences over the other side's index)
-            at = cols["side"] == side
-            keys, other = cols["key"][at].astype(np.int64), cols["other"][at].astype(np.int64)
-            ids, rows = np.unique(keys, return_inverse=True)
-            width = int(other.max()) + 1 if len(other) else 0
-            m = sp.csr_matrix((cols["strength"][at].astype(np.float64), (rows, other)),
-                              shape=(len(ids), width))
-            m.sum_duplicates()  # one strength per pair, then its confidence; r <= 0: preference
-            r = m.data  # 0, which implicit's kernel reads from a negative confidence
-            m.data = np.where(r > 0, 1.0 + alpha * r, -(1.0 + alpha * np.abs(r))).astype(np.float32)
-            m.indices, m.indptr = m.indices.astype(np.int32), m.indptr.astype(np.int32)
-            return ids.astype(np.int32), m
-
-        (u_ids, cui), (i_ids, ciu) = block(0), block(1)
+        (u_ids, cui), (i_ids, ciu) = (
+            block(cols["key"][at], cols["other"][at], cols["strength"][at])
+            for at in (cols["side"] == 0, cols["side"] == 1))
         host = ctx.getTaskInfos()[me].address.rsplit(":", 1)[0]
         listener = socket.create_server((host, 0))
         conns: dict[int, tuple[socket.socket, socket.socket]] = {}
@@ -204,29 +212,28 @@ def _fit_barrier(pairs: DataFrame, cfg: AlsSettings):
                 c.settimeout(3600)
                 incoming[struct.unpack("<i", hello[len(token):])[0]] = c
             conns = {q: (outgoing[q], incoming[q]) for q in outgoing}
-            header = struct.pack("<ii", len(u_ids), len(i_ids))
 
-            def ids_of(sock):  # a peer's header, then its row ids
+            def swap(payload, read):  # payload to every peer, read(q, sock) from each, all at
+                sends = [pool.submit(o.sendall, payload) for o, _ in conns.values()]  # once: no
+                got = {q: pool.submit(read, q, i) for q, (_, i) in conns.items()}  # task waits
+                out = {q: f.result() for q, f in got.items()}  # on a peer that is itself sending
+                for f in sends:
+                    f.result()
+                return out
+
+            def ids_of(q, sock):  # a peer's header, then its user and item row ids
                 nu, ni = struct.unpack("<ii", bytes(recv(sock, 8)))
                 ids = np.frombuffer(recv(sock, 4 * (nu + ni)), np.int32)
                 return ids[:nu], ids[nu:]
 
-            payload = header + u_ids.tobytes() + i_ids.tobytes()
-            sends = [pool.submit(o.sendall, payload) for o, _ in conns.values()]  # all at once:
-            got = {q: pool.submit(ids_of, i) for q, (_, i) in conns.items()}  # no task waits on
-            theirs = {q: f.result() for q, f in got.items()}  # a peer that is itself sending
-            for f in sends:
-                f.result()
+            theirs = swap(struct.pack("<ii", len(u_ids), len(i_ids)) + u_ids.tobytes()
+                          + i_ids.tobytes(), ids_of)
 
             def share(full, mine, side):  # my new rows to every peer; theirs into ``full``
-                payload = memoryview(np.ascontiguousarray(mine)).cast("B")
-                sends = [pool.submit(o.sendall, payload) for o, _ in conns.values()]
-                got = {q: pool.submit(recv, i, len(theirs[q][side]) * rank * 4)
-                       for q, (_, i) in conns.items()}
-                for q, f in got.items():
-                    full[theirs[q][side]] = np.frombuffer(f.result(), np.float32).reshape(-1, rank)
-                for f in sends:
-                    f.result()
+                rows = swap(memoryview(np.ascontiguousarray(mine)).cast("B"),
+                            lambda q, sock: recv(sock, len(theirs[q][side]) * rank * 4))
+                for q, got in rows.items():
+                    full[theirs[q][side]] = np.frombuffer(got, np.float32).reshape(-1, rank)
 
             with threadpool_limits(1, "blas"):  # one core a task: no BLAS threads beside it
                 for _ in range(iterations):
@@ -319,25 +326,19 @@ def _blocks(pairs: DataFrame, by: str, other: str, n_blocks: int, alpha: float):
     (-1 when there are no ratings)."""
     from pyspark import StorageLevel
 
+    block = _confidence_block(alpha)
+
     def build(batches):
         import pyarrow as pa
-        import scipy.sparse as sp
 
         table = pa.Table.from_batches(list(batches))
         if table.num_rows == 0:
             return
-        keys = table.column(by).to_numpy().astype(np.int64)
-        cols = table.column(other).to_numpy().astype(np.int64)
-        strength = table.column("strength").to_numpy().astype(np.float64)
-        ids, rows = np.unique(keys, return_inverse=True)
-        m = sp.csr_matrix((strength, (rows, cols)), shape=(len(ids), int(cols.max()) + 1))
-        m.sum_duplicates()  # one strength per pair, then its confidence; r <= 0: preference 0,
-        r = m.data  # which implicit's kernel reads from a negative confidence
-        m.data = np.where(r > 0, 1.0 + alpha * r, -(1.0 + alpha * np.abs(r)))
+        ids, m = block(table.column(by).to_numpy(), table.column(other).to_numpy(),
+                       table.column("strength").to_numpy())
         yield pa.RecordBatch.from_pydict({
-            "ids": [ids.astype(np.int32).tobytes()], "indptr": [m.indptr.astype(np.int32).tobytes()],
-            "indices": [m.indices.astype(np.int32).tobytes()],
-            "data": [m.data.astype(np.float32).tobytes()], "width": [m.shape[1]]})
+            "ids": [ids.tobytes()], "indptr": [m.indptr.tobytes()], "indices": [m.indices.tobytes()],
+            "data": [m.data.tobytes()], "width": [m.shape[1]]})
 
     def decode(row):
         import scipy.sparse as sp
