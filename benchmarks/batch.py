@@ -49,21 +49,30 @@ class PeakMemory:
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
-    def driver_now(self) -> int:
-        """This process and its children now, evaluate's worker and the test data's left out."""
+    def _tree(self) -> tuple[int, int, int]:
+        """Resident bytes now of this process and its children (evaluate's worker included), of
+        evaluate's worker alone, and of the child making the test data (not in the first)."""
         import psutil
 
-        total = 0
+        total = worker = data = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
             try:
-                cmd = " ".join(q for q in p.cmdline())
-                if "--generate-only" not in cmd and not any(
-                        "evaluate_worker" in " ".join(q.cmdline())
-                        for q in [p, *p.parents()] if q.pid != self.proc.pid):
-                    total += p.memory_info().rss
+                rss = p.memory_info().rss
+                if "--generate-only" in p.cmdline():
+                    data += rss
+                    continue
+                total += rss
+                if any("evaluate_worker" in " ".join(q.cmdline())
+                       for q in [p, *p.parents()] if q.pid != self.proc.pid):
+                    worker += rss
             except psutil.Error:
                 pass
-        return total
+        return total, worker, data
+
+    def driver_now(self) -> int:
+        """This process and its children now, evaluate's worker and the test data's left out."""
+        total, worker, _ = self._tree()
+        return total - worker
 
     def _run(self) -> None:
         import psutil
@@ -72,18 +81,7 @@ class PeakMemory:
             total = worker = data = 0
             try:
                 self.py_peak = max(self.py_peak, self.proc.memory_info().rss)
-                for p in [self.proc, *self.proc.children(recursive=True)]:
-                    try:
-                        rss = p.memory_info().rss
-                        if "--generate-only" in p.cmdline():
-                            data += rss
-                            continue
-                        total += rss
-                        if any("evaluate_worker" in " ".join(q.cmdline())
-                               for q in [p, *p.parents()] if q.pid != self.proc.pid):
-                            worker += rss
-                    except psutil.Error:
-                        pass
+                total, worker, data = self._tree()
             except psutil.Error:
                 pass
             executors = 0
