@@ -86,7 +86,7 @@ test-fast: install ## unit tests only (no Spark, Airflow or MLflow)
 	$(PY) -m pytest -q -m "not integration and not slow"
 
 lint: install ## ruff on the project's own code
-	$(VENV)/bin/ruff check freshrec spark_jobs training serving dags tests benchmarks
+	$(VENV)/bin/ruff check freshrec recmodels spark_jobs training serving dags tests benchmarks
 
 bench: install ## time every batch stage and compare Spark ALS with the implicit library
 	$(PY) benchmarks/batch.py

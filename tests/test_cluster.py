@@ -133,7 +133,8 @@ cfg = settings.als.model_copy(update={"rank": 8, "iterations": 4, "alpha": 2.0, 
                                       "seed": 3})
 uid, uf, iid, itf, _ = fit_als_indexed(_frame(spark, u, i, s), cfg)
 ref_u, ref_i = _implicit_fit(u, i, s, cfg)
-print(json.dumps({"users": len(uid), "items": len(iid), "max_diff": float(max(np.abs(uf - ref_u[uid]).max(), np.abs(itf - ref_i[iid]).max()))}))
+diff = max(np.abs(uf - ref_u[uid]).max(), np.abs(itf - ref_i[iid]).max())
+print(json.dumps({"users": len(uid), "items": len(iid), "max_diff": float(diff)}))
 spark.stop()
 """
 

@@ -44,7 +44,7 @@ def test_histories_match_a_plain_reading_of_the_events(settings):
     catalog = [f"i{k:03d}" for k in range(40)]  # i040..i059 occur in events but are not served
     t0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
     start = 0
-    for part in range(3):  # three appends: several files, scanned in several batches
+    for _ in range(3):  # three appends: several files, scanned in several batches
         n = 700
         users = [f"u{k}" for k in rng.zipf(1.6, n) % 37] + ["ü-unicode", "zz-outside"]
         items = [f"i{k:03d}" for k in rng.integers(0, 60, n)] + ["i001", "i050"]
