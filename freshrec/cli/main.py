@@ -442,6 +442,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def shutdown_threads() -> None:
+    """What the interpreter does first at exit: run threading's own exit hooks (each
+    ``concurrent.futures`` executor is told to stop, so its idle workers leave) and join every
+    non-daemon thread. ``threading._shutdown`` is that step (CPython 3.9+); where it is missing,
+    the pools' hook is called and the threads are joined here."""
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+        return
+    from concurrent.futures import thread as futures_thread  # pragma: no cover - other Pythons
+
+    futures_thread._python_exit()  # pragma: no cover
+    for t in threading.enumerate():  # pragma: no cover
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+
+
 def entry() -> None:
     """The ``freshrec`` program: run :func:`main`, then leave without the interpreter's final
     teardown.
@@ -449,8 +468,13 @@ def entry() -> None:
     After the work is done and printed, Arrow's C++ thread pools can still be torn down under a live
     worker during that teardown, and the process aborts with "terminate called without an active
     exception" (exit 134) although the command succeeded (apache/arrow#34314; seen here about one
-    ``freshrec report`` in six on a loaded machine). So: join the threads Python would join, run the
-    ``atexit`` hooks (MLflow's, logging's), flush, and ``os._exit`` with the command's code."""
+    ``freshrec report`` in six on a loaded machine). So: do the first two steps of that teardown
+    as Python does them, then leave: ``threading._shutdown`` (it first tells every
+    ``concurrent.futures`` pool to stop, then joins the non-daemon threads), the ``atexit`` hooks
+    (MLflow's, logging's), a flush, and ``os._exit`` with the command's code.
+
+    Joining the threads by hand without the first half hung for ever once MLflow had logged an
+    artifact: its upload pool's idle workers leave only when that signal comes."""
     import atexit
     import os
     import threading
@@ -459,9 +483,7 @@ def entry() -> None:
         rc = main()
     except SystemExit as e:  # pragma: no cover - main returns its codes; keep sys.exit's meaning
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
+    shutdown_threads()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
