@@ -38,39 +38,39 @@ $(STAMP): setup.cfg pyproject.toml
 install: system-deps $(STAMP) proto jars ## create .venv and install freshrec with its extras (skipped when done)
 
 jars: $(STAMP) ## fetch the Delta jars (delta-spark) and hadoop-aws (s3://) into .jars/ once, when Maven is present
-	@if command -v mvn >/dev/null; then $(PY) -m freshrec.jars fetch \
+	@if command -v mvn >/dev/null; then $(PY) -m freshrec.ops.jars fetch \
 	  || echo "warning: Delta jars not fetched; Spark jobs keep delta-rs (delta.backend auto/rs)"; \
-	  $(PY) -m freshrec.jars fetch-s3 \
+	  $(PY) -m freshrec.ops.jars fetch-s3 \
 	  || echo "warning: hadoop-aws not fetched; Spark cannot reach an s3:// paths.data_dir"; \
 	else echo "mvn not found: skipping the Delta jars; Spark jobs use delta-rs (apt-get install -y maven, then make jars)"; fi
 
-proto: $(STAMP) ## generate the gRPC stubs from serving/proto/freshrec/v1/*.proto
-	@$(PY) -c "from serving.proto import generate; generate()"
+proto: $(STAMP) ## generate the gRPC stubs from freshrec/api/proto/freshrec/v1/*.proto
+	@$(PY) -c "from freshrec.api.proto import generate; generate()"
 
 cluster-up: install ## start a Spark standalone master + 2 one-core workers on 127.0.0.1:7077 (.cluster/)
-	$(PY) -m freshrec.cluster up
+	$(PY) -m freshrec.ops.cluster up
 
 cluster-down: ## stop the loopback Spark cluster
-	$(PY) -m freshrec.cluster down
+	$(PY) -m freshrec.ops.cluster down
 
 cluster-status: ## how many workers the loopback master has
-	$(PY) -m freshrec.cluster status
+	$(PY) -m freshrec.ops.cluster status
 
 airflow-up: install ## Airflow scheduler + DAG processor + API server (127.0.0.1:8793) on PostgreSQL
 	@command -v pg_lsclusters >/dev/null || { echo "installing postgresql (Airflow's metadata database)"; \
 	  apt-get update -qq && apt-get install -y -qq postgresql; }
-	$(PY) -m freshrec.airflow_stack up
+	$(PY) -m freshrec.ops.airflow_stack up
 
 airflow-down: ## stop the Airflow processes of airflow-up (PostgreSQL keeps running)
-	$(PY) -m freshrec.airflow_stack down
+	$(PY) -m freshrec.ops.airflow_stack down
 
 mlflow-up: install ## MLflow tracking server on 127.0.0.1:5000: PostgreSQL store, proxied artifacts (cluster profile)
 	@command -v pg_lsclusters >/dev/null || { echo "installing postgresql (MLflow's backend store)"; \
 	  apt-get update -qq && apt-get install -y -qq postgresql; }
-	$(PY) -m freshrec.airflow_stack mlflow-up
+	$(PY) -m freshrec.ops.airflow_stack mlflow-up
 
 mlflow-down: ## stop the MLflow tracking server of mlflow-up
-	$(PY) -m freshrec.airflow_stack mlflow-down
+	$(PY) -m freshrec.ops.airflow_stack mlflow-down
 
 mlflow-ui: install ## MLflow UI on 127.0.0.1:5000 over the embedded default's SQLite store (data/mlflow)
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \

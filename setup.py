@@ -20,7 +20,7 @@ class BuildWithStubsAndConf(build_py):
         out = Path(self.build_lib)
         shutil.copytree(HERE / "conf", out / "freshrec" / "_conf", dirs_exist_ok=True)
         spec = importlib.util.spec_from_file_location("_freshrec_proto",
-                                                      HERE / "serving" / "proto" / "__init__.py")
+                                                      HERE / "freshrec" / "api" / "proto" / "__init__.py")
         proto = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(proto)
         for f in proto.generate(out):

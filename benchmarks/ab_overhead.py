@@ -42,9 +42,9 @@ class _Context:
 def _state(n_items: int, n_users: int, dim: int, label: str):
     import numpy as np
 
-    from freshrec.privacy import pseudonymize
+    from freshrec.privacy.pseudonyms import pseudonymize
     from recmodels.servable import FactorServable
-    from serving.index import ItemIndex
+    from recmodels.index import ItemIndex
     from serving.state import build_state
 
     rng = np.random.default_rng(3)
@@ -120,7 +120,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--calls", type=int, default=4_000)
     args = p.parse_args()
-    from freshrec.privacy import pseudonymize
+    from freshrec.privacy.pseudonyms import pseudonymize
     from serving.server import RecommenderServicer, rec_pb2
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,7 +46,7 @@ def synth_pairs(n_events: int, seed: int = 7):
     import pyarrow.parquet as pq
 
     from freshrec.settings import load_settings
-    from freshrec.synth import write_synth
+    from freshrec.data.synth import write_synth
 
     settings = load_settings(env={}, synth={"n_events": n_events, "seed": seed},
                              paths={"data_dir": tempfile.mkdtemp(prefix="als-speed-")})
@@ -77,7 +77,7 @@ def executor_cores(master: str, webui_port: int) -> int:
         return os.cpu_count() or 2
     if master.startswith("local["):
         return int(master[6:-1].split(",")[0])
-    from freshrec.cluster import Cluster, master_state
+    from freshrec.ops.cluster import Cluster, master_state
 
     state = master_state(Cluster(webui_port=webui_port))
     cores = sum(int(w.get("cores", 0)) for w in state.get("workers", []) if w.get("state") == "ALIVE")
@@ -110,7 +110,7 @@ def main() -> None:
     from pyspark.ml.recommendation import ALS
 
     from freshrec.settings import load_settings
-    from freshrec.spark import get_spark
+    from freshrec.storage.spark import get_spark
     from recmodels.spark_als import fit_als, fit_als_cg, fit_als_indexed
 
     base = load_settings(env={})

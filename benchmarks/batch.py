@@ -139,12 +139,12 @@ def main() -> None:
     import numpy as np
     import scipy.sparse as sp
 
-    from freshrec import importers
-    from freshrec.delta import DeltaStore
+    from freshrec.data import importers
+    from freshrec.storage.delta import DeltaStore
     from freshrec.interval import DataInterval
     from freshrec.settings import load_settings
-    from freshrec.synth import write_synth
-    from serving import index_snapshot
+    from freshrec.data.synth import write_synth
+    from nearline import snapshots as index_snapshot
     from recmodels.spark_als import fit_als, interactions
     from spark_jobs import clean, evaluate, features, gate, ingest
 
@@ -216,8 +216,8 @@ def main() -> None:
             timed(name, stage)
         print(f"  {'total':<12}{sum(timings.values()):>8.1f} s  (target: whole make run <= 300 s)")
     if timings:
-        from freshrec.delta import DeltaStore as _Store
-        from freshrec.spark import get_spark as _get
+        from freshrec.storage.delta import DeltaStore as _Store
+        from freshrec.storage.spark import get_spark as _get
 
         where = ("on local[*] the executors run inside the driver's JVM"
                  if settings.spark.master.startswith("local") else
@@ -234,7 +234,7 @@ def main() -> None:
         return
 
     # Spark ALS vs implicit on the same interactions.
-    from freshrec.spark import get_spark
+    from freshrec.storage.spark import get_spark
 
     spark = get_spark(settings)
     store = DeltaStore(settings)

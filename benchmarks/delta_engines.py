@@ -29,10 +29,10 @@ STAGES = ["session", "ingest", "clean", "features", "rerun_clean", "rerun_featur
 
 
 def worker(spec: dict) -> dict:
-    from freshrec.delta import DeltaStore
+    from freshrec.storage.delta import DeltaStore
     from freshrec.interval import DataInterval
     from freshrec.settings import load_settings
-    from freshrec.spark import get_spark
+    from freshrec.storage.spark import get_spark
     from spark_jobs import clean, features, ingest
 
     settings = load_settings("local", env={}, **spec["tree"])
@@ -57,7 +57,7 @@ def worker(spec: dict) -> dict:
 def submitted(master: str, data_dir: Path, day: str, synth_cfg: dict) -> dict[str, float]:
     """Each stage submitted with spark-submit to ``master`` (cluster profile), timed."""
     from freshrec.settings import load_settings
-    from freshrec.submit import submit
+    from freshrec.ops.submit import submit
 
     env = {"FRESHREC_DATA_DIR": str(data_dir), "SPARK_MASTER": master,
            **{f"FRESHREC__SYNTH__{k.upper()}": str(v) for k, v in synth_cfg.items()}}
@@ -82,10 +82,10 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
 
-    from freshrec import importers
-    from freshrec.jars import delta_jars
+    from freshrec.data import importers
+    from freshrec.ops.jars import delta_jars
     from freshrec.settings import load_settings
-    from freshrec.synth import write_synth
+    from freshrec.data.synth import write_synth
 
     if not delta_jars():
         sys.exit("the Delta jars are not in .jars/: run `make jars` first")

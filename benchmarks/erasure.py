@@ -4,7 +4,7 @@
    events batch): the same append with an empty erasure log (baseline), with ``--erased`` users in
    the log none of whom is in the batch, and with them plus 1% of the batch's users erased;
    median of ``--repeat`` appends each, interleaved, and the ratio to the baseline;
-2. One erasure (``freshrec.erasure.erase_user``: DELETE in every user table, landing rewrite,
+2. One erasure (``freshrec.privacy.erasure.erase_user``: DELETE in every user table, landing rewrite,
    VACUUM with retention 0 and log clean-up) on tables of ``--rows`` events written in
    ``--commits`` commits, next to a plain Delta DELETE of the same user on a copy (the erasure
    before this change did only that and the landing rewrite).
@@ -32,7 +32,7 @@ def _events(n: int, n_users: int, offset: int = 0):
     import numpy as np
     import pyarrow as pa
 
-    from freshrec.tables import EVENTS
+    from freshrec.storage.tables import EVENTS
 
     rng = np.random.default_rng(offset)
     t0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
@@ -53,7 +53,7 @@ def _raw(ev):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from freshrec.tables import EVENTS_RAW
+    from freshrec.storage.tables import EVENTS_RAW
 
     n = ev.num_rows
     cols = {f.name: (pc.cast(ev.column(f.name), pa.string()) if f.name in ev.column_names
@@ -63,7 +63,7 @@ def _raw(ev):
 
 
 def _log(settings, users: list[str]) -> None:
-    from freshrec.erasure import log_path
+    from freshrec.privacy.erasure import log_path
 
     path = log_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +74,8 @@ def _log(settings, users: list[str]) -> None:
 def main() -> None:
     from deltalake import DeltaTable
 
-    from freshrec.delta import DeltaStore
-    from freshrec.erasure import erase_user
+    from freshrec.storage.delta import DeltaStore
+    from freshrec.privacy.erasure import erase_user
     from freshrec.settings import load_settings
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -6,7 +6,7 @@ events (delta-rs), build the protocol's splits, then for each model its fit, its
 splits and its export, and finally the refit of one model on every event. MLflow logging is left
 out (the export is what it uploads).
 
-The silver ``events`` table is written directly with delta-rs from :func:`freshrec.synth.make_events`
+The silver ``events`` table is written directly with delta-rs from :func:`freshrec.data.synth.make_events`
 (no ingest or clean; no malformed or duplicate rows; weights: a fixed weight per event type, not the
 event rules'), once per ``--data`` folder and event count. ``--code DIR`` imports the project from
 another checkout (e.g. ``git archive`` of the base commit): run both side by side on the same data
@@ -65,8 +65,8 @@ def write_events(settings, n_events: int) -> int:
     import numpy as np
     import pyarrow as pa
 
-    from freshrec.delta import DeltaStore
-    from freshrec.synth import make_items, make_events
+    from freshrec.storage.delta import DeltaStore
+    from freshrec.data.synth import make_items, make_events
 
     store = DeltaStore(settings)
     if store.exists("events"):
@@ -134,7 +134,7 @@ def main() -> None:
               f"{rows[-1][3]:>6.2f} GB", flush=True)
         return out
 
-    from freshrec.delta import DeltaStore
+    from freshrec.storage.delta import DeltaStore
 
     store = DeltaStore(settings)
     events = stage("load", lambda: evaluate.worker_events(store, interval, version)
@@ -153,7 +153,7 @@ def main() -> None:
     keep = None
     for name in [m for m in args.models.split(",") if m]:
         if name in SPARK_MODELS:
-            from freshrec.spark import get_spark
+            from freshrec.storage.spark import get_spark
 
             get_spark(settings)
         fitted = stage(f"fit {name}", lambda n=name: protocol.fit(n, model_params(n, settings)))

@@ -5,8 +5,8 @@ items, over one hour) and silver events (a click on ~``--ctr`` of the shown item
 attribution window, some after it, plus as many organic events) are written to fresh Delta tables
 in a temporary directory. Measured, each the best of ``--repeat`` runs:
 
-1. the join alone (:func:`serving.feedback.explode` + :func:`serving.feedback.label`, in memory);
-2. the whole incremental job (:func:`serving.feedback.run_feedback`: read both tables from Delta,
+1. the join alone (:func:`nearline.feedback.explode` + :func:`nearline.feedback.label`, in memory);
+2. the whole incremental job (:func:`nearline.feedback.run_feedback`: read both tables from Delta,
    join, append the ``feedback`` rows in one commit), on a fresh ``feedback`` table each time;
 3. the baseline side by side: the same labels computed row by row in Python (a dict of each
    user's events per item, scanned per shown item) on the first ``--baseline-slates`` slates,
@@ -48,10 +48,10 @@ def main() -> None:
 
     pa.set_cpu_count(2)
     pa.set_io_thread_count(2)
-    from freshrec.delta import DeltaStore
+    from freshrec.storage.delta import DeltaStore
     from freshrec.settings import load_settings
-    from freshrec.tables import TS
-    from serving import feedback
+    from freshrec.storage.tables import TS
+    from nearline import feedback
 
     rng = np.random.default_rng(5)
     t0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)

@@ -46,8 +46,8 @@ def main() -> None:
     import pyarrow as pa
 
     from freshrec.settings import load_settings
-    from serving import refresher
-    from serving.client import Client
+    from nearline import refresher
+    from freshrec.api.client import Client
     from serving.server import FreshrecServer
 
     source = load_settings()
@@ -91,12 +91,14 @@ def main() -> None:
         f"{reflected}/{args.users} reflected"
 
     # 3. refresher throughput (full refresh: every user's history read and sent for fold-in)
-    from freshrec.delta import DeltaStore
+    from freshrec.storage.changes import Deltas, compute_deltas
+    from freshrec.storage.delta import DeltaStore
+    from recmodels.servable import model_factors
 
     store = DeltaStore(settings)
-    factors = refresher.ModelFactors.for_replica(settings, server.state.model_version)
+    factors = model_factors(settings, server.state.model_version)
     t = time.perf_counter()
-    d = refresher.compute_deltas(settings, store, factors, {"events": None, "items": None})
+    d = compute_deltas(settings, store, factors, {"events": None, "items": None})
     secs = time.perf_counter() - t
     rate = d.events_read / secs
     timeline.append(("refresher: deltas of every user computed", 0.0, secs))
@@ -105,7 +107,7 @@ def main() -> None:
         f"target >= 50,000/s: {'met' if rate >= 50000 else 'MISSED'})"
     replica = refresher.Replica(addr, settings)
     replica.status()
-    ten_k = refresher.Deltas(users=d.users[:10000], histories=d.histories[:10000])
+    ten_k = Deltas(users=d.users[:10000], histories=d.histories[:10000])
     t = time.perf_counter()
     replica.push(ten_k, settings.refresher.batch_size)
     secs = time.perf_counter() - t
@@ -114,7 +116,7 @@ def main() -> None:
         f"{secs:.2f} s (target <= 1 s: {'met' if secs <= 1 else 'MISSED'})"
 
     # 2. nearline: deactivate an item, refresh loop at --interval, time until it is gone
-    from freshrec.importers import import_items_table
+    from freshrec.data.importers import import_items_table
 
     refresher.refresh_once(settings)  # align the replica with the checkpoint
     stop = threading.Event()
@@ -164,10 +166,10 @@ def fold_in_quality(settings) -> dict[str, str]:
     import numpy as np
     import pandas as pd
 
-    from freshrec.delta import DeltaStore
-    from freshrec.evaluation import evaluate_scorer, temporal_split
-    from freshrec.foldin import fold_in_batch, gram
-    from freshrec.spark import get_spark
+    from freshrec.storage.delta import DeltaStore
+    from recmodels.evaluation import evaluate_scorer, temporal_split
+    from recmodels.foldin import fold_in_batch, gram
+    from freshrec.storage.spark import get_spark
     from recmodels.spark_als import fit_als, interactions
 
     cfg = settings.evaluation

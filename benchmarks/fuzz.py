@@ -122,7 +122,7 @@ def fuzz(addr: str, n: int, seed: int = 1) -> tuple[Counter, list[str]]:
     """Send ``n`` fuzzed calls; returns (codes by name, examples of unclear answers)."""
     import grpc
 
-    from serving.proto import stubs
+    from freshrec.api.proto import stubs
 
     pb = stubs()
     rng = random.Random(seed)
@@ -161,7 +161,7 @@ def main() -> None:
         t0 = time.perf_counter()
         codes, bad = fuzz(addr, args.requests, args.seed)
         took = time.perf_counter() - t0
-        from serving.client import Client
+        from freshrec.api.client import Client
 
         alive = len(Client(addr, "dev-client-token").recommend("u1", 3).items) == 3
         server.stop(grace=0)

@@ -6,15 +6,15 @@ FAISS (the lent GPU machine's image has none) the CPU side is an exact single-qu
 torch on the CPU instead, and says so.
 
 GPU (skipped, with the reason, when no GPU is visible): single queries from ``--clients`` threads
-through serving/batcher.py's SearchBatcher (window ``--window-ms``, at most ``--max-batch`` per
-batch) over serving.batcher.TorchExactSearch (exact: the GPU path serving takes where FAISS has
+through recmodels/batcher.py's SearchBatcher (window ``--window-ms``, at most ``--max-batch`` per
+batch) over recmodels.batcher.TorchExactSearch (exact: the GPU path serving takes where FAISS has
 no GPU build), float32 and float16; plus the raw batched search alone (no threads, no batcher),
 the ceiling. Recall@10 of every path against exact float64-accumulated answers for 1,000 users.
 
     .venv/bin/python benchmarks/gpu_search.py                      # 200k items x 64
     .venv/bin/python benchmarks/gpu_search.py --items 1000000      # the issue's size
 
-Imports numpy and serving/batcher.py only (plus faiss and torch where present).
+Imports numpy and recmodels/batcher.py only (plus faiss and torch where present).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serving.batcher import SearchBatcher, TorchExactSearch, torch_cuda_reason  # noqa: E402
+from recmodels.batcher import SearchBatcher, TorchExactSearch, torch_cuda_reason  # noqa: E402
 
 
 def make_data(items: int, dim: int, clusters: int, users: int, seed: int = 0):

@@ -31,7 +31,7 @@ def main() -> None:
     import numpy as np
 
     from freshrec.settings import load_settings
-    from serving.client import Client
+    from freshrec.api.client import Client
     from serving.impressions import ImpressionLog
     from serving.server import FreshrecServer
 

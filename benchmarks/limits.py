@@ -57,7 +57,7 @@ def run(rev: str | None, n_users: int, out) -> None:
     import numpy as np
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from serving.client import Client
+    from freshrec.api.client import Client
     from tests.conftest import small_settings
     from tests.test_serving_guard import make_state
 

@@ -36,11 +36,11 @@ def main() -> None:
     import numpy as np
     import pyarrow.compute as pc
 
-    from freshrec.delta import DeltaStore
-    from freshrec.privacy import pseudonymize
+    from freshrec.storage.delta import DeltaStore
+    from freshrec.privacy.pseudonyms import pseudonymize
     from freshrec.settings import load_settings
-    from serving import refresher
-    from serving.client import Client
+    from nearline import refresher
+    from freshrec.api.client import Client
     from serving.server import FreshrecServer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -39,7 +39,7 @@ def _load_proc(addr: str, users: int, seconds: float, in_flight: int, out) -> No
 
     import grpc
 
-    from serving.proto import stubs
+    from freshrec.api.proto import stubs
 
     pb = stubs()
     rec_pb2 = pb["recommender_pb2"]
@@ -106,7 +106,7 @@ def _pids(addr: str, processes: int, proc, timeout: float = 300) -> list[int]:
     """The serving pids once every process serves (the one server's own pid with one)."""
     import grpc
 
-    from serving.client import Client
+    from freshrec.api.client import Client
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:

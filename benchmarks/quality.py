@@ -1,7 +1,7 @@
 """Recommendation quality of every method under the contract, on the embedded dataset and on
 MovieLens 100K, with reference rows computed in the same run.
 
-Protocol (freshrec.evaluation): per-user temporal split, each user's last 20% of events is the
+Protocol (recmodels.evaluation): per-user temporal split, each user's last 20% of events is the
 test period; full ranking of the training catalog with training items excluded. Rows: every model
 of the contract (Spark ALS implicit and explicit, Spark item- and user-kNN, most-popular, trending,
 item-/user-kNN, content, PureSVD, EASE, the hybrid) plus the `implicit` library's ALS as an outside
@@ -33,8 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from freshrec import datasets  # noqa: E402
-from freshrec.evaluation import evaluate_scorer, temporal_split  # noqa: E402
+from freshrec.data import datasets  # noqa: E402
+from recmodels.evaluation import evaluate_scorer, temporal_split  # noqa: E402
 from recmodels.base import Interactions  # noqa: E402
 from freshrec.settings import load_settings  # noqa: E402
 from recmodels import MODELS, make_model, model_params  # noqa: E402

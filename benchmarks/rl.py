@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from freshrec.delta import DeltaStore  # noqa: E402
+from freshrec.storage.delta import DeltaStore  # noqa: E402
 from freshrec.settings import load_settings  # noqa: E402
 from training import rl  # noqa: E402
 from training import rl_logged as rlg  # noqa: E402

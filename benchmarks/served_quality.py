@@ -36,8 +36,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from freshrec import datasets  # noqa: E402
-from freshrec.evaluation import ranking_metrics, temporal_split  # noqa: E402
+from freshrec.data import datasets  # noqa: E402
+from recmodels.evaluation import ranking_metrics, temporal_split  # noqa: E402
 from freshrec.settings import load_settings  # noqa: E402
 
 
@@ -171,7 +171,7 @@ def main() -> None:
             events, items = ds.events.drop(columns=["raw_id"]), ds.items
             events["event_type"] = "rating"
         elif name == "embedded":
-            from freshrec.synth import write_synth
+            from freshrec.data.synth import write_synth
 
             synth = write_synth(settings.synth, work / "synth-raw",
                                 end=datetime.now(timezone.utc))

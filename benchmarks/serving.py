@@ -74,7 +74,7 @@ def make_data(args, out: Path) -> dict:
     sample = vecs[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))]
     ivf.train(sample)
     ivf.nprobe = args.nprobe
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # as serving/index.py builds it
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # as recmodels/index.py builds it
     ivf.add_with_ids(vecs, np.arange(n, dtype=np.int64))
     faiss.write_index(ivf, str(out / "items.faiss"))
     uvecs = vecs[rng.integers(0, n, (args.users, 2))].mean(1).astype(np.float32)
@@ -117,7 +117,7 @@ def _bare_handler(data: str, asynchronous: bool):
     handler. Uses only the API's message classes (the wire format both servers speak)."""
     import grpc
 
-    from serving.proto import stubs
+    from freshrec.api.proto import stubs
 
     pb2 = stubs()["recommender_pb2"]
     index, uvecs, seen, row, ids = _bare_state(data)
@@ -191,7 +191,7 @@ def serve_freshrec(data: str, workers: int, ready, stop, serving: dict) -> None:
 
     from freshrec.settings import load_settings
     from recmodels.servable import FactorServable
-    from serving.index import ItemIndex
+    from recmodels.index import ItemIndex
     from serving.server import FreshrecServer
     from serving.state import build_state
 
@@ -389,7 +389,7 @@ def measure_one(addrs: dict[str, str], pids: dict[str, int], requests: list[byte
     """The one-client phase, every server interleaved call by call: latency and CPU per call."""
     import numpy as np
 
-    from serving.proto import stubs
+    from freshrec.api.proto import stubs
 
     pb2 = stubs()["recommender_pb2"]
     c0 = {name: _cpu(pid) for name, pid in pids.items()}
@@ -588,7 +588,7 @@ def main() -> None:
     import faiss
     import numpy as np
 
-    from serving.proto import stubs
+    from freshrec.api.proto import stubs
 
     pb2 = stubs()["recommender_pb2"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, faiss {faiss.__version__}, "
@@ -653,8 +653,8 @@ def main() -> None:
 
 
 def _kind_latency(addr: str, users: list[str], out) -> None:
-    """One client (serving.client.Client), one call at a time: latencies."""
-    from serving.client import Client
+    """One client (freshrec.api.client.Client), one call at a time: latencies."""
+    from freshrec.api.client import Client
 
     c = Client(addr, TOKEN)
     for u in users[:100]:
@@ -674,7 +674,7 @@ def per_kind(args, data: dict, tmp: str, ctx) -> None:
 
     from freshrec.settings import load_settings
     from recmodels.servable import FactorServable
-    from serving.index import ItemIndex
+    from recmodels.index import ItemIndex
     from serving.server import FreshrecServer
     from serving.state import build_state
 

@@ -39,7 +39,7 @@ from freshrec.settings import load_settings  # noqa: E402
 
 
 def _dataset(settings, name: str):
-    from freshrec import datasets
+    from freshrec.data import datasets
 
     if name == "embedded":
         return datasets.silver(settings)

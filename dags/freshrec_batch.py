@@ -10,10 +10,10 @@ Daily, per data interval `[data_interval_start, data_interval_end)`:
    and scored, one MLflow run each; the gate's candidate refitted on all of the interval's events
 5. **gate**: the best servable model becomes a `freshrec-retrieval` version, `@champion` only if it
    beats the champion and every model evaluated on the same split
-   and, when it promoted, emits the Asset `freshrec.registry.retrieval`: the **freshrec_rollout**
+   and, when it promoted, emits the Asset `freshrec.contracts.registry.retrieval`: the **freshrec_rollout**
    DAG, scheduled on it, loads the new model on every replica
 
-Outputs are Airflow Assets (`freshrec/dag_support.py`): ingest `freshrec.bronze.events_raw`,
+Outputs are Airflow Assets (`freshrec/contracts/dag_support.py`): ingest `freshrec.bronze.events_raw`,
 clean `freshrec.silver.events` and `freshrec.silver.events_dead_letter`, features
 `freshrec.gold.features`, evaluate `freshrec.reports.evaluation`; each event carries the table's
 Delta version. The training DAG is scheduled on `freshrec.silver.events`.
@@ -23,9 +23,9 @@ exponential backoff, stopped at its `execution_timeout`, and a task that fails f
 to the failure notifier's file (`airflow.failure_log`). No settings are read when this file is
 parsed. Parsing this file imports no
 pyspark, torch or faiss: each task imports its lane's entry point when it runs. The Spark tasks
-(ingest, clean, features, evaluate) are `SparkJobOperator`s (`freshrec/spark_operator.py`, a
+(ingest, clean, features, evaluate) are `SparkJobOperator`s (`freshrec/ops/spark_operator.py`, a
 `SparkSubmitOperator`): when `spark.submit` is on (the cluster profile) they run spark-submit
-against the `spark_default` connection (the master; `freshrec/airflow_stack.py` sets it from
+against the `spark_default` connection (the master; `freshrec/ops/airflow_stack.py` sets it from
 `spark.master`), on the embedded default they run the job in the worker's process (`local[*]`).
 """
 
@@ -37,9 +37,9 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from freshrec.dag_support import (DEAD_LETTER, EVALUATION, EVENTS, FEATURES, PROMOTED, RAW_EVENTS,
+from freshrec.contracts.dag_support import (DEAD_LETTER, EVALUATION, EVENTS, FEATURES, PROMOTED, RAW_EVENTS,
                                   emit_promoted, task_defaults)
-from freshrec.spark_operator import SparkJobOperator
+from freshrec.ops.spark_operator import SparkJobOperator
 
 DEFAULT_ARGS = task_defaults(retry_delay=timedelta(minutes=2), max_retry_delay=timedelta(minutes=30),
                              execution_timeout=timedelta(hours=2))

@@ -2,7 +2,7 @@
 ### freshrec nearline round
 
 Every `refresher.schedule_minutes` minutes (default 5), one round of
-`serving.refresher.refresh_once` (the same as `freshrec refresh --once`):
+`nearline.refresher.refresh_once` (the same as `freshrec refresh --once`):
 
 1. **live data**: every server's write-ahead log sealed and landed; every landed event file not in
    bronze taken into bronze `events_raw` and silver `events` / `events_dead_letter` with the batch
@@ -31,7 +31,7 @@ from airflow.sdk import dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from freshrec.dag_support import task_defaults
+from freshrec.contracts.dag_support import task_defaults
 
 DEFAULT_ARGS = task_defaults(retry_delay=timedelta(seconds=30), max_retry_delay=timedelta(minutes=4),
                              execution_timeout=timedelta(minutes=20))
@@ -59,7 +59,7 @@ def freshrec_nearline() -> None:
     @task
     def refresh() -> dict:
         from freshrec.settings import load_settings
-        from serving import refresher
+        from nearline import refresher
 
         settings = load_settings()
         ctx = get_current_context()

@@ -2,7 +2,7 @@
 ### freshrec rollout
 
 Runs whenever a gate promotes a `freshrec-retrieval` version: scheduled on the Asset
-`freshrec.registry.retrieval`, which the batch DAG's **gate** and the training DAG's **two_tower** /
+`freshrec.contracts.registry.retrieval`, which the batch DAG's **gate** and the training DAG's **two_tower** /
 **sasrec** tasks emit only when they promoted (through the alias `freshrec.promoted_retrieval`).
 Can also be triggered by hand.
 
@@ -22,7 +22,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-from freshrec.dag_support import RETRIEVAL_CHAMPION, task_defaults
+from freshrec.contracts.dag_support import RETRIEVAL_CHAMPION, task_defaults
 
 DEFAULT_ARGS = task_defaults(retry_delay=timedelta(minutes=1), max_retry_delay=timedelta(minutes=15),
                              execution_timeout=timedelta(minutes=45))
@@ -41,7 +41,7 @@ DEFAULT_ARGS = task_defaults(retry_delay=timedelta(minutes=1), max_retry_delay=t
 def freshrec_rollout() -> None:
     @task
     def rollout() -> dict:
-        from serving import rollout
+        from nearline import rollout
 
         from freshrec.settings import load_settings
 

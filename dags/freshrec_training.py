@@ -9,7 +9,7 @@ After each batch run that updated the silver events (scheduled on the Asset
 1. **two_tower**, **sasrec**: deep retrieval on the silver tables (pinned Delta version), temporal
    split as in the batch lane, early stopping on validation NDCG@10; gated into `freshrec-retrieval`
    (never promoted over a model the batch lane evaluated higher on the same split); a promoted one
-   emits the Asset `freshrec.registry.retrieval`, and the **freshrec_rollout** DAG loads it on
+   emits the Asset `freshrec.contracts.registry.retrieval`, and the **freshrec_rollout** DAG loads it on
    every replica
 2. **reinforce**, **bandit**: re-ranking policies learned in the simulator built from the synthetic
    generator's ground truth; off-policy estimates vs the logging policy; gated into `freshrec-policy`
@@ -30,7 +30,7 @@ import pendulum
 from airflow.sdk.exceptions import AirflowSkipException
 from airflow.sdk import Param, dag, get_current_context, task
 
-from freshrec.dag_support import EVENTS, PROMOTED, emit_promoted, task_defaults
+from freshrec.contracts.dag_support import EVENTS, PROMOTED, emit_promoted, task_defaults
 
 DEFAULT_ARGS = task_defaults(retry_delay=timedelta(minutes=5), max_retry_delay=timedelta(hours=1),
                              execution_timeout=timedelta(hours=6))

@@ -70,11 +70,11 @@ def parse_job_args(description: str, argv: list[str] | None,
 def run_job(run: "callable", description: str, argv: list[str] | None) -> dict:
     """The ``main`` of a batch job: parse the shared arguments, then ``run(settings, interval)``
     (files it creates: the owner's only)."""
-    from freshrec.crypto import private_umask
+    from freshrec.storage.crypto import private_umask
 
     private_umask()
     _, settings, interval = parse_job_args(description, argv)
-    from freshrec.volume import check_volume_encryption
+    from freshrec.privacy.volume import check_volume_encryption
 
     # refuses, naming the setting and the job (the docstring's head: 'Ingest: ...' -> 'ingest')
     check_volume_encryption(settings, description.split(":", 1)[0].strip().lower())

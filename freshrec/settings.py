@@ -64,7 +64,7 @@ class PathsSettings(_Section):
                           "MLflow. A local folder (relative: from the project root in a source "
                           "checkout, from the working directory when installed), a file:// URI, or "
                           "s3://bucket/prefix: the Delta tables in object storage "
-                          "(freshrec/storage.py), and `local_dir` holds the rest.")
+                          "(freshrec/storage/objects.py), and `local_dir` holds the rest.")
     local_dir: Path | None = Field(None, description="With an object-store data_dir: the local "
                                    "directory for landing files, write-ahead and impression logs, "
                                    "snapshots, reports, MLflow's SQLite store and Spark scratch "
@@ -76,7 +76,7 @@ class PathsSettings(_Section):
     @field_validator("data_dir", mode="before")
     @classmethod
     def _uri_or_path(cls, v: Any) -> Any:
-        from freshrec.storage import check_uri, is_uri
+        from freshrec.storage.objects import check_uri, is_uri
 
         if isinstance(v, Path):
             return str(v)
@@ -87,7 +87,7 @@ class PathsSettings(_Section):
     @field_validator("local_dir", mode="before")
     @classmethod
     def _local_only(cls, v: Any) -> Any:
-        from freshrec.storage import is_uri
+        from freshrec.storage.objects import is_uri
 
         if v == "":
             return None
@@ -118,7 +118,7 @@ class SparkSettings(_Section):
     extra_conf: dict[str, str] = Field(default_factory=dict, description="Extra Spark conf pairs.")
     submit: bool = Field(False, description="Run the Spark jobs (ingest, clean, features, evaluate) "
                          "with spark-submit on `master` instead of in the calling process "
-                         "(freshrec/submit.py); the cluster profile turns it on.")
+                         "(freshrec/ops/submit.py); the cluster profile turns it on.")
     executor_memory: str = Field("1g", description="spark.executor.memory for submitted jobs.")
 
 
@@ -228,14 +228,14 @@ class PrivacySettings(_Section):
         "until `freshrec erase --vacuum` runs after that many hours.")
     encrypt_at_rest: bool = Field(False, description="Seal the event, impression and audit logs, "
                                   "the landing zone's Parquet files and the snapshots' users.npz "
-                                  "with AES-256-GCM under data_key (see freshrec/crypto.py).")
+                                  "with AES-256-GCM under data_key (see freshrec/storage/crypto.py).")
     data_key: SecretStr = Field(SecretStr(""), description="32-byte key (64 hex digits or urlsafe "
                                 "base64) for encrypt_at_rest: the secrets directory's `data_key` "
                                 "file or FRESHREC_DATA_KEY.")
     volume_encryption: Literal["required", "not_required"] = Field(
         "not_required", description="`required`: the server and the batch jobs refuse to start "
         "unless the data directory is on a dm-crypt/LUKS volume or volume_encrypted_attested is "
-        "set (freshrec/volume.py); covers the Delta tables and MLflow artifacts.")
+        "set (freshrec/privacy/volume.py); covers the Delta tables and MLflow artifacts.")
     volume_encrypted_attested: bool = Field(False, description="The operator attests that the "
                                             "data directory's volume (or object store) is "
                                             "encrypted in a way the start-up check cannot see.")
@@ -250,7 +250,7 @@ class PrivacySettings(_Section):
     @model_validator(mode="after")
     def _data_key(self) -> "PrivacySettings":
         if self.encrypt_at_rest:
-            from freshrec.crypto import parse_key
+            from freshrec.storage.crypto import parse_key
 
             if not self.data_key.get_secret_value():
                 raise ValueError("privacy.encrypt_at_rest is on but privacy.data_key is not set: "
@@ -458,7 +458,7 @@ class ServingSettings(_Section):
     gpu_batch_window_ms: float = Field(
         1.0, ge=0, le=1.0, description="Where the index is searched on a GPU: concurrent "
         "Recommend searches arriving within this window are answered by one batched GPU search "
-        "(serving/batcher.py); 0: each searches alone. Ignored on the CPU.")
+        "(recmodels/batcher.py); 0: each searches alone. Ignored on the CPU.")
     gpu_batch_max: int = Field(256, ge=1, description="Most queries in one batched GPU search.")
     tracing: bool = Field(False, description="OpenTelemetry tracing of every gRPC call (the "
                           "`tracing` extra: opentelemetry-instrumentation-grpc); spans go to the "
@@ -564,7 +564,7 @@ class TrainingSettings(_Section):
 
 class AirflowSettings(_Section):
     failure_log: str = Field("", description="File the DAGs' failure notifier appends one JSON line "
-                             "per failed task to (freshrec/dag_support.py); empty: "
+                             "per failed task to (freshrec/contracts/dag_support.py); empty: "
                              "<data_dir>/alerts/task_failures.jsonl. A local path.")
 
 
@@ -631,8 +631,8 @@ class Settings(BaseSettings):
 
     @property
     def data_is_uri(self) -> bool:
-        """Whether ``paths.data_dir`` is an object-store URI (see freshrec/storage.py)."""
-        from freshrec.storage import is_uri
+        """Whether ``paths.data_dir`` is an object-store URI (see freshrec/storage/objects.py)."""
+        from freshrec.storage.objects import is_uri
 
         return is_uri(self.paths.data_dir) and not self.paths.data_dir.lower().startswith("file://")
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from freshrec.evaluation import id_index, top_k
+from recmodels.evaluation import id_index, top_k
 
 
 def standardize_rows(s: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from freshrec.evaluation import top_k
+from recmodels.evaluation import top_k
 from freshrec.progress import advance
 from recmodels.deep import SASRec, SASRecEncoder, TwoTower
 from recmodels.sequences import TOKEN_BUCKETS, SequenceData, _flat, pad_histories

@@ -1,15 +1,15 @@
 """The fixed evaluation protocol, in memory: what ``freshrec evaluate`` (the batch lane) and
 ``freshrec experiment`` (a file, no Airflow, Spark or Delta) both run.
 
-1. :func:`freshrec.evaluation.temporal_split`: each user's newest ``test_fraction`` of events is
+1. :func:`recmodels.evaluation.temporal_split`: each user's newest ``test_fraction`` of events is
    the **test** period; it only reports, nothing is chosen on it.
-2. :func:`freshrec.evaluation.validation_split`: of the rest, each user's newest
+2. :func:`recmodels.evaluation.validation_split`: of the rest, each user's newest
    ``validation_fraction`` is the **validation** period.
 3. Every model is fitted **once**, on the events before both periods, and ranks the full catalog
    for the validation users and for the test users (their earlier events excluded from the
    ranking; items the fit never saw cannot be recommended).
 4. Metrics at each K on both splits; the per-user values of the gate's metric on the validation
-   split, and one-sided paired bootstrap p-values (:func:`freshrec.evaluation.paired_bootstrap`)
+   split, and one-sided paired bootstrap p-values (:func:`recmodels.evaluation.paired_bootstrap`)
    of "model A beats model B" for every pair.
 
 ``run_experiment`` returns the tables; the batch lane's evaluate adds MLflow runs, the refit and
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from freshrec.evaluation import (Split, paired_bootstrap, per_user_metric, rank_split,
+from recmodels.evaluation import (Split, paired_bootstrap, per_user_metric, rank_split,
                                  ranking_metrics, temporal_split, validation_split)
 from recmodels import DEEP_MODELS, SPARK_MODELS, available_models, make_model, model_params
 from recmodels.base import Interactions, Recommender
@@ -214,7 +214,7 @@ def run_experiment(events: pd.DataFrame | str | Path, models: Sequence[str] | st
     memory. Defaults come from ``settings`` (``evaluation.*``, ``models.<name>``; default:
     :func:`freshrec.settings.load_settings`); ``params`` overrides per model parameters.
     ``progress(name, i, n)`` is called before each fit."""
-    from freshrec import datasets
+    from freshrec.data import datasets
 
     if settings is None:
         from freshrec.settings import load_settings

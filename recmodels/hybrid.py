@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freshrec.evaluation import newest_share, top_k
+from recmodels.evaluation import newest_share, top_k
 from recmodels.base import Interactions, Recommender, standardize_rows, weight_matrix
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from recmodels.baselines import MostPopular
-from freshrec.evaluation import newest_share
+from recmodels.evaluation import newest_share
 from recmodels.base import Interactions, Recommender, decayed_weights
 
 

@@ -27,11 +27,15 @@ import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
 from recmodels.base import standardize_rows
+
+if TYPE_CHECKING:
+    from freshrec.storage.changes import ModelFactors
 
 FORMAT = "freshrec-model/1"
 MODEL_FILE = "model.json"
@@ -121,7 +125,7 @@ class Servable(ABC):
                   allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k catalog positions and scores per user (padded with -1 / NaN), seen items and
         disallowed items removed before the cut."""
-        from freshrec.evaluation import top_k
+        from recmodels.evaluation import top_k
 
         s = np.asarray(self.scores(users), dtype=np.float64).copy()
         if exclude_seen:
@@ -185,7 +189,7 @@ class FactorServable(Servable):
         return self.items
 
     def _fold(self, u: UserInput) -> np.ndarray:
-        from freshrec.foldin import fold_in, gram
+        from recmodels.foldin import fold_in, gram
 
         if len(u.items) == 0:
             return np.zeros(self.items.shape[1], np.float32)
@@ -350,7 +354,7 @@ class HybridServable(Servable):
         self.names = list(params.get("sources_used") or sources)
 
     def scores(self, users):
-        from freshrec.evaluation import top_k
+        from recmodels.evaluation import top_k
 
         if self.blender_used != "ranker":
             return sum(self.weights[s] * standardize_rows(self.sources[s].scores(users))
@@ -485,3 +489,26 @@ def load(directory: Path, device: str = "cpu") -> Servable:
         raise ArtifactError(f"{directory}: the artifact of {name!r} is incomplete ({e})") from None
     raise ArtifactError(f"{directory / MODEL_FILE}: model {name!r} has scorer type {t!r}, which "
                         "freshrec cannot serve")
+
+
+def model_factors(settings, model_version: str) -> "ModelFactors | None":
+    """The item vectors of the registered model ``model_version`` ("name/N ...") as its snapshot
+    serves them, for the nearline deltas (new items' vectors); None when the model has no item
+    vectors (it is scored over histories) or no snapshot of it exists."""
+    from freshrec.contracts.snapshot import MODEL_DIR, find_snapshot
+    from freshrec.storage.changes import ModelFactors
+
+    try:
+        version = int(model_version.split("/", 1)[1].split()[0])
+    except (IndexError, ValueError):
+        return None
+    snap = find_snapshot(settings.snapshots_dir, version)
+    if snap is None:
+        return None
+    model = load(snap / MODEL_DIR)
+    vecs = model.item_vectors()
+    if vecs is None or model.kind != "embedding":
+        return None
+    ids = [str(i) for i in model.item_ids]
+    return ModelFactors(model_version, ids, vecs, {i: n for n, i in enumerate(ids)})
+

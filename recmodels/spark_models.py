@@ -9,7 +9,7 @@
 * ``spark_user_knn``: user-based CF whose top-N neighbours per user are computed in Spark the same
   way over items' bounded audiences.
 
-Each uses the shared Spark session of ``freshrec.spark.get_spark`` (``local[*]`` on the embedded
+Each uses the shared Spark session of ``freshrec.storage.spark.get_spark`` (``local[*]`` on the embedded
 default, the cluster master elsewhere).
 """
 
@@ -25,7 +25,7 @@ from recmodels.servable import csr_arrays
 
 def _spark():
     from freshrec.settings import load_settings
-    from freshrec.spark import get_spark
+    from freshrec.storage.spark import get_spark
 
     return get_spark(load_settings())
 

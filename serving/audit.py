@@ -1,6 +1,6 @@
 """The audit trail of admin actions: one JSON line per call (who, what, when, result), fsynced.
 
-With ``privacy.encrypt_at_rest`` each line is sealed on its own (AES-GCM, :mod:`freshrec.crypto`),
+With ``privacy.encrypt_at_rest`` each line is sealed on its own (AES-GCM, :mod:`freshrec.storage.crypto`),
 like the event log; :func:`read_audit` opens plaintext and sealed lines alike.
 """
 
@@ -12,7 +12,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from freshrec.crypto import DataCipher, open_line
+from freshrec.storage.crypto import DataCipher, open_line
 
 
 class AuditLog:
@@ -36,7 +36,7 @@ class AuditLog:
 
 def read_audit(path: Path, cipher: DataCipher | None = None) -> list[dict]:
     """The audit log's records, oldest first; sealed lines are opened with ``cipher`` (a
-    :class:`freshrec.crypto.DecryptError` names the key a line needs when it is missing or
+    :class:`freshrec.storage.crypto.DecryptError` names the key a line needs when it is missing or
     another)."""
     out = []
     for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):

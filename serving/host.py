@@ -51,21 +51,17 @@ import sys
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from freshrec.api.replicas import LOCAL, NOTHING_LOADED, SIBLING_DEADLINE
 from freshrec.settings import Settings
 
 log = logging.getLogger(__name__)
-LOCAL = "x-freshrec-process-local"  # Status metadata: answer for this process only
 SLOW_LOAD_ENV = "FRESHREC_TEST_SLOW_LOAD"  # test hook: seconds a child waits before loading
 PR_SET_PDEATHSIG = 1
 # A host's Status asks every sibling at once, all within SIBLING_DEADLINE seconds; who asks a
 # host (host_processes) waits HOST_STATUS_TIMEOUT, longer, so hung siblings cannot time it out.
-SIBLING_DEADLINE = 3.0
-HOST_STATUS_TIMEOUT = SIBLING_DEADLINE + 5.0
 # how a server with no model loaded answers Recommend and Status (FreshrecServer.require_state)
-NOTHING_LOADED = "no index loaded yet"
 
 
 def process_count(settings: Settings) -> int:
@@ -201,7 +197,7 @@ def _local_statuses(settings: Settings, addresses: list[str], authorization: str
 def _admin_client(settings: Settings, address: str, token: str | None = None):
     """A client to a sibling's admin address. With TLS the sibling presents the host's server
     certificate: it is trusted as its own root (``serving.tls_cert_file``)."""
-    from serving.client import Client
+    from freshrec.api.client import Client
 
     cfg = settings.serving
     return Client(address, token, ca_file=cfg.tls_cert_file or None,
@@ -292,8 +288,10 @@ def _catch_up(server, slot: ProcessSlot, address: str) -> dict | None:
     (its snapshot's, after a restart) to theirs, applied through its own admin address. Returns
     the versions reached, or None when there was nothing to do (no sibling, or none refreshed
     yet, or already there)."""
-    from freshrec.delta import DeltaStore
-    from serving.refresher import Replica, deltas_for
+    from freshrec.storage.delta import DeltaStore
+    from freshrec.api.replicas import Replica
+    from freshrec.storage.changes import deltas_for
+    from recmodels.servable import model_factors
 
     settings = slot.settings
     token = _admin_token(settings)
@@ -317,7 +315,7 @@ def _catch_up(server, slot: ProcessSlot, address: str) -> dict | None:
         if all(mine.get(k) == target.get(k) for k in ("events", "items")) \
                 and mine.get("erasures", -1) >= target.get("erasures", 0):
             return None
-        d, arm_items = deltas_for(settings, DeltaStore(settings), st, {}, end=target)
+        d, arm_items = deltas_for(settings, DeltaStore(settings), st, {}, model_factors, end=target)
         own.push(d, settings.refresher.batch_size, arm_items)
         return dict(d.versions)
     finally:
@@ -425,7 +423,6 @@ class Supervisor:
             f.unlink()
         # every slot, so the host's Status names the ones not up yet (never skipped silently)
         _write_json(self.dir / "host.json", {"processes": self.n, "supervisor": os.getpid()})
-        self._prebuild()
         # the first process alone (it serves as soon as a single process would: N loading side by
         # side would take N times as long on N cores), then the others (they load what it serves)
         self._spawn(0)
@@ -451,15 +448,6 @@ class Supervisor:
         self._thread.start()
         log.info("supervisor: %d processes on %s:%d", self.n, self.settings.serving.host, self.port)
         return self.port
-
-    def _prebuild(self) -> None:
-        """Build the served snapshot once here, so N children do not build it side by side."""
-        try:
-            from serving.state import resolve_snapshot
-
-            resolve_snapshot(self.settings)
-        except Exception as e:  # noqa: BLE001 - each child logs why it has nothing to serve
-            log.info("supervisor: no snapshot resolved before start (%s)", e)
 
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
@@ -503,113 +491,12 @@ class Supervisor:
 
 
 # ---- reaching every process -------------------------------------------------------------------
-def split_addresses(entries: list[str]) -> list[str]:
-    """``host:port`` entries, with comma-separated lists split and ``dns:///name:port`` resolved
-    to every address of the name (each replica behind a DNS name gets its own deltas)."""
-    out: list[str] = []
-    for entry in entries:
-        for part in (p.strip() for p in entry.split(",")):
-            if not part:
-                continue
-            if part.startswith("dns:"):
-                name = part.split("/")[-1]
-                host, _, port = name.rpartition(":")
-                try:
-                    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-                except (socket.gaierror, ValueError) as e:
-                    raise ValueError(f"replica {part!r}: cannot resolve ({e})") from None
-                for ip in dict.fromkeys(i[4][0] for i in infos):
-                    out.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
-            else:
-                out.append(part)
-    return list(dict.fromkeys(out))
 
 
-@dataclass
-class Target:
-    """One place the refresher or the rollout sends admin calls to: a single-process server
-    (``process`` None), or one process of a multi-process host as the host's Status lists it
-    (``address`` its admin address, empty while it starts; ``error`` why it did not answer)."""
-
-    host: str
-    address: str
-    process: int | None = None
-    pid: int = 0
-    serving: bool = True
-    error: str = ""
-    model_version: str = ""
-    versions: dict = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        if self.process is None:
-            return self.host
-        return (f"{self.host} process {self.process} (pid {self.pid or '?'}, admin "
-                f"{self.address or 'not published'})")
 
 
-def host_processes(entries: list[str], settings: Settings, token: str | None = None,
-                   tries: int = 3, timeout: float | None = None) -> list[Target]:
-    """Every serving process behind ``entries``, as each host's ``Admin.Status`` lists them
-    (every slot its supervisor runs, including one restarting or not yet caught up: never left
-    out). A Status that does not come back within ``timeout`` (default
-    :data:`HOST_STATUS_TIMEOUT`) is asked again on a new connection (``tries``: one process on the
-    shared port may be stopped); a single-process server stays one target with its own address,
-    also while it has loaded nothing (its Status answers UNAVAILABLE :data:`NOTHING_LOADED`: the
-    rollout loads it there). A host whose Status does not come back after ``tries`` is one target
-    with its ``error`` set and ``serving`` False: the refresher and the rollout fail on it, naming
-    the host (pushing to its shared port would reach one process of possibly several,
-    unverified)."""
-    import grpc
-
-    from serving.client import Client
-
-    cfg = settings.refresher
-    token = token or cfg.bearer()
-    timeout = HOST_STATUS_TIMEOUT if timeout is None else timeout
-    out: list[Target] = []
-    for address in split_addresses(entries):
-        st, why, empty = None, "no answer", False
-        for _ in range(max(1, tries)):
-            client = Client(address, token, ca_file=cfg.ca_file or None,
-                            options=[("grpc.use_local_subchannel_pool", 1)])
-            try:
-                st = client.call_admin("Status", client.admin_pb2.StatusRequest(),
-                                       timeout=timeout)
-                break
-            except grpc.RpcError as e:
-                why = f"{e.code().name}: {e.details()}"
-                # a single-process server that answered but has loaded nothing yet (a host of
-                # several processes answers Status then, listing them): one target, to load
-                empty = (e.code() == grpc.StatusCode.UNAVAILABLE
-                         and (e.details() or "").startswith(NOTHING_LOADED))
-                if empty or e.code() not in (grpc.StatusCode.UNAVAILABLE,
-                                             grpc.StatusCode.DEADLINE_EXCEEDED):
-                    break
-            finally:
-                client.close()
-        if empty:
-            out.append(Target(address, address))
-            continue
-        if st is None:
-            out.append(Target(address, address, serving=False,
-                              error=f"Admin.Status failed ({why})"))
-            continue
-        if not st.processes:
-            out.append(Target(address, address))
-            continue
-        for p in st.processes:
-            out.append(Target(address, p.address, p.index, p.pid, p.serving, p.error,
-                              p.model_version, dict(p.delta_versions)))
-    seen: set[tuple] = set()
-    return [t for t in out if (t.host, t.process, t.address) not in seen
-            and not seen.add((t.host, t.process, t.address))]
 
 
-def expand_replicas(entries: list[str], settings: Settings, token: str | None = None) -> list[str]:
-    """The admin addresses of :func:`host_processes` (a process with none published yet is left
-    out here: the refresher and the rollout use :func:`host_processes` and report it)."""
-    return list(dict.fromkeys(t.address for t in host_processes(entries, settings, token)
-                              if t.address))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import csv
 import logging
 from pathlib import Path
 
-from freshrec.privacy import pseudonymizer
+from freshrec.privacy.pseudonyms import pseudonymizer
 from freshrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def read_user_file(path: Path) -> list[str]:
 
 
 def recommend_to_csv(settings: Settings, users_file: Path, k: int, output: Path,
-                     model: str | int | None = None) -> dict[str, object]:
+                     model: str | int | None = None, build=None) -> dict[str, object]:
     if k < 1:
         raise ValueError(f"--k must be at least 1, got {k}")
     raw_ids = read_user_file(users_file)
@@ -46,7 +46,7 @@ def recommend_to_csv(settings: Settings, users_file: Path, k: int, output: Path,
     from serving.logic import Filters, recommend
     from serving.state import load_state
 
-    state = load_state(settings, model=model)
+    state = load_state(settings, model=model, build=build)
     results, fallbacks = [], 0
     for p in pseudonyms:
         r = recommend(state, p, k, Filters(), {}, [], settings.serving.overfetch)

@@ -2,11 +2,11 @@
 item logged.
 
 The retrieval's top ``candidates`` (after filters and seen-item exclusion) are described with the
-features the training lane learns on (:mod:`freshrec.policies`, shared by both lanes): the user's
+features the training lane learns on (:mod:`recmodels.policies`, shared by both lanes): the user's
 share of recent items in the candidate's category, the candidate's standardized log popularity and
 its standardized retrieval score. The policy picks ``k``; with probability ``epsilon`` a uniformly
 random slate is served instead, so every candidate has a known chance of being served (see
-:mod:`freshrec.policies`). The server logs each served slate with these propensities through the
+:mod:`recmodels.policies`). The server logs each served slate with these propensities through the
 impression log (:mod:`serving.impressions`) into the ``impressions`` table, the logged data of
 off-policy learning. Clicks reported through RecordEvents update a
 bandit online; the unclicked rest of a slate counts as reward 0 when the user's next slate is served.
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from freshrec.durable import fsync_path
-from freshrec.policies import LinearPolicy, candidate_features
+from recmodels.policies import LinearPolicy, candidate_features
 
 log = logging.getLogger(__name__)
 REWARDING = {"click", "purchase", "add_to_cart", "rating", "like"}
@@ -153,7 +153,7 @@ def load_reranker(settings) -> Reranker | None:
     if not where:
         return None
     if where == "champion":
-        from freshrec.registry import POLICY, champion_info
+        from freshrec.contracts.registry import POLICY, champion_info
         from freshrec.tracking import mlflow_for
 
         mlflow = mlflow_for(settings, settings.training.experiment)

@@ -33,14 +33,14 @@ from prometheus_client import (GCCollector, CollectorRegistry, Counter, Gauge, H
                                PlatformCollector, ProcessCollector, start_http_server)
 
 from freshrec.device import DeviceUnavailable, resolve_device
-from freshrec.experiments import Assigner, ExperimentError
-from freshrec.privacy import pseudonymizer
+from freshrec.contracts.experiments import Assigner, ExperimentError
+from freshrec.privacy.pseudonyms import pseudonymizer
 from freshrec.settings import Settings, SettingsError
 from serving.audit import AuditLog
 from serving.experiment import (STATS, ArmMonitor, ArmState, OnlineCollector, distinct_states,
                                 online_report_path, version_of)
 from serving.logic import Filters, NotFound, Result, recommend, similar_items
-from serving.proto import stubs
+from freshrec.api.proto import stubs
 from serving.state import ServingState, load_state
 from serving.impressions import ImpressionLog
 from serving.wal import EventLog
@@ -897,7 +897,7 @@ class AdminServicer(admin_grpc.AdminServicer):
     def Status(self, request, context):
         if self.s.state is None and self.s.host is not None:
             # one of several processes with nothing loaded yet: the host's processes still, so
-            # the refresher and the rollout reach each of them (serving.host.host_processes)
+            # the refresher and the rollout reach each of them (freshrec.api.replicas.host_processes)
             reply = admin_pb2.StatusResponse(state_id=self.s.state_id)
             self.s.host.describe(reply, context)
             return reply
@@ -933,7 +933,7 @@ class AdminServicer(admin_grpc.AdminServicer):
 def serving_gpu(requested: str) -> bool:
     """Whether the server searches on the GPU for ``device`` (auto, cpu, cuda): where FAISS has a
     GPU build and sees a GPU (its GPU replica), or else where torch sees one (the exact torch
-    search, :class:`serving.batcher.TorchExactSearch`). ``cuda`` with neither raises."""
+    search, :class:`recmodels.batcher.TorchExactSearch`). ``cuda`` with neither raises."""
     if requested == "cpu":
         return False
     choice = resolve_device("auto" if requested == "cuda" else requested, need=("faiss", "torch"))
@@ -947,10 +947,10 @@ def serving_gpu(requested: str) -> bool:
 
 class FreshrecServer:
     def __init__(self, settings: Settings, use_gpu: bool | None = None) -> None:
-        from freshrec.crypto import private_umask
+        from freshrec.storage.crypto import private_umask
 
         private_umask()  # logs, snapshots, landed files: the owner's only (0600 / 0700)
-        from freshrec.volume import check_volume_encryption
+        from freshrec.privacy.volume import check_volume_encryption
 
         check_volume_encryption(settings, "serve")  # refuses, naming the setting
         self.settings = settings
@@ -967,7 +967,7 @@ class FreshrecServer:
         self.sample_every = settings.serving.monitor.sample_every
         self.metrics.registry.register(OnlineCollector(online_report_path(settings.data_dir)))
         self.cache = UserCache(settings.serving.cache_size, settings.serving.cache_ttl_seconds)
-        from freshrec.crypto import cipher_for
+        from freshrec.storage.crypto import cipher_for
 
         self.audit = AuditLog(settings.data_dir / "audit" / "admin.jsonl", cipher_for(settings))
         self.wal = EventLog(settings)
@@ -1157,10 +1157,10 @@ class FreshrecServer:
 
     def delete_user(self, user: str, raw_id: str | None = None) -> tuple[bool, int]:
         """Erase ``user`` (a pseudonym) from this replica's memory and everywhere on disk
-        (:func:`freshrec.erasure.erase_user`: tables and every earlier version, landing, logs,
+        (:func:`freshrec.privacy.erasure.erase_user`: tables and every earlier version, landing, logs,
         snapshots, MLflow artifacts); other replicas drop them at the refresher's next round.
         Returns (whether this replica held them, rows removed from the Delta tables)."""
-        from freshrec.erasure import erase_user
+        from freshrec.privacy.erasure import erase_user
 
         with self._load_lock:  # one erasure at a time in this process (the file lock: across)
             removed = self.forget_user(user)
@@ -1245,7 +1245,7 @@ class FreshrecServer:
     def check_experiment(self) -> dict[str, int]:
         """Resolve every arm's model in the registry: {arm: version}; ExperimentError names the
         first arm whose alias or version does not exist."""
-        from freshrec import registry
+        from freshrec.contracts import registry
         from freshrec.tracking import mlflow_for
 
         out = {}
@@ -1286,7 +1286,7 @@ class FreshrecServer:
         target = self.find_arm(arm)
         version = None
         if snapshot is None:
-            from freshrec import registry
+            from freshrec.contracts import registry
             from freshrec.tracking import mlflow_for
 
             mlflow_for(self.settings)

@@ -1,7 +1,7 @@
 """What one loaded snapshot serves: the registered model, its catalog (a FAISS index for embedding
 models), every user's history, item metadata.
 
-Built from a snapshot directory alone (see :mod:`freshrec.snapshot`): the model artifact is loaded
+Built from a snapshot directory alone (see :mod:`freshrec.contracts.snapshot`): the model artifact is loaded
 with :func:`recmodels.servable.load`, no training code and no Delta table is read. The server swaps
 whole states by reference, so a request sees one model from start to end. The same loader serves
 ``freshrec serve``, offline ``freshrec recommend``, the report and the refresher's view of a replica.
@@ -13,16 +13,17 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from freshrec.settings import Settings
-from freshrec.snapshot import (ITEMS_FILE, MODEL_DIR, NEIGHBORS_FILE, USERS_FILE, Manifest,
+from freshrec.contracts.snapshot import (ITEMS_FILE, MODEL_DIR, NEIGHBORS_FILE, USERS_FILE, Manifest,
                                find_snapshot, latest_snapshot)
 from recmodels.servable import Servable, UserInput
-from serving.index import Catalog, ItemIndex
+from recmodels.index import Catalog, ItemIndex
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +196,18 @@ def build_state(model: Servable, label: str, users: list[str], arrays: dict[str,
         popular=popular if popular is not None else ids[:1000])
 
 
+# builds the snapshot of a registered version and returns its directory (nearline.snapshots, passed
+# in by the command line: serving never builds a snapshot itself)
+SnapshotBuilder = Callable[[Settings, int], "str | Path"]
+
+
 def resolve_snapshot(settings: Settings, spec: str | int | None = None,
-                     build: bool = True) -> Path:
+                     build: SnapshotBuilder | None = None) -> Path:
     """The snapshot directory of registered version ``spec`` (alias or number; default
-    ``serving.model``): the newest one built for it, else (``build``) built now."""
-    from freshrec import registry
+    ``serving.model``): the newest one built for it, else (``build``, a
+    :data:`SnapshotBuilder` the command line passes) built now. A server process passes none: it
+    loads snapshots that the gate, the rollout or ``freshrec serve`` built."""
+    from freshrec.contracts import registry
     from freshrec.tracking import mlflow_for
 
     root = settings.snapshots_dir
@@ -212,29 +220,28 @@ def resolve_snapshot(settings: Settings, spec: str | int | None = None,
     except Exception as e:  # no tracking store at all
         raise LookupError(f"cannot resolve model {spec!r} in the registry ({e})") from None
     path = find_snapshot(root, ref.version)
-    if path is None and build:
-        from serving.index_snapshot import build_snapshot
-
+    if path is None and build is not None:  # the command line's loaders; a server only loads
         log.info("no snapshot of %s yet: building it", ref.label)
-        path = Path(build_snapshot(settings, ref.version, publish_latest=False)["snapshot"])
+        path = Path(build(settings, ref.version))
     if path is None:
         raise FileNotFoundError(f"no snapshot of {ref.label} in {root}: build it with "
                                 f"`freshrec model rollout {ref.version}`")
     return path
 
 
-def snapshot_candidates(settings: Settings, model: str | int | None = None) -> list[Path]:
+def snapshot_candidates(settings: Settings, model: str | int | None = None,
+                        build: SnapshotBuilder | None = None) -> list[Path]:
     """The snapshots start-up may serve, best first: the one :func:`resolve_snapshot` picks for
     ``model`` (an alias or a version; default ``serving.model``), the older ones of the same
     registered version, and for the default model (no version asked for) every other complete
     snapshot, newest first (an older model beats not serving at all)."""
-    from freshrec.snapshot import MANIFEST_FILE
+    from freshrec.contracts.snapshot import MANIFEST_FILE
 
     root = settings.snapshots_dir
     first: Path | None = None
     version = None
     try:
-        first = resolve_snapshot(settings, model)
+        first = resolve_snapshot(settings, model, build)
         version = Manifest.read(first).registry_version
     except LookupError:
         if model is not None:
@@ -268,7 +275,8 @@ def mmap_index(settings: Settings, use_gpu: bool = False) -> bool:
 
 
 def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bool = False,
-               model: str | int | None = None, fallback: bool = False) -> ServingState:
+               model: str | int | None = None, fallback: bool = False,
+               build: SnapshotBuilder | None = None) -> ServingState:
     """Load a snapshot: ``snapshot_dir`` if given, else the snapshot of ``model`` (an alias or a
     version; default ``serving.model``). With ``fallback`` (start-up) and no ``snapshot_dir``,
     an unusable snapshot (a 0-byte ``index.faiss``, a corrupt ``users.npz``...) is logged and
@@ -278,7 +286,7 @@ def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bo
     snapshot was built are left out."""
     if snapshot_dir is not None:
         return _load_one(settings, Path(snapshot_dir), use_gpu)
-    candidates = snapshot_candidates(settings, model)
+    candidates = snapshot_candidates(settings, model, build)
     if not candidates:
         raise FileNotFoundError(
             f"no snapshot in {settings.snapshots_dir} and no registered champion: run the "
@@ -304,10 +312,10 @@ def load_state(settings: Settings, snapshot_dir: Path | None = None, use_gpu: bo
 
 
 def _load_one(settings: Settings, snapshot_dir: Path, use_gpu: bool) -> ServingState:
-    from freshrec.crypto import cipher_for, load_npz
-    from freshrec.erasure import read_log
+    from freshrec.storage.crypto import cipher_for, load_npz
+    from freshrec.privacy.erasure import read_log
     from recmodels.servable import load
-    from serving.index_snapshot import load_snapshot
+    from freshrec.contracts.snapshot import load_snapshot
 
     path = Path(snapshot_dir)
     if not (path / "manifest.json").exists():

@@ -10,11 +10,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from freshrec.privacy import pseudonymize
-from freshrec.snapshot import (IDS_FILE, INDEX_FILE, ITEMS_FILE, MODEL_DIR, USERS_FILE, Manifest,
+from freshrec.privacy.pseudonyms import pseudonymize
+from freshrec.contracts.snapshot import (IDS_FILE, INDEX_FILE, ITEMS_FILE, MODEL_DIR, USERS_FILE, Manifest,
                                publish)
 from recmodels import servable
-from serving.index import ItemIndex
+from recmodels.index import ItemIndex
 
 
 def write_snapshot(snapshots_dir: Path, hmac_key: str, n_items: int = 20_000, dim: int = 32,

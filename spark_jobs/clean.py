@@ -24,12 +24,12 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from freshrec.contracts.events import REASONS, EventRules, rules_for
-from freshrec.delta import DeltaStore, batch_filter
+from freshrec.storage.delta import DeltaStore, batch_filter
 from freshrec.interval import DataInterval, run_job
 from freshrec.progress import advance
 from freshrec.settings import Settings
-from freshrec.spark import get_spark
-from freshrec.tables import EVENTS, EVENTS_DEAD_LETTER
+from freshrec.storage.spark import get_spark
+from freshrec.storage.tables import EVENTS, EVENTS_DEAD_LETTER
 
 log = logging.getLogger(__name__)
 

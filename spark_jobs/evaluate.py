@@ -30,11 +30,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from freshrec.delta import DeltaStore
+from freshrec.storage.delta import DeltaStore
 from freshrec.interval import DataInterval, run_job
 from freshrec.progress import advance
 from freshrec.settings import Settings
-from freshrec.spark import get_spark
+from freshrec.storage.spark import get_spark
 from freshrec.tracking import mlflow_for
 from recmodels import SPARK_MODELS, model_params
 from recmodels.experiment import Protocol, expand_models, interactions_of, p_value_matrix

@@ -10,7 +10,7 @@
 
 Only events of batches up to the interval count, so a re-run of the interval recomputes the same
 tables; they are replaced only when they differ (with delta-spark, compared by a checksum computed on
-the executors; see :meth:`freshrec.delta.StagedWrite.commit_if_changed`).
+the executors; see :meth:`freshrec.storage.delta.StagedWrite.commit_if_changed`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import logging
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from freshrec.delta import DeltaStore
+from freshrec.storage.delta import DeltaStore
 from freshrec.interval import DataInterval, run_job
 from freshrec.progress import advance
 from freshrec.settings import FeatureSettings, Settings
-from freshrec.spark import get_spark
+from freshrec.storage.spark import get_spark
 
 log = logging.getLogger(__name__)
 _DIGITS = 9  # rounding of derived doubles: the same input gives bit-identical tables

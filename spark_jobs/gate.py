@@ -22,7 +22,7 @@ import json
 import logging
 
 from freshrec.interval import DataInterval, run_job
-from freshrec.registry import RETRIEVAL, gate
+from freshrec.contracts.registry import RETRIEVAL, gate
 from freshrec.settings import Settings
 from freshrec.tracking import mlflow_for
 

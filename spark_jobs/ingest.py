@@ -16,12 +16,12 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from freshrec.crypto import DataCipher, cipher_for, is_sealed, read_parquet
-from freshrec.delta import DeltaStore
+from freshrec.storage.crypto import DataCipher, cipher_for, is_sealed, read_parquet
+from freshrec.storage.delta import DeltaStore
 from freshrec.interval import DataInterval, run_job
 from freshrec.progress import advance
 from freshrec.settings import Settings
-from freshrec.spark import delta_spark_wanted, get_spark
+from freshrec.storage.spark import delta_spark_wanted, get_spark
 
 log = logging.getLogger(__name__)
 FILE_ID_LEN = 24
@@ -39,7 +39,7 @@ def landed_files(landing_dir: Path, interval: DataInterval) -> list[Path]:
 
 def read_landed(spark: SparkSession, files: list[Path], cipher: DataCipher | None) -> DataFrame:
     """The landed files as one DataFrame. Plaintext files are read by Spark; when any is sealed
-    (``privacy.encrypt_at_rest``, :mod:`freshrec.crypto`) all are opened on the driver with the
+    (``privacy.encrypt_at_rest``, :mod:`freshrec.storage.crypto`) all are opened on the driver with the
     data key and handed to Spark as Arrow, so the plaintext never touches disk."""
     if not any(is_sealed(f) for f in files):
         return spark.read.parquet(*[str(f) for f in files])

@@ -1,4 +1,4 @@
-"""The driver ``spark-submit`` runs (see :mod:`freshrec.submit`): ``submit_driver.py <job> <args>``.
+"""The driver ``spark-submit`` runs (see :mod:`freshrec.ops.submit`): ``submit_driver.py <job> <args>``.
 
 The project's packages come from the source tree (``FRESHREC_PROJECT_ROOT``) on the driver, so the
 settings and conf files are found as in any job, and from the ``--py-files`` zip on the executors.
@@ -20,7 +20,7 @@ if os.environ.get("FRESHREC_PROJECT_ROOT"):
 
 
 def main() -> None:
-    from freshrec.submit import JOBS, RESULT
+    from freshrec.ops.submit import JOBS, RESULT
 
     job, argv = sys.argv[1], sys.argv[2:]
     result = importlib.import_module(JOBS[job]).main(argv)

@@ -37,7 +37,7 @@ def register_fit(settings: Settings, model: str, batch_date: str = DAY) -> int:
     alias) in ``settings``' MLflow; returns the version number."""
     import json
 
-    from freshrec.registry import RETRIEVAL
+    from freshrec.contracts.registry import RETRIEVAL
     from freshrec.tracking import mlflow_for
 
     summary = json.loads((settings.data_dir / "reports" / f"evaluation-{batch_date}.json").read_text())
@@ -68,7 +68,7 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     os.environ["PYSPARK_PYTHON"] = sys.executable
-    from freshrec.spark import get_spark
+    from freshrec.storage.spark import get_spark
 
     s = get_spark(small_settings(tmp_path_factory.mktemp("spark")))
     yield s
@@ -81,10 +81,10 @@ def lane(tmp_path_factory, spark):
     """The batch lane run once, job by job, on the small dataset (for read-only checks)."""
     from datetime import datetime, timezone
 
-    from freshrec import importers
+    from freshrec.data import importers
     from freshrec.interval import DataInterval
-    from freshrec.synth import write_synth
-    from serving import index_snapshot
+    from freshrec.data.synth import write_synth
+    from nearline import snapshots as index_snapshot
     from spark_jobs import clean, evaluate, features, gate, ingest
 
     root = tmp_path_factory.mktemp("lane")

@@ -25,10 +25,10 @@ JOBS = {"ingest": "spark_jobs.ingest", "clean": "spark_jobs.clean",
 def main(arg: str) -> dict:
     from pyspark.sql import functions as F
 
-    from freshrec.delta import DeltaStore, fingerprint
+    from freshrec.storage.delta import DeltaStore, fingerprint
     from freshrec.interval import DataInterval
     from freshrec.settings import load_settings
-    from freshrec.spark import get_spark
+    from freshrec.storage.spark import get_spark
 
     spec = json.loads(arg)
     settings = load_settings(spec.get("profile", "local"), env={}, **spec["tree"])

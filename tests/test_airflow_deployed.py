@@ -17,7 +17,7 @@ from importlib.util import find_spec
 
 import pytest
 
-from freshrec.delta import DeltaStore
+from freshrec.storage.delta import DeltaStore
 from freshrec.settings import load_settings
 
 pytestmark = [
@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 def test_a_run_triggered_through_the_rest_api_succeeds(tmp_path):
-    from freshrec.airflow_stack import Stack, api, down, drop_database, up
+    from freshrec.ops.airflow_stack import Stack, api, down, drop_database, up
 
     data = tmp_path / "data"
     small = {"FRESHREC_DATA_DIR": str(data), "FRESHREC__ALS__RANK": "8",
@@ -81,9 +81,9 @@ def test_a_run_triggered_through_the_rest_api_succeeds(tmp_path):
         events = api(stack, "GET", "/assets/events?source_dag_id=freshrec_batch&limit=100")
         by_name = {e["name"]: e for e in events["asset_events"]}
         assert {"freshrec.bronze.events_raw", "freshrec.silver.events", "freshrec.gold.features",
-                "freshrec.registry.retrieval"} <= set(by_name), sorted(by_name)
+                "freshrec.contracts.registry.retrieval"} <= set(by_name), sorted(by_name)
         assert isinstance(by_name["freshrec.silver.events"]["extra"]["version"], int)
-        promoted = by_name["freshrec.registry.retrieval"]["extra"]["version"]
+        promoted = by_name["freshrec.contracts.registry.retrieval"]["extra"]["version"]
         # the scheduler is off here (no cron runs): start the rollout as it would, and follow it
         api(stack, "PATCH", "/dags/freshrec_rollout", {"is_paused": False})
         api(stack, "POST", "/dags/freshrec_rollout/dagRuns",

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from freshrec.delta import DeltaStore
+from freshrec.storage.delta import DeltaStore
 from freshrec.settings import load_settings
-from freshrec.snapshot import latest_snapshot
+from freshrec.contracts.snapshot import latest_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def test_airflow_dags_test_runs_the_whole_batch_lane(tmp_path):
         sh(str(BIN / "airflow"), "dags", "test", "freshrec_batch", run_after)
         # a scheduler starts the rollout DAG on the gate's Asset; `dags test` does not
         sh(str(BIN / "airflow"), "dags", "test", "freshrec_rollout")
-        from serving.client import Client
+        from freshrec.api.client import Client
 
         admin = Client(f"127.0.0.1:{port}", "dev-admin-token")
         served = admin.call_admin("Status", admin.admin_pb2.StatusRequest()).model_version

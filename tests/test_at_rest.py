@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from freshrec.crypto import DecryptError, cipher_for, is_sealed, read_parquet
-from freshrec.delta import DeltaStore
+from freshrec.storage.crypto import DecryptError, cipher_for, is_sealed, read_parquet
+from freshrec.storage.delta import DeltaStore
 from freshrec.settings import SettingsError
-from serving.client import Client
+from freshrec.api.client import Client
 from tests.conftest import small_settings
 from tests.test_erasure import ADMIN, CLIENT, make_snapshot, start_server
 
@@ -50,7 +50,7 @@ def _csv(tmp_path: Path, users: list[str]) -> Path:
 
 # ---- the audit log ---------------------------------------------------------------------------
 def test_the_audit_log_is_sealed_and_read_back_only_with_its_key(tmp_path):
-    from freshrec.privacy import pseudonymizer
+    from freshrec.privacy.pseudonyms import pseudonymizer
     from serving.audit import read_audit
 
     settings = _settings(tmp_path)
@@ -81,9 +81,9 @@ def test_the_audit_log_is_sealed_and_read_back_only_with_its_key(tmp_path):
 
 # ---- the landing zone ------------------------------------------------------------------------
 def test_landed_files_are_sealed_and_the_nearline_ingest_reads_them(tmp_path):
-    from freshrec.importers import import_events_file
-    from freshrec.privacy import pseudonymizer
-    from serving.ingest import ingest_landed
+    from freshrec.data.importers import import_events_file
+    from freshrec.privacy.pseudonyms import pseudonymizer
+    from nearline.ingest import ingest_landed
 
     settings = _settings(tmp_path)
     p = pseudonymizer(settings)
@@ -111,8 +111,8 @@ def test_landed_files_are_sealed_and_the_nearline_ingest_reads_them(tmp_path):
 
 
 def test_the_write_ahead_log_lands_sealed_and_erasure_and_rotation_keep_it_sealed(tmp_path):
-    from freshrec.erasure import erase_user
-    from freshrec.privacy import pseudonymizer
+    from freshrec.privacy.erasure import erase_user
+    from freshrec.privacy.pseudonyms import pseudonymizer
 
     settings = _settings(tmp_path)
     p = pseudonymizer(settings)
@@ -135,7 +135,7 @@ def test_the_write_ahead_log_lands_sealed_and_erasure_and_rotation_keep_it_seale
 
 
 def test_the_spark_ingest_reads_sealed_landed_files(spark, tmp_path):
-    from freshrec.importers import import_events_file
+    from freshrec.data.importers import import_events_file
     from spark_jobs.ingest import read_landed
 
     plain, sealed = _settings(tmp_path / "plain", key=None), _settings(tmp_path / "sealed")
@@ -172,7 +172,7 @@ def _fake_sys(root: Path, path: Path, uuid: str, slave_uuid: str | None = None) 
 
 
 def test_dm_crypt_below_the_data_directory_is_found(tmp_path):
-    from freshrec.volume import check_volume_encryption, encrypted_volume
+    from freshrec.privacy.volume import check_volume_encryption, encrypted_volume
 
     settings = _settings(tmp_path, key=None, volume_encryption="required")
     data = settings.data_dir / "not-yet-created"  # the nearest existing parent is checked
@@ -190,7 +190,7 @@ def test_dm_crypt_below_the_data_directory_is_found(tmp_path):
 
 
 def test_required_volume_encryption_refuses_the_server_and_batch_jobs_unless_attested(tmp_path):
-    from freshrec.volume import encrypted_volume
+    from freshrec.privacy.volume import encrypted_volume
     from serving.server import FreshrecServer
 
     if encrypted_volume(tmp_path)[0]:
@@ -231,9 +231,9 @@ def test_required_volume_encryption_refuses_the_server_and_batch_jobs_unless_att
 def test_hmac_rotation_rekeys_a_sealed_landed_file_and_keeps_it_sealed(tmp_path):
     import pyarrow as pa
 
-    from freshrec.crypto import write_parquet
-    from freshrec.privacy import pseudonymizer
-    from freshrec.rotation import rotate_key
+    from freshrec.storage.crypto import write_parquet
+    from freshrec.privacy.pseudonyms import pseudonymizer
+    from freshrec.privacy.rotation import rotate_key
     from freshrec.settings import load_settings
 
     secrets = tmp_path / "secrets"

@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from freshrec.delta import DeltaStore
-from freshrec.evaluation import top_k
+from freshrec.storage.delta import DeltaStore
+from recmodels.evaluation import top_k
 from freshrec.interval import DataInterval
-from freshrec.snapshot import Manifest, latest_snapshot
-from serving.index_snapshot import load_snapshot
+from freshrec.contracts.snapshot import Manifest, latest_snapshot
+from freshrec.contracts.snapshot import load_snapshot
 from serving.offline import recommend_to_csv
 from spark_jobs import clean, features, ingest
 
@@ -151,8 +151,8 @@ def test_the_registered_model_is_refit_on_every_event_of_the_interval(lane):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from freshrec.delta import DeltaStore
-    from freshrec.registry import RETRIEVAL
+    from freshrec.storage.delta import DeltaStore
+    from freshrec.contracts.registry import RETRIEVAL
     from recmodels.pyfunc import FreshrecPyfunc
 
     ev, gate = lane["results"]["evaluate"], lane["results"]["gate"]
@@ -195,7 +195,7 @@ def test_the_champion_loads_as_a_pyfunc_model_in_a_fresh_interpreter(lane, tmp_p
     import subprocess
     import sys
 
-    from freshrec.delta import DeltaStore
+    from freshrec.storage.delta import DeltaStore
 
     users = DeltaStore(lane["settings"]).read_arrow("events", columns=["user_id"]) \
         .column("user_id").to_pylist()[:2]
@@ -227,7 +227,7 @@ def test_gate_promotes_the_best_model_and_keeps_a_loser_visible(lane, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from freshrec.registry import RETRIEVAL
+    from freshrec.contracts.registry import RETRIEVAL
     from spark_jobs import evaluate, gate
     from tests.conftest import small_settings
 
@@ -269,7 +269,7 @@ def test_gate_promotes_the_best_model_and_keeps_a_loser_visible(lane, tmp_path):
 def test_snapshot_is_the_champion_and_self_contained(lane):
     """The snapshot holds the registered champion's artifact, its catalog, every user's history as
     in silver events, and (embedding models) an index that finds what exact search finds."""
-    from freshrec.snapshot import USERS_FILE
+    from freshrec.contracts.snapshot import USERS_FILE
     from recmodels.servable import load
 
     settings = lane["settings"]
@@ -303,7 +303,7 @@ def test_snapshot_is_the_champion_and_self_contained(lane):
 
 
 def test_ivf_index_above_the_exact_threshold(settings):
-    from serving.index_snapshot import build_index
+    from nearline.snapshots import build_index
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(20, 16)).astype(np.float32)
@@ -330,7 +330,7 @@ def test_recommend_csv_excludes_seen_items_and_falls_back_for_strangers(lane, tm
                        f"freshrec-retrieval/{gate['version']} {gate['candidate']}"}
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["user_id", "rank", "item_id", "score"]
-    from freshrec.privacy import pseudonymize
+    from freshrec.privacy.pseudonyms import pseudonymize
     store = DeltaStore(settings)
     seen = {r["item_id"] for r in store.read_arrow("events").to_pylist()
             if r["user_id"] == pseudonymize("u1", settings.privacy.hmac_key)}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from freshrec.delta import DeltaStore
+from freshrec.storage.delta import DeltaStore
 from freshrec.interval import DataInterval
-from freshrec.tables import EVENTS_RAW
+from freshrec.storage.tables import EVENTS_RAW
 from spark_jobs import clean
 
 pytestmark = pytest.mark.integration

@@ -129,7 +129,7 @@ def test_grpc_unauthenticated_is_one_line_naming_the_token_fix(capsys):
     """A real gRPC server on loopback that refuses the token, as freshrec's server does."""
     import grpc
 
-    from serving.proto import stubs
+    from freshrec.api.proto import stubs
 
     pb = stubs()
 

@@ -13,10 +13,10 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pytest
 
-from freshrec.delta import DeltaStore
-from freshrec.jars import delta_jars
+from freshrec.storage.delta import DeltaStore
+from freshrec.ops.jars import delta_jars
 from freshrec.settings import load_settings
-from freshrec.submit import SubmitError, submit
+from freshrec.ops.submit import SubmitError, submit
 
 pytestmark = pytest.mark.integration
 no_java = pytest.mark.skipif(shutil.which("java") is None,
@@ -59,7 +59,7 @@ def test_an_unreachable_master_is_a_one_line_error_before_anything_runs(tmp_path
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from freshrec.cluster import Cluster, down, up
+    from freshrec.ops.cluster import Cluster, down, up
 
     c = Cluster(port=free_port(), webui_port=free_port(), workers=2, worker_cores=1,
                 worker_memory="1g", home=tmp_path_factory.mktemp("cluster"))
@@ -75,10 +75,10 @@ def cluster(tmp_path_factory):
 @no_jars
 def test_a_submitted_interval_on_the_cluster_equals_the_local_run(cluster, tmp_path):
     from conftest import DAY, small_settings
-    from freshrec import importers
-    from freshrec.cluster import master_state
+    from freshrec.data import importers
+    from freshrec.ops.cluster import master_state
     from freshrec.interval import DataInterval
-    from freshrec.synth import write_synth
+    from freshrec.data.synth import write_synth
     from spark_jobs import clean, features, ingest
 
     local_dir, cluster_dir = tmp_path / "local" / "data", tmp_path / "cluster" / "data"
@@ -94,7 +94,7 @@ def test_a_submitted_interval_on_the_cluster_equals_the_local_run(cluster, tmp_p
            "FRESHREC__SPARK__SHUFFLE_PARTITIONS": "2", "FRESHREC__SPARK__EXECUTOR_MEMORY": "768m",
            "FRESHREC__SPARK__DRIVER_MEMORY": "1g", "FRESHREC__FEATURES__NEIGHBORS_TOP_K": "10",
            "FRESHREC__SYNTH__N_EVENTS": str(local.synth.n_events),
-           # this test machine has no encrypted volume (see freshrec/volume.py)
+           # this test machine has no encrypted volume (see freshrec/privacy/volume.py)
            "FRESHREC__PRIVACY__VOLUME_ENCRYPTED_ATTESTED": "true", **SECRETS}
     on_cluster = load_settings("cluster", env=env)
     assert on_cluster.spark.master == cluster.url and on_cluster.delta.backend == "spark"
@@ -121,7 +121,7 @@ import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[2])
 from freshrec.settings import load_settings
-from freshrec.spark import get_spark
+from freshrec.storage.spark import get_spark
 from recmodels.spark_als import fit_als_indexed
 from tests.test_spark_als_cg import _frame, _implicit_fit, _pairs
 settings = load_settings("local", env={}, paths={"data_dir": sys.argv[3]},
@@ -149,7 +149,7 @@ def test_als_cg_runs_on_the_clusters_executors_and_gives_implicits_factors(clust
     import subprocess
     import sys
 
-    from freshrec.cluster import master_state
+    from freshrec.ops.cluster import master_state
     from freshrec.settings import PROJECT_ROOT
 
     r = subprocess.run([sys.executable, "-c", CG_ON_THE_CLUSTER, cluster.url, str(PROJECT_ROOT),

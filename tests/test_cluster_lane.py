@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from freshrec.jars import delta_jars
+from freshrec.ops.jars import delta_jars
 from freshrec.settings import PROJECT_ROOT
 
 deployed = [
@@ -107,7 +107,7 @@ def test_loopback_secrets_are_private_made_once_and_pass_the_cluster_profile(tmp
 def test_spark_default_is_the_profiles_master_as_the_provider_reads_it(tmp_path, monkeypatch):
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
 
-    from freshrec.airflow_stack import spark_connection
+    from freshrec.ops.airflow_stack import spark_connection
     from freshrec.cli.walkthrough import loopback_secrets
 
     secrets, _ = loopback_secrets(tmp_path / "secrets")
@@ -142,11 +142,11 @@ def test_the_cluster_walkthrough_without_a_cluster_is_one_line_naming_make_clust
 
 @_mark(deployed)
 def test_the_cluster_profile_runs_the_batch_lane_through_the_deployed_airflow(tmp_path):
-    from freshrec.airflow_stack import Stack, down, drop_database, mlflow_down
+    from freshrec.ops.airflow_stack import Stack, down, drop_database, mlflow_down
     from freshrec.cli.walkthrough import api_patient
-    from freshrec.cluster import Cluster
-    from freshrec.cluster import down as cluster_down
-    from freshrec.cluster import up as cluster_up
+    from freshrec.ops.cluster import Cluster
+    from freshrec.ops.cluster import down as cluster_down
+    from freshrec.ops.cluster import up as cluster_up
 
     cluster = Cluster(port=free_port(), webui_port=free_port(), workers=2, worker_cores=1,
                       worker_memory="1g", home=tmp_path / "cluster")
@@ -190,7 +190,7 @@ def test_the_cluster_profile_runs_the_batch_lane_through_the_deployed_airflow(tm
         for task in ("ingest", "clean", "features", "evaluate"):
             log = next((home / "logs" / "dag_id=freshrec_batch").glob(f"*/task_id={task}/*.log"))
             assert f"Spark-Submit cmd: spark-submit --master {cluster.url} " in log.read_text()
-        from freshrec.cluster import master_state
+        from freshrec.ops.cluster import master_state
 
         apps = sorted(a["name"] for a in master_state(cluster).get("completedapps", []))
         assert apps == ["freshrec-clean", "freshrec-features", "freshrec-ingest"], apps

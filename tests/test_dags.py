@@ -39,7 +39,7 @@ def test_house_rules(bag):
 def test_every_task_backs_off_times_out_and_notifies(bag):
     from datetime import timedelta
 
-    from freshrec.dag_support import FileNotifier
+    from freshrec.contracts.dag_support import FileNotifier
 
     assert set(bag.dags) == {"freshrec_batch", "freshrec_training", "freshrec_nearline",
                              "freshrec_rollout"}
@@ -74,7 +74,7 @@ def test_batch_outputs_are_assets_that_schedule_training_and_rollout(bag):
     assert {a.name for a in training.timetable.asset_condition.objects} == {
         "freshrec.silver.events"}
     assert {a.name for a in rollout.timetable.asset_condition.objects} == {
-        "freshrec.registry.retrieval"}
+        "freshrec.contracts.registry.retrieval"}
     for t in ("two_tower", "sasrec"):
         assert {o.name for o in training.get_task(t).outlets} == {"freshrec.promoted_retrieval"}
 
@@ -152,7 +152,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-from freshrec.dag_support import task_defaults
+from freshrec.contracts.dag_support import task_defaults
 
 
 @dag(dag_id="failing", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),

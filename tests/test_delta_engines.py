@@ -20,8 +20,8 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from freshrec.delta import DeltaStore
-from freshrec.jars import delta_jars
+from freshrec.storage.delta import DeltaStore
+from freshrec.ops.jars import delta_jars
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -59,8 +59,8 @@ def sorted_rows(store: DeltaStore, name: str) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    from freshrec import importers
-    from freshrec.synth import write_synth
+    from freshrec.data import importers
+    from freshrec.data.synth import write_synth
 
     root = tmp_path_factory.mktemp("engines")
     rs_dir, spark_dir = root / "rs" / "data", root / "spark" / "data"
@@ -108,7 +108,7 @@ def test_delta_spark_tables_stay_readable_and_writable_by_delta_rs(engines):
 
 
 def test_delta_rs_reads_the_change_data_feed_delta_spark_wrote(engines):
-    from serving.refresher import read_changes
+    from freshrec.storage.changes import read_changes
 
     store = DeltaStore(engines["spark"][1])
     path = store.path("events")
@@ -122,7 +122,7 @@ def test_delta_rs_reads_the_change_data_feed_delta_spark_wrote(engines):
 
 
 def test_delta_spark_reads_what_delta_rs_wrote_after_it(engines):
-    from freshrec.erasure import erase_user
+    from freshrec.privacy.erasure import erase_user
 
     settings = engines["spark"][1]
     store = DeltaStore(settings)

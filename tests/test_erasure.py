@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from freshrec.delta import DeltaStore
-from freshrec.tables import EVENTS, EVENTS_RAW, IMPRESSIONS, USER_FEATURES
-from serving.client import Client
+from freshrec.storage.delta import DeltaStore
+from freshrec.storage.tables import EVENTS, EVENTS_RAW, IMPRESSIONS, USER_FEATURES
+from freshrec.api.client import Client
 from tests.conftest import small_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ def _texts(path: Path) -> str | None:
             return " ".join(" ".join(z[k].astype(str).ravel().tolist()) for k in z.files
                             if z[k].dtype.kind in "US")
     if path.suffix == ".jsonl" and b"\np1:" in b"\n" + data:  # record lines (impression log)
-        from freshrec.segments import line_text
+        from freshrec.storage.segments import line_text
 
         return "\n".join(line_text(line).decode("utf-8", "replace")
                          for line in data.split(b"\n"))
@@ -105,9 +105,9 @@ def make_snapshot(settings, name: str, seed: int = 0, users: list[str] | None = 
     and histories in users.npz), published as LATEST."""
     import faiss
 
-    from freshrec.snapshot import Manifest, publish
+    from freshrec.contracts.snapshot import Manifest, publish
     from recmodels import servable
-    from serving.index import ItemIndex
+    from recmodels.index import ItemIndex
 
     rng = np.random.default_rng(seed)
     root = settings.snapshots_dir
@@ -161,7 +161,7 @@ def _raw(table: pa.Table) -> pa.Table:
 
 def populate(settings, users: list[str]) -> DeltaStore:
     """Several commits per table (the user in every one), a landing file, raw input."""
-    from freshrec.importers import land_events
+    from freshrec.data.importers import land_events
 
     store = DeltaStore(settings)
     for part in range(3):
@@ -210,9 +210,10 @@ def test_erasure_removes_the_users_dead_lettered_record_lines(tmp_path):
     import binascii
     import pickle
 
-    from freshrec.erasure import erase_user
-    from freshrec.segments import RECORD_PREFIX
-    from serving.impressions import ImpressionLog, take_impressions
+    from freshrec.privacy.erasure import erase_user
+    from freshrec.storage.segments import RECORD_PREFIX
+    from nearline.impressions import take_impressions
+    from serving.impressions import ImpressionLog
 
     settings = _settings(tmp_path)
     gone, kept = "user-erase-7f3a", "user-keep-19c2"
@@ -243,7 +244,7 @@ def test_artifact_scrubbing_reports_unreachable_and_failing_runs_and_scrubs_the_
     be scrubbed, with their reason; a run after them is still scrubbed."""
     from mlflow.tracking import MlflowClient
 
-    from freshrec.erasure import scrub_remote_artifacts
+    from freshrec.privacy.erasure import scrub_remote_artifacts
     from freshrec.tracking import mlflow_for
 
     settings = _settings(tmp_path)
@@ -274,7 +275,7 @@ def test_an_erasure_with_the_tracking_server_down_still_erases_and_reports(tmp_p
                                                                           monkeypatch):
     """The tables' rows go first; a tracking server that does not answer then leaves its
     artifacts under what could not be scrubbed, and the erasure's report is written."""
-    from freshrec.erasure import erase_user, privacy_dir
+    from freshrec.privacy.erasure import erase_user, privacy_dir
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     settings = _settings(tmp_path, mlflow={"tracking_uri": "http://127.0.0.1:1"})
@@ -290,8 +291,8 @@ def test_an_erasure_with_the_tracking_server_down_still_erases_and_reports(tmp_p
 
 
 def test_erase_leaves_no_copy_in_any_version_change_data_landing_log_or_snapshot(tmp_path):
-    from freshrec.erasure import erase_user, read_log
-    from freshrec.privacy import pseudonymizer
+    from freshrec.privacy.erasure import erase_user, read_log
+    from freshrec.privacy.pseudonyms import pseudonymizer
 
     settings = _settings(tmp_path)
     p = pseudonymizer(settings)
@@ -351,7 +352,7 @@ def test_a_batch_that_read_before_the_erasure_and_commits_after_cannot_bring_row
     """Both interleavings, for real: (1) the batch reads, the erasure runs, the batch commits
     (its write leaves the rows out); (2) the batch holds the writer lock across its commit while
     the erasure waits for it, then deletes what it committed."""
-    from freshrec.erasure import erase_user, guarded
+    from freshrec.privacy.erasure import erase_user, guarded
 
     settings = _settings(tmp_path)
     store = DeltaStore(settings)
@@ -390,7 +391,7 @@ def test_two_concurrent_cli_erasures_of_one_user_both_succeed(tmp_path):
     """`freshrec erase --user U` twice at once: both succeed, the data is gone, and the running
     replica named was told to forget the user."""
     settings = _settings(tmp_path)
-    from freshrec.privacy import pseudonymizer
+    from freshrec.privacy.pseudonyms import pseudonymizer
 
     user = pseudonymizer(settings)("carol")
     store = populate(settings, [user, "p_other"])
@@ -419,8 +420,8 @@ def test_two_concurrent_cli_erasures_of_one_user_both_succeed(tmp_path):
 def test_the_refresher_pushes_an_erasure_to_every_replica(tmp_path):
     """Replica A takes the DeleteUser; replica B drops the user at the next round, although the
     VACUUM took the Change Data Feed away (a full refresh does not see the delete)."""
-    from freshrec.privacy import pseudonymizer
-    from serving import refresher
+    from freshrec.privacy.pseudonyms import pseudonymizer
+    from nearline import refresher
 
     settings = _settings(tmp_path)
     p = pseudonymizer(settings)
@@ -555,15 +556,15 @@ def test_files_freshrec_writes_are_the_owners_only(tmp_path):
 
 
 def test_encrypted_logs_and_snapshot_users_hold_no_plaintext_and_still_serve(tmp_path):
-    from freshrec.crypto import DecryptError, load_npz, save_npz
-    from freshrec.erasure import erase_user
-    from freshrec.privacy import pseudonymizer
+    from freshrec.storage.crypto import DecryptError, load_npz, save_npz
+    from freshrec.privacy.erasure import erase_user
+    from freshrec.privacy.pseudonyms import pseudonymizer
 
     key = "ab" * 32
     settings = _settings(tmp_path, privacy={"encrypt_at_rest": True, "data_key": key})
     user = pseudonymizer(settings)("frank")
     snap = make_snapshot(settings, "snap", users=[user, "p_other"])
-    from freshrec.crypto import cipher_for
+    from freshrec.storage.crypto import cipher_for
 
     save_npz(snap / "users.npz", dict(np.load(snap / "users.npz")), cipher_for(settings))
     assert user.encode() not in (snap / "users.npz").read_bytes()
@@ -583,7 +584,7 @@ def test_encrypted_logs_and_snapshot_users_hold_no_plaintext_and_still_serve(tmp
             assert all(line.startswith(b"enc1:") for line in data.splitlines() if line)
             assert user.encode() not in data and b'"i7"' not in data
         server.wal.land()  # the lander opens the sealed lines
-        from freshrec.crypto import is_sealed, read_parquet
+        from freshrec.storage.crypto import is_sealed, read_parquet
 
         files = list(settings.landing_dir.glob("events/*/*.parquet"))
         assert files and all(is_sealed(f) and user.encode() not in f.read_bytes() for f in files)
@@ -626,8 +627,8 @@ def test_erasure_end_to_end_on_the_batch_lanes_data(lane, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from freshrec.privacy import pseudonymize
-    from serving import refresher
+    from freshrec.privacy.pseudonyms import pseudonymize
+    from nearline import refresher
     from tests.conftest import register_fit
 
     data = tmp_path / "data"
@@ -668,7 +669,7 @@ def test_erasure_end_to_end_on_the_batch_lanes_data(lane, tmp_path):
         a.stop(grace=0)
         b.stop(grace=0)
     assert left == []
-    from freshrec.erasure import user_tables
+    from freshrec.privacy.erasure import user_tables
 
     for name in user_tables():
         if name == "impressions_dead_letter" or not store.exists(name):
@@ -677,9 +678,9 @@ def test_erasure_end_to_end_on_the_batch_lanes_data(lane, tmp_path):
             assert user not in t.column("user_id").to_pylist(), (name, v)
     client = MlflowClient()
     exps = [e.experiment_id for e in client.search_experiments()]
-    tagged = [r.info.run_id for r in client.search_runs(exps) if "freshrec.erasure" in r.data.tags]
+    tagged = [r.info.run_id for r in client.search_runs(exps) if "freshrec.privacy.erasure" in r.data.tags]
     tagged += [m.model_id for m in client.search_logged_models(exps)
-               if "freshrec.erasure" in (m.tags or {})]
+               if "freshrec.privacy.erasure" in (m.tags or {})]
     assert tagged
     c, c_addr = start_server(settings)  # a restart: the user stays gone
     try:
@@ -711,7 +712,7 @@ def test_the_delta_spark_writers_filter_matches_the_arrow_one(spark, tmp_path):
     """drop_erased_spark (the delta-spark write path) keeps and drops the same rows as
     drop_erased: an erased user's rows at or before the erasure go, later ones and other users
     stay, a text ts is read as a time."""
-    from freshrec.erasure import Erasures, drop_erased, drop_erased_spark
+    from freshrec.privacy.erasure import Erasures, drop_erased, drop_erased_spark
 
     when = datetime(2026, 11, 10, tzinfo=timezone.utc)
     erased = Erasures([("p_a", when.timestamp())])
@@ -732,7 +733,7 @@ def test_the_delta_spark_writers_filter_matches_the_arrow_one(spark, tmp_path):
 def test_the_writers_filter_takes_a_rows_first_known_time():
     """feedback rows of events nobody was shown have no impression time: their event time
     decides; a row with no time at all counts as old; other users are never touched."""
-    from freshrec.erasure import Erasures, drop_erased
+    from freshrec.privacy.erasure import Erasures, drop_erased
 
     when = datetime(2026, 11, 10, tzinfo=timezone.utc)
     ts = pa.timestamp("us", "UTC")

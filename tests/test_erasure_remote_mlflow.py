@@ -48,7 +48,7 @@ def _download_everything(tmp: Path) -> Path:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking import MlflowClient
 
-    from freshrec.erasure import _remote_artifact_roots
+    from freshrec.privacy.erasure import _remote_artifact_roots
 
     tmp.mkdir()
     for kind, ident, uri in _remote_artifact_roots(MlflowClient()):
@@ -60,8 +60,8 @@ def _download_everything(tmp: Path) -> Path:
 
 
 def test_erasure_rewrites_the_servers_artifacts_through_the_api(tmp_path, monkeypatch):
-    from freshrec.airflow_stack import Stack, drop_database, mlflow_down, mlflow_up
-    from freshrec.erasure import erase_user
+    from freshrec.ops.airflow_stack import Stack, drop_database, mlflow_down, mlflow_up
+    from freshrec.privacy.erasure import erase_user
     from freshrec.interval import DataInterval
     from freshrec.tracking import mlflow_for
     from recmodels.experiment import Protocol
@@ -101,7 +101,7 @@ def test_erasure_rewrites_the_servers_artifacts_through_the_api(tmp_path, monkey
         from mlflow.tracking import MlflowClient
 
         run = MlflowClient().get_run(parent.info.run_id)
-        assert "erasure" in run.data.tags["freshrec.erasure"]
+        assert "erasure" in run.data.tags["freshrec.privacy.erasure"]
         import mlflow.pyfunc
 
         loaded = mlflow.pyfunc.load_model(uri)

@@ -23,8 +23,8 @@ DAY = "2026-10-31"
 def write_events(settings) -> int:
     """A silver ``events`` table of 12,000 synthetic events (clustered tastes, Zipf items), written
     with delta-rs; event ids ``e<n>`` also break ties in time (their string order is not n's)."""
-    from freshrec.delta import DeltaStore
-    from freshrec.synth import make_events, make_items
+    from freshrec.storage.delta import DeltaStore
+    from freshrec.data.synth import make_events, make_items
 
     cfg = settings.synth.model_copy(update={"n_events": 12_000, "n_users": 400, "n_items": 250,
                                             "n_clusters": 6, "days": 20})
@@ -56,7 +56,7 @@ def numbers(settings, models=MODELS) -> dict:
     """What evaluate's worker computes on the table: the split sizes, each model's validation
     and test metrics and per-user validation values, and the refit item-kNN's scores of a few
     users (with their ids)."""
-    from freshrec.delta import DeltaStore
+    from freshrec.storage.delta import DeltaStore
     from freshrec.interval import DataInterval
     from recmodels import model_params
     from recmodels.experiment import Protocol, interactions_of
@@ -187,12 +187,12 @@ BEFORE = {'sizes': {'fit_users': 400,
 
 
 def test_the_worker_reports_the_numbers_of_the_code_before(tmp_path, monkeypatch):
-    import freshrec.evaluation
+    import recmodels.evaluation
     import recmodels.baselines
     import recmodels.hybrid
 
     # batches smaller than the users, so the batched scoring and features are what is checked
-    monkeypatch.setattr(freshrec.evaluation, "RANK_BATCH", 64)
+    monkeypatch.setattr(recmodels.evaluation, "RANK_BATCH", 64)
     monkeypatch.setattr(recmodels.hybrid, "FEATURE_BATCH", 50)
     monkeypatch.setattr(recmodels.baselines, "SIMILARITY_BLOCK", 250 * 16)  # 16 items a block
     # the numbers before were MLlib's ALS (the hybrid has an ALS source too); the cg solver,

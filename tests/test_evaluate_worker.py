@@ -19,7 +19,7 @@ MODELS = ["most_popular", "trending", "item_knn"]
 
 def _silver_events(settings, n_users=300, n_items=120, n_clusters=4, per_user=24, seed=3):
     """A silver ``events`` table written with delta-rs: each user draws items from one cluster."""
-    from freshrec.delta import DeltaStore
+    from freshrec.storage.delta import DeltaStore
 
     rng = np.random.default_rng(seed)
     end = datetime.fromisoformat(DAY).replace(tzinfo=timezone.utc) + timedelta(days=1)
@@ -142,7 +142,7 @@ def test_the_worker_dies_with_its_driver(tmp_path):
     hung.listen(16)  # connections are accepted by the kernel, never answered
     uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
     data = tmp_path / "data"
-    from freshrec.delta import DeltaStore
+    from freshrec.storage.delta import DeltaStore
 
     settings = small_settings(data)
     _silver_events(settings)

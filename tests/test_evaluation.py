@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from recmodels.baselines import ItemKNN, MostPopular
-from freshrec.evaluation import evaluate_scorer, ranking_metrics, temporal_split, top_k
+from recmodels.evaluation import evaluate_scorer, ranking_metrics, temporal_split, top_k
 
 
 def test_metrics_known_answer():

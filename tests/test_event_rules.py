@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from freshrec import importers
+from freshrec.data import importers
 from freshrec.contracts.events import (REASONS, EventRules, parse_ts, rules_for, to_micros,
                                        value_text)
 from freshrec.settings import SettingsError, load_settings
@@ -232,7 +232,7 @@ def test_importer_counts_the_rows_the_rules_will_refuse_by_reason(settings, tmp_
     path = tmp_path / "events.csv"
     pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "value", "ts"]).to_csv(
         path, index=False)
-    with caplog.at_level("INFO", logger="freshrec.importers"):
+    with caplog.at_level("INFO", logger="freshrec.data.importers"):
         landed = importers.import_events_file(settings, path, landed_at=NOW)
     assert landed.refused == {"ts_too_old": 1, "ts_in_future": 1, "missing_user_id": 1,
                               "value_out_of_range": 1}

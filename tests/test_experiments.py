@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from freshrec import online
-from freshrec.delta import DeltaStore
-from freshrec.experiments import Assigner, ExperimentError
-from freshrec.privacy import pseudonymize
+from freshrec.contracts import online
+from freshrec.storage.delta import DeltaStore
+from freshrec.contracts.experiments import Assigner, ExperimentError
+from freshrec.privacy.pseudonyms import pseudonymize
 from freshrec.settings import PROJECT_ROOT, ExperimentSettings, SettingsError
 from tests.conftest import register_fit, small_settings
 
@@ -159,9 +159,9 @@ def ab(lane, tmp_path_factory):
     (ALS), challenger on @challenger (item-kNN)."""
     from mlflow.tracking import MlflowClient
 
-    from freshrec import registry
+    from freshrec.contracts import registry
     from freshrec.tracking import mlflow_for
-    from serving.client import Client
+    from freshrec.api.client import Client
     from serving.server import FreshrecServer
 
     root = tmp_path_factory.mktemp("ab")
@@ -175,6 +175,9 @@ def ab(lane, tmp_path_factory):
     settings = small_settings(root / "data", serving={
         "port": 0, "metrics_port": -1, "wal_flush_seconds": 3600, "experiment": TWO_ARMS,
         "monitor": {"sample_every": 1, "reference_users": 50}})
+    from nearline.snapshots import ensure_served
+
+    ensure_served(settings)  # as `freshrec serve` does: the servers only load snapshots
     servers = [FreshrecServer(settings, use_gpu=False) for _ in range(2)]
     addrs = [f"127.0.0.1:{s.start()}" for s in servers]
     settings = settings.model_copy(update={"refresher": settings.refresher.model_copy(
@@ -219,7 +222,7 @@ def test_each_user_keeps_one_arm_on_every_request_and_replica_and_gets_its_model
 
 
 def test_deltas_reach_every_arm_and_load_model_replaces_the_named_arm(ab):
-    from serving import refresher
+    from nearline import refresher
 
     s, server = ab["settings"], ab["servers"][0]
     control, challenger = server.arms[0].state, server.arms[1].state
@@ -344,7 +347,7 @@ def test_online_gate_promotes_only_a_significant_winner_with_enough_impressions(
                                                                                  monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from freshrec import registry
+    from freshrec.contracts import registry
     from freshrec.tracking import mlflow_for
 
     src = ab["settings"]
@@ -388,7 +391,7 @@ def test_online_gate_promotes_only_a_significant_winner_with_enough_impressions(
 def test_offline_gate_with_require_online_win_sets_the_challenger_not_the_champion(ab, tmp_path):
     import json
 
-    from freshrec import registry
+    from freshrec.contracts import registry
     from freshrec.tracking import mlflow_for
 
     data = tmp_path / "data"

@@ -18,10 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from freshrec.delta import DeltaStore
-from freshrec.importers import land_events, normalize_events
-from freshrec.privacy import pseudonymize
-from serving import ingest, wal
+from freshrec.storage.delta import DeltaStore
+from freshrec.data.importers import land_events, normalize_events
+from freshrec.privacy.pseudonyms import pseudonymize
+from serving import wal
+from nearline import ingest
 from tests.conftest import small_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,8 +251,8 @@ def _impression_line(rid: str, user: str, items: list[str], at: datetime, **over
 
 
 def test_impressions_are_taken_once_and_bad_ones_dead_lettered(settings):
-    from serving.impressions import take_impressions
-    from freshrec.segments import SegmentWriter
+    from nearline.impressions import take_impressions
+    from freshrec.storage.segments import SegmentWriter
 
     writer = SegmentWriter(settings.data_dir / "impressions" / "log")
     good = [_impression_line(f"r{n}", "u1", ["a", "b"], T0) for n in range(3)]
@@ -289,8 +290,9 @@ def test_record_lines_of_a_server_land_as_rows_and_corrupt_or_unsafe_ones_are_de
     import binascii
     import pickle
 
-    from freshrec.segments import RECORD_PREFIX, read_record
-    from serving.impressions import ImpressionLog, take_impressions
+    from freshrec.storage.segments import RECORD_PREFIX, read_record
+    from nearline.impressions import take_impressions
+    from serving.impressions import ImpressionLog
 
     log = ImpressionLog(settings)
     try:
@@ -324,9 +326,9 @@ def test_record_lines_of_a_server_land_as_rows_and_corrupt_or_unsafe_ones_are_de
 
 
 def test_feedback_labels_clicks_in_the_window_no_clicks_late_clicks_and_organic(settings):
-    from serving.feedback import run_feedback
-    from serving.impressions import take_impressions
-    from freshrec.segments import SegmentWriter
+    from nearline.feedback import run_feedback
+    from nearline.impressions import take_impressions
+    from freshrec.storage.segments import SegmentWriter
 
     writer = SegmentWriter(settings.data_dir / "impressions" / "log")
     writer.append(_impression_line("req1", "u1", ["a", "b", "c"], T0)
@@ -391,7 +393,7 @@ def _wait_serving(addr: str, deadline: float = 90, processes: int = 1) -> None:
     every one of them serving."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from serving.client import Client
+    from freshrec.api.client import Client
 
     end = time.time() + deadline
     while time.time() < end:
@@ -410,7 +412,7 @@ def _wait_serving(addr: str, deadline: float = 90, processes: int = 1) -> None:
 
 
 def _refresh_cli(data: Path, version: int, addrs: list[str], crash: str | None = None):
-    from serving import refresher
+    from nearline import refresher
 
     cmd = [sys.executable, "-m", "freshrec.cli.main", "refresh", "--once"]
     for a in addrs:
@@ -465,7 +467,7 @@ def _known_raw_user(settings) -> str:
 
 @pytest.mark.integration
 def test_an_event_taken_by_one_server_reaches_the_other_after_one_round(two_servers):
-    from serving.client import Client
+    from freshrec.api.client import Client
 
     s, (a_addr, b_addr) = two_servers["settings"], two_servers["addrs"]
     a, b = Client(a_addr, "dev-client-token"), Client(b_addr, "dev-client-token")
@@ -524,7 +526,7 @@ def test_an_event_taken_by_one_server_reaches_the_other_after_one_round(two_serv
                                    "impressions_after_table", "mid_push"])
 def test_sigkill_of_the_round_at_each_step_then_a_rerun_neither_loses_nor_doubles(
         two_servers, point):
-    from serving.client import Client
+    from freshrec.api.client import Client
 
     s, addrs = two_servers["settings"], two_servers["addrs"]
     store = DeltaStore(s)
@@ -570,7 +572,7 @@ def test_a_landed_file_that_cannot_be_read_fails_the_ingest_and_keeps_the_others
 @pytest.mark.integration
 @pytest.mark.parametrize("two_servers", [2], indirect=True, ids=["processes=2"])
 def test_a_replica_down_during_a_round_catches_up_next_round_without_loss_or_doubles(two_servers):
-    from serving.client import Client
+    from freshrec.api.client import Client
 
     s, (a_addr, b_addr) = two_servers["settings"], two_servers["addrs"]
     raw = _known_raw_user(s)

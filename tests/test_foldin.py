@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from freshrec.foldin import fold_in, fold_in_batch, gram
+from recmodels.foldin import fold_in, fold_in_batch, gram
 
 
 def test_fold_in_solves_the_implicit_als_normal_equations():

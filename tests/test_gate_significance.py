@@ -9,10 +9,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from freshrec.delta import DeltaStore
+from freshrec.storage.delta import DeltaStore
 from freshrec.interval import DataInterval
 from freshrec.settings import load_settings
-from freshrec.tables import EVENTS
+from freshrec.storage.tables import EVENTS
 
 
 def clustered_events(n_users=300, seed=0) -> pd.DataFrame:
@@ -55,7 +55,7 @@ def test_only_a_significant_gain_on_validation_is_promoted(settings):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from freshrec.registry import RETRIEVAL
+    from freshrec.contracts.registry import RETRIEVAL
 
     first, g1 = _evaluate_and_gate(settings, "2026-11-20", ["most_popular"])
     assert g1["promoted"] and g1["reason"] == "no champion yet"

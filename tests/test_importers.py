@@ -5,10 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from freshrec.delta import DeltaStore
-from freshrec.importers import InputFileError, import_events_file, import_items_file
-from freshrec.movielens import import_movielens
-from freshrec.privacy import pseudonymize
+from freshrec.storage.delta import DeltaStore
+from freshrec.data.importers import InputFileError, import_events_file, import_items_file
+from freshrec.data.movielens import import_movielens
+from freshrec.privacy.pseudonyms import pseudonymize
 
 EVENTS_CSV = "user_id,item_id,event_type,value,ts\nalice,i1,view,,2026-11-01T10:00:00Z\n" \
              "bob,i2,rating,4,1762000000\n"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.index import REBUILD_TOMBSTONE_SHARE, ItemIndex
-from serving.index_snapshot import load_snapshot
+from recmodels.index import REBUILD_TOMBSTONE_SHARE, ItemIndex
+from freshrec.contracts.snapshot import load_snapshot
 from serving.synthetic import write_snapshot
 
 

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LANES = {"spark_jobs", "training", "serving"}
+LANES = {"spark_jobs", "training", "serving", "nearline"}
 
 
 def _imports(path: Path, top_level_only: bool = False) -> set[str]:

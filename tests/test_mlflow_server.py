@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def test_runs_artifacts_and_aliases_go_through_the_server(tmp_path, monkeypatch):
-    from freshrec.airflow_stack import Stack, drop_database, mlflow_down, mlflow_up
+    from freshrec.ops.airflow_stack import Stack, drop_database, mlflow_down, mlflow_up
     from freshrec.tracking import mlflow_for
 
     stack = Stack(home=tmp_path / "stack")

@@ -13,12 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from freshrec.delta import DeltaStore
-from freshrec.privacy import pseudonymize
-from freshrec.snapshot import MODEL_DIR, USERS_FILE, find_snapshot
+from freshrec.storage.delta import DeltaStore
+from freshrec.privacy.pseudonyms import pseudonymize
+from freshrec.contracts.snapshot import MODEL_DIR, USERS_FILE, find_snapshot
 from recmodels.servable import UserInput, load
-from serving import refresher, rollout
-from serving.client import Client
+from nearline import refresher
+from nearline import rollout
+from freshrec.api.client import Client
 from serving.server import FreshrecServer
 from tests.conftest import register_fit, small_settings
 
@@ -161,7 +162,7 @@ def test_the_refresher_follows_a_history_model(fleet):
 
 
 def test_rollout_then_rollback_over_two_replicas(fleet):
-    from freshrec import registry
+    from freshrec.contracts import registry
     from freshrec.tracking import mlflow_for
 
     s = fleet["settings"]
@@ -206,7 +207,7 @@ def test_bad_models_are_refused_with_the_file_named_and_the_old_model_keeps_serv
     if damage == "unknown_version":
         version, expect = 999, "no version 999"
     else:
-        from serving.index_snapshot import build_snapshot
+        from nearline.snapshots import build_snapshot
 
         snap = find_snapshot(s.snapshots_dir, version) or \
             build_snapshot(s, version, publish_latest=False)["snapshot"]

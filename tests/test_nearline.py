@@ -18,12 +18,12 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
-from freshrec.delta import DeltaStore
-from freshrec.foldin import fold_in, gram
-from freshrec.importers import import_items_table, normalize_items
-from freshrec.privacy import pseudonymize
-from serving import refresher
-from serving.client import Client
+from freshrec.storage.delta import DeltaStore
+from recmodels.foldin import fold_in, gram
+from freshrec.data.importers import import_items_table, normalize_items
+from freshrec.privacy.pseudonyms import pseudonymize
+from nearline import refresher
+from freshrec.api.client import Client
 from serving.server import FreshrecServer
 from tests.conftest import register_fit, small_settings
 

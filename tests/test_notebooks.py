@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A fresh data directory whose cache is the checkout's (MovieLens 100K is fetched once)."""
-    from freshrec import datasets
+    from freshrec.data import datasets
     from freshrec.settings import PROJECT_ROOT
 
     cache = PROJECT_ROOT / "data" / "cache"

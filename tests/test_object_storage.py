@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from freshrec.delta import DeltaStore
-from freshrec.jars import delta_jars, s3_jars
+from freshrec.storage.delta import DeltaStore
+from freshrec.ops.jars import delta_jars, s3_jars
 from freshrec.settings import SettingsError, load_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -81,7 +81,7 @@ def s3_settings(opts: dict, local: Path, prefix: str, **more):
 
 
 def test_delta_rs_and_pyarrow_read_and_write_tables_in_the_bucket(s3, tmp_path):
-    from freshrec.storage import pyarrow_filesystem, pyarrow_path
+    from freshrec.storage.objects import pyarrow_filesystem, pyarrow_path
 
     settings = s3_settings(s3, tmp_path / "local", "rs")
     assert settings.tables_uri == f"s3://{BUCKET}/rs/tables"
@@ -114,8 +114,8 @@ def test_batch_jobs_on_s3_with_delta_spark_match_a_local_run(s3, tmp_path):
         pytest.skip("needs java, the Delta jars and hadoop-aws in .jars/: run `make jars`")
     from conftest import small_settings
 
-    from freshrec import importers
-    from freshrec.synth import write_synth
+    from freshrec.data import importers
+    from freshrec.data.synth import write_synth
 
     local = small_settings(tmp_path / "local-run")
     remote = s3_settings(s3, tmp_path / "s3-local", "batch")
@@ -154,7 +154,7 @@ def test_batch_jobs_on_s3_with_delta_spark_match_a_local_run(s3, tmp_path):
 
 
 def test_what_needs_a_local_directory_refuses_a_uri_without_local_dir(s3, tmp_path):
-    from freshrec import importers
+    from freshrec.data import importers
     from serving.wal import wal_root
 
     tree = s3_tree(s3, tmp_path, "refuse")
@@ -184,7 +184,7 @@ def test_an_unsupported_uri_is_refused_at_load_naming_the_setting(uri, says):
 
 
 def test_an_unreachable_object_store_is_a_one_line_error(s3, tmp_path):
-    from freshrec.storage import StorageUnreachable
+    from freshrec.storage.objects import StorageUnreachable
 
     opts = {**s3, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"}
     store = DeltaStore(s3_settings(opts, tmp_path, "down"))
@@ -198,7 +198,7 @@ def test_an_unreachable_object_store_is_a_one_line_error(s3, tmp_path):
 def test_spark_submit_gets_s3a_and_keeps_the_credentials_off_the_command_line(s3, tmp_path):
     if not delta_jars() or not s3_jars():
         pytest.skip("needs the Delta jars and hadoop-aws in .jars/: run `make jars`")
-    from freshrec.submit import command
+    from freshrec.ops.submit import command
 
     settings = load_settings("local", env={}, **{**s3_tree(s3, tmp_path, "submit"),
                                                  "spark": {"submit": True}})

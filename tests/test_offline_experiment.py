@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from freshrec.datasets import EventsFileError, from_file
+from freshrec.data.datasets import EventsFileError, from_file
 from freshrec.settings import load_settings
 from recmodels import available_models, make_model, model_params
 from recmodels.experiment import expand_models, run_experiment

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from freshrec.delta import DeltaStore
+from freshrec.storage.delta import DeltaStore
 from freshrec.settings import SynthSettings
 from tests.conftest import small_settings
 from training import rl

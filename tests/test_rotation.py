@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from freshrec.delta import DeltaStore
-from freshrec.privacy import pseudonymize, pseudonymizer
+from freshrec.storage.delta import DeltaStore
+from freshrec.privacy.pseudonyms import pseudonymize, pseudonymizer
 from freshrec.settings import SettingsError, load_settings
-from freshrec.tables import EVENTS
+from freshrec.storage.tables import EVENTS
 from tests.conftest import small_settings
 
 BASE = "base-key-for-the-rotation-test-0123"
@@ -58,7 +58,7 @@ def _stored(settings) -> dict[str, list]:
 
 
 def test_rotation_rekeys_every_store_and_new_raw_ids_follow(tmp_path):
-    from freshrec.rotation import rotate_key
+    from freshrec.privacy.rotation import rotate_key
 
     settings = _settings(tmp_path)
     _seed(settings)
@@ -83,7 +83,7 @@ def test_rotation_rekeys_every_store_and_new_raw_ids_follow(tmp_path):
 
 
 def test_an_interrupted_rotation_blocks_until_finished_and_rekeys_once(tmp_path, monkeypatch):
-    from freshrec import rotation
+    from freshrec.privacy.pseudonyms import rotation
 
     settings = _settings(tmp_path)
     _seed(settings)

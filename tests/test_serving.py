@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from freshrec.delta import DeltaStore
-from freshrec.privacy import pseudonymize
-from serving.client import Client
-from serving.index import gpu_count
+from freshrec.storage.delta import DeltaStore
+from freshrec.privacy.pseudonyms import pseudonymize
+from freshrec.api.client import Client
+from recmodels.index import gpu_count
 from serving.server import FreshrecServer
 from tests.conftest import register_fit, small_settings
 
@@ -376,7 +376,7 @@ def test_tls_and_mutual_tls(lane, tmp_path, mutual):
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() == 0, reason="no CUDA GPU visible to FAISS on this machine")
 def test_gpu_replica_never_returns_removed_items():
-    from serving.index import ItemIndex
+    from recmodels.index import ItemIndex
 
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(5000, 32)).astype(np.float32)
@@ -411,7 +411,7 @@ def test_bandit_reranker_explores_logs_propensities_and_learns_from_clicks(lane,
             assert all(it.source.endswith("+linucb") for it in reply.items)
             seen |= {it.item_id for it in reply.items}
         assert len(seen) > 5  # explored beyond one fixed slate
-        from serving.impressions import take_impressions
+        from nearline.impressions import take_impressions
 
         server.impressions.flush()
         assert take_impressions(settings)["impressions"] == 10

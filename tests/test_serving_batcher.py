@@ -1,4 +1,4 @@
-"""Micro-batched search (serving/batcher.py): concurrent single searches answered by one batched
+"""Micro-batched search (recmodels/batcher.py): concurrent single searches answered by one batched
 search give the same results as searching alone; the exact torch search matches FAISS; the GPU
 path where a GPU is visible."""
 
@@ -12,8 +12,8 @@ import faiss
 import numpy as np
 import pytest
 
-from serving.batcher import SearchBatcher, TorchExactSearch, torch_cuda_reason
-from serving.index import REBUILD_TOMBSTONE_SHARE, ItemIndex, gpu_count
+from recmodels.batcher import SearchBatcher, TorchExactSearch, torch_cuda_reason
+from recmodels.index import REBUILD_TOMBSTONE_SHARE, ItemIndex, gpu_count
 
 
 def _data(n: int = 20_000, d: int = 32, seed: int = 0):
@@ -229,7 +229,7 @@ def test_the_server_searches_on_the_gpu_where_faiss_or_torch_sees_one(tmp_path):
     """device: auto with a GPU visible to FAISS or (no faiss-gpu) to torch only: the server's
     index has a GPU replica and answers what the CPU index answers."""
     from freshrec.settings import load_settings
-    from serving.client import Client
+    from freshrec.api.client import Client
     from serving.server import FreshrecServer
     from serving.synthetic import write_snapshot
 

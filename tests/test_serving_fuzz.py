@@ -7,7 +7,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from serving.client import Client
+from freshrec.api.client import Client
 from tests.test_serving import CLIENT, _settings
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from serving.client import Client
+from freshrec.api.client import Client
 from tests.conftest import small_settings
 
 CLIENT, ADMIN = "dev-client-token", "dev-admin-token"
@@ -22,9 +22,9 @@ N_ITEMS, DIM, N_USERS = 200, 8, 40
 
 
 def make_state(settings, seed: int = 0, label: str = "test als"):
-    from freshrec.privacy import pseudonymizer
+    from freshrec.privacy.pseudonyms import pseudonymizer
     from recmodels.servable import FactorServable
-    from serving.index import ItemIndex
+    from recmodels.index import ItemIndex
     from serving.state import build_state
 
     rng = np.random.default_rng(seed)
@@ -306,7 +306,7 @@ def test_apply_deltas_refuses_bad_vectors_and_changes_nothing(served, build, nam
 
 
 def test_a_removed_item_never_comes_back_after_a_repeated_upsert():
-    from serving.index import ItemIndex
+    from recmodels.index import ItemIndex
 
     idx = ItemIndex.build([f"i{i}" for i in range(20)], np.eye(20, 8, dtype=np.float32), "flat")
     with pytest.raises(ValueError, match="'x' appears twice"):
@@ -382,8 +382,8 @@ def test_concurrent_loads_and_deltas_never_lose_an_acknowledged_delta(served):
 
 
 def test_concurrent_delete_user_calls_all_succeed_and_erase(served):
-    from freshrec.delta import DeltaStore
-    from freshrec.tables import EVENTS
+    from freshrec.storage.delta import DeltaStore
+    from freshrec.storage.tables import EVENTS
 
     server, addr = served
     store = DeltaStore(server.settings)
@@ -414,7 +414,7 @@ def test_concurrent_delete_user_calls_all_succeed_and_erase(served):
 def test_hnsw_compaction_keeps_m_and_never_returns_removed_items():
     import faiss
 
-    from serving.index import ItemIndex
+    from recmodels.index import ItemIndex
 
     rng = np.random.default_rng(3)
     vecs = rng.normal(size=(500, 16)).astype(np.float32)

@@ -16,7 +16,9 @@ import grpc
 import pytest
 
 from freshrec.settings import load_settings
-from serving import host, refresher
+from freshrec.api import replicas
+from serving import host
+from nearline import refresher
 from serving.server import admin_grpc, admin_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,8 +74,8 @@ def test_a_host_status_with_hung_siblings_answers_within_the_callers_timeout(tmp
     took = time.monotonic() - t0
     # asked one after the other, 3 hung siblings took 3 x 3 s: past the host_processes timeout,
     # so the whole host looked like one process
-    assert took < host.HOST_STATUS_TIMEOUT - 2, took
-    assert host.SIBLING_DEADLINE + 1 < host.HOST_STATUS_TIMEOUT
+    assert took < replicas.HOST_STATUS_TIMEOUT - 2, took
+    assert replicas.SIBLING_DEADLINE + 1 < replicas.HOST_STATUS_TIMEOUT
     by_index = {p.index: p for p in reply.processes}
     assert sorted(by_index) == [0, 1, 2, 3]
     assert by_index[0].serving
@@ -86,7 +88,7 @@ def test_a_host_whose_status_times_out_fails_the_refresher_round_naming_it(tmp_p
     address = slow_servers(3.0)
     monkeypatch.setattr(host, "HOST_STATUS_TIMEOUT", 0.5)
     settings = _settings(tmp_path, refresher={"replicas": [address], "retries": 0})
-    (t,) = host.host_processes([address], settings)
+    (t,) = replicas.host_processes([address], settings)
     assert t.process is None and not t.serving and "DEADLINE_EXCEEDED" in t.error
     # never pushed blind to the shared port (one process of possibly several): the round fails
     with pytest.raises(refresher.ReplicaDown, match=rf"replica {address}: Admin.Status failed"):
@@ -181,7 +183,7 @@ def test_a_single_server_with_nothing_loaded_is_one_target_to_load_not_a_failed_
             addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
             server.start()
             servers.append(server)
-        empty, other = host.host_processes(addresses, _settings(tmp_path), tries=1, timeout=2)
+        empty, other = replicas.host_processes(addresses, _settings(tmp_path), tries=1, timeout=2)
         # reachable, nothing loaded: the rollout loads it through its own address
         assert (empty.address, empty.error, empty.process) == (addresses[0], "", None)
         # any other failure of Status: the round or rollout fails on it, naming it

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.client import Client
+from freshrec.api.client import Client
 from tests.test_serving_guard import ADMIN, CLIENT, N_USERS, start
 
 
@@ -112,7 +112,7 @@ def test_pseudonyms_are_cached_and_an_erasure_clears_them(served):
 
 
 def test_vectorised_search_positions_match_the_id_search():
-    from serving.index import ItemIndex
+    from recmodels.index import ItemIndex
 
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(500, 16)).astype(np.float32)

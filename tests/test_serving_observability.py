@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from freshrec.settings import SettingsError
-from serving.client import Client
+from freshrec.api.client import Client
 from tests.test_serving_guard import CLIENT, start
 
 RECOMMEND = {"grpc_type": "unary", "grpc_service": "freshrec.v1.Recommender",

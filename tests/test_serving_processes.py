@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from freshrec.settings import load_settings
-from serving.client import Client
-from serving.host import LOCAL, SLOW_LOAD_ENV, expand_replicas, split_addresses
+from freshrec.api.client import Client
+from freshrec.api.replicas import LOCAL, expand_replicas, split_addresses
+from serving.host import SLOW_LOAD_ENV
 from serving.synthetic import write_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,7 +226,7 @@ def fed(tmp_path):
     """A synthetic snapshot plus silver ``items`` and ``events`` tables the refresher reads."""
     import pyarrow as pa
 
-    from freshrec.delta import DeltaStore
+    from freshrec.storage.delta import DeltaStore
 
     root = tmp_path / "data"
     key = load_settings("local", env={}).privacy.hmac_key
@@ -248,7 +249,7 @@ def _events(fed, user: str, items: list[str], tag: str) -> None:
 
     import pyarrow as pa
 
-    from freshrec.privacy import pseudonymize
+    from freshrec.privacy.pseudonyms import pseudonymize
 
     store, n = fed["store"], len(items)
     ts = dt.datetime.now(dt.timezone.utc)
@@ -280,7 +281,7 @@ def _slates_by_process(addr: str, user: str, tries: int = 40) -> dict[int, list[
 
 
 def _tables(fed) -> dict:
-    from freshrec.erasure import read_log
+    from freshrec.privacy.erasure import read_log
 
     store = fed["store"]
     return {"events": store.version("events"), "items": store.version("items"),
@@ -288,7 +289,7 @@ def _tables(fed) -> dict:
 
 
 def _round(fed):
-    from serving.refresher import refresh_once
+    from nearline.refresher import refresh_once
 
     return refresh_once(fed["settings"], ingest=False)
 
@@ -297,7 +298,7 @@ def test_a_restarted_process_catches_up_before_it_serves_and_a_round_covers_it(f
     """kill -9 of one process: the round while it is down fails naming it (never skipped); the
     restarted process reaches its sibling's versions before it takes a call on the port; the
     next round leaves every process at the tables' versions."""
-    from serving.refresher import ReplicaDown
+    from nearline.refresher import ReplicaDown
 
     port = _free_port()
     addr = f"127.0.0.1:{port}"
@@ -343,7 +344,7 @@ def test_a_restarted_process_catches_up_before_it_serves_and_a_round_covers_it(f
 
 
 def test_a_stopped_process_fails_the_round_by_name_and_the_next_round_catches_it_up(fed, tmp_path):
-    from serving.refresher import ReplicaDown
+    from nearline.refresher import ReplicaDown
 
     port = _free_port()
     addr = f"127.0.0.1:{port}"

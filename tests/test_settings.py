@@ -61,7 +61,7 @@ def test_missing_profile_file_is_clear():
 
 def test_device_cpu_and_auto_without_gpu_and_cuda_refused():
     from freshrec.device import DeviceUnavailable, resolve_device
-    from serving.index import gpu_count
+    from recmodels.index import gpu_count
 
     assert resolve_device("cpu").name == "cpu"
     if gpu_count() == 0:
@@ -152,7 +152,7 @@ def test_half_configured_tls_is_refused(tls, named):
 
 
 def test_pseudonym_chain_rekeys_without_raw_ids():
-    from freshrec.privacy import pseudonymize, rekey
+    from freshrec.privacy.pseudonyms import pseudonymize, rekey
 
     old = pseudonymize("alice", "base-key-0123456789")
     new = pseudonymize("alice", "base-key-0123456789", ["rotation-key-1"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from freshrec.evaluation import paired_bootstrap, per_user_metric, ranking_metrics
+from recmodels.evaluation import paired_bootstrap, per_user_metric, ranking_metrics
 
 
 def test_bootstrap_p_value_matches_the_exact_binomial_answer():

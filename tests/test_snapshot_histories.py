@@ -1,4 +1,4 @@
-"""The snapshot's user histories (serving/index_snapshot.py ``_histories``) are read from silver
+"""The snapshot's user histories (nearline/snapshots.py ``_histories``) are read from silver
 ``events`` a record batch at a time as integer codes; they must hold what a plain pandas reading
 of the same rows gives: users in sorted order (only those with a catalog item), each user's
 (item, summed weight) pairs sorted by catalog position, and their newest RECENT_ITEMS catalog
@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from freshrec.delta import DeltaStore
-from serving.index_snapshot import RECENT_ITEMS, _histories
+from freshrec.storage.delta import DeltaStore
+from nearline.snapshots import RECENT_ITEMS, _histories
 
 
 def _events(users, items, weights, ts, start: int) -> pa.Table:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from freshrec.jars import JarsMissing, coordinates, fetch, jar_name
+from freshrec.ops.jars import JarsMissing, coordinates, fetch, jar_name
 from freshrec.settings import load_settings
-from freshrec.spark import delta_spark_wanted
-from freshrec.submit import SubmitError, command, submit
+from freshrec.storage.spark import delta_spark_wanted
+from freshrec.ops.submit import SubmitError, command, submit
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_the_dag_operator_refuses_a_spark_default_that_is_not_spark_master(conn,
     later); a connection to another master than the settings' is refused the same way."""
     from datetime import datetime, timezone
 
-    from freshrec.spark_operator import SparkJobOperator
+    from freshrec.ops.spark_operator import SparkJobOperator
 
     monkeypatch.setenv("FRESHREC_PROFILE", "local")
     monkeypatch.setenv("FRESHREC__SPARK__SUBMIT", "true")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from freshrec.datasets import Dataset, synthetic
-from freshrec.evaluation import evaluate_scorer
+from freshrec.data.datasets import Dataset, synthetic
+from recmodels.evaluation import evaluate_scorer
 from freshrec.settings import SynthSettings
-from freshrec.synth import make_items
+from freshrec.data.synth import make_items
 from training import data as td
 from training import rl, trainer
 
@@ -158,7 +158,7 @@ def sim() -> rl.Simulator:
 
 
 def test_simulator_is_the_generators_ground_truth(sim):
-    from freshrec.synth import ground_truth
+    from freshrec.data.synth import ground_truth
 
     item_cluster, pop, users = ground_truth(SMALL_SYNTH)
     assert (sim.item_cluster == item_cluster).all() and (sim.user_clusters == users).all()

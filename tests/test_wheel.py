@@ -63,14 +63,14 @@ def _env(home: Path) -> dict[str, str]:
 def test_the_wheel_carries_settings_protos_and_built_stubs(installed):
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     for f in ("freshrec/_conf/base.yaml", "freshrec/_conf/local.yaml", "freshrec/_conf/cluster.yaml",
-              "serving/proto/freshrec/v1/recommender.proto", "serving/proto/freshrec/v1/admin.proto",
-              "serving/proto/freshrec/v1/recommender_pb2.py",
-              "serving/proto/freshrec/v1/recommender_pb2_grpc.py",
-              "serving/proto/freshrec/v1/admin_pb2_grpc.py"):
+              "freshrec/api/proto/freshrec/v1/recommender.proto", "freshrec/api/proto/freshrec/v1/admin.proto",
+              "freshrec/api/proto/freshrec/v1/recommender_pb2.py",
+              "freshrec/api/proto/freshrec/v1/recommender_pb2_grpc.py",
+              "freshrec/api/proto/freshrec/v1/admin_pb2_grpc.py"):
         assert f in names, f
     grpc_stub = zipfile.ZipFile(installed["wheel"]).read(
-        "serving/proto/freshrec/v1/admin_pb2_grpc.py").decode()
-    assert "from serving.proto.freshrec.v1 import admin_pb2" in grpc_stub  # no rewriting needed
+        "freshrec/api/proto/freshrec/v1/admin_pb2_grpc.py").decode()
+    assert "from freshrec.api.proto.freshrec.v1 import admin_pb2" in grpc_stub  # no rewriting needed
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     requires = {ln.split(":", 1)[1].split()[0].split(";")[0].split(">")[0].split("=")[0].strip()
                 for ln in zipfile.ZipFile(installed["wheel"]).read(meta).decode().splitlines()
@@ -107,7 +107,7 @@ def test_the_installed_cli_runs_from_another_directory(installed, tmp_path):
     assert cfg["conf_source"] == "the working directory"
     assert cfg["settings"]["mlflow"]["experiment"] == "here"
     # the installed freshrec is the one that runs, and its stubs import as built
-    r = _run([venv / "bin" / "python", "-c", "import freshrec, serving.proto as p; m = p.stubs(); "
+    r = _run([venv / "bin" / "python", "-c", "import freshrec, freshrec.api.proto as p; m = p.stubs(); "
               "print(freshrec.__file__); print(m['recommender_pb2'].__file__); "
               "print(m['recommender_pb2'].DESCRIPTOR.services_by_name['Recommender'].full_name)"],
              cwd=work, env=_env(home))

@@ -1,5 +1,5 @@
 """Training data: a dataset (silver Delta tables at a pinned version, or MovieLens) -> the temporal
-split of :mod:`freshrec.evaluation` -> sequences and item features for PyTorch.
+split of :mod:`recmodels.evaluation` -> sequences and item features for PyTorch.
 
 Leakage: everything a model trains or validates on comes from ``split.train_events``, the part of
 each user's history before their test period. The test period is only used by :meth:`TrainData.
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from freshrec.datasets import Dataset
-from freshrec.evaluation import Split, evaluate_scorer, temporal_split
+from freshrec.data.datasets import Dataset
+from recmodels.evaluation import Split, evaluate_scorer, temporal_split
 from recmodels.sequences import (MAX_CATS, MAX_TOKENS, TOKEN_BUCKETS, SequenceData,  # noqa: F401
                                  _flat, item_features, pad_histories, sequence_data)
 

@@ -1,7 +1,7 @@
 """Reinforcement learning for re-ranking: a simulator, contextual bandits, an offline policy
 learner and off-policy evaluation.
 
-**Simulator.** Built from the synthetic generator's ground truth (:func:`freshrec.synth.
+**Simulator.** Built from the synthetic generator's ground truth (:func:`freshrec.data.synth.
 ground_truth`): each user has two taste clusters, each item a cluster and a Zipf popularity. A user's
 chance of clicking item i when shown is ``sigmoid(w_a log(C P(cluster_i | u)) + w_p z(log pop_i) +
 b)``, where ``P(cluster | u)`` is the generator's own session mix (65/35 between the two tastes, 20%
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from freshrec.policies import N_FEATURES, LinearPolicy, candidate_features
+from recmodels.policies import N_FEATURES, LinearPolicy, candidate_features
 
 @dataclass
 class Batch:
@@ -83,7 +83,7 @@ class Simulator:
 
     @classmethod
     def from_synth(cls, cfg, **kw) -> "Simulator":
-        from freshrec.synth import ground_truth
+        from freshrec.data.synth import ground_truth
 
         item_cluster, popularity, user_clusters = ground_truth(cfg)
         return cls(item_cluster, popularity, user_clusters, **kw)

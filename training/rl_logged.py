@@ -4,7 +4,7 @@ slate was chosen from) -> a bandit, top-k REINFORCE or a slate Q-network, with I
 the learned policy on held-out logs (the latest requests by serving time).
 
 Features of a candidate (user, item) come from the tables, the way serving describes candidates
-(:func:`freshrec.policies.candidate_features`): the user's share of recent items (silver
+(:func:`recmodels.policies.candidate_features`): the user's share of recent items (silver
 ``events`` before the request, the last ``history``) that share a category (silver ``items``) with
 the candidate, taken as the maximum over the candidate's categories; the item's standardized log
 popularity (gold ``item_features``; items missing there get the lowest); the logged retrieval score
@@ -27,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from freshrec.policies import LinearPolicy, candidate_features
+from recmodels.policies import LinearPolicy, candidate_features
 from recmodels.slateq import Transitions, fit_slateq
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from freshrec.device import resolve_device
-from freshrec.registry import POLICY, RETRIEVAL, gate
+from freshrec.contracts.registry import POLICY, RETRIEVAL, gate
 from freshrec.settings import Settings
 from freshrec.tracking import mlflow_for
 from recmodels import pyfunc
@@ -41,7 +41,7 @@ POLICY_DATA = ("simulator", "logged")
 
 
 def load_dataset(settings: Settings, dataset, version: int | None = None):
-    from freshrec import datasets
+    from freshrec.data import datasets
 
     if isinstance(dataset, datasets.Dataset):  # already loaded (experiments, tests)
         return dataset
@@ -199,7 +199,7 @@ def train_policy(settings: Settings, model: str, kind: str = "linucb", n_logged:
             else:
                 np.savez(d / "arrays.npz", **res["bandits"][kind][0].to_arrays())
             (d / "model.json").write_text(json.dumps({
-                "name": learned, "kind": "reranker", "features": "freshrec.policies.candidate_features",
+                "name": learned, "kind": "reranker", "features": "recmodels.policies.candidate_features",
                 "n_features": rl.N_FEATURES}))
             mlflow.log_artifacts(str(d), "model")
         run_id = run.info.run_id
@@ -232,12 +232,12 @@ def _ope_figure(rows: dict[str, dict[str, float]], logging: float, title: str):
 
 
 def _policy_artifact(d: Path, learned) -> None:
-    from freshrec.policies import N_FEATURES
+    from recmodels.policies import N_FEATURES
 
     d.mkdir()
     np.savez(d / "arrays.npz", **learned.arrays)
     (d / "model.json").write_text(json.dumps({
-        "name": learned.name, "kind": learned.kind, "features": "freshrec.policies.candidate_features",
+        "name": learned.name, "kind": learned.kind, "features": "recmodels.policies.candidate_features",
         "n_features": N_FEATURES}))
 
 
@@ -247,7 +247,7 @@ def train_policy_logged(settings: Settings, model: str, kind: str = "linucb", re
     """Train ``model`` from logged slates and evaluate it off-policy on held-out logs.
     ``source``: ``logged`` (the Delta tables) or ``simulator`` (the simulated logging policy's
     data, ``n_logged`` requests, also scored by the simulator's true value)."""
-    from freshrec.delta import DeltaStore
+    from freshrec.storage.delta import DeltaStore
     from training import rl_logged
     from training.trainer import NanLoss
 

@@ -22,7 +22,7 @@ log = logging.getLogger("freshrec.cli")
 JOBS = {"ingest": "spark_jobs.ingest", "clean": "spark_jobs.clean",
         "features": "spark_jobs.features",
         "evaluate": "spark_jobs.evaluate", "gate": "spark_jobs.gate",
-        "build-index": "serving.index_snapshot"}
+        "build-index": "nearline.snapshots"}
 
 # The gRPC server a command is talking to, for the one-line error of a failed call.
 current_target: list[str] = []
@@ -30,7 +30,7 @@ current_target: list[str] = []
 
 def import_file(out: Output, profile: str | None, kind: str, path: str, fmt: str | None,
                 column_map: dict[str, str] | None) -> None:
-    from freshrec import importers
+    from freshrec.data import importers
 
     settings = load_settings(profile)
     if kind == "events":
@@ -46,7 +46,7 @@ def import_file(out: Output, profile: str | None, kind: str, path: str, fmt: str
         out.say(f"{path}: items inserted {r2['inserted']:,}, updated {r2['updated']:,}")
         out.result(kind=kind, path=path, inserted=r2["inserted"], updated=r2["updated"])
     else:
-        from freshrec.movielens import import_movielens
+        from freshrec.data.movielens import import_movielens
 
         landed, items = import_movielens(settings, Path(path))
         out.say(f"{path}: {landed.rows:,} ratings "
@@ -59,8 +59,8 @@ def import_file(out: Output, profile: str | None, kind: str, path: str, fmt: str
 
 def synth(out: Output, profile: str | None, events: int | None, users: int | None,
           items: int | None, out_dir: str | None, if_missing: bool) -> None:
-    from freshrec import importers
-    from freshrec.synth import write_synth
+    from freshrec.data import importers
+    from freshrec.data.synth import write_synth
 
     overrides = {k: v for k, v in (("n_events", events), ("n_users", users), ("n_items", items)) if v}
     settings = load_settings(profile, **({"synth": overrides} if overrides else {}))
@@ -89,7 +89,7 @@ def synth(out: Output, profile: str | None, events: int | None, users: int | Non
 
 
 def run_jobs(out: Output, profile: str | None, job: str, date: str, submit: bool) -> None:
-    from freshrec.submit import run_job
+    from freshrec.ops.submit import run_job
 
     names = list(JOBS) if job == "all" else [job]
     argv = ["--date", date] + (["--profile", profile] if profile else [])
@@ -137,6 +137,9 @@ def serve(out: Output, profile: str | None, port: int | None, smoke: str | None)
 
     settings = load_settings(profile)
     configure(json_lines=settings.serving.json_logs and not smoke)
+    from nearline.snapshots import ensure_served
+
+    ensure_served(settings)  # built here once; the server processes only load snapshots
     if not smoke:
         from serving.host import Supervisor, process_count
 
@@ -158,7 +161,7 @@ def serve(out: Output, profile: str | None, port: int | None, smoke: str | None)
     bound = server.start(port=port)
     out.say(f"freshrec serving on {settings.serving.host}:{bound}")
     if smoke:
-        from serving.client import Client
+        from freshrec.api.client import Client
 
         address = f"{settings.serving.host}:{bound}"
         current_target[:] = [address]
@@ -194,7 +197,7 @@ def serve(out: Output, profile: str | None, port: int | None, smoke: str | None)
 
 def refresh(out: Output, profile: str | None, loop: bool, interval: str | None,
             replicas: list[str] | None) -> None:
-    from serving import refresher
+    from nearline import refresher
 
     from freshrec.logs import configure
 
@@ -259,7 +262,7 @@ def train(out: Output, profile: str | None, model: str, device: str, dataset: st
         out.say(f"{g['registered_model']} v{g['version']}: "
                 f"{'@champion' if g['promoted'] else 'not promoted'} ({g['reason']})")
         if g["promoted"] and g["registered_model"] == "freshrec-retrieval" and not no_rollout:
-            from serving.rollout import RolloutFailed, rollout
+            from nearline.rollout import RolloutFailed, rollout
 
             try:
                 r = rollout(settings, int(g["version"]))
@@ -277,7 +280,7 @@ def recommend(out: Output, profile: str | None, user: str | None, users: str | N
               model: str | None) -> None:
     settings = load_settings(profile)
     if user or server:
-        from serving.client import Client
+        from freshrec.api.client import Client
         from serving.offline import read_user_file
 
         address = server or f"{settings.serving.host}:{settings.serving.port}"
@@ -315,14 +318,16 @@ def recommend(out: Output, profile: str | None, user: str | None, users: str | N
                          "(offline, from the served model's snapshot), or --server ADDR")
     from serving.offline import recommend_to_csv
 
-    s = recommend_to_csv(settings, Path(users), k, Path(output), model)
+    from nearline.snapshots import build_for_serving
+
+    s = recommend_to_csv(settings, Path(users), k, Path(output), model, build=build_for_serving)
     out.say(f"wrote {s['rows']:,} rows for {s['users']:,} users to {output} from "
             f"{s['model_version']} ({s['cold_start_fallbacks']:,} unknown users got popular items)")
     out.result(output=output, **s)
 
 
 def model_status(out: Output, profile: str | None) -> None:
-    from freshrec import registry
+    from freshrec.contracts import registry
     from freshrec.tracking import mlflow_for
 
     settings = load_settings(profile)
@@ -340,7 +345,7 @@ def model_rollout(out: Output, profile: str | None, version: str | None,
                   replicas: list[str] | None) -> None:
     import json
 
-    from serving import rollout
+    from nearline import rollout
 
     settings = load_settings(profile)
     report = rollout.rollout(settings, version or settings.serving.model, replicas or None)
@@ -352,7 +357,7 @@ def model_rollback(out: Output, profile: str | None, to: int | None,
                    replicas: list[str] | None) -> None:
     import json
 
-    from serving import rollout
+    from nearline import rollout
 
     settings = load_settings(profile)
     report = rollout.rollback(settings, to, replicas or None)
@@ -363,7 +368,7 @@ def model_rollback(out: Output, profile: str | None, to: int | None,
 def promote_online(out: Output, profile: str | None, arm: str | None, replicas: list[str] | None,
                    reload: bool) -> None:
     """The online gate, then (when promoted) every replica reloads its arms from the settings."""
-    from freshrec import online
+    from freshrec.contracts import online
 
     settings = load_settings(profile)
     decision = online.promote_online(settings, arm=arm)
@@ -375,8 +380,8 @@ def promote_online(out: Output, profile: str | None, arm: str | None, replicas: 
     out.say(("PROMOTED to @champion: " if decision["promoted"] else "not promoted: ")
             + decision["reason"])
     if decision["promoted"] and reload:
-        from serving.client import Client
-        from serving.host import expand_replicas
+        from freshrec.api.client import Client
+        from freshrec.api.replicas import expand_replicas
 
         cfg = settings.refresher
         reloaded = {}
@@ -395,7 +400,7 @@ def promote_online(out: Output, profile: str | None, arm: str | None, replicas: 
 
 
 def rotate_key(out: Output, profile: str | None) -> None:
-    from freshrec.rotation import rotate_key as rotate
+    from freshrec.privacy.rotation import rotate_key as rotate
 
     settings = load_settings(profile)
     r = rotate(settings)
@@ -435,8 +440,8 @@ def experiment(out: Output, profile: str | None, events: str, models: str, ks: s
 
 def erase(out: Output, profile: str | None, user: str | None, pseudonymized: bool, vacuum: bool,
           replicas: list[str] | None, no_push: bool) -> int:
-    from freshrec.erasure import erase_user, rows_removed, vacuum_user_tables
-    from freshrec.privacy import pseudonymizer
+    from freshrec.privacy.erasure import erase_user, rows_removed, vacuum_user_tables
+    from freshrec.privacy.pseudonyms import pseudonymizer
 
     settings = load_settings(profile)
     if vacuum:
@@ -472,7 +477,7 @@ def _push_removal(settings, address: str, user: str) -> str:
     """Ask one replica to forget the user now (ApplyDeltas remove_users, one try)."""
     import grpc
 
-    from serving.client import Client
+    from freshrec.api.client import Client
 
     try:
         client = Client(address, settings.refresher.bearer(),

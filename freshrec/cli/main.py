@@ -394,7 +394,7 @@ def hoist_globals(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
-    from freshrec.crypto import private_umask
+    from freshrec.storage.crypto import private_umask
 
     private_umask()  # every file freshrec creates: the owner's only (0600 / 0700)
     args = hoist_globals(list(sys.argv[1:] if argv is None else argv))
@@ -477,7 +477,6 @@ def entry() -> None:
     artifact: its upload pool's idle workers leave only when that signal comes."""
     import atexit
     import os
-    import threading
 
     try:
         rc = main()

@@ -6,10 +6,10 @@ import json
 
 import pyarrow.compute as pc
 
-from freshrec.delta import DeltaStore
+from freshrec.storage.delta import DeltaStore
 from freshrec.settings import Settings
-from freshrec.snapshot import latest_snapshot
-from freshrec.tables import TABLES
+from freshrec.contracts.snapshot import latest_snapshot
+from freshrec.storage.tables import TABLES
 
 
 def render(settings: Settings, batch_date: str) -> str:
@@ -42,9 +42,10 @@ def render(settings: Settings, batch_date: str) -> str:
     served = "(none)"
     try:
         from serving.logic import Filters, recommend
+        from nearline.snapshots import build_for_serving
         from serving.state import load_state
 
-        state = load_state(settings)
+        state = load_state(settings, build=build_for_serving)
         served = state.model_version
     except (FileNotFoundError, LookupError, ValueError) as e:
         state = None
@@ -83,7 +84,7 @@ def render(settings: Settings, batch_date: str) -> str:
 
 def monitoring(settings: Settings, replicas: list[str] | None = None) -> list[str]:
     """Per replica and arm: the drift gauges (Admin.Status), or why a replica did not answer."""
-    from serving.client import Client
+    from freshrec.api.client import Client
 
     out = ["Online monitoring per replica and arm (score drift: (served mean - reference mean) / "
            "reference std; popular share: served items among the top-N popular at load):"]
@@ -113,7 +114,7 @@ def render_online(settings: Settings, log_mlflow: bool = True,
     """``freshrec report --online``: the per-arm table from ``feedback`` (also written to
     ``reports/online-latest.json`` for the server's CTR gauges, and to an MLflow run), then the
     replicas' drift gauges."""
-    from freshrec import online
+    from freshrec.contracts import online
 
     result = online.compute(settings)
     online.write_latest(settings, result)

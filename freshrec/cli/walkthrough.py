@@ -236,9 +236,9 @@ def cluster_main(args) -> int:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                TimeElapsedColumn)
 
-    from freshrec import airflow_stack as af
+    from freshrec.ops import airflow_stack as af
     from freshrec.settings import SettingsError, local_data_dir
-    from freshrec.submit import SubmitError, check_master
+    from freshrec.ops.submit import SubmitError, check_master
 
     console = Console(stderr=True)
     profile = os.environ["FRESHREC_PROFILE"]
@@ -269,7 +269,7 @@ def cluster_main(args) -> int:
     master = settings.spark.master
     if settings.privacy.volume_encryption == "required" and ATTEST not in os.environ \
             and not settings.privacy.volume_encrypted_attested and _loopback(master):
-        from freshrec.volume import encrypted_volume
+        from freshrec.privacy.volume import encrypted_volume
 
         if not encrypted_volume(settings.data_dir)[0]:
             env[ATTEST] = "true"
@@ -412,9 +412,9 @@ def _show(bar, bar_id, tasks: list[str], states: dict[str, str]) -> None:
 
 def api_patient(stack, method: str, path: str, body: dict | None = None,
                 patience_s: float = 180.0) -> dict:
-    """:func:`freshrec.airflow_stack.api`, retried while the API server does not answer in time
+    """:func:`freshrec.ops.airflow_stack.api`, retried while the API server does not answer in time
     (a busy machine) for up to ``patience_s``; HTTP errors are not retried."""
-    from freshrec.airflow_stack import StackError, api
+    from freshrec.ops.airflow_stack import StackError, api
 
     deadline = time.monotonic() + patience_s
     while True:
@@ -432,7 +432,7 @@ def _trigger_and_follow(stack, dag_id: str, run_id: str, day: str | None, on_sta
     day + 1) when ``day`` is given) and poll it until it ends; (state, {task: state})."""
     from datetime import datetime, timedelta, timezone
 
-    from freshrec.airflow_stack import StackError
+    from freshrec.ops.airflow_stack import StackError
 
     deadline = time.monotonic() + 180
     while dag_id not in {d["dag_id"] for d in
@@ -471,7 +471,7 @@ def summary(settings, logs: Path, dag_logs: str = "airflow-dag.log has the DAG's
     """Where everything is: the served champion, the tables, the MLflow UI, the logs."""
     champion = "none yet (the gate promoted nothing)"
     try:
-        from freshrec import registry
+        from freshrec.contracts import registry
         from freshrec.tracking import mlflow_for
 
         mlflow_for(settings)

@@ -1,0 +1,1 @@
+"""Data in: importers of user files, MovieLens, the synthetic generator and named datasets."""

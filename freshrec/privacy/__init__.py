@@ -1,0 +1,1 @@
+"""Privacy: pseudonyms, key rotation, erasure and the volume check."""
