@@ -12,12 +12,12 @@ analytics, not acknowledged writes: a crash (kill -9, power loss) loses the slat
 last flush period (plus what the buffer held when it was over ``impressions_max_buffer`` records:
 those are dropped and counted, never blocking a request).
 
-The nearline round (:func:`nearline.impressions.take_impressions`) seals every process's segment and writes each record
-into ``impressions`` once per ``request_id``; malformed records and repeated request ids go to
-``impressions_dead_letter`` with their reason (:data:`REASONS`). Exactly once per segment: the
-dead-letter rows and then the impressions rows are appended (each skipping segments already there
-by ``source_file``, the segment's content hash), then the segment is deleted; a round that dies
-in between is redone by the next one without doubles.
+The nearline round (:func:`nearline.impressions.take_impressions`) seals every process's segment
+and writes each record into ``impressions`` once per ``request_id``; malformed records and repeated
+request ids go to ``impressions_dead_letter`` with their reason (:data:`REASONS`). Exactly once
+per segment: the dead-letter rows and then the impressions rows are appended (each skipping
+segments already there by ``source_file``, the segment's content hash), then the segment is
+deleted; a round that dies in between is redone by the next one without doubles.
 """
 
 from __future__ import annotations

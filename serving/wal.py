@@ -10,8 +10,8 @@ Parquet file per segment, named by its content hash, fsynced), from where the ne
 deleted only after it landed, and landing the same segment twice lands it once.
 
 Who lands: each server its own directory every ``serving.wal_flush_seconds`` and at shutdown; at
-start-up and in every nearline round (:func:`freshrec.storage.landing.land_all`) every directory, including the open
-segments of live servers and whatever a crashed server left behind.
+start-up and in every nearline round (:func:`freshrec.storage.landing.land_all`) every directory,
+including the open segments of live servers and whatever a crashed server left behind.
 """
 
 from __future__ import annotations

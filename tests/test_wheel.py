@@ -63,7 +63,8 @@ def _env(home: Path) -> dict[str, str]:
 def test_the_wheel_carries_settings_protos_and_built_stubs(installed):
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     for f in ("freshrec/_conf/base.yaml", "freshrec/_conf/local.yaml", "freshrec/_conf/cluster.yaml",
-              "freshrec/api/proto/freshrec/v1/recommender.proto", "freshrec/api/proto/freshrec/v1/admin.proto",
+              "freshrec/api/proto/freshrec/v1/recommender.proto",
+              "freshrec/api/proto/freshrec/v1/admin.proto",
               "freshrec/api/proto/freshrec/v1/recommender_pb2.py",
               "freshrec/api/proto/freshrec/v1/recommender_pb2_grpc.py",
               "freshrec/api/proto/freshrec/v1/admin_pb2_grpc.py"):

@@ -2,10 +2,11 @@
 
 The stubs are generated at build time (``setup.py``'s build_py runs :func:`generate` into the
 wheel), so an installed freshrec imports them as they are. protoc is given the ``.proto`` files by
-their path from the source root (the directory holding ``freshrec/``), so the generated modules import each other as
-``freshrec.api.proto.freshrec.v1.*``: no rewriting of generated code, and the proto package keeps its
-name (``freshrec.v1``, the services' wire names). In a source checkout, ``make proto`` generates them;
-:func:`stubs` also does when they are missing or older than the ``.proto`` files.
+their path from the source root (the directory holding ``freshrec/``), so the generated modules
+import each other as ``freshrec.api.proto.freshrec.v1.*``: no rewriting of generated code, and the
+proto package keeps its name (``freshrec.v1``, the services' wire names). In a source checkout,
+``make proto`` generates them; :func:`stubs` also does when they are missing or older than the
+``.proto`` files.
 
 This module imports only the standard library at the top, so ``setup.py`` can load it from its path.
 """
