@@ -61,7 +61,7 @@ SLOW_LOAD_ENV = "FRESHREC_TEST_SLOW_LOAD"  # test hook: seconds a child waits be
 PR_SET_PDEATHSIG = 1
 # A host's Status asks every sibling at once, all within SIBLING_DEADLINE seconds; who asks a
 # host (host_processes) waits HOST_STATUS_TIMEOUT, longer, so hung siblings cannot time it out.
-# how a server with no model loaded answers Recommend and Status (FreshrecServer.require_state)
+# how a server with no model loaded answers Recommend and Status (FreshrecService.require_state)
 
 
 def process_count(settings: Settings) -> int:

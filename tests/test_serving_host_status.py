@@ -143,15 +143,6 @@ def test_sigterm_while_a_child_loads_stops_it_before_it_listens_on_the_shared_po
             child.wait()
 
 
-class _Aborted(Exception):
-    pass
-
-
-class _AbortContext:
-    def abort(self, code, details):
-        raise _Aborted(code, details)
-
-
 class _EmptyAdmin(admin_grpc.AdminServicer):
     """Answers Status as a server with nothing loaded does (FreshrecServer.require_state's words),
     or with another UNAVAILABLE."""
@@ -166,13 +157,14 @@ class _EmptyAdmin(admin_grpc.AdminServicer):
 def test_a_single_server_with_nothing_loaded_is_one_target_to_load_not_a_failed_host(tmp_path):
     from types import SimpleNamespace
 
+    from serving.errors import Unavailable
     from serving.server import FreshrecServer
 
     # the real server's answer when it has loaded nothing (as a fresh `freshrec serve` before the
-    # first rollout of `make run` / tests/test_airflow_run.py)
-    with pytest.raises(_Aborted) as got:
-        FreshrecServer.require_state(SimpleNamespace(state=None), _AbortContext())
-    code, nothing_loaded = got.value.args
+    # first rollout of `make run` / tests/test_airflow_run.py): the servicers abort with it
+    with pytest.raises(Unavailable) as got:
+        FreshrecServer.require_state(SimpleNamespace(state=None))
+    code, nothing_loaded = got.value.code, str(got.value)
     assert code == grpc.StatusCode.UNAVAILABLE
     servers = []
     try:
