@@ -36,6 +36,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from freshrec.contracts.reports import latest_evaluation  # noqa: E402
 from freshrec.data import datasets  # noqa: E402
 from recmodels.evaluation import ranking_metrics, temporal_split  # noqa: E402
 from freshrec.settings import load_settings  # noqa: E402
@@ -127,7 +128,7 @@ def run(name: str, events: pd.DataFrame, items: pd.DataFrame | None, work: Path,
         served.setdefault(back[row["user_id"]], []).append(prefix + row["item_id"])
     version = said.split(" from ")[1].split(" (")[0] if " from " in said else "?"
     settings = load_settings("local", env={"FRESHREC_DATA_DIR": str(data_dir)})
-    ev = json.loads(sorted((data_dir / "reports").glob("evaluation-*.json"))[-1].read_text())
+    _, ev = latest_evaluation(data_dir / "reports", day)  # the run `run all` just made
     t0 = time.perf_counter()
     # EASE on the same imported events, with the weights the pipeline gives them
     weights = settings.events.types

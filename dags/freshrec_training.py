@@ -8,7 +8,8 @@ After each batch run that updated the silver events (scheduled on the Asset
 
 1. **two_tower**, **sasrec**: deep retrieval on the silver tables (pinned Delta version), temporal
    split as in the batch lane, early stopping on validation NDCG@10; gated into `freshrec-retrieval`
-   (never promoted over a model the batch lane evaluated higher on the same split); a promoted one
+   on the run's validation users (promoted only over a champion whose own artifact it beats there,
+   paired bootstrap p < `evaluation.significance`; test metrics are reported only); a promoted one
    emits the Asset `freshrec.contracts.registry.retrieval`, and the **freshrec_rollout** DAG loads it on
    every replica
 2. **reinforce**, **bandit**: re-ranking policies learned in the simulator built from the synthetic

@@ -482,8 +482,10 @@ class ServingSettings(_Section):
 
 
 class RefresherSettings(_Section):
-    replicas: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051"],
-                                description="host:port of every serving replica to keep fresh.")
+    replicas: list[str] = Field(default_factory=list,
+                                description="host:port of every serving replica to keep fresh and "
+                                "to roll promoted models out to; none by default (list your "
+                                "servers, e.g. 127.0.0.1:50051 for a local `freshrec serve`).")
     token: SecretStr = Field(SecretStr(""), description="Admin bearer token for ApplyDeltas: the "
                              "secrets directory's `admin_token` file or FRESHREC_ADMIN_TOKEN.")
     ca_file: str = Field("", description="CA (PEM) when the replicas use TLS.")

@@ -6,12 +6,14 @@ period; each model of ``evaluation.models`` (parameters from ``models.<name>``; 
 ``als`` section) is fitted once on the events before both and scored on both (full ranking,
 training items excluded). Validation metrics, the per-user paired bootstrap p-values between every
 pair of models (``p_value.<a>.over.<b>`` on the parent run) and the test metrics are logged. Each
-fit is its own MLflow run, nested under the evaluation run: parameters, test metrics per K and
-validation metrics (``val_*``), fit time, the data's Delta versions and the exported model
-(``model/``). The parent run holds the comparison table and figure;
-``<data>/reports/evaluation-<batch_date>.json`` holds the summary (``results``: test,
-``validation``, ``p_values``) with the run id of each model, which the promotion gate
-(:mod:`spark_jobs.gate`) reads: it decides on the validation split only. With ``evaluation.refit``
+fit is its own MLflow run, nested under the evaluation run: parameters, test metrics per K
+(``test_*``) and validation metrics (``val_*``), fit time, the data's Delta versions and the
+exported model (``model/``). The parent run holds the comparison table and figure and every
+model's metrics (``<model>.test_*``, ``<model>.val_*``);
+``<data>/reports/evaluation-<batch_date>-<run id>.json`` (one file per run, never overwritten, listed
+in ``reports/evaluations.jsonl``: :mod:`freshrec.contracts.reports`) holds the summary
+(``results``: test, ``validation``, ``p_values``) with the run id of each model, which the promotion
+gate (:mod:`spark_jobs.gate`) reads: it decides on the validation split only. With ``evaluation.refit``
 (default on) the model the gate will pick is then fitted again on every event of the interval,
 keeping what it chose on validation, and logged as its own run (``refit-<model>``): the gate
 registers that one, so what is served has learnt from the newest events too.
@@ -30,6 +32,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from freshrec.contracts.registry import TEST, VALIDATION, split_metric
+from freshrec.contracts.reports import evaluation_path, write_evaluation
 from freshrec.storage.delta import DeltaStore
 from freshrec.interval import DataInterval, run_job
 from freshrec.progress import advance
@@ -79,6 +83,14 @@ def worker_events(store: DeltaStore, interval: DataInterval, version: int) -> pd
 
 
 MAX_ARTIFACT_BYTES = 512 << 20
+
+
+def split_metrics(test: dict[str, float], validation: dict[str, float] | None = None) -> dict[str, float]:
+    """A fit's run metrics, each named for its split (``test_ndcg_at_10``, ``val_ndcg_at_10``);
+    ``fit_seconds`` keeps its name."""
+    out = {(k if k == "fit_seconds" else split_metric(TEST, k)): v for k, v in test.items()}
+    out.update({split_metric(VALIDATION, k): v for k, v in (validation or {}).items()})
+    return out
 
 
 def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
@@ -275,7 +287,7 @@ def fit_candidates(settings: Settings, interval: DataInterval, names: list[str],
         results[name] = {**scores.test, "fit_seconds": model.fit_seconds}
         validation[name] = scores.validation
         per_user[name] = scores.per_user
-        logged = {**results[name], **{f"val_{k}": v for k, v in scores.validation.items()}}
+        logged = split_metrics(results[name], scores.validation)
         runs[name], uri, why = log_model_run(mlflow, name, model, logged, versions, interval,
                                              tags=pid, parent_run_id=parent_run_id)
         if uri:
@@ -303,7 +315,8 @@ def fit_candidates(settings: Settings, interval: DataInterval, names: list[str],
             log.warning("evaluate %s: refit of %s failed (%s); the split's fit is registered",
                         interval.batch_date, name, e)
         else:
-            rid, uri, _ = log_model_run(mlflow, name, model, results[name], versions, interval,
+            rid, uri, _ = log_model_run(mlflow, name, model,
+                                        split_metrics(results[name], validation[name]), versions, interval,
                                         run_name=f"refit-{name}-{interval.batch_date}",
                                         tags={"refit_of": runs[name], **pid},
                                         parent_run_id=parent_run_id)
@@ -410,19 +423,19 @@ def run(settings: Settings, interval: DataInterval,
                    "bootstrap_resamples": cfg.bootstrap_resamples, "skipped": skipped,
                    "runs": out["runs"], "model_uris": out["model_uris"],
                    "not_servable": out["not_servable"], "refit": out["refit"],
-                   "evaluation_run": parent.info.run_id, "table": table_text}
-        mlflow.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()})
-        mlflow.log_metrics({f"{m}.val_{k}": v for m, r in validation.items() for k, v in r.items()})
+                   "evaluation_run": parent.info.run_id, "table": table_text,
+                   "report": evaluation_path(settings.data_dir / "reports", interval.batch_date,
+                                             parent.info.run_id).name}
+        mlflow.log_metrics({f"{m}.{k}": v for m in results
+                            for k, v in split_metrics(results[m], validation.get(m)).items()})
         mlflow.log_metrics({f"p_value.{a}.over.{b}": p for a, row in p_values.items()
                             for b, p in row.items()})
         mlflow.log_text(table_text, "evaluation_table.txt")
         if results:
             mlflow.log_figure(comparison_figure(results, cfg.ks[0]), "evaluation.png")
         mlflow.log_dict(summary, "evaluation.json")
-    reports = settings.data_dir / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / f"evaluation-{interval.batch_date}.json").write_text(json.dumps(summary, indent=2))
-    log.info("evaluate %s:\n%s", interval.batch_date, table_text)
+    path = write_evaluation(settings.data_dir / "reports", summary)
+    log.info("evaluate %s (report %s):\n%s", interval.batch_date, path, table_text)
     return summary
 
 

@@ -1,19 +1,22 @@
 """Gate: the interval's evaluation -> a new ``freshrec-retrieval`` version, ``@champion`` if it wins.
 
-Reads ``<data>/reports/evaluation-<batch_date>.json`` (written by :mod:`spark_jobs.evaluate`), takes
+Reads the interval's newest evaluation report (``<data>/reports/evaluation-<batch_date>-<run
+id>.json``, found through the reports index: :mod:`freshrec.contracts.reports`; written by
+:mod:`spark_jobs.evaluate`), takes
 the servable model with the best metric (NDCG at the first K) on the *validation* split (never the
 test split) among ``evaluation.gate_models`` (empty: every evaluated model), registers its logged
-pyfunc model, and moves ``@champion`` to it only when no model evaluated on the same split beats it
+pyfunc model (tags ``val_ndcg_at_10``, what it is gated on, and ``test_ndcg_at_10``, reported), and
+moves ``@champion`` to it only when no model evaluated on the same split beats it
 and it beats the current champion's method on this validation split with a one-sided paired
 per-user bootstrap p-value below ``evaluation.significance`` (0.05). A champion whose method was not
 evaluated in the same run cannot be tested and is kept (the reason says so), and so is the
-champion when fewer than ``MIN_PAIRED_USERS`` users were validated (a bootstrap over a handful of
-users is overconfident); the first model is promoted when there is no champion. A re-run of
+champion when fewer than ``registry.MIN_PAIRED_USERS`` (30) users were validated (a bootstrap
+over a handful of users is overconfident); the first model is promoted when there is no champion. A re-run of
 the interval finds the version registered for the same interval, model and data versions and
 registers nothing.
 With ``registry.require_online_win`` a winner becomes ``@challenger`` (served as an A/B arm)
 and ``@champion`` moves only when ``freshrec model promote-online`` finds it wins online.
-The outcome goes to ``<data>/reports/gate-<batch_date>.json``.
+The outcome goes to ``<data>/reports/gate-<batch_date>.json`` (with the evaluation report it read).
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from __future__ import annotations
 import json
 import logging
 
+from freshrec.contracts.registry import (RETRIEVAL, TEST, VALIDATION, gate, split_metric,
+                                         too_few_users)
+from freshrec.contracts.reports import INDEX, latest_evaluation
 from freshrec.interval import DataInterval, run_job
-from freshrec.contracts.registry import RETRIEVAL, gate
 from freshrec.settings import Settings
 from freshrec.tracking import mlflow_for
 
 log = logging.getLogger(__name__)
-MIN_PAIRED_USERS = 30
 
 
 def eligible(results: dict[str, dict[str, float]], uris: dict[str, str], gate_models: list[str],
@@ -40,11 +44,11 @@ def eligible(results: dict[str, dict[str, float]], uris: dict[str, str], gate_mo
 
 def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
     reports = settings.data_dir / "reports"
-    path = reports / f"evaluation-{interval.batch_date}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no evaluation for {interval.batch_date}; run the "
-                                "evaluate job (or task) for this interval first")
-    summary = json.loads(path.read_text())
+    found = latest_evaluation(reports, interval.batch_date)
+    if found is None:
+        raise FileNotFoundError(f"{reports / INDEX}: no evaluation for {interval.batch_date}; run "
+                                "the evaluate job (or task) for this interval first")
+    path, summary = found
     if "validation" not in summary or "p_values" not in summary:
         raise ValueError(f"{path}: has no validation split or p-values (written by an older "
                          f"evaluate); re-run the evaluate job for {interval.batch_date}")
@@ -72,21 +76,23 @@ def run(settings: Settings, interval: DataInterval) -> dict[str, object]:
         return summary["p_values"].get(best, {}).get(champion_model)
 
     n_users = int(summary.get("n_validation_users", 0))
-    untestable = (f"only {n_users} validation users, too few for a paired test (at least "
-                  f"{MIN_PAIRED_USERS}); evaluate on more users") if n_users < MIN_PAIRED_USERS else None
+    untestable = too_few_users(n_users, "evaluate on more users")
     # every model evaluated on this split is a rival: the gate never promotes a loser
     rivals = {m: float(r[metric]) for m, r in validation.items()}
     identity = {"interval": interval.batch_date, "model": best,
                 **{f"delta_version.{t}": str(v) for t, v in summary.get("delta_versions", {}).items()}}
-    result = gate(mlflow, run_id, best, metric, candidates[best], rescore, name=RETRIEVAL,
-                  model_uri=uris[best], rivals=rivals, identity=identity,
+    test = summary["results"].get(best, {}).get(metric)
+    result = gate(mlflow, run_id, best, split_metric(VALIDATION, metric), candidates[best], rescore,
+                  name=RETRIEVAL, model_uri=uris[best], rivals=rivals, identity=identity,
+                  tags={} if test is None else {split_metric(TEST, metric): f"{float(test):.6f}"},
                   alias=settings.registry.challenger_alias if settings.registry.require_online_win
                   else "champion", p_value=p_value, significance=settings.evaluation.significance,
                   untestable=untestable)
     log.info("gate %s: %s v%s %s: %s", interval.batch_date, best, result.version,
              "PROMOTED to @champion" if result.promoted else "not promoted", result.reason)
     payload = {**result.as_dict(), "candidates": candidates, "run_id": run_id,
-               "p_values": summary["p_values"].get(best, {})}
+               "p_values": summary["p_values"].get(best, {}), "evaluation_report": path.name,
+               "evaluation_run": summary.get("evaluation_run")}
     out.write_text(json.dumps(payload, indent=2))
     return payload
 

@@ -35,12 +35,11 @@ def small_settings(data_dir: Path, **more) -> Settings:
 def register_fit(settings: Settings, model: str, batch_date: str = DAY) -> int:
     """Register the lane evaluation's fit of ``model`` as a new freshrec-retrieval version (no
     alias) in ``settings``' MLflow; returns the version number."""
-    import json
-
     from freshrec.contracts.registry import RETRIEVAL
+    from freshrec.contracts.reports import latest_evaluation
     from freshrec.tracking import mlflow_for
 
-    summary = json.loads((settings.data_dir / "reports" / f"evaluation-{batch_date}.json").read_text())
+    _, summary = latest_evaluation(settings.data_dir / "reports", batch_date)
     uri = summary["model_uris"][model]
     mlflow_for(settings)
     from mlflow.tracking import MlflowClient

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from freshrec.contracts.reports import latest_evaluation_path
 from freshrec.storage.delta import DeltaStore
 from freshrec.settings import load_settings
 from freshrec.contracts.snapshot import latest_snapshot
@@ -82,7 +83,7 @@ def test_airflow_dags_test_runs_the_whole_batch_lane(tmp_path):
     assert all(counts.values()), counts
     assert counts["events_raw"] >= counts["events"] + counts["events_dead_letter"]
     assert latest_snapshot(settings.snapshots_dir) is not None
-    assert (settings.data_dir / "reports" / f"evaluation-{day}.json").exists()
+    assert latest_evaluation_path(settings.data_dir / "reports", day) is not None
     report = sh(sys.executable, "-m", "freshrec.cli.main", "report", "--date", day).stdout
     assert "Dead-letter rows by reason" in report and "als" in report and "Top-10" in report
     gate = json.loads((settings.data_dir / "reports" / f"gate-{day}.json").read_text())

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from freshrec.contracts.reports import latest_evaluation_path
 from freshrec.storage.delta import DeltaStore
 from recmodels.evaluation import top_k
 from freshrec.interval import DataInterval
@@ -116,14 +117,18 @@ def test_evaluation_cf_beats_popularity_and_is_logged(lane):
     for m in r.values():
         assert 0 <= m["recall_at_10"] <= m["recall_at_20"] <= 1
         assert 0 <= m["ndcg_at_10"] <= 1 and 0 <= m["hr_at_10"] <= m["hr_at_20"] <= 1
-    report = lane["settings"].data_dir / "reports" / f"evaluation-{lane['interval'].batch_date}.json"
+    report = latest_evaluation_path(lane["settings"].data_dir / "reports", lane["interval"].batch_date)
+    assert report.name == f"evaluation-{lane['interval'].batch_date}-{ev['evaluation_run']}.json"
     assert json.loads(report.read_text())["results"] == json.loads(json.dumps(r))
     import mlflow
 
     mlflow.set_tracking_uri(lane["settings"].mlflow_tracking_uri)
     run = mlflow.search_runs(filter_string="tags.stage = 'evaluate'", output_format="list",
                              experiment_names=[lane["settings"].mlflow.experiment])[0]
-    assert run.data.metrics["als.ndcg_at_10"] == pytest.approx(r["als"]["ndcg_at_10"])
+    assert run.data.metrics["als.test_ndcg_at_10"] == pytest.approx(r["als"]["ndcg_at_10"])
+    assert run.data.metrics["als.val_ndcg_at_10"] == pytest.approx(
+        ev["validation"]["als"]["ndcg_at_10"])
+    assert "als.ndcg_at_10" not in run.data.metrics  # every metric names its split
     arts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id)}
     assert {"evaluation.png", "evaluation_table.txt", "evaluation.json"} <= arts
 
@@ -137,7 +142,9 @@ def test_every_fit_is_a_run_with_params_metrics_versions_and_the_exported_model(
         run = mlflow.get_run(run_id)
         assert run.data.tags["model"] == name and run.data.tags["stage"] == "fit"
         assert run.data.tags["mlflow.parentRunId"] == ev["evaluation_run"]
-        assert run.data.metrics["ndcg_at_10"] == pytest.approx(ev["results"][name]["ndcg_at_10"])
+        assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(ev["results"][name]["ndcg_at_10"])
+        assert run.data.metrics["val_ndcg_at_10"] == pytest.approx(
+            ev["validation"][name]["ndcg_at_10"])
         assert run.data.params["delta_version.events"] == str(ev["delta_versions"]["events"])
         arts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id, artifact_path="model")}
         assert "model/MLmodel" in arts  # a pyfunc model, with the freshrec artifact inside
@@ -166,7 +173,7 @@ def test_the_registered_model_is_refit_on_every_event_of_the_interval(lane):
     assert version.run_id == refit["run"] != ev["runs"][best]
     run = mlflow.get_run(refit["run"])
     assert run.data.tags["stage"] == "refit" and run.data.tags["refit_of"] == ev["runs"][best]
-    assert run.data.metrics["ndcg_at_10"] == pytest.approx(ev["results"][best]["ndcg_at_10"])
+    assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(ev["results"][best]["ndcg_at_10"])
 
     def histories(uri):
         model = mlflow.pyfunc.load_model(uri).unwrap_python_model()

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from freshrec.contracts.reports import latest_evaluation_path
 from tests.conftest import DAY, small_settings
 
 pytestmark = pytest.mark.integration
@@ -106,7 +107,7 @@ def test_bad_input_in_the_worker_fails_the_run_with_its_message(tmp_path, capfd)
     runs = mlflow.search_runs(filter_string="tags.stage = 'evaluate'", search_all_experiments=True,
                               output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert not (settings.data_dir / "reports" / f"evaluation-{DAY}.json").exists()
+    assert latest_evaluation_path(settings.data_dir / "reports", DAY) is None
 
 
 def _children(pid: int) -> list[int]:

@@ -16,6 +16,7 @@ import yaml
 from freshrec.contracts import online
 from freshrec.storage.delta import DeltaStore
 from freshrec.contracts.experiments import Assigner, ExperimentError
+from freshrec.contracts.reports import latest_evaluation
 from freshrec.privacy.pseudonyms import pseudonymize
 from freshrec.settings import PROJECT_ROOT, ExperimentSettings, SettingsError
 from tests.conftest import register_fit, small_settings
@@ -389,8 +390,6 @@ def test_online_gate_promotes_only_a_significant_winner_with_enough_impressions(
 
 
 def test_offline_gate_with_require_online_win_sets_the_challenger_not_the_champion(ab, tmp_path):
-    import json
-
     from freshrec.contracts import registry
     from freshrec.tracking import mlflow_for
 
@@ -399,10 +398,9 @@ def test_offline_gate_with_require_online_win_sets_the_challenger_not_the_champi
     settings = small_settings(data, registry={"require_online_win": True})
     mlflow = mlflow_for(settings)
     registry.set_alias(ab["versions"]["most_popular"])
-    summary = json.loads((ab["settings"].data_dir / "reports" /
-                          "evaluation-2026-11-27.json").read_text())
+    _, summary = latest_evaluation(ab["settings"].data_dir / "reports", "2026-11-27")
     uri, run_id = summary["model_uris"]["ease"], summary["runs"]["ease"]
-    g = registry.gate(mlflow, run_id, "ease", "ndcg_at_10", 0.99, lambda champion: 0.01,
+    g = registry.gate(mlflow, run_id, "ease", "val_ndcg_at_10", 0.99, lambda champion: 0.01,
                       name=registry.RETRIEVAL, model_uri=uri,
                       alias=settings.registry.challenger_alias)
     assert not g.promoted and "@challenger" in g.reason

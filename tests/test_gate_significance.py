@@ -9,6 +9,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from freshrec.contracts.reports import (INDEX, evaluation_runs, evaluations, latest_evaluation_path,
+                                        write_evaluation)
 from freshrec.storage.delta import DeltaStore
 from freshrec.interval import DataInterval
 from freshrec.settings import load_settings
@@ -98,14 +100,91 @@ def test_the_gate_never_reads_the_test_split(settings):
     from spark_jobs import gate
 
     summary, _ = _evaluate_and_gate(settings, "2026-11-20", ["most_popular", "ease", "item_knn"])
-    path = settings.data_dir / "reports" / "evaluation-2026-11-23.json"
     # the same evaluation, with the test metrics swapped to favour most_popular
     test = summary["results"]
     test["most_popular"]["ndcg_at_10"] = 1.0
-    path.write_text(json.dumps({**summary, "batch_date": "2026-11-23", "results": test}))
+    write_evaluation(settings.data_dir / "reports", {**summary, "batch_date": "2026-11-23",
+                                                     "evaluation_run": "swapped", "results": test})
     out = gate.run(settings, DataInterval.for_day("2026-11-23"))
     val = summary["validation"]
     assert out["candidate"] == max(val, key=lambda m: val[m]["ndcg_at_10"]) != "most_popular"
+    assert out["evaluation_report"] == "evaluation-2026-11-23-swapped.json"
+
+
+def test_a_challenger_better_on_test_only_never_takes_the_champion(settings):
+    """EASE is @champion; most-popular (the only model the gate may register here) loses to it on
+    validation but is made the best on test: it is registered, rejected, and says why."""
+    from mlflow.tracking import MlflowClient
+
+    from freshrec.contracts.registry import RETRIEVAL
+    from spark_jobs import evaluate, gate
+
+    _, g1 = _evaluate_and_gate(settings, "2026-11-20", ["most_popular", "ease"])
+    assert g1["candidate"] == "ease" and g1["promoted"]
+    only_pop = settings.model_copy(update={"evaluation": settings.evaluation.model_copy(
+        update={"gate_models": ["most_popular"]})})
+    summary = evaluate.run(only_pop, DataInterval.for_day("2026-11-21"), ["most_popular", "ease"])
+    val = summary["validation"]
+    assert val["ease"]["ndcg_at_10"] > val["most_popular"]["ndcg_at_10"]
+    test = summary["results"]
+    test["most_popular"]["ndcg_at_10"] = 0.99  # better on test only
+    write_evaluation(settings.data_dir / "reports", {**summary, "evaluation_run": "test-only",
+                                                     "results": test})
+    g2 = gate.run(only_pop, DataInterval.for_day("2026-11-21"))
+    assert g2["candidate"] == "most_popular" and not g2["promoted"]
+    assert g2["evaluation_report"] == "evaluation-2026-11-21-test-only.json"
+    assert "loses to ease" in g2["reason"] and "same split" in g2["reason"]
+    assert "\n" not in g2["reason"] and g2["metric_name"] == "val_ndcg_at_10"
+    client = MlflowClient()
+    champ = client.get_model_version_by_alias(RETRIEVAL, "champion")
+    assert str(champ.version) == g1["version"] and champ.tags["model"] == "ease"
+    loser = client.get_model_version(RETRIEVAL, g2["version"])
+    assert loser.tags["gate"] == "rejected" and loser.tags["gate_reason"] == g2["reason"]
+    assert loser.tags["test_ndcg_at_10"] == "0.990000"
+    assert float(loser.tags["val_ndcg_at_10"]) == pytest.approx(val["most_popular"]["ndcg_at_10"],
+                                                                abs=1e-6)
+    assert "ndcg_at_10" not in loser.tags and "ndcg_at_10" not in champ.tags
+    assert float(champ.tags["val_ndcg_at_10"]) == pytest.approx(g1["candidate_metric"], abs=1e-6)
+
+
+def test_every_evaluate_run_keeps_its_own_report(settings):
+    """A second evaluate of the same interval writes its own report; the first stays as it was,
+    and the gate and `freshrec report` read the newest."""
+    from freshrec.cli.report import render
+    from spark_jobs import evaluate, gate
+
+    day = DataInterval.for_day("2026-11-20")
+    reports = settings.data_dir / "reports"
+    first = evaluate.run(settings, day, ["most_popular"])
+    first_file = reports / first["report"]
+    kept = first_file.read_text()
+    second = evaluate.run(settings, day, ["most_popular", "ease"])
+    assert first["report"] == f"evaluation-2026-11-20-{first['evaluation_run']}.json"
+    assert second["report"] != first["report"] and first_file.read_text() == kept
+    assert [r["file"] for r in evaluation_runs(reports, "2026-11-20")] == \
+        [first["report"], second["report"]]
+    assert latest_evaluation_path(reports, "2026-11-20") == reports / second["report"]
+    out = gate.run(settings, day)
+    assert out["evaluation_report"] == second["report"] and out["candidate"] == "ease"
+    assert f"the newest run of 2026-11-20, {second['report']}" in render(settings, "2026-11-20")
+
+
+def test_reports_from_before_the_index_are_still_read(tmp_path):
+    """A data directory written before the index: its one report per date is found, and an index
+    line whose file is missing (or cut short) is skipped."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "evaluation-2026-11-20.json").write_text(json.dumps({"batch_date": "2026-11-20"}))
+    assert latest_evaluation_path(reports, "2026-11-20") == reports / "evaluation-2026-11-20.json"
+    assert latest_evaluation_path(reports) == reports / "evaluation-2026-11-20.json"
+    assert latest_evaluation_path(reports, "2026-11-21") is None
+    (reports / INDEX).write_text('{"batch_date": "2026-11-20", "run_id": "gone", '
+                                 '"file": "evaluation-2026-11-20-gone.json"}\n{"batch_da')
+    new = write_evaluation(reports, {"batch_date": "2026-11-20", "evaluation_run": "r2"})
+    assert latest_evaluation_path(reports, "2026-11-20") == new
+    assert [p.name for p, _ in evaluations(reports)] == [new.name, "evaluation-2026-11-20.json"]
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        write_evaluation(reports, {"batch_date": "2026-11-20", "evaluation_run": "r2"})
 
 
 def test_too_few_validation_users_keep_the_champion(settings):

@@ -2,9 +2,16 @@
 
 Deep retrieval (``two_tower``, ``sasrec``): the dataset at a pinned Delta version (recorded in the
 run) -> the evaluation's temporal split (same test fraction, sample and seed as the batch lane, so
-the metrics sit in one table with ALS and the hybrid) -> training with per-epoch curves -> test
-metrics, the exported model (``model/``: item vectors, TorchScript user encoder), a curve figure and
-the comparison table -> the ``freshrec-retrieval`` gate on NDCG@10.
+the test metrics sit in one table with ALS and the hybrid) -> training with per-epoch curves ->
+test metrics (``test_*``, reported only), the exported model (``model/``: item vectors, TorchScript
+user encoder), a curve figure and the comparison table -> the ``freshrec-retrieval`` gate, which
+decides on the run's **validation** users only, like the batch gate: the exported model and the
+current ``@champion``'s own artifact are both scored on them (NDCG@10 per user, the same history in,
+:meth:`training.data.TrainData.validation_per_user`), and the new version takes ``@champion`` only
+when its mean (``val_ndcg_at_10``) is higher with a one-sided paired per-user bootstrap p-value
+(:func:`recmodels.evaluation.paired_bootstrap`, ``evaluation.bootstrap_resamples``) below
+``evaluation.significance``. Otherwise it is registered without the alias, and the one-line reason
+is printed and kept in the version's ``gate_reason`` tag.
 
 Policies (``bandit``, ``reinforce``): the simulator built from the synthetic generator's ground
 truth; the logging policy's data; the learned policy's true value next to random, greedy and the
@@ -29,11 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
+from freshrec.contracts import registry
+from freshrec.contracts.registry import (POLICY, RETRIEVAL, TEST, VALIDATION, gate, split_metric,
+                                         too_few_users)
+from freshrec.contracts.reports import evaluations
 from freshrec.device import resolve_device
-from freshrec.contracts.registry import POLICY, RETRIEVAL, gate
 from freshrec.settings import Settings
 from freshrec.tracking import mlflow_for
-from recmodels import pyfunc
+from recmodels import pyfunc, servable
+from recmodels.evaluation import paired_bootstrap
 
 log = logging.getLogger(__name__)
 TRAIN_MODELS = ("two_tower", "sasrec", "bandit", "reinforce", "dqn")
@@ -72,17 +83,17 @@ def _curve_figure(history: list[dict], title: str):
 
 
 def comparison_table(settings: Settings, name: str, test: dict, events_version) -> tuple[str, dict]:
-    """This run's metrics next to the batch lane's latest evaluation of the same data version."""
+    """This run's test metrics next to the batch lane's newest evaluation of the same data version
+    (its test split: the same users and periods). Reported only: the gate never reads it."""
     rows = {name: test}
-    reports = sorted((settings.data_dir / "reports").glob("evaluation-*.json"))
-    for path in reversed(reports):
-        summary = json.loads(path.read_text())
+    for _, summary in evaluations(settings.data_dir / "reports"):
         if summary.get("events_delta_version") == events_version:
             rows = {**summary["results"], **rows}
             break
     head = f"{'model':<16}{'recall@10':>11}{'ndcg@10':>10}{'hr@10':>9}{'coverage@10':>13}"
-    lines = [head] + [f"{m:<16}{r['recall_at_10']:>11.4f}{r['ndcg_at_10']:>10.4f}{r['hr_at_10']:>9.4f}"
-                      f"{r['coverage_at_10']:>13.4f}" for m, r in rows.items()]
+    lines = ["test split (reported; the gate decides on validation):", head] + [
+        f"{m:<16}{r['recall_at_10']:>11.4f}{r['ndcg_at_10']:>10.4f}{r['hr_at_10']:>9.4f}"
+        f"{r['coverage_at_10']:>13.4f}" for m, r in rows.items()]
     return "\n".join(lines), rows
 
 
@@ -130,15 +141,19 @@ def train_deep(settings: Settings, model: str, device: str, dataset="embedded",
             mlflow.set_tags({"failure_reason": str(e)})
             mlflow.end_run(status="FAILED")
             raise
-        mlflow.log_metrics({**{f"test_{k}": v for k, v in result.test.items()},
+        mlflow.log_metrics({**{split_metric(TEST, k): v for k, v in result.test.items()},
                             "best_epoch": result.best_epoch, "best_val_ndcg_at_10": result.best_val_ndcg,
                             "train_samples_per_second": result.samples_per_second,
                             "train_seconds": result.train_seconds})
         mlflow.log_figure(_curve_figure(result.history, f"{model} on {dataset}"), "curves.png")
-        table, rows = comparison_table(settings, model, result.test, ds.versions.get("events"))
+        table, _ = comparison_table(settings, model, result.test, ds.versions.get("events"))
         mlflow.log_text(table, "comparison_table.txt")
         with tempfile.TemporaryDirectory() as tmp:
             trainer.export(result, data, Path(tmp) / "model", cfg.max_len)
+            # what is registered, scored on the validation users: what the gate compares
+            per_user = data.validation_per_user(servable.load(Path(tmp) / "model"), GATE_K)
+            if len(per_user):
+                mlflow.log_metric(split_metric(VALIDATION, GATE_METRIC), float(per_user.mean()))
             users = _save_users(data.split, Path(tmp) / "users.npz")
             info = pyfunc.log(mlflow, Path(tmp) / "model", users,
                               [str(u) for u in data.split.user_ids[:3]])
@@ -151,17 +166,65 @@ def train_deep(settings: Settings, model: str, device: str, dataset="embedded",
         out["gate_skipped"] = (f"not registered: {dataset} is an experiment dataset, the registry "
                                "holds models of the served (embedded/imported) data")
     elif register:
-        metric = result.test["ndcg_at_10"]
-        # the batch lane's models evaluated on this same split are rivals: never promote a loser
-        rivals = {m: float(r["ndcg_at_10"]) for m, r in rows.items() if m != model}
-        out["gate"] = gate(mlflow, run_id, model, "ndcg_at_10", metric,
-                           rescore_champion=lambda m: rivals.get(m), name=RETRIEVAL,
-                           model_uri=info.model_uri, rivals=rivals,
-                           tags={"dataset": dataset, **{f"delta_version.{k}": str(v)
-                                                        for k, v in ds.versions.items()}},
-                           alias=settings.registry.challenger_alias
-                           if settings.registry.require_online_win else "champion").as_dict()
+        out["gate"] = gate_deep(settings, mlflow, run_id, model, info.model_uri, data, per_user,
+                                result.test, {"dataset": dataset, **{
+                                    f"delta_version.{k}": str(v) for k, v in ds.versions.items()}})
     return out
+
+
+GATE_K = 10
+GATE_METRIC = f"ndcg_at_{GATE_K}"
+
+
+def champion_on_split(data, k: int = GATE_K) -> tuple[object | None, np.ndarray | None, str | None]:
+    """The current ``freshrec-retrieval@champion`` scored on ``data``'s validation users: its own
+    artifact downloaded from the registry (:meth:`training.data.TrainData.validation_per_user`).
+    Returns (the champion's model version or None, its per-user NDCG@k or None, why it could not
+    be scored or None). Needs mlflow pointed at the tracking store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    champ = registry.current_champion(MlflowClient(), RETRIEVAL)
+    if champ is None:
+        return None, None, None
+    label = f"champion v{champ.version} ({champ.tags.get('model', '?')})"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir, _ = registry.download(registry.resolve(champ.version), tmp)
+            return champ, data.validation_per_user(servable.load(model_dir), k), None
+    except (servable.ArtifactError, FileNotFoundError, LookupError, MlflowException, OSError) as e:
+        why = " ".join(str(e).split())  # one line
+        return champ, None, (f"{label} could not be scored on this run's validation users "
+                             f"({why}); no paired test is possible: fix or re-register the "
+                             "champion's artifact, or move @champion (`freshrec model rollback`)")
+
+
+def gate_deep(settings: Settings, mlflow, run_id: str, model: str, model_uri: str, data,
+              per_user: np.ndarray, test: dict, tags: dict) -> dict:
+    """The ``freshrec-retrieval`` gate of a trained deep model (see the module doc): ``per_user``
+    is the model's NDCG@10 per validation user; ``test`` its test metrics (tagged, not compared)."""
+    ev = settings.evaluation
+    _, champion, why = champion_on_split(data)
+    n = len(per_user)
+
+    def rescore(champion_model: str) -> float | None:
+        return None if champion is None else float(champion.mean())
+
+    def p_value(champion_model: str) -> float | None:
+        """One-sided paired p of "the trained model beats the champion" on the same users."""
+        if champion is None or n == 0:
+            return None
+        return paired_bootstrap(per_user, champion, ev.bootstrap_resamples, ev.seed).p_value
+
+    untestable = why or too_few_users(n, "train with more validation users (training.val_users)")
+    metric = float(per_user.mean()) if n else float("nan")
+    return gate(mlflow, run_id, model, split_metric(VALIDATION, GATE_METRIC), metric, rescore,
+                name=RETRIEVAL, model_uri=model_uri,
+                tags={split_metric(TEST, GATE_METRIC): f"{float(test[GATE_METRIC]):.6f}",
+                      "gate_validation_users": str(n), **tags},
+                alias=settings.registry.challenger_alias if settings.registry.require_online_win
+                else "champion", p_value=p_value, significance=ev.significance,
+                untestable=untestable).as_dict()
 
 
 def train_policy(settings: Settings, model: str, kind: str = "linucb", n_logged: int = 4000,

@@ -264,6 +264,13 @@ def train(out: Output, profile: str | None, model: str, device: str, dataset: st
         if g["promoted"] and g["registered_model"] == "freshrec-retrieval" and not no_rollout:
             from nearline.rollout import RolloutFailed, rollout
 
+            if not settings.refresher.replicas:  # no server to load it: training still succeeded
+                out.say(f"v{g['version']} not rolled out: no replicas configured "
+                        "(refresher.replicas is empty); `freshrec serve` loads @champion, or "
+                        f"`freshrec model rollout {g['version']} --replica HOST:PORT` loads it on "
+                        "a running server")
+                out.result(rollout={"replicas": [], "note": "no replicas configured"})
+                return
             try:
                 r = rollout(settings, int(g["version"]))
             except RolloutFailed as e:

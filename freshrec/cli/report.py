@@ -6,6 +6,7 @@ import json
 
 import pyarrow.compute as pc
 
+from freshrec.contracts.reports import INDEX, latest_evaluation
 from freshrec.storage.delta import DeltaStore
 from freshrec.settings import Settings
 from freshrec.contracts.snapshot import latest_snapshot
@@ -28,15 +29,17 @@ def render(settings: Settings, batch_date: str) -> str:
             out.append(f"  {c['values']:<22}{c['counts']:>8,}")
     else:
         out.append("  (none)")
-    ev_file = settings.data_dir / "reports" / f"evaluation-{batch_date}.json"
+    reports = settings.data_dir / "reports"
+    found = latest_evaluation(reports, batch_date)
     out.append("")
-    if ev_file.exists():
-        ev = json.loads(ev_file.read_text())
+    if found is not None:
+        ev_file, ev = found
         out.append(f"Evaluation (temporal split, {ev['n_test_users']:,} test users, "
-                   f"{ev['n_items']:,} items; full ranking, training items excluded):")
+                   f"{ev['n_items']:,} items; full ranking, training items excluded; "
+                   f"the newest run of {batch_date}, {ev_file.name}):")
         out += ["  " + ln for ln in ev["table"].splitlines()]
     else:
-        out.append(f"Evaluation: no results for {batch_date} ({ev_file} missing)")
+        out.append(f"Evaluation: no results for {batch_date} (no run of it in {reports / INDEX})")
     out.append("")
     feats = store.read_arrow("user_features", columns=["user_id", "n_events"])
     served = "(none)"

@@ -4,9 +4,16 @@ Every candidate that reaches the gate becomes a version of the registered model
 (``freshrec-retrieval`` for recommenders, ``freshrec-policy`` for re-ranking policies), pointing at
 its run's artifacts. It takes the alias ``champion`` only when its validation metric beats the
 current champion's *on the same validation split*: the caller passes the champion's metric measured
-on this split when it can (the champion's method refitted in the same run), otherwise the metric
-recorded with the champion is used and the version says so. A losing version stays registered,
-tagged ``gate=rejected`` with the reason, and its run keeps every metric.
+on this split when it can (the champion's method refitted in the same run, or the champion's own
+artifact scored on the run's validation users), otherwise the metric recorded with the champion
+under the same name is used and the version says so. A losing version stays registered, tagged
+``gate=rejected`` with the reason, and its run keeps every metric.
+
+One metric definition: models are chosen on **validation** and reported on **test**, and the two
+are never compared. A version's tags name the split: ``val_ndcg_at_10`` (what the retrieval gate
+decides on) and ``test_ndcg_at_10`` (reported). The retrieval gate refuses a metric that is not a
+validation one. Versions registered before this carry a bare ``ndcg_at_10`` tag of unknown split:
+it is never read, so it is never compared with anything.
 """
 
 from __future__ import annotations
@@ -17,6 +24,25 @@ from dataclasses import asdict, dataclass
 RETRIEVAL = "freshrec-retrieval"
 POLICY = "freshrec-policy"
 ALIAS = "champion"
+VALIDATION, TEST = "val", "test"  # the split prefixes of metric names and version tags
+# a paired bootstrap over fewer validation users than this is overconfident: the champion stays
+MIN_PAIRED_USERS = 30
+
+
+def split_metric(split: str, metric: str) -> str:
+    """``metric`` (e.g. ``ndcg_at_10``) named for its split: ``val_ndcg_at_10``, ``test_ndcg_at_10``."""
+    if split not in (VALIDATION, TEST):
+        raise ValueError(f"split {split!r}: a metric is measured on {VALIDATION!r} or {TEST!r}")
+    return f"{split}_{metric}"
+
+
+def too_few_users(n_users: int, fix: str) -> str | None:
+    """Why a paired test over ``n_users`` validation users cannot be trusted (``fix``: how to get
+    more), or None when there are enough."""
+    if n_users >= MIN_PAIRED_USERS:
+        return None
+    return (f"only {n_users} validation users, too few for a paired test (at least "
+            f"{MIN_PAIRED_USERS}); {fix}")
 
 
 @dataclass
@@ -87,9 +113,16 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
 
     ``alias`` other than ``champion`` (``registry.require_online_win``): a winner takes that alias
     (e.g. ``challenger``) instead, to be served as an A/B arm; ``@champion`` moves only by the
-    online gate (:func:`freshrec.contracts.online.promote_online`)."""
+    online gate (:func:`freshrec.contracts.online.promote_online`).
+
+    For ``freshrec-retrieval`` ``metric_name`` must be a validation metric (``val_*``): the gate
+    never decides on the test split. Test metrics go in ``tags`` (``test_*``), reported only."""
     from mlflow.tracking import MlflowClient
 
+    if name == RETRIEVAL and not metric_name.startswith(f"{VALIDATION}_"):
+        raise ValueError(f"gate metric {metric_name!r}: {RETRIEVAL} is gated on a validation "
+                         f"metric ({split_metric(VALIDATION, 'ndcg_at_10')}); test metrics are "
+                         "reported, never compared")
     client = MlflowClient()
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="freshrec: the promoted model; the alias "
@@ -117,6 +150,8 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
         if rescore_champion is not None and champ_model:
             champ_metric = rescore_champion(champ_model)
             source = "same split"
+        # only a metric of the same name (so of the same split) is comparable: an older
+        # version's bare ``ndcg_at_10`` (unknown split) is never read
         if champ_metric is None and metric_name in champ.tags:
             champ_metric, source = float(champ.tags[metric_name]), "recorded at its promotion"
     better = {m: v for m, v in (rivals or {}).items() if m != candidate and v > metric}
@@ -129,7 +164,9 @@ def gate(mlflow, run_id: str, candidate: str, metric_name: str, metric: float,
     elif champ is None:
         promoted, reason = True, "no champion yet"
     elif champ_metric is None:
-        promoted, reason = False, f"champion v{champ.version} has no {metric_name} to compare with"
+        promoted = False
+        reason = f"champion v{champ.version} has no {metric_name} to compare with" + (
+            f": {untestable}" if untestable else "")
     elif metric <= champ_metric + min_gain:
         promoted = False
         reason = (f"{metric_name} {metric:.4f} does not beat champion v{champ.version} "
