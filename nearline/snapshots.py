@@ -182,7 +182,8 @@ def build_snapshot(settings: Settings, spec: str | int | None = None, interval: 
     order = [item_ids[i] for i in np.argsort(-popularity, kind="stable") if active[i]]
     arrays = {"user_ids": np.asarray(users, dtype=str), "indptr": indptr, "items": items,
               "weights": weights, "recent_indptr": rptr, "recent": recent}
-    kind, index_type, params, dim = model.kind, "none", {}, 0
+    # a model scored over histories names its own retrieval (the hybrid: each source's index)
+    kind, index_type, params, dim = model.kind, model.index_type, {}, 0
     if model.kind == "embedding":
         vectors = model.item_vectors()
         dim = int(vectors.shape[1])

@@ -422,10 +422,11 @@ class Catalog:
     index_type = "none"
     dim = 0
 
-    def __init__(self, item_ids: list[str]) -> None:
+    def __init__(self, item_ids: list[str], index_type: str = "none") -> None:
         self.item_ids: list[str | None] = list(item_ids)
         self.position = {item: i for i, item in enumerate(item_ids)}
         self.n_vectors = len(item_ids)
+        self.index_type = index_type  # the model's own retrieval (e.g. the hybrid's sources)
         self.lock = ReadWriteLock()
 
     @property

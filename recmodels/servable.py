@@ -23,7 +23,6 @@ model's ``score`` (the contract suite checks this for every model). Kinds:
 from __future__ import annotations
 
 import json
-import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recmodels.base import standardize_rows
+from recmodels.ranking import ITEM_FEATURES, Ranker, candidate_features, feature_names
 
 if TYPE_CHECKING:
     from freshrec.storage.changes import ModelFactors
@@ -88,6 +88,164 @@ def csr_arrays(m: sp.csr_matrix, prefix: str) -> dict[str, np.ndarray]:
             f"{prefix}_indptr": m.indptr}
 
 
+NEIGHBOR_LISTS = 100  # top-N neighbour list per item kept by an item-item source for retrieval
+EXACT_MAX_ITEMS = 50_000  # a factor source searches exactly up to this many items, IVF above
+
+
+def top_per_row(m, n: int) -> sp.csr_matrix:
+    """The ``n`` largest positive entries of each row of ``m`` (dense or sparse) as CSR; ties go
+    to the lower column, so the lists are the same however ``m`` was built."""
+    if sp.issparse(m):
+        c = sp.csr_matrix(m)
+        c.sum_duplicates()
+        rows = np.repeat(np.arange(c.shape[0]), np.diff(c.indptr))
+        keep = c.data > 0
+        rows, cols, vals = rows[keep], c.indices[keep], c.data[keep]
+        order = np.lexsort((cols, -vals, rows))
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        starts = np.searchsorted(rows, np.arange(c.shape[0]))
+        rank = np.arange(len(rows)) - starts[rows]
+        keep = rank < n
+        out = sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=c.shape, dtype=np.float32)
+    else:
+        d = np.asarray(m, np.float32)
+        k = min(n, d.shape[1])
+        idx = np.argpartition(-d, k - 1, axis=1)[:, :k] if k < d.shape[1] else \
+            np.tile(np.arange(d.shape[1]), (d.shape[0], 1))
+        vals = np.take_along_axis(d, idx, axis=1)
+        rows = np.repeat(np.arange(d.shape[0]), idx.shape[1])
+        keep = vals.ravel() > 0
+        out = sp.csr_matrix((vals.ravel()[keep], (rows[keep], idx.ravel()[keep])), shape=d.shape,
+                            dtype=np.float32)
+    out.sum_duplicates()
+    return out
+
+
+def _member(a: np.ndarray, sorted_b: np.ndarray) -> np.ndarray:
+    """``np.isin(a, b)`` for a sorted ``b`` (a user's history positions are sorted)."""
+    if not len(sorted_b) or not len(a):
+        return np.zeros(len(a), bool)
+    at = np.searchsorted(sorted_b, a)
+    return sorted_b[np.minimum(at, len(sorted_b) - 1)] == a
+
+
+class View:
+    """One source's answer for a batch of users: ``top(r, n)`` the best ``n`` unseen catalog
+    positions of user ``r`` and their scores (from the source's index), ``lookup(r, pos)`` its
+    scores of given positions (0 where it has none)."""
+
+    def __init__(self, users: list[UserInput]) -> None:
+        self.users = users
+
+    def _seen(self, r: int) -> np.ndarray:
+        return np.asarray(self.users[r].items, np.int64)
+
+    @staticmethod
+    def _best(pos: np.ndarray, vals: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(pos) > n:
+            keep = np.argpartition(-vals, n - 1)[:n]
+            pos, vals = pos[keep], vals[keep]
+        order = np.lexsort((pos, -vals))
+        return pos[order], vals[order]
+
+
+class DenseView(View):
+    """Scores over the whole catalog (a model with no index: the fallback)."""
+
+    def __init__(self, users, scores: np.ndarray) -> None:
+        super().__init__(users)
+        self.s = np.asarray(scores, np.float64)
+
+    def top(self, r, n):
+        row = self.s[r].copy()
+        row[self._seen(r)] = -np.inf
+        pos = np.flatnonzero(np.isfinite(row))
+        return self._best(pos, row[pos], n)
+
+    def lookup(self, r, pos):
+        return np.nan_to_num(self.s[r, pos], neginf=0.0, posinf=0.0)
+
+
+class SparseView(View):
+    """Scores that are non-zero on few items (neighbour lists, co-occurrence): a CSR row each."""
+
+    def __init__(self, users, m: sp.csr_matrix) -> None:
+        super().__init__(users)
+        self.m = sp.csr_matrix(m)
+        self.m.sum_duplicates()  # sorted column indices per row
+
+    def top(self, r, n):
+        lo, hi = self.m.indptr[r], self.m.indptr[r + 1]
+        pos, vals = self.m.indices[lo:hi].astype(np.int64), self.m.data[lo:hi].astype(np.float64)
+        keep = ~_member(pos, self._seen(r)) & (vals > 0)
+        return self._best(pos[keep], vals[keep], n)
+
+    def lookup(self, r, pos):
+        lo, hi = self.m.indptr[r], self.m.indptr[r + 1]
+        cols, vals = self.m.indices[lo:hi], self.m.data[lo:hi]
+        at = np.searchsorted(cols, pos)
+        found = (at < len(cols)) & (cols[np.minimum(at, len(cols) - 1)] == pos) if len(cols) \
+            else np.zeros(len(pos), bool)
+        return np.where(found, vals[np.minimum(at, max(len(cols) - 1, 0))] if len(cols) else 0.0,
+                        0.0).astype(np.float64)
+
+
+class VectorView(View):
+    """User vectors searched in a FAISS index of the item vectors (inner product)."""
+
+    def __init__(self, users, user_vectors: np.ndarray, items: np.ndarray, index) -> None:
+        super().__init__(users)
+        self.uv, self.items, self.index = user_vectors, items, index
+        self._hits: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _search(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every user's query in one FAISS call (one OpenMP region, not one per user)."""
+        fetch = min(n + max((len(u.items) for u in self.users), default=0), self.index.size)
+        if self._hits is None or self._hits[0] < fetch:
+            with self.index.lock.read():
+                d, i = self.index.index.search(np.ascontiguousarray(self.uv, np.float32), fetch)
+            self._hits = (fetch, i, d)
+        return self._hits[1], self._hits[2]
+
+    def top(self, r, n):
+        ids, d = self._search(n)
+        pos, vals = ids[r].astype(np.int64), d[r].astype(np.float64)
+        keep = (pos >= 0) & (pos < len(self.items)) & ~_member(pos, self._seen(r))
+        if self.index.tombstones:
+            keep &= ~np.isin(pos, np.fromiter(self.index.tombstones, np.int64))
+        return pos[keep][:n], vals[keep][:n]
+
+    def lookup(self, r, pos):
+        return (self.items[pos] @ self.uv[r]).astype(np.float64)
+
+
+class RankedView(View):
+    """A fixed order over the catalog (popularity): the same list for every user."""
+
+    def __init__(self, users, order: np.ndarray, values: np.ndarray) -> None:
+        super().__init__(users)
+        self.order, self.values = order, values
+
+    def top(self, r, n):
+        seen = self._seen(r)
+        pos = self.order[: n + len(seen)]
+        pos = pos[~_member(pos, seen)][:n]
+        return pos, self.values[pos].astype(np.float64)
+
+    def lookup(self, r, pos):
+        return self.values[pos].astype(np.float64)
+
+
+def _item_index(vectors: np.ndarray):
+    """A FAISS index over item vectors for a factor or encoder source: exact up to
+    :data:`EXACT_MAX_ITEMS`, IVF above."""
+    from recmodels.index import ItemIndex
+
+    n = len(vectors)
+    return ItemIndex.build([str(i) for i in range(n)], vectors,
+                           "flat" if n <= EXACT_MAX_ITEMS else "ivf")
+
+
 class Servable(ABC):
     """A loaded model. ``scores`` is dense over ``item_ids``; higher is better."""
 
@@ -137,6 +295,22 @@ class Servable(ABC):
         ts = np.take_along_axis(s, top, axis=1)
         return np.where(np.isfinite(ts), top, -1), np.where(np.isfinite(ts), ts, np.nan)
 
+    def view(self, users: list[UserInput]) -> View:
+        """This model as a candidate source for ``users`` (see :class:`View`): answered from an
+        index by the subclasses that have one; this fallback scores the catalog densely."""
+        return DenseView(users, self.scores(users))
+
+    def candidates(self, users: list[UserInput], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The best ``n`` unseen catalog positions and their scores per user, from the index."""
+        v = self.view(users)
+        return [v.top(r, n) for r in range(len(users))]
+
+    @property
+    def index_type(self) -> str:
+        """How candidates are retrieved: ``faiss-flat``/``faiss-ivf``, ``neighbour-lists``,
+        ``ranked-list``, ``sparse`` or ``dense`` (the full catalog, no index)."""
+        return "dense"
+
     def similar_items(self, pos: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Items like catalog position ``pos``: by item vectors where the model has them, else by
         the model's own scores for a user who met only that item."""
@@ -163,6 +337,15 @@ class PopularityServable(Servable):
 
     def scores(self, users):
         return np.broadcast_to(self.popularity, (len(users), self.n_items)).copy()
+
+    def view(self, users):
+        if getattr(self, "_order", None) is None:
+            self._order = np.lexsort((np.arange(self.n_items), -self.popularity))
+        return RankedView(users, self._order, self.popularity)
+
+    @property
+    def index_type(self):
+        return "ranked-list"
 
 
 class FactorServable(Servable):
@@ -214,6 +397,19 @@ class FactorServable(Servable):
             return standardize_rows(s) + self.prior_weight * self.prior
         return s
 
+    def view(self, users):
+        if self.prior is not None:  # not an inner product: scored densely
+            return DenseView(users, self.scores(users))
+        if getattr(self, "_index", None) is None:
+            self._index = _item_index(self.items)
+        return VectorView(users, self.user_vectors(users), self.items, self._index)
+
+    @property
+    def index_type(self):
+        if self.prior is not None:
+            return "dense"
+        return "faiss-flat" if self.n_items <= EXACT_MAX_ITEMS else "faiss-ivf"
+
 
 class EncoderServable(Servable):
     """Deep retrieval (two-tower, SASRec): a TorchScript encoder over the user's ``max_len`` most
@@ -251,6 +447,15 @@ class EncoderServable(Servable):
     def scores(self, users):
         return self.user_vectors(users) @ self.items.T
 
+    def view(self, users):
+        if getattr(self, "_index", None) is None:
+            self._index = _item_index(self.items)
+        return VectorView(users, self.user_vectors(users), self.items, self._index)
+
+    @property
+    def index_type(self):
+        return "faiss-flat" if self.n_items <= EXACT_MAX_ITEMS else "faiss-ivf"
+
 
 class ItemItemServable(Servable):
     """score = x @ M over the user's history ``x`` (binary or weighted): item-kNN neighbour lists
@@ -264,6 +469,22 @@ class ItemItemServable(Servable):
         x = history_matrix(users, self.n_items, self.binary)
         out = x @ self.matrix
         return out.toarray() if sp.issparse(out) else np.asarray(out)
+
+    def neighbour_lists(self) -> sp.csr_matrix:
+        """Each item's top ``neighbour_lists`` (default :data:`NEIGHBOR_LISTS`) entries of its
+        row of the model's matrix: the index this source answers from."""
+        if getattr(self, "_lists", None) is None:
+            self._lists = top_per_row(self.matrix, int(self.params.get("neighbour_lists",
+                                                                       NEIGHBOR_LISTS)))
+        return self._lists
+
+    def view(self, users):
+        x = history_matrix(users, self.n_items, self.binary)
+        return SparseView(users, x @ self.neighbour_lists())
+
+    @property
+    def index_type(self):
+        return "neighbour-lists"
 
     def similar_items(self, pos, k):
         col = self.matrix[:, pos] if not sp.issparse(self.matrix) else \
@@ -312,6 +533,16 @@ class UserUserServable(Servable):
         nb = sp.vstack([self._neighbour_row(u) for u in users]).tocsr()
         return (nb @ self.binary).toarray()
 
+    def view(self, users):
+        if not users:
+            return SparseView(users, sp.csr_matrix((0, self.n_items), dtype=np.float32))
+        nb = sp.vstack([self._neighbour_row(u) for u in users]).tocsr()
+        return SparseView(users, nb @ self.binary)
+
+    @property
+    def index_type(self):
+        return "sparse"
+
 
 class ContentServable(Servable):
     """Content-based: the standardized similarity of the user's TF-IDF profile to each item plus
@@ -323,6 +554,27 @@ class ContentServable(Servable):
         super().__init__(name, item_ids, params, user_ids)
         self.item_matrix, self.profiles = item_matrix.tocsr(), profiles.tocsr()
         self.prior, self.popularity_weight = np.asarray(prior, np.float32), popularity_weight
+
+    def _profiles(self, users) -> sp.csr_matrix:
+        from sklearn.preprocessing import normalize
+
+        rows = []
+        for u in users:
+            r = self.user_row(u.user_id)
+            if r is not None and not u.fresh:
+                rows.append(self.profiles[r])
+            else:
+                rows.append(normalize(u.row(self.n_items) @ self.item_matrix))
+        return sp.vstack(rows).tocsr() if rows else sp.csr_matrix((0, self.item_matrix.shape[1]))
+
+    def view(self, users):
+        """Cosine of the profile to each item sharing a term with it (sparse): new items with
+        metadata and no events are reachable here."""
+        return SparseView(users, self._profiles(users) @ self.item_matrix.T)
+
+    @property
+    def index_type(self):
+        return "sparse"
 
     def scores(self, users):
         from sklearn.preprocessing import normalize
@@ -340,61 +592,69 @@ class ContentServable(Servable):
 
 
 class HybridServable(Servable):
-    """The hybrid: each source's standardized scores; the union of each source's top
-    ``candidates`` unseen items described by the sources' scores and ranks, item popularity and age
-    and the user's history length, ordered by the ranker (``blender_used == "ranker"``), everything
-    else below them by the linear blend; or the linear blend alone."""
+    """The two-stage hybrid: each source proposes its best ``candidates`` unseen items from its
+    index (FAISS for factor and encoder sources, neighbour lists for item-item ones, sparse
+    co-occurrence for user-kNN and content, a ranked list for popularity); the merged candidates
+    are described by :func:`recmodels.ranking.candidate_features` and ordered by the ranker. No
+    source scores the whole catalog on this path (``scores`` is for offline evaluation: the ranked
+    candidates first, every other item below them in popularity order)."""
 
-    def __init__(self, name, item_ids, params, sources: dict[str, Servable], weights: dict,
-                 blender_used: str, ranker, log_pop, item_age, candidates: int) -> None:
+    two_stage = True
+
+    def __init__(self, name, item_ids, params, sources: dict[str, Servable], ranker: Ranker,
+                 item_feats: dict[str, np.ndarray], item_categories: sp.csr_matrix | None,
+                 candidates: int) -> None:
         super().__init__(name, item_ids, params)
-        self.sources, self.weights, self.blender_used = sources, weights, blender_used
-        self.ranker, self.candidates = ranker, candidates
-        self.log_pop, self.item_age = np.asarray(log_pop, np.float32), np.asarray(item_age, np.float32)
-        self.names = list(params.get("sources_used") or sources)
+        self.sources, self.names = sources, list(sources)
+        self.ranker, self.candidates_per_source = ranker, candidates
+        self.item_feats, self.item_categories = item_feats, item_categories
+
+    @property
+    def index_type(self):
+        return "two-stage: " + ", ".join(f"{s} {self.sources[s].index_type}" for s in self.names)
+
+    def retrieve(self, users: list[UserInput]):
+        """Per user: the merged candidates, each source's scores of them, which source proposed
+        which, and the features (the first stage and the ranker's input)."""
+        views = [self.sources[s].view(users) for s in self.names]
+        out = []
+        for r, u in enumerate(users):
+            tops = [v.top(r, self.candidates_per_source) for v in views]
+            cands = np.unique(np.concatenate([t[0] for t in tops])) if tops else np.zeros(0, np.int64)
+            scores = [v.lookup(r, cands) for v in views]
+            proposed = []
+            for t in tops:
+                flag = np.zeros(len(cands), bool)
+                flag[np.searchsorted(cands, t[0])] = True
+                proposed.append(flag)
+            x = candidate_features(cands, scores, proposed, self.item_feats,
+                                   np.asarray(u.items, np.int64), self.item_categories)
+            out.append((cands, x, proposed))
+        return out
+
+    def rank(self, users: list[UserInput], n: int | None = None):
+        """Per user: (positions, ranker scores, proposing source) best first, at most ``n``."""
+        found = self.retrieve(users)
+        xs = [x for _, x, _ in found]
+        p = self.ranker.predict(np.concatenate(xs), self.names) if any(len(x) for x in xs) else []
+        out, start = [], 0
+        for cands, x, proposed in found:
+            sc = np.asarray(p[start:start + len(cands)], np.float64)
+            start += len(cands)
+            order = np.lexsort((cands, -sc))[: n if n is not None else len(cands)]
+            who = np.argmax(np.column_stack(proposed), axis=1) if proposed and len(cands) else \
+                np.zeros(len(cands), np.int64)
+            out.append((cands[order], sc[order], [self.names[w] for w in who[order]]))
+        return out
+
+    def candidates(self, users, n):
+        return [(c, s) for c, s, _ in self.rank(users, n)]
 
     def scores(self, users):
-        from recmodels.evaluation import top_k
-
-        if self.blender_used != "ranker":
-            return sum(self.weights[s] * standardize_rows(self.sources[s].scores(users))
-                       for s in self.sources if self.weights.get(s, 0) > 0)
-        z = {s: standardize_rows(self.sources[s].scores(users)) for s in self.names}
-        masked = {}
-        for s, v in z.items():
-            m = v.copy()
-            for n, u in enumerate(users):
-                m[n, np.asarray(u.items, np.int64)] = -np.inf
-            masked[s] = m
-        blend = sum(w * z[s] for s, w in self.weights.items() if w > 0)
-        if isinstance(blend, int):
-            blend = np.zeros_like(next(iter(z.values())))
-        out = blend - blend.max(axis=1, keepdims=True) - 2.0
-        c = min(self.candidates, self.n_items)
-        tops = np.concatenate([top_k(masked[s], c) for s in self.names], axis=1)
-        wv = np.array([self.weights.get(s, 0.0) for s in self.names], dtype=np.float32)
-        cands, feats = [], []
-        for n, u in enumerate(users):
-            ids = np.unique(tops[n])
-            ids = ids[np.isfinite(masked[self.names[0]][n, ids])] if len(ids) else ids
-            cands.append(ids)
-            if not len(ids):
-                continue
-            cols = []
-            for s in self.names:
-                sc = z[s][n, ids]
-                cols.append(sc)
-                cols.append(np.log1p(np.argsort(np.argsort(-sc))))
-            cols += [self.log_pop[ids], self.item_age[ids],
-                     np.full(len(ids), np.log1p(len(u.items)), dtype=np.float32)]
-            feats.append(np.stack(cols, axis=1))
-        if feats:  # one ranker call for every user's candidates
-            f = np.concatenate(feats)
-            p = self.ranker.predict_proba(np.column_stack([f, f[:, 0:2 * len(self.names):2] @ wv]))[:, 1]
-            start = 0
-            for n, ids in enumerate(cands):
-                out[n, ids] = p[start:start + len(ids)]
-                start += len(ids)
+        base = self.item_feats["log_pop"].astype(np.float64) * 1e-3 - 1e6
+        out = np.broadcast_to(base, (len(users), self.n_items)).copy()
+        for r, (cands, sc, _) in enumerate(self.rank(users)):
+            out[r, cands] = sc
         return out
 
 
@@ -474,14 +734,21 @@ def load(directory: Path, device: str = "cpu") -> Servable:
                                    _csr(a, "profiles", (len(users), nf)), a["popularity_prior"],
                                    float(sc["popularity_weight"]))
         if t == "hybrid":
+            if "ranker_file" not in sc:
+                raise ArtifactError(f"{directory / MODEL_FILE}: a hybrid exported by an older "
+                                    "freshrec (a pickled ranker, no candidate sources): refit it "
+                                    "(freshrec run evaluate, then gate)")
             sources = {s: load(directory / "sources" / s, device) for s in sc["sources"]}
-            ranker = None
-            if sc["blender_used"] == "ranker":
-                with open(directory / "ranker.pkl", "rb") as f:
-                    ranker = pickle.load(f)
+            names = feature_names(list(sources))
+            try:
+                ranker = Ranker.load(directory, sc["ranker_file"], names)
+            except ValueError as e:
+                raise ArtifactError(str(e)) from None
+            cats = _csr(a, "item_categories", (n, int(sc["n_categories"]))) \
+                if int(sc.get("n_categories", 0)) else None
+            feats = {f: a[f] for f in ITEM_FEATURES}
             return HybridServable(name, items, {**params, "sources_used": sc["sources"]}, sources,
-                                  sc["weights"], sc["blender_used"], ranker, a["log_pop"],
-                                  a["item_age"], int(sc["candidates"]))
+                                  ranker, feats, cats, int(sc["candidates"]))
     except KeyError as e:
         raise ArtifactError(f"{directory}: the artifact of {name!r} lacks {e}; it is incomplete") \
             from None

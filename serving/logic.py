@@ -157,6 +157,17 @@ def _score_filtered(state: ServingState, ui, k: int, filters: Filters, excluded:
         fetch *= 2
 
 
+def _rank_filtered(state: ServingState, ui, k: int, filters: Filters, excluded: Excluded,
+                   overfetch: float) -> list[tuple[int, str, float, str]]:
+    """Two-stage models (the hybrid): candidates from the sources' indexes, ordered by the
+    ranker, filtered; the ranked pool is all there is (no catalog scan): a user whose filters
+    leave fewer than ``k`` gets the rest from the cold-start fill."""
+    cat, live = state.catalog, state.items.position
+    ((pos, sc, who),) = state.model.rank([ui])
+    return [(i, cat[i], float(v), w) for i, v, w in zip(pos.tolist(), sc.tolist(), who)
+            if cat[i] in live and _wanted(state, i, cat[i], filters, excluded)][:k]
+
+
 def recommend(state: ServingState, user: str, k: int, filters: Filters, context: dict[str, str],
               recent: list[tuple[str, float]], overfetch: float = 2.0,
               explain: bool = False) -> Result:
@@ -190,7 +201,12 @@ def recommend(state: ServingState, user: str, k: int, filters: Filters, context:
                 items = [Scored(i, s, source) for _, i, s in hits]
     else:
         ui = state.user_input(user, recent)
-        if len(ui.items):
+        if len(ui.items) and getattr(state.model, "two_stage", False):
+            ranked = _rank_filtered(state, ui, k, filters, excluded, overfetch)
+            hits = [h[:3] for h in ranked]
+            items = [Scored(i, s, source, f"proposed by {who}, ranked by {source}"
+                            if explain else "") for _, i, s, who in ranked]
+        elif len(ui.items):
             hits = _score_filtered(state, ui, k, filters, excluded, overfetch)
             why = f"{source} over your {len(ui.items)} items" if explain else ""
             items = [Scored(i, s, source, why) for _, i, s in hits]

@@ -344,7 +344,7 @@ def _load_one(settings: Settings, snapshot_dir: Path, use_gpu: bool) -> ServingS
             items.position.pop(i, None)
         user_vectors = dict(zip(users, vecs)) if vecs is not None else {}
     else:
-        items = Catalog(item_ids)
+        items = Catalog(item_ids, model_obj.index_type)
         items.remove(meta["inactive"])
         user_vectors = {}
     neighbors = None
