@@ -1,5 +1,6 @@
 """Build the snapshot of a registered model: the version's artifact, its catalog, every user's
-history and, for embedding models, a FAISS index over its item vectors (see :mod:`freshrec.contracts.snapshot`).
+history and, for embedding models, a FAISS index over its item vectors (see
+:mod:`freshrec.contracts.snapshot`).
 
 ``run`` (the batch DAG's ``build_index`` task, after the gate) builds the snapshot of
 ``serving.model`` (default ``@champion``). Exact inner-product search (``IndexFlatIP``) for catalogs
@@ -30,8 +31,9 @@ from freshrec.durable import fsync_path, fsync_tree
 from freshrec.privacy.erasure import guarded, scrub_arrays, scrub_tree
 from freshrec.interval import DataInterval, run_job
 from freshrec.settings import IndexSettings, Settings
-from freshrec.contracts.snapshot import (find_snapshot, IDS_FILE, INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, MODEL_DIR,
-                               NEIGHBORS_FILE, USERS_FILE, Manifest, latest_snapshot, publish)
+from freshrec.contracts.snapshot import (IDS_FILE, INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, MODEL_DIR,
+                                         NEIGHBORS_FILE, USERS_FILE, Manifest, find_snapshot,
+                                         latest_snapshot, publish)
 from recmodels.index import ItemIndex
 
 log = logging.getLogger(__name__)

@@ -638,7 +638,7 @@ class HybridServable(Servable):
         xs = [x for _, x, _ in found]
         p = self.ranker.predict(np.concatenate(xs), self.names) if any(len(x) for x in xs) else []
         out, start = [], 0
-        for cands, x, proposed in found:
+        for cands, _, proposed in found:
             sc = np.asarray(p[start:start + len(cands)], np.float64)
             start += len(cands)
             order = np.lexsort((cands, -sc))[: n if n is not None else len(cands)]

@@ -32,9 +32,11 @@ def small_settings(data_dir: Path, **more) -> Settings:
     return load_settings("local", env={}, **tree)
 
 
-def register_fit(settings: Settings, model: str, batch_date: str = DAY) -> int:
+def register_fit(settings: Settings, model: str, batch_date: str = DAY, build: bool = True) -> int:
     """Register the lane evaluation's fit of ``model`` as a new freshrec-retrieval version (no
-    alias) in ``settings``' MLflow; returns the version number."""
+    alias) in ``settings``' MLflow and (``build``) build its snapshot, as the gate and the
+    rollout do before any server is asked to load it (servers only load snapshots); returns the
+    version number."""
     from freshrec.contracts.registry import RETRIEVAL
     from freshrec.contracts.reports import latest_evaluation
     from freshrec.tracking import mlflow_for
@@ -49,6 +51,10 @@ def register_fit(settings: Settings, model: str, batch_date: str = DAY) -> int:
         client.create_registered_model(RETRIEVAL)
     v = client.create_model_version(RETRIEVAL, source=uri, run_id=summary["runs"][model],
                                     model_id=uri.split("/")[-1], tags={"model": model})
+    if build:
+        from nearline.snapshots import build_for_serving
+
+        build_for_serving(settings, int(v.version))
     return int(v.version)
 
 
