@@ -314,9 +314,24 @@ def _knn_matrix(vecs, index, n_neighbors: int = 20):
     return m
 
 
+def _bench_ranker(sources: list[str]):
+    """A LightGBM lambdarank ranker of the default size (200 trees, 31 leaves) trained on random
+    candidate features: what the two-stage champion costs per request, whatever it learned."""
+    import numpy as np
+
+    from recmodels.ranking import feature_names, train_ranker
+
+    names = feature_names(sources)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20_000, len(names))).astype(np.float32)
+    y = (x[:, 1] + x[:, 5] + rng.normal(size=len(x)) > 1.5).astype(np.float32)
+    return train_ranker(x, y, [100] * 200, names)
+
+
 def _kind_state(kind: str, factors_state, vecs, index, hist, users, item_ids, args, tmp):
     import numpy as np
 
+    from recmodels.ranking import ITEM_FEATURES
     from recmodels.servable import (EncoderServable, FactorServable, HybridServable,
                                     ItemItemServable)
     from serving.state import build_state
@@ -336,8 +351,9 @@ def _kind_state(kind: str, factors_state, vecs, index, hist, users, item_ids, ar
         fac = FactorServable("als", ids, {}, vecs, np.asarray(users), np.stack(
             [factors_state.user_vectors[u] for u in users]))
         hyb = HybridServable("hybrid", ids, {"sources_used": ["item_knn", "als"]},
-                             {"item_knn": knn, "als": fac}, {"item_knn": 1.0, "als": 1.0},
-                             "linear", None, np.zeros(len(ids)), np.zeros(len(ids)), 50)
+                             {"item_knn": knn, "als": fac}, _bench_ranker(["item_knn", "als"]),
+                             {f: np.zeros(len(ids), np.float32) for f in ITEM_FEATURES}, None,
+                             args.candidates)
         return build_state(hyb, "bench hybrid", users, hist, popular=item_ids[:1000])
     if kind == "two_tower":
         import torch
@@ -583,6 +599,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="",
                     help="after the comparison, time each model kind (factors,two_tower,"
                          "item_knn,hybrid)")
+    ap.add_argument("--candidates", type=int, default=100,
+                    help="the hybrid's candidates per source (its default, models.hybrid)")
     args = ap.parse_args()
 
     import faiss
