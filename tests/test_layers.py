@@ -53,3 +53,31 @@ def test_dag_files_import_nothing_heavy_at_module_level():
     for f in (ROOT / "dags").glob("*.py"):
         heavy = _imports(f, top_level_only=True) & {"pyspark", "torch", "faiss", "mlflow", *LANES}
         assert not heavy, f"{f.name} imports {heavy} at parse time"
+
+
+def _lane_strings(path: Path) -> set[str]:
+    """String literals that name a lane module ("spark_jobs.gate"): imports the AST cannot see."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            head, _, rest = node.value.partition(".")
+            if head in LANES and rest and rest.replace("_", "").replace(".", "").isalnum():
+                found.add(node.value)
+    return found
+
+
+def test_the_jobs_table_names_lane_modules_that_exist_and_is_the_only_one():
+    """Job modules are named as strings (the bottom floor imports no lane): each must be a
+    module of a lane, and no other bottom-floor file may name a lane module as a string."""
+    import importlib.util
+
+    from freshrec.contracts.jobs import JOBS
+
+    for job in JOBS:
+        assert job.module.split(".")[0] in LANES, job
+        assert importlib.util.find_spec(job.module) is not None, f"{job.module} does not exist"
+    table = ROOT / "freshrec" / "contracts" / "jobs.py"
+    bad = {str(f.relative_to(ROOT)): sorted(names) for f in (ROOT / "freshrec").rglob("*.py")
+           if f != table and "cli" not in f.relative_to(ROOT).parts
+           and (names := _lane_strings(f))}
+    assert not bad, f"lane modules named outside freshrec/contracts/jobs.py: {bad}"

@@ -15,14 +15,12 @@ from pathlib import Path
 
 from freshrec.cli.console import Output
 from freshrec.progress import advance
+from freshrec.contracts.jobs import JOBS as BATCH_JOBS
 from freshrec.settings import SettingsError, load_settings
 
 log = logging.getLogger("freshrec.cli")
 
-JOBS = {"ingest": "spark_jobs.ingest", "clean": "spark_jobs.clean",
-        "features": "spark_jobs.features",
-        "evaluate": "spark_jobs.evaluate", "gate": "spark_jobs.gate",
-        "build-index": "nearline.snapshots"}
+JOBS = {j.name: j.module for j in BATCH_JOBS}  # freshrec.contracts.jobs
 
 # The gRPC server a command is talking to, for the one-line error of a failed call.
 current_target: list[str] = []

@@ -26,10 +26,10 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from freshrec.contracts.jobs import BY_NAME, SPARK_JOBS
 from freshrec.settings import PROJECT_ROOT, Settings, load_settings
 
-JOBS = {"ingest": "spark_jobs.ingest", "clean": "spark_jobs.clean",
-        "features": "spark_jobs.features", "evaluate": "spark_jobs.evaluate"}
+JOBS = SPARK_JOBS  # the jobs spark-submit runs (freshrec.contracts.jobs)
 PACKAGES = ("freshrec", "spark_jobs", "recmodels")
 RESULT = "FRESHREC_RESULT "
 
@@ -174,6 +174,5 @@ def run_job(job: str, argv: list[str], submit_: bool | None = None) -> dict:
     settings = load_settings(args.profile)
     if (settings.spark.submit if submit_ is None else submit_) and job in JOBS:
         return submit(job, argv, settings)
-    module = JOBS.get(job) or {"gate": "spark_jobs.gate",
-                               "build-index": "nearline.snapshots"}[job]
+    module = BY_NAME[job].module
     return importlib.import_module(module).main(argv)
