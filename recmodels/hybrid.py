@@ -15,7 +15,8 @@ LightGBM lambdarank ranker (saved as a text model: no pickle).
 ``fit`` holds out each user's newest ``validation_fraction`` of training interactions (by time),
 fits every source on the rest and exports and loads each one as it will be served, so the
 candidates and features of the validation users come from the serving code itself. The ranker is
-trained on them, labelled by the held-out items; with ``blender: auto`` it is kept only when it
+trained on them, labelled by the held-out items (every held-out candidate of a user and
+``train_negatives`` of the others, drawn at random); with ``blender: auto`` it is kept only when it
 beats the linear blend of the sources' standardized scores in two-fold cross-validation over the
 validation users (NDCG@``k``). Each source's candidate recall at the cut (the share of held-out
 items it proposes) and the union's are recorded in ``params()["validation"]``. The sources are
@@ -97,7 +98,7 @@ class HybridModel(Recommender):
                  candidates: int = 100, validation_fraction: float = 0.2,
                  max_validation_users: int = 5000, k: int = 10, source_params: dict | None = None,
                  ease_max_items: int = 30_000, ease_top_items: int = 5_000, seed: int = 0,
-                 ranker_rounds: int = 200) -> None:
+                 ranker_rounds: int = 200, train_negatives: int = 50) -> None:
         super().__init__()
         if blender not in ("auto", "linear", "ranker"):
             raise ValueError(f"blender must be auto, linear or ranker, got {blender!r}")
@@ -109,6 +110,7 @@ class HybridModel(Recommender):
         self.validation_fraction, self.max_validation_users = validation_fraction, max_validation_users
         self.k, self.seed, self.ease_max_items = k, seed, ease_max_items
         self.ease_top_items, self.ranker_rounds = ease_top_items, ranker_rounds
+        self.train_negatives = train_negatives
         # trending as a source is a recency signal: a fixed short half-life, not the auto one
         self.source_params = {"trending": {"half_life_days": 7.0}, **(source_params or {})}
         self.skipped: dict[str, str] = {}
@@ -228,6 +230,7 @@ class HybridModel(Recommender):
 
     def _choose_ranker(self, cands, xs, rel, names, rng) -> None:
         labels = [np.isin(c, r).astype(np.float32) for c, r in zip(cands, rel)]
+        sampler = np.random.default_rng(self.seed + 1)
         linear = Ranker(names, weights={s: 1.0 for s in self.names})
 
         def ndcg(ranker, idx):
@@ -238,13 +241,23 @@ class HybridModel(Recommender):
                      for i, s in zip(idx, np.split(p, ends[:-1]))]
             return ndcg_at(order, [rel[i] for i in idx], self.k)
 
+        def sample(i):
+            """A user's candidates for training: every held-out one, and at most
+            ``train_negatives`` of the others, drawn at random (seeded)."""
+            pos = np.flatnonzero(labels[i])
+            neg = np.flatnonzero(labels[i] == 0)
+            if len(neg) > self.train_negatives:
+                neg = np.sort(sampler.choice(neg, self.train_negatives, replace=False))
+            return np.concatenate([pos, neg])
+
         def train(idx):
             idx = [i for i in idx if len(cands[i])]
             if sum(labels[i].sum() for i in idx) < 5:
                 return None
-            return train_ranker(np.concatenate([xs[i] for i in idx]),
-                                np.concatenate([labels[i] for i in idx]),
-                                [len(cands[i]) for i in idx], names, self.seed, self.ranker_rounds)
+            rows = [sample(i) for i in idx]
+            return train_ranker(np.concatenate([xs[i][r] for i, r in zip(idx, rows)]),
+                                np.concatenate([labels[i][r] for i, r in zip(idx, rows)]),
+                                [len(r) for r in rows], names, self.seed, self.ranker_rounds)
 
         n = len(cands)
         perm = rng.permutation(n)

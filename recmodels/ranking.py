@@ -180,7 +180,7 @@ def train_ranker(x: np.ndarray, y: np.ndarray, groups: list[int], names: list[st
               "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 20,
               "feature_fraction": 0.9, "bagging_fraction": 0.9, "bagging_freq": 1,
               "lambdarank_truncation_level": 20, "seed": seed, "deterministic": True,
-              "num_threads": 2, "verbose": -1}
+              "num_threads": 1, "max_bin": 63, "verbose": -1}
     ds = lgb.Dataset(x, label=y, group=groups, feature_name=[_lgb_name(n) for n in names],
                      free_raw_data=True)
     booster = lgb.train(params, ds, num_boost_round=rounds)
