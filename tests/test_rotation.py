@@ -83,7 +83,7 @@ def test_rotation_rekeys_every_store_and_new_raw_ids_follow(tmp_path):
 
 
 def test_an_interrupted_rotation_blocks_until_finished_and_rekeys_once(tmp_path, monkeypatch):
-    from freshrec.privacy.pseudonyms import rotation
+    from freshrec.privacy import rotation
 
     settings = _settings(tmp_path)
     _seed(settings)

@@ -86,7 +86,7 @@ def test_a_host_status_with_hung_siblings_answers_within_the_callers_timeout(tmp
 def test_a_host_whose_status_times_out_fails_the_refresher_round_naming_it(tmp_path, slow_servers,
                                                                            monkeypatch):
     address = slow_servers(3.0)
-    monkeypatch.setattr(host, "HOST_STATUS_TIMEOUT", 0.5)
+    monkeypatch.setattr(replicas, "HOST_STATUS_TIMEOUT", 0.5)
     settings = _settings(tmp_path, refresher={"replicas": [address], "retries": 0})
     (t,) = replicas.host_processes([address], settings)
     assert t.process is None and not t.serving and "DEADLINE_EXCEEDED" in t.error
