@@ -577,17 +577,7 @@ class ContentServable(Servable):
         return "sparse"
 
     def scores(self, users):
-        from sklearn.preprocessing import normalize
-
-        rows = []
-        for u in users:
-            r = self.user_row(u.user_id)
-            if r is not None and not u.fresh:
-                rows.append(self.profiles[r])
-            else:
-                rows.append(normalize(u.row(self.n_items) @ self.item_matrix))
-        prof = sp.vstack(rows).tocsr() if rows else sp.csr_matrix((0, self.item_matrix.shape[1]))
-        sim = (prof @ self.item_matrix.T).toarray()
+        sim = (self._profiles(users) @ self.item_matrix.T).toarray()
         return standardize_rows(sim) + self.popularity_weight * self.prior
 
 
