@@ -260,6 +260,11 @@ class HybridModel(Recommender):
                                 [len(r) for r in rows], names, self.seed, self.ranker_rounds)
 
         n = len(cands)
+        if self.blender == "refit":  # the ranker was chosen on the earlier fit's validation
+            final = train(range(n))
+            self.ranker = final if final is not None else linear
+            self.blender_used = "ranker" if final is not None else "linear"
+            return
         perm = rng.permutation(n)
         folds = [(perm[: n // 2], perm[n // 2:]), (perm[n // 2:], perm[: n // 2])]
         self.validation["linear_ndcg"] = float(np.mean([ndcg(linear, te) for _, te in folds]))
@@ -282,12 +287,21 @@ class HybridModel(Recommender):
         self.blender_used = "ranker" if final is not None else "linear"
 
     def refit(self, data: Interactions) -> "HybridModel":
-        """The sources fitted again on ``data`` with the ranker chosen by the earlier ``fit``."""
+        """The hybrid fitted again on ``data`` with the choice the earlier ``fit`` made on its
+        validation data (ranker or linear blend, the sources that fitted): a ranker is trained
+        again on ``data``'s own newest events, so the served ranker has learned from the same
+        data as the sources it ranks (no cross-validation this time)."""
         if self.blender_used is None:
             return self.fit(data)
         if data.events is None:
             raise ValueError("the hybrid needs event timestamps (Interactions.events)")
-        return self._fit_final(data)
+        if self.blender_used == "linear":
+            return self._fit_final(data)
+        chosen, self.blender, self.sources = self.blender, "refit", tuple(self.names)
+        try:
+            return self.fit(data)
+        finally:
+            self.blender = chosen
 
     def _fit_final(self, data: Interactions) -> "HybridModel":
         """The sources fitted on all of ``data``, loaded as served under the chosen ranker."""

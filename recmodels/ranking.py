@@ -4,12 +4,14 @@ One function, :func:`candidate_features`, describes each (user, candidate) pair;
 (on its validation users) and serving (every Recommend) call it with the same inputs, so a
 feature is computed by the same code in training and serving. The columns (:func:`feature_names`):
 
-* per source: its score, the score standardized over the user's merged candidates, its log rank
-  among them, and whether the source proposed the candidate from its index (a candidate proposed by another
+* per source: its score standardized over the user's merged candidates, its log rank among
+  them, and whether the source proposed the candidate from its index (a candidate proposed by another
   source is scored by this one on the candidate alone);
 * per item (:func:`item_feature_arrays`, from the training interactions, carried in the model's
-  artifact): log popularity overall and over the last 7 and 30 days (the popularity feature, one
-  definition), log age in days since the item's first event, log events of its categories;
+  artifact): popularity overall and over the last 7 and 30 days as log(1 + events / the mean
+  item's) (the popularity feature, one definition; scale-free, so a ranker trained on a
+  validation split reads the refitted model's the same way), log age in days since the item's
+  first event, the same share for its categories;
 * per user, from the request's history (the stored one plus the request's own newest events):
   log history length, the share of the history in the candidate's categories (category
   affinity).
@@ -38,7 +40,7 @@ RANKER_JSON = "ranker.json"
 
 
 def feature_names(sources: list[str]) -> list[str]:
-    per_source = [f"{s}_{what}" for s in sources for what in ("score", "z", "log_rank", "proposed")]
+    per_source = [f"{s}_{what}" for s in sources for what in ("z", "log_rank", "proposed")]
     return per_source + list(ITEM_FEATURES) + list(USER_FEATURES)
 
 
@@ -49,10 +51,10 @@ def item_feature_arrays(item_rows: np.ndarray, ts_seconds: np.ndarray, n_items: 
     item_rows = np.asarray(item_rows, np.int64)
     ts = np.asarray(ts_seconds, np.int64)
     newest = int(ts.max()) if len(ts) else 0
-    out = {"log_pop": np.log1p(np.bincount(item_rows, minlength=n_items)).astype(np.float32)}
+    out = {"log_pop": _log_share(np.bincount(item_rows, minlength=n_items))}
     for days in (7, 30):
         recent = item_rows[ts > newest - days * 86400]
-        out[f"log_pop_{days}d"] = np.log1p(np.bincount(recent, minlength=n_items)).astype(np.float32)
+        out[f"log_pop_{days}d"] = _log_share(np.bincount(recent, minlength=n_items))
     first = np.full(n_items, newest, dtype=np.int64)
     if len(item_rows):
         np.minimum.at(first, item_rows, ts)
@@ -61,10 +63,19 @@ def item_feature_arrays(item_rows: np.ndarray, ts_seconds: np.ndarray, n_items: 
         counts = np.bincount(item_rows, minlength=n_items).astype(np.float32)
         cat_pop = item_categories.T @ counts  # events per category
         per_item = item_categories.multiply(cat_pop[None, :]).max(axis=1)
-        out["log_category_pop"] = np.log1p(np.asarray(per_item.todense()).ravel()).astype(np.float32)
+        out["log_category_pop"] = _log_share(np.asarray(per_item.todense()).ravel())
     else:
         out["log_category_pop"] = np.zeros(n_items, np.float32)
     return out
+
+
+def _log_share(counts: np.ndarray) -> np.ndarray:
+    """log(1 + count / mean count): a popularity that keeps its scale when the same model is
+    refitted on more data (the ranker is trained on a validation split, then serves sources
+    refitted on every event)."""
+    counts = np.asarray(counts, np.float64)
+    mean = counts.mean() if len(counts) and counts.mean() > 0 else 1.0
+    return np.log1p(counts / mean).astype(np.float32)
 
 
 def _standardize(v: np.ndarray) -> np.ndarray:
@@ -84,7 +95,6 @@ def candidate_features(cands: np.ndarray, source_scores: list[np.ndarray],
     cols = []
     for sc, prop in zip(source_scores, proposed):
         sc = np.asarray(sc, np.float64)
-        cols.append(sc)
         cols.append(_standardize(sc))
         cols.append(np.log1p(np.argsort(np.argsort(-sc, kind="stable"), kind="stable")))
         cols.append(np.asarray(prop, np.float64))
@@ -131,7 +141,7 @@ class Ranker:
             threads = 1 if len(x) < 20_000 else 2  # one request: no thread start-up
             return np.asarray(self.booster.predict(x, num_threads=threads), np.float64)
         w = np.array([self.weights.get(s, 1.0) for s in sources], np.float64)
-        return x[:, 1:4 * len(sources):4].astype(np.float64) @ w  # the standardized scores
+        return x[:, 0:3 * len(sources):3].astype(np.float64) @ w  # the standardized scores
 
     def save(self, directory: Path) -> str:
         directory = Path(directory)

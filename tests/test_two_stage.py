@@ -109,3 +109,20 @@ def test_a_ranker_of_other_features_or_a_pickled_hybrid_is_refused_naming_the_fi
     (out / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="older freshrec"):
         load(out)
+
+
+def test_a_refit_keeps_the_choice_and_trains_the_ranker_on_the_new_data(clustered):
+    """evaluate refits the gate's candidate on every event: the ranker chosen on validation is
+    trained again on that data (its features then come from the sources it will rank)."""
+    params = {"sources": SOURCES, "blender": "ranker", "candidates": 20, "ranker_rounds": 50,
+              "source_params": {"item_knn": {"n_neighbors": 20}, "pure_svd": {"rank": 6}}}
+    m = make_model("hybrid", **params).fit(clustered)
+    before = m.ranker
+    more = Interactions.from_events(
+        pd.concat([pd.DataFrame({"user_id": clustered.user_ids[clustered.events["user_row"]],
+                                 "item_id": clustered.item_ids[clustered.events["item_row"]],
+                                 "weight": clustered.events["weight"], "ts": clustered.events["ts"]})]),
+        clustered.items)
+    m.refit(more)
+    assert m.ranker is not before and m.blender_used == "ranker"
+    assert m.params()["blender"] == "ranker" and m.params()["sources"] == list(SOURCES)
