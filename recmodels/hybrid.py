@@ -126,9 +126,9 @@ class HybridModel(Recommender):
             params.setdefault("top_items", self.ease_top_items)
         return make_model(name, **params)
 
-    def _usable_sources(self, data: Interactions) -> list[str]:
+    def _usable_sources(self, data: Interactions, names=None) -> list[str]:
         usable = []
-        for s in self.sources:
+        for s in self.sources if names is None else names:
             if s == "hybrid":
                 raise ValueError("the hybrid cannot be its own source")
             if s == "content" and data.items is None:
@@ -174,11 +174,16 @@ class HybridModel(Recommender):
 
     # -- fit --------------------------------------------------------------------------------------
     def fit(self, data: Interactions) -> "HybridModel":
+        return self._fit(data, self._usable_sources, choose=True)
+
+    def _fit(self, data: Interactions, sources, choose: bool) -> "HybridModel":
+        """``sources(data)``: the sources to fit; ``choose``: compare the ranker with the linear
+        blend by cross-validation (a refit keeps the earlier choice and only trains the ranker)."""
         if data.events is None:
             raise ValueError("the hybrid needs event timestamps (Interactions.events) for its "
                              "validation split")
         self.skipped, self.validation = {}, {}
-        self.names = self._usable_sources(data)
+        self.names = sources(data)
         ev = data.events.sort_values(["user_row", "ts"], kind="stable")
         held = newest_share(ev["user_row"], self.validation_fraction, min_events=3)
         fit_ev, val_ev = ev[~held], ev[held]
@@ -197,14 +202,11 @@ class HybridModel(Recommender):
         if len(users) > self.max_validation_users:
             pick = np.sort(rng.choice(len(users), self.max_validation_users, replace=False))
             users, rel = users[pick], [rel[p] for p in pick]
-        self.ranker = Ranker(feature_names(self.names), weights={s: 1.0 for s in self.names})
-        self.blender_used = "linear"
+        self.ranker, self.blender_used = Ranker.linear(self.names), "linear"
         if len(users) >= 2:
             inner_models = self._fit_sources(self.names, inner)
             self.names = self._check_usable(inner_models)
-            names = feature_names(self.names)
-            linear = Ranker(names, weights={s: 1.0 for s in self.names})
-            served = self._served(inner_models, inner, linear, fit_ev)
+            served = self._served(inner_models, inner, Ranker.linear(self.names), fit_ev)
             del inner_models
             cands, xs, props = [], [], []
             for lo in range(0, len(users), FEATURE_BATCH):
@@ -213,7 +215,7 @@ class HybridModel(Recommender):
                     xs.append(x)
                     props.append(p)
             self._recall(cands, props, rel)
-            self._choose_ranker(cands, xs, rel, names, rng)
+            self._choose_ranker(cands, xs, rel, rng, choose)
         log.info("hybrid: sources %s, ranker %s, validation %s", self.names, self.blender_used,
                  self.validation)
         return self._fit_final(data)
@@ -228,10 +230,11 @@ class HybridModel(Recommender):
         self.validation["recall_union"] = sum(int(np.isin(c, r).sum())
                                               for c, r in zip(cands, rel)) / total
 
-    def _choose_ranker(self, cands, xs, rel, names, rng) -> None:
+    def _choose_ranker(self, cands, xs, rel, rng, choose: bool) -> None:
+        names = feature_names(self.names)
         labels = [np.isin(c, r).astype(np.float32) for c, r in zip(cands, rel)]
         sampler = np.random.default_rng(self.seed + 1)
-        linear = Ranker(names, weights={s: 1.0 for s in self.names})
+        linear = Ranker.linear(self.names)
 
         def ndcg(ranker, idx):
             idx = list(idx)
@@ -260,16 +263,12 @@ class HybridModel(Recommender):
                                 [len(r) for r in rows], names, self.seed, self.ranker_rounds)
 
         n = len(cands)
-        if self.blender == "refit":  # the ranker was chosen on the earlier fit's validation
-            final = train(range(n))
-            self.ranker = final if final is not None else linear
-            self.blender_used = "ranker" if final is not None else "linear"
-            return
+        choice = self.blender if choose else "ranker"  # a refit: chosen on the earlier fit
         perm = rng.permutation(n)
         folds = [(perm[: n // 2], perm[n // 2:]), (perm[n // 2:], perm[: n // 2])]
-        self.validation["linear_ndcg"] = float(np.mean([ndcg(linear, te) for _, te in folds]))
-        choice = self.blender
-        if choice in ("auto", "ranker"):
+        if choose:
+            self.validation["linear_ndcg"] = float(np.mean([ndcg(linear, te) for _, te in folds]))
+        if choose and choice in ("auto", "ranker"):
             scores = []
             for tr, te in folds:
                 r = train(tr)
@@ -297,11 +296,8 @@ class HybridModel(Recommender):
             raise ValueError("the hybrid needs event timestamps (Interactions.events)")
         if self.blender_used == "linear":
             return self._fit_final(data)
-        chosen, self.blender, self.sources = self.blender, "refit", tuple(self.names)
-        try:
-            return self.fit(data)
-        finally:
-            self.blender = chosen
+        fitted = list(self.names)
+        return self._fit(data, lambda d: self._usable_sources(d, fitted), choose=False)
 
     def _fit_final(self, data: Interactions) -> "HybridModel":
         """The sources fitted on all of ``data``, loaded as served under the chosen ranker."""
@@ -310,8 +306,7 @@ class HybridModel(Recommender):
             # a source that fitted the inner split but not all of the data: the ranker's features
             # name every source, so the sources that did fit are blended linearly
             self.names = self._check_usable(list(models))
-            self.ranker = Ranker(feature_names(self.names), weights={s: 1.0 for s in self.names})
-            self.blender_used = "linear"
+            self.ranker, self.blender_used = Ranker.linear(self.names), "linear"
         self.models = models
         self.data = data
         self._servable = self._served(models, data, self.ranker)

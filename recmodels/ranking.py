@@ -134,6 +134,11 @@ class Ranker:
         self.weights = weights or {}
         self.kind = "lightgbm" if booster is not None else "linear"
 
+    @classmethod
+    def linear(cls, sources: list[str]) -> "Ranker":
+        """The equal-weight sum of the sources' standardized scores."""
+        return cls(feature_names(sources), weights={s: 1.0 for s in sources})
+
     def predict(self, x: np.ndarray, sources: list[str]) -> np.ndarray:
         if not len(x):
             return np.zeros(0)

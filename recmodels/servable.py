@@ -183,11 +183,10 @@ class SparseView(View):
     def lookup(self, r, pos):
         lo, hi = self.m.indptr[r], self.m.indptr[r + 1]
         cols, vals = self.m.indices[lo:hi], self.m.data[lo:hi]
-        at = np.searchsorted(cols, pos)
-        found = (at < len(cols)) & (cols[np.minimum(at, len(cols) - 1)] == pos) if len(cols) \
-            else np.zeros(len(pos), bool)
-        return np.where(found, vals[np.minimum(at, max(len(cols) - 1, 0))] if len(cols) else 0.0,
-                        0.0).astype(np.float64)
+        if not len(cols):
+            return np.zeros(len(pos), np.float64)
+        at = np.minimum(np.searchsorted(cols, pos), len(cols) - 1)
+        return np.where(cols[at] == pos, vals[at], 0.0).astype(np.float64)
 
 
 class VectorView(View):
@@ -311,6 +310,16 @@ class Servable(ABC):
         ``ranked-list``, ``sparse`` or ``dense`` (the full catalog, no index)."""
         return "dense"
 
+    def _vector_view(self, users: list[UserInput]) -> VectorView:
+        """Models with item vectors: the user vectors searched in a FAISS index of them, built
+        at the first request."""
+        if getattr(self, "_index", None) is None:
+            self._index = _item_index(self.item_vectors())
+        return VectorView(users, self.user_vectors(users), self.item_vectors(), self._index)
+
+    def _vector_index_type(self) -> str:
+        return "faiss-flat" if self.n_items <= EXACT_MAX_ITEMS else "faiss-ivf"
+
     def similar_items(self, pos: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Items like catalog position ``pos``: by item vectors where the model has them, else by
         the model's own scores for a user who met only that item."""
@@ -400,15 +409,11 @@ class FactorServable(Servable):
     def view(self, users):
         if self.prior is not None:  # not an inner product: scored densely
             return DenseView(users, self.scores(users))
-        if getattr(self, "_index", None) is None:
-            self._index = _item_index(self.items)
-        return VectorView(users, self.user_vectors(users), self.items, self._index)
+        return self._vector_view(users)
 
     @property
     def index_type(self):
-        if self.prior is not None:
-            return "dense"
-        return "faiss-flat" if self.n_items <= EXACT_MAX_ITEMS else "faiss-ivf"
+        return "dense" if self.prior is not None else self._vector_index_type()
 
 
 class EncoderServable(Servable):
@@ -448,13 +453,11 @@ class EncoderServable(Servable):
         return self.user_vectors(users) @ self.items.T
 
     def view(self, users):
-        if getattr(self, "_index", None) is None:
-            self._index = _item_index(self.items)
-        return VectorView(users, self.user_vectors(users), self.items, self._index)
+        return self._vector_view(users)
 
     @property
     def index_type(self):
-        return "faiss-flat" if self.n_items <= EXACT_MAX_ITEMS else "faiss-ivf"
+        return self._vector_index_type()
 
 
 class ItemItemServable(Servable):
@@ -530,14 +533,16 @@ class UserUserServable(Servable):
     def scores(self, users):
         if not users:
             return np.zeros((0, self.n_items), np.float32)
-        nb = sp.vstack([self._neighbour_row(u) for u in users]).tocsr()
-        return (nb @ self.binary).toarray()
+        return self._votes(users).toarray()
+
+    def _votes(self, users) -> sp.csr_matrix:
+        """Each user's neighbours' votes for items (sparse)."""
+        return sp.vstack([self._neighbour_row(u) for u in users]).tocsr() @ self.binary
 
     def view(self, users):
         if not users:
             return SparseView(users, sp.csr_matrix((0, self.n_items), dtype=np.float32))
-        nb = sp.vstack([self._neighbour_row(u) for u in users]).tocsr()
-        return SparseView(users, nb @ self.binary)
+        return SparseView(users, self._votes(users))
 
     @property
     def index_type(self):

@@ -157,8 +157,8 @@ def _score_filtered(state: ServingState, ui, k: int, filters: Filters, excluded:
         fetch *= 2
 
 
-def _rank_filtered(state: ServingState, ui, k: int, filters: Filters, excluded: Excluded,
-                   overfetch: float) -> list[tuple[int, str, float, str]]:
+def _rank_filtered(state: ServingState, ui, k: int, filters: Filters,
+                   excluded: Excluded) -> list[tuple[int, str, float, str]]:
     """Two-stage models (the hybrid): candidates from the sources' indexes, ordered by the
     ranker, filtered; the ranked pool is all there is (no catalog scan): a user whose filters
     leave fewer than ``k`` gets the rest from the cold-start fill."""
@@ -202,7 +202,7 @@ def recommend(state: ServingState, user: str, k: int, filters: Filters, context:
     else:
         ui = state.user_input(user, recent)
         if len(ui.items) and getattr(state.model, "two_stage", False):
-            ranked = _rank_filtered(state, ui, k, filters, excluded, overfetch)
+            ranked = _rank_filtered(state, ui, k, filters, excluded)
             hits = [h[:3] for h in ranked]
             items = [Scored(i, s, source, f"proposed by {who}, ranked by {source}"
                             if explain else "") for _, i, s, who in ranked]
